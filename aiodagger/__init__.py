@@ -1,0 +1,57 @@
+"""aiodagger: asyncio-native parallel, distributed and out-of-core computing.
+
+    import aiodagger as dagger
+
+    a = dagger.spawn(add, 1, 3)       # a DTask, returned at once
+    b = dagger.spawn(double, a)       # a DTask argument is a dependency
+    print(await b)                    # or b.fetch() from synchronous code
+"""
+
+from .api import as_completed, fetch, gather, put, spawn, tochunk, wait
+from .cluster import Cluster, WorkerInfo
+from .errors import (
+    AuthenticationError,
+    DaggerError,
+    NoProcessorError,
+    ProtocolError,
+    SerializationError,
+    TaskCancelledError,
+    TaskTimeoutError,
+    UpstreamError,
+    WorkerLostError,
+)
+from .options import MISSING, Options, Scope, options, scope
+from .task import Chunk, DTask
+from .taskgroup import TaskGroup
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MISSING",
+    "AuthenticationError",
+    "Chunk",
+    "Cluster",
+    "DTask",
+    "DaggerError",
+    "NoProcessorError",
+    "Options",
+    "ProtocolError",
+    "Scope",
+    "SerializationError",
+    "TaskCancelledError",
+    "TaskGroup",
+    "TaskTimeoutError",
+    "UpstreamError",
+    "WorkerInfo",
+    "WorkerLostError",
+    "__version__",
+    "as_completed",
+    "fetch",
+    "gather",
+    "options",
+    "put",
+    "scope",
+    "spawn",
+    "tochunk",
+    "wait",
+]

@@ -1,0 +1,70 @@
+"""Finding the dependencies among a task's arguments, and replacing them by values.
+
+DTasks and Chunks count as dependencies anywhere in ``args``/``kwargs``, also nested
+inside lists, tuples and dicts (values, not keys). Other containers are left alone:
+walking arbitrary objects would cost every task and surprise users.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .task import Chunk, DTask
+
+__all__ = ["find_dependencies", "resolve_arguments"]
+
+_CONTAINERS = (list, tuple, dict)
+
+
+def find_dependencies(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[DTask[Any]], bool]:
+    """Return (unique DTask dependencies in first-seen order, whether anything needs resolving)."""
+    deps: list[DTask[Any]] = []
+    found = False
+    for value in args:
+        found |= _scan(value, deps)
+    if kwargs:
+        for value in kwargs.values():
+            found |= _scan(value, deps)
+    if len(deps) > 1:
+        deps = list(dict.fromkeys(deps))  # keyed by identity: DTask defines no __eq__
+    return deps, found
+
+
+def _scan(value: Any, deps: list[DTask[Any]]) -> bool:
+    kind = type(value)
+    if kind is DTask:
+        deps.append(value)
+        return True
+    if kind is Chunk:
+        return True
+    if kind in _CONTAINERS:
+        found = False
+        for item in value.values() if kind is dict else value:
+            found |= _scan(item, deps)
+        return found
+    if isinstance(value, (DTask, Chunk)):
+        if isinstance(value, DTask):
+            deps.append(value)
+        return True
+    return False
+
+
+def resolve_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Replace every DTask/Chunk by its value; the dependencies have all finished."""
+    return (tuple([_resolve(v) for v in args]),
+            {k: _resolve(v) for k, v in kwargs.items()} if kwargs else kwargs)
+
+
+def _resolve(value: Any) -> Any:
+    kind = type(value)
+    if kind is DTask or kind is Chunk:
+        return value._value
+    if kind is list:
+        return [_resolve(v) for v in value]
+    if kind is tuple:
+        return tuple([_resolve(v) for v in value])
+    if kind is dict:
+        return {k: _resolve(v) for k, v in value.items()}
+    if isinstance(value, (DTask, Chunk)):
+        return value._value
+    return value

@@ -1,0 +1,209 @@
+"""The module-level futures API: spawn, fetch, wait, gather, as_completed, put."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Literal, TypeVar, overload
+
+from .cluster import current_cluster
+from .errors import NoProcessorError
+from .options import Scope, TaskOptions, current_options
+from .scheduler.core import spawn_callable_error
+from .task import FINISHED, Chunk, DTask
+
+__all__ = ["as_completed", "fetch", "gather", "put", "spawn", "spawn_with_options", "tochunk", "wait"]
+
+R = TypeVar("R")
+
+ALL_COMPLETED = "ALL_COMPLETED"
+FIRST_COMPLETED = "FIRST_COMPLETED"
+FIRST_EXCEPTION = "FIRST_EXCEPTION"
+
+
+@overload
+def spawn(fn: Callable[..., Awaitable[R]], /, *args: Any, **kwargs: Any) -> DTask[R]: ...
+@overload
+def spawn(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> DTask[R]: ...
+def spawn(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> DTask[Any]:
+    """Run ``fn(*args, **kwargs)`` as a task and return its DTask at once.
+
+    DTasks and Chunks among the arguments (also inside lists, tuples and dicts) are
+    dependencies: the task runs after them and receives their values. A coroutine
+    function runs on the cluster's loop, a sync function on its thread pool. Options
+    from an enclosing ``with dagger.options(...)`` apply.
+    """
+    return spawn_with_options(current_options(), fn, args, kwargs)
+
+
+def spawn_with_options(opts: TaskOptions, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DTask[Any]:
+    err = spawn_callable_error(fn)
+    if err is not None:
+        raise err
+    return current_cluster()._scheduler.spawn(opts, fn, args, kwargs)
+
+
+def fetch(task: DTask[R] | Chunk[R], timeout: float | None = None) -> R:
+    """Block until ``task`` is done and return its value (``task.fetch()``)."""
+    return task.fetch(timeout)
+
+
+def _check_tasks(tasks: Iterable[Any], what: str) -> list[DTask[Any]]:
+    out = list(tasks)
+    for t in out:
+        if not isinstance(t, DTask):
+            raise TypeError(f"{what}() takes DTasks (from dagger.spawn), got {type(t).__name__}: {t!r}")
+    return out
+
+
+async def gather(*tasks: DTask[Any], return_exceptions: bool = False) -> list[Any]:
+    """The values of ``tasks``, in order, once all are done.
+
+    Like ``asyncio.gather``: the first failure is raised at once unless
+    ``return_exceptions`` is true. Cancelling the caller does not cancel the tasks.
+    """
+    items = _check_tasks(tasks, "gather")
+    if not return_exceptions:
+        for t in items:
+            if t.done() and (t._cancelled or t._state is not FINISHED):
+                t.result()  # raises
+    remaining = sum(1 for t in items if not t.done())
+    if remaining:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        count = [remaining]
+
+        def on_done(t: DTask[Any]) -> None:
+            if fut.done():
+                return
+            if not return_exceptions and (t._cancelled or t._state is not FINISHED):
+                fut.set_result(None)
+                return
+            count[0] -= 1
+            if count[0] == 0:
+                fut.set_result(None)
+
+        for t in items:
+            if not t.done():
+                t._on_done_in(loop, on_done)
+        await fut
+    if return_exceptions:
+        return [_outcome(t) for t in items]
+    return [t.result() for t in items]
+
+
+def _outcome(t: DTask[Any]) -> Any:
+    try:
+        return t.result()
+    except BaseException as exc:  # noqa: BLE001 - returned, as the caller asked
+        return exc
+
+
+async def wait(
+    tasks: Iterable[DTask[Any]],
+    timeout: float | None = None,
+    return_when: Literal["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION"] = ALL_COMPLETED,
+) -> tuple[set[DTask[Any]], set[DTask[Any]]]:
+    """Wait for tasks as ``asyncio.wait`` does; return ``(done, pending)``. Moves no data."""
+    if return_when not in (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION):
+        raise ValueError(f"return_when must be ALL_COMPLETED, FIRST_COMPLETED or FIRST_EXCEPTION, got {return_when!r}")
+    items = set(_check_tasks(tasks, "wait"))
+    if not items:
+        raise ValueError("wait() needs at least one task")
+
+    def satisfied() -> bool:
+        done = [t for t in items if t.done()]
+        if return_when == FIRST_COMPLETED:
+            return bool(done)
+        if return_when == FIRST_EXCEPTION and any(t._cancelled or t._state is not FINISHED for t in done):
+            return True
+        return len(done) == len(items)
+
+    if not satisfied():
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        left = [sum(1 for t in items if not t.done())]
+
+        def on_done(t: DTask[Any]) -> None:
+            left[0] -= 1
+            if fut.done():
+                return
+            failed = t._cancelled or t._state is not FINISHED
+            if (return_when == FIRST_COMPLETED or left[0] == 0
+                    or (return_when == FIRST_EXCEPTION and failed)):
+                fut.set_result(None)
+
+        for t in items:
+            if not t.done():
+                t._on_done_in(loop, on_done)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            pass
+    done = {t for t in items if t.done()}
+    return done, items - done
+
+
+class as_completed:  # noqa: N801 - used like a function: `async for t in as_completed(ts)`
+    """``async for t in dagger.as_completed(tasks)`` yields each task as it finishes.
+
+    ``timeout`` (seconds, for the whole iteration) raises ``TimeoutError`` when it runs out.
+    """
+
+    def __init__(self, tasks: Iterable[DTask[Any]], timeout: float | None = None) -> None:
+        self._tasks = list(dict.fromkeys(_check_tasks(tasks, "as_completed")))
+        self._timeout = timeout
+        self._finished: deque[DTask[Any]] = deque()
+        self._left = len(self._tasks)
+        self._wakeup: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._deadline: float | None = None
+
+    def __aiter__(self) -> AsyncIterator[DTask[Any]]:
+        return self
+
+    def _arrived(self, t: DTask[Any]) -> None:
+        self._finished.append(t)
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def __anext__(self) -> DTask[Any]:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            if self._timeout is not None:
+                self._deadline = self._loop.time() + self._timeout
+            for t in self._tasks:
+                t._on_done_in(self._loop, self._arrived)
+        if self._left == 0:
+            raise StopAsyncIteration
+        while not self._finished:
+            self._wakeup = self._loop.create_future()
+            remaining = None if self._deadline is None else self._deadline - self._loop.time()
+            try:
+                await asyncio.wait_for(self._wakeup, remaining)
+            except TimeoutError:
+                raise TimeoutError(f"as_completed(): {self._left} task(s) not done within {self._timeout} s") from None
+        self._left -= 1
+        return self._finished.popleft()
+
+
+async def put(obj: R, scope: Scope | None = None) -> Chunk[R]:
+    """Place ``obj`` in the cluster's memory once, to pass to many tasks."""
+    cluster = current_cluster()
+    sched = cluster._scheduler
+    worker = sched.local
+    assert worker is not None
+    if scope is not None and not (scope.admits_worker(worker.id, os.getpid()) and not scope.gpu):
+        raise NoProcessorError(
+            f"put() with {scope!r}: no worker of this cluster satisfies it. "
+            f"The cluster has: {sched.describe_processors()}"
+        )
+    return Chunk(obj, worker.id, next(_chunk_ids))
+
+
+tochunk = put
+
+_chunk_ids = itertools.count(1)

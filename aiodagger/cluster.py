@@ -1,0 +1,260 @@
+"""Cluster: one scheduler bound to one event loop, and the workers it drives.
+
+``async with Cluster()`` binds to the running loop; plain ``with Cluster()`` (and the
+default cluster that the first ``spawn`` outside any cluster starts) run on a private
+uvloop thread, so synchronous scripts can spawn and ``fetch``.
+
+Which cluster a ``spawn`` uses: the one entered in the current context (a ContextVar,
+so it follows asyncio tasks), else the one whose pool thread is calling, else the most
+recently entered one still open, else the default cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextvars
+import enum
+import logging
+import os
+import threading
+from typing import Any
+
+from ._loopthread import LoopThread
+from .scheduler.core import Scheduler
+from .worker.local import LocalWorker, WorkerInfo
+
+__all__ = ["Cluster", "WorkerInfo", "current_cluster"]
+
+logger = logging.getLogger(__name__)
+
+
+class ClusterState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+_current: contextvars.ContextVar[Cluster | None] = contextvars.ContextVar("aiodagger_cluster", default=None)
+_pool_thread = threading.local()
+_entered: list[Cluster] = []
+_default: Cluster | None = None
+_default_lock = threading.Lock()
+_atexit_registered = False
+
+
+class Cluster:
+    """A set of workers and the scheduler that feeds them.
+
+    Only in-process processors exist for now: worker 0 is this process, with an
+    AsyncProc for coroutine functions and a ThreadProc of ``threads`` threads
+    (default: one per CPU) for sync functions.
+    """
+
+    def __init__(
+        self,
+        processes: int = 0,
+        threads: int | None = None,
+        gpus: Any = "auto",
+        memory_limit: Any = None,
+        spill_dir: Any = None,
+        listen: str | None = None,
+        token: str | None = None,
+        ssl: Any = None,
+        *,
+        shutdown_timeout: float = 10.0,
+    ) -> None:
+        if isinstance(processes, bool) or not isinstance(processes, int) or processes < 0:
+            raise TypeError(f"Cluster(processes=...) takes an int >= 0, got {processes!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise TypeError(f"Cluster(threads=...) takes an int >= 1 or None, got {threads!r}")
+        unsupported = {
+            "processes": processes or None, "listen": listen, "token": token, "ssl": ssl,
+            "memory_limit": memory_limit, "spill_dir": spill_dir,
+        }
+        for name, value in unsupported.items():
+            if value is not None:
+                raise NotImplementedError(
+                    f"Cluster({name}=...) is not supported by this version of aiodagger, which runs "
+                    "tasks in this process only; leave it out"
+                )
+        if gpus not in ("auto", 0, False, None):
+            raise NotImplementedError(f"Cluster(gpus={gpus!r}): GPU processors are not supported yet")
+        self.threads = threads or os.cpu_count() or 1
+        self.shutdown_timeout = shutdown_timeout
+        self._state = ClusterState.NEW
+        self._sched: Scheduler | None = None
+        self._local: LocalWorker | None = None
+        self._loop_thread: LoopThread | None = None
+        self._closed_event: asyncio.Event | None = None
+        self._ctx_tokens: list[contextvars.Token[Cluster | None]] = []
+
+    # -- introspection -------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        return self._state.value
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._scheduler.loop
+
+    @property
+    def workers(self) -> list[WorkerInfo]:
+        """The workers of this cluster, worker 0 (this process) first."""
+        if self._local is None or self._state is not ClusterState.RUNNING:
+            return []
+        return [self._local.info()]
+
+    @property
+    def tasks_in_flight(self) -> int:
+        """Tasks spawned and not yet done (an O(1) counter)."""
+        return self._scheduler.live_count
+
+    @property
+    def _scheduler(self) -> Scheduler:
+        if self._sched is None:
+            raise RuntimeError("this Cluster has not been started: use `async with Cluster()` or `with Cluster()`")
+        return self._sched
+
+    def __repr__(self) -> str:
+        return f"<Cluster {self.state} workers=1 threads={self.threads}>"
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def _start_on(self, loop: asyncio.AbstractEventLoop, thread_id: int) -> None:
+        """Build the scheduler and worker 0 on ``loop`` (called on that loop's thread)."""
+        if self._state is not ClusterState.NEW:
+            raise RuntimeError(f"a Cluster can be started once; this one is {self.state}")
+        sched = Scheduler(loop, thread_id)
+        # Tasks run in a context of their own: they see this cluster, not the
+        # spawner's options or whatever else the spawning request had set.
+        task_context = contextvars.Context()
+        task_context.run(_current.set, self)
+        self._local = LocalWorker(sched, self.threads, task_context, self._init_pool_thread)
+        sched.local = self._local
+        self._sched = sched
+        self._closed_event = asyncio.Event()
+        self._local.start()
+        self._state = ClusterState.RUNNING
+
+    def _init_pool_thread(self) -> None:
+        _pool_thread.cluster = self
+
+    async def __aenter__(self) -> Cluster:
+        self._start_on(asyncio.get_running_loop(), threading.get_ident())
+        self._enter()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.close()
+        finally:
+            self._leave()
+
+    def __enter__(self) -> Cluster:
+        self._start_background()
+        self._enter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._close_background()
+        finally:
+            self._leave()
+
+    def _enter(self) -> None:
+        self._ctx_tokens.append(_current.set(self))
+        _entered.append(self)
+
+    def _leave(self) -> None:
+        if self in _entered:
+            _entered.remove(self)
+        token = self._ctx_tokens.pop()
+        try:
+            _current.reset(token)
+        except ValueError:  # exited from another context than the one that entered
+            _current.set(None)
+
+    def _start_background(self) -> None:
+        loop_thread = LoopThread("aiodagger-loop")
+        loop_thread.start()
+        self._loop_thread = loop_thread
+
+        async def start() -> None:
+            self._start_on(loop_thread.loop, loop_thread.thread_id)
+
+        loop_thread.run(start())
+
+    def _close_background(self) -> None:
+        loop_thread = self._loop_thread
+        if loop_thread is None:
+            return
+        if threading.get_ident() == loop_thread.thread_id:
+            raise RuntimeError("a background Cluster cannot be closed from its own loop thread")
+        try:
+            loop_thread.run(self.close())
+        finally:
+            loop_thread.stop()
+            self._loop_thread = None
+
+    async def close(self) -> None:
+        """Cancel unfinished tasks, stop the workers, and wait until they have stopped."""
+        if self._state is ClusterState.NEW:
+            self._state = ClusterState.CLOSED
+            return
+        assert self._closed_event is not None and self._sched is not None and self._local is not None
+        if self._state is not ClusterState.RUNNING:
+            await self._closed_event.wait()
+            return
+        self._state = ClusterState.CLOSING
+        cancelled = self._sched.close()
+        if cancelled:
+            logger.info("cluster closing: cancelled %d unfinished task(s)", cancelled)
+        if not await self._local.close(self.shutdown_timeout):
+            logger.warning(
+                "cluster closed while tasks were still running user code in %s after %.1f s; "
+                "those threads are left to finish on their own", self._local.thread_proc, self.shutdown_timeout,
+            )
+        self._state = ClusterState.CLOSED
+        self._closed_event.set()
+
+    async def scale(self, n: int) -> None:
+        """Make the number of subprocess workers ``n`` (only 0 is possible in this version)."""
+        if n != 0:
+            raise NotImplementedError("subprocess workers are not supported yet: scale(n) takes only 0")
+
+
+def current_cluster() -> Cluster:
+    """The cluster a ``spawn`` here would use, starting the default one if needed."""
+    cluster = _current.get()
+    if cluster is not None and cluster._state is ClusterState.RUNNING:
+        return cluster
+    cluster = getattr(_pool_thread, "cluster", None)
+    if cluster is not None and cluster._state is ClusterState.RUNNING:
+        return cluster
+    for cluster in reversed(_entered):
+        if cluster._state is ClusterState.RUNNING:
+            return cluster
+    return _default_cluster()
+
+
+def _default_cluster() -> Cluster:
+    global _default, _atexit_registered
+    with _default_lock:
+        if _default is None or _default._state is not ClusterState.RUNNING:
+            cluster = Cluster()
+            cluster._start_background()
+            _default = cluster
+            if not _atexit_registered:
+                atexit.register(shutdown_default_cluster)
+                _atexit_registered = True
+        return _default
+
+
+def shutdown_default_cluster() -> None:
+    """Close the default cluster if one was started (also run at interpreter exit)."""
+    global _default
+    with _default_lock:
+        cluster, _default = _default, None
+    if cluster is not None:
+        cluster._close_background()

@@ -1,0 +1,124 @@
+"""The exceptions aiodagger raises.
+
+Awaiting a task whose own function raised re-raises *that* exception (its original
+type), with notes naming the task and the worker. Everything the framework itself
+raises derives from :class:`DaggerError`::
+
+    DaggerError
+    ├── UpstreamError        a dependency failed; .origin is the root-cause task
+    ├── TaskCancelledError   the task was cancelled
+    ├── TaskTimeoutError     the task ran past its ``timeout`` (also a TimeoutError)
+    ├── WorkerLostError      the task's worker died and its retries are spent
+    ├── NoProcessorError     no processor in the cluster satisfies the task's scope
+    ├── SerializationError   a function or argument cannot be sent to a worker (also a TypeError)
+    ├── ProtocolError        a peer sent something that is not a valid frame
+    └── AuthenticationError  a peer failed the handshake
+
+Exceptions cross process boundaries, so every class here survives a pickle
+round-trip, ``__cause__`` and notes included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AuthenticationError",
+    "DaggerError",
+    "NoProcessorError",
+    "ProtocolError",
+    "SerializationError",
+    "TaskCancelledError",
+    "TaskRef",
+    "TaskTimeoutError",
+    "UpstreamError",
+    "WorkerLostError",
+]
+
+
+class DaggerError(Exception):
+    """Base of every exception the framework raises itself."""
+
+    # The default Exception pickling keeps ``args`` and ``__dict__`` (so notes survive)
+    # but drops ``__cause__``; an UpstreamError without its cause loses its point.
+    def __reduce__(self) -> tuple[Any, ...]:
+        state = dict(self.__dict__)
+        if self.__cause__ is not None:
+            state["__cause__"] = self.__cause__
+        return (type(self), self.args, state)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        cause = state.pop("__cause__", None)
+        self.__dict__.update(state)
+        if cause is not None:
+            self.__cause__ = cause
+
+
+class TaskRef:
+    """What is left of a task after it crossed a process boundary: its id and name."""
+
+    __slots__ = ("id", "name")
+
+    def __init__(self, id: int, name: str) -> None:
+        self.id = id
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<TaskRef {self.name!r} id={self.id}>"
+
+    def __eq__(self, other: object) -> bool:
+        return getattr(other, "id", None) == self.id and getattr(other, "name", None) == self.name
+
+    def __hash__(self) -> int:
+        return hash((self.id, self.name))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TaskRef, (self.id, self.name))
+
+
+class UpstreamError(DaggerError):
+    """A task could not run because a task it depends on failed.
+
+    ``origin`` is the task whose own function raised (the root cause, however far up
+    the graph), and ``__cause__`` is that task's original exception.
+    """
+
+    def __init__(self, message: str, origin: Any = None) -> None:
+        super().__init__(message)
+        self.origin = origin
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        cls, args, state = super().__reduce__()
+        origin = state.get("origin")
+        if origin is not None and not isinstance(origin, TaskRef):
+            # A live task handle belongs to one process; what crosses is its identity.
+            state["origin"] = TaskRef(origin.id, origin.name)
+        return (cls, args, state)
+
+
+class TaskCancelledError(DaggerError):
+    """The task was cancelled (``t.cancel()``, a cancelled dependency, or shutdown)."""
+
+
+class TaskTimeoutError(DaggerError, TimeoutError):
+    """The task ran longer than its ``timeout`` option allows."""
+
+
+class WorkerLostError(DaggerError):
+    """The worker running the task died and the task's retries are spent."""
+
+
+class NoProcessorError(DaggerError):
+    """No processor in the cluster satisfies the task's scope."""
+
+
+class SerializationError(DaggerError, TypeError):
+    """A function or argument cannot be pickled to be sent to a worker."""
+
+
+class ProtocolError(DaggerError):
+    """A peer sent bytes that are not a valid frame of the wire protocol."""
+
+
+class AuthenticationError(DaggerError):
+    """A peer failed the handshake (wrong token, version or challenge)."""

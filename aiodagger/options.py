@@ -1,0 +1,249 @@
+"""Task options and scopes: ``dagger.options(...)`` and ``dagger.scope(...)``.
+
+``options(...)`` is both a spawner (``options(name="x").spawn(f)``) and a context
+manager whose options apply to every spawn inside it. The context is a ContextVar, so
+it follows asyncio tasks and does not leak between concurrent requests of a server.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import difflib
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .task import DTask
+
+__all__ = ["MISSING", "OPTION_NAMES", "Options", "Scope", "TaskOptions", "options", "scope"]
+
+
+class _Missing:
+    """The sentinel a ``restore`` callback returns when it has nothing saved."""
+
+    _instance: _Missing | None = None
+
+    def __new__(cls) -> _Missing:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "dagger.MISSING"
+
+    def __reduce__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+
+class Scope:
+    """Where a task may run. ``scope("any")`` (the default) admits every processor.
+
+    ``worker=3`` / ``workers=[1, 2]`` restrict the worker, ``process=PID`` the OS
+    process, ``thread=True`` asks for a thread processor (a pool thread, even for a
+    coroutine function's sibling sync work), ``gpu=True`` any GPU and ``gpu=0`` device 0.
+    """
+
+    __slots__ = ("gpu", "process", "thread", "workers")
+
+    def __init__(
+        self,
+        workers: frozenset[int] | None = None,
+        thread: bool | None = None,
+        gpu: bool | int | None = None,
+        process: int | None = None,
+    ) -> None:
+        self.workers = workers
+        self.thread = thread
+        self.gpu = gpu
+        self.process = process
+
+    @property
+    def is_any(self) -> bool:
+        return self.workers is None and self.thread is None and self.gpu is None and self.process is None
+
+    def admits_worker(self, worker_id: int, pid: int) -> bool:
+        if self.workers is not None and worker_id not in self.workers:
+            return False
+        return self.process is None or self.process == pid
+
+    def __repr__(self) -> str:
+        if self.is_any:
+            return 'scope("any")'
+        parts = []
+        if self.workers is not None:
+            parts.append(f"workers={sorted(self.workers)}")
+        for name in ("thread", "gpu", "process"):
+            value = getattr(self, name)
+            if value is not None:
+                parts.append(f"{name}={value!r}")
+        return f"scope({', '.join(parts)})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Scope) and all(
+            getattr(self, n) == getattr(other, n) for n in self.__slots__
+        )
+
+    def __hash__(self) -> int:
+        return hash(tuple(getattr(self, n) for n in self.__slots__))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Scope, (self.workers, self.thread, self.gpu, self.process))
+
+
+ANY_SCOPE = Scope()
+
+
+def scope(
+    any: str | None = None,
+    *,
+    worker: int | None = None,
+    workers: Collection[int] | None = None,
+    thread: bool | None = None,
+    gpu: bool | int | None = None,
+    process: int | None = None,
+) -> Scope:
+    """Build a :class:`Scope`: ``scope("any")``, ``scope(worker=1)``, ``scope(gpu=True)``..."""
+    if any is not None:
+        if any != "any":
+            raise ValueError(f'scope() takes "any" or keywords, got {any!r}; e.g. scope(worker=1)')
+        if (worker, workers, thread, gpu, process) != (None, None, None, None, None):
+            raise ValueError('scope("any") takes no other argument')
+        return ANY_SCOPE
+    if worker is not None and workers is not None:
+        raise ValueError("scope() takes worker= or workers=, not both")
+    chosen: frozenset[int] | None = None
+    if worker is not None:
+        chosen = frozenset([_check_int("worker", worker)])
+    elif workers is not None:
+        chosen = frozenset(_check_int("workers", w) for w in workers)
+        if not chosen:
+            raise ValueError("scope(workers=[]) admits no worker; leave it out for any worker")
+    if thread is not None and not isinstance(thread, bool):
+        raise TypeError(
+            f"scope(thread=...) takes True or False, got {thread!r}: the threads of a worker's "
+            "pool are interchangeable, so a task can ask for a thread but not for one of them"
+        )
+    if gpu is not None and not isinstance(gpu, (bool, int)):
+        raise TypeError(f"scope(gpu=...) takes True or a device number, got {gpu!r}")
+    if process is not None:
+        _check_int("process", process)
+    if thread and gpu not in (None, False):
+        raise ValueError("scope(thread=True, gpu=...) admits nothing: a task runs on one processor")
+    return Scope(chosen, thread, gpu, process)
+
+
+def _check_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError(f"scope({name}=...) takes worker ids (ints >= 0), got {value!r}")
+    return value
+
+
+class TaskOptions:
+    """The resolved options of one task (immutable; shared by tasks spawned alike)."""
+
+    __slots__ = ("checkpoint", "name", "priority", "restore", "retries", "scope", "timeout")
+
+    def __init__(
+        self,
+        name: str | None = None,
+        scope: Scope = ANY_SCOPE,
+        priority: int = 0,
+        retries: int = 0,
+        timeout: float | None = None,
+        checkpoint: Callable[[DTask[Any], Any], None] | None = None,
+        restore: Callable[[DTask[Any]], Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.scope = scope
+        self.priority = priority
+        self.retries = retries
+        self.timeout = timeout
+        self.checkpoint = checkpoint
+        self.restore = restore
+
+    def merged(self, overrides: dict[str, Any]) -> TaskOptions:
+        values = {n: getattr(self, n) for n in self.__slots__}
+        values.update(overrides)
+        return TaskOptions(**values)
+
+
+DEFAULT_OPTIONS = TaskOptions()
+OPTION_NAMES = frozenset(TaskOptions.__slots__)
+
+_current: contextvars.ContextVar[TaskOptions] = contextvars.ContextVar(
+    "aiodagger_options", default=DEFAULT_OPTIONS
+)
+
+
+def current_options() -> TaskOptions:
+    return _current.get()
+
+
+def validate_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """Check option names and values; raise TypeError/ValueError saying what to write."""
+    for key, value in opts.items():
+        if key not in OPTION_NAMES:
+            close = difflib.get_close_matches(key, sorted(OPTION_NAMES), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise TypeError(
+                f"unknown task option {key!r}.{hint} Valid options: {', '.join(sorted(OPTION_NAMES))}"
+            )
+        _validate_value(key, value)
+    return opts
+
+
+def _validate_value(key: str, value: Any) -> None:
+    if key == "name" and value is not None and not isinstance(value, str):
+        raise TypeError(f"option name= takes a str, got {value!r}")
+    elif key == "scope" and not isinstance(value, Scope):
+        raise TypeError(f"option scope= takes dagger.scope(...), got {value!r}")
+    elif key in ("priority", "retries") and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError(f"option {key}= takes an int, got {value!r}")
+    elif key == "retries" and value < 0:
+        raise ValueError(f"option retries= must be >= 0, got {value}")
+    elif key == "timeout" and value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"option timeout= takes seconds > 0 (or None), got {value!r}")
+    elif key in ("checkpoint", "restore") and value is not None and not callable(value):
+        raise TypeError(f"option {key}= takes a callable, got {value!r}")
+
+
+class Options:
+    """``dagger.options(**opts)``: spawn with these options, or apply them to a block."""
+
+    __slots__ = ("_overrides", "_tokens")
+
+    def __init__(self, overrides: dict[str, Any]) -> None:
+        self._overrides = validate_options(overrides)
+        self._tokens: list[contextvars.Token[TaskOptions]] = []
+
+    def resolve(self) -> TaskOptions:
+        return _current.get().merged(self._overrides)
+
+    def spawn(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> DTask[Any]:
+        from .api import spawn_with_options
+
+        return spawn_with_options(self.resolve(), fn, args, kwargs)
+
+    def __enter__(self) -> Options:
+        self._tokens.append(_current.set(self.resolve()))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _current.reset(self._tokens.pop())
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self._overrides.items())
+        return f"dagger.options({inner})"
+
+
+def options(**opts: Any) -> Options:
+    """Task options, e.g. ``dagger.options(priority=5, retries=2)``.
+
+    Use ``.spawn(fn, *args)`` on the result, or ``with dagger.options(...):`` to apply
+    them to every spawn in the block. Unknown names raise ``TypeError`` at once.
+    """
+    return Options(opts)

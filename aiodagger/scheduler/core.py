@@ -1,0 +1,431 @@
+"""The scheduler: the task graph, the ready heap, dispatch, retries and failure propagation.
+
+All of its state lives on the cluster's loop. Other threads reach it only through
+``call_soon_threadsafe`` (spawns are queued in an inbox drained once per wake-up), so
+there are no locks here. Every task event does O(1) work: a dependent knows how many
+inputs it still waits for, a finished task walks only its own dependents, and nothing
+ever scans all tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import heapq
+import itertools
+import logging
+import os
+import threading
+import types
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from .._args import find_dependencies
+from ..errors import NoProcessorError, TaskCancelledError, TaskTimeoutError, UpstreamError
+from ..options import ANY_SCOPE, TaskOptions
+from ..task import CANCELLED, FAILED, FINISHED, PENDING, READY, RUNNING, DTask
+from .placement import RuntimeEstimates, function_key
+
+if TYPE_CHECKING:
+    from ..worker.local import LocalWorker
+
+__all__ = ["Scheduler"]
+
+logger = logging.getLogger(__name__)
+
+_CO_COROUTINE = 0x80
+_CO_ASYNC_GENERATOR = 0x200
+
+
+class Scheduler:
+    """Owns every task of one cluster, on that cluster's loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, loop_thread_id: int) -> None:
+        self.loop = loop
+        self.loop_thread_id = loop_thread_id
+        self.local: LocalWorker | None = None
+        self.closed = False
+        self.runtimes = RuntimeEstimates()
+        self._ids = itertools.count(1)
+        self._ready: list[tuple[int, int, DTask[Any]]] = []  # (-priority, spawn order, task)
+        self._flush_pending = False
+        self._inbox: deque[DTask[Any]] = deque()
+        self._inbox_pending = False
+        self._live: set[DTask[Any]] = set()  # registered and not done
+
+    # -- spawning (any thread) -----------------------------------------------------------
+    def spawn(self, opts: TaskOptions, fn: Any, args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> DTask[Any]:
+        if self.closed:
+            raise RuntimeError("this cluster is closed; spawn inside `async with dagger.Cluster()`")
+        kind = _classify(fn)
+        name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
+        task: DTask[Any] = DTask(self, next(self._ids), name, fn, args, kwargs, opts)
+        task._kind = kind
+        deps, found = find_dependencies(args, kwargs)
+        if found:
+            task._resolve = True
+            if deps:
+                for dep in deps:
+                    if dep._sched is not self:
+                        raise ValueError(
+                            f"{dep!r} belongs to another cluster; a task can only depend on "
+                            "tasks of its own cluster (fetch the value and pass that instead)"
+                        )
+                task._deps = deps
+        if threading.get_ident() == self.loop_thread_id:
+            self._register(task)
+        else:
+            self._inbox.append(task)
+            if not self._inbox_pending:
+                self._inbox_pending = True
+                self.loop.call_soon_threadsafe(self._drain_inbox)
+        return task
+
+    def _drain_inbox(self) -> None:
+        self._inbox_pending = False
+        inbox = self._inbox
+        while inbox:
+            self._register(inbox.popleft())
+
+    # -- graph bookkeeping (loop) --------------------------------------------------------
+    def _register(self, task: DTask[Any]) -> None:
+        if task._cancelled:  # cancelled from another thread before it got here
+            return
+        self._live.add(task)
+        task._fnkey = function_key(task._fn)
+        opts = task._opts
+        if opts.scope is not ANY_SCOPE and not self._admissible(task):
+            return
+        task._thread_ok = task._kind == "thread" and opts.timeout is None
+        pending = 0
+        deps = task._deps
+        if deps:
+            for dep in deps:
+                state = dep._state
+                if dep._cancelled:
+                    self._cancel_from(task, dep)
+                    return
+                if state is FINISHED:
+                    continue
+                if state is FAILED:
+                    self._fail_upstream(task, dep)
+                    return
+                if dep._dependents is None:
+                    dep._dependents = [task]
+                else:
+                    dep._dependents.append(task)
+                pending += 1
+        task._npending = pending
+        if pending == 0:
+            self._make_ready(task)
+
+    def _admissible(self, task: DTask[Any]) -> bool:
+        """Check the task's scope against the cluster; fail the task if nothing fits."""
+        scope = task._opts.scope
+        local = self.local
+        assert local is not None
+        fits = scope.admits_worker(local.id, os.getpid()) and not scope.gpu
+        if fits and scope.thread and task._kind == "async":
+            task._kind = "thread-async"
+        if not fits:
+            err = NoProcessorError(
+                f"{task._describe()} has {scope!r}, which no processor of this cluster "
+                f"satisfies. The cluster has: {self.describe_processors()}"
+            )
+            self._fail(task, err, annotate=False)
+        return fits
+
+    def describe_processors(self) -> str:
+        assert self.local is not None
+        return self.local.describe()
+
+    def _make_ready(self, task: DTask[Any]) -> None:
+        if task._kind == "async":
+            # Coroutines have no capacity to wait for: start them at once.
+            task._state = RUNNING
+            self._arm_timeout(task)
+            assert self.local is not None
+            self.local.async_proc.submit(task)
+            return
+        task._state = READY
+        heapq.heappush(self._ready, (-task._opts.priority, task.id, task))
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush)
+
+    def request_flush(self) -> None:
+        if self._ready and not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Hand ready tasks to the thread pool while it has room, highest priority first."""
+        self._flush_pending = False
+        ready = self._ready
+        assert self.local is not None
+        proc = self.local.thread_proc
+        estimate = self.runtimes.get
+        while ready and proc.has_room():
+            task = heapq.heappop(ready)[2]
+            if task._cancelled or task._state is not READY:
+                continue
+            task._state = RUNNING
+            task._est = estimate(task._fnkey)
+            if task._opts.timeout is not None:
+                self._arm_timeout(task)
+            proc.submit(task)
+
+    # -- completion (loop) ---------------------------------------------------------------
+    def complete(self, task: DTask[Any], attempt: int, ok: bool, value: Any, seconds: float) -> None:
+        """A processor reports one run of ``task``."""
+        if seconds:
+            self.runtimes.observe(task._fnkey, seconds)
+        if task._cancelled or task._attempts != attempt or task._state is FINISHED or task._state is FAILED:
+            return  # cancelled, timed out, or a stale attempt: nobody waits for this run
+        if ok:
+            if type(value) is types.CoroutineType:
+                # A sync function returned a coroutine (e.g. a decorated async def):
+                # await it on the loop, where coroutines belong.
+                assert self.local is not None
+                self.local.async_proc.submit(task, value)
+                return
+            self._finish(task, value)
+        elif isinstance(value, asyncio.CancelledError):
+            self.cancel(task)
+        else:
+            self._failed_run(task, value)
+
+    def _finish(self, task: DTask[Any], value: Any) -> None:
+        task._value = value
+        task._state = FINISHED
+        self._release(task)
+        dependents = task._dependents
+        if dependents is not None:
+            task._dependents = None
+            for dep in dependents:
+                left = dep._npending - 1
+                dep._npending = left
+                if left == 0 and dep._state is PENDING and not dep._cancelled:
+                    self._make_ready(dep)
+        task._notify()
+
+    def _failed_run(self, task: DTask[Any], exc: BaseException) -> None:
+        if task._attempts < task._opts.retries:
+            task._attempts += 1
+            logger.info("retrying %s (attempt %d) after %r", task._describe(), task._attempts + 1, exc)
+            task._state = PENDING
+            self._disarm_timeout(task)
+            self._make_ready(task)
+            return
+        self._fail(task, exc, annotate=True)
+
+    def _fail(self, task: DTask[Any], exc: BaseException, annotate: bool) -> None:
+        if annotate:
+            assert self.local is not None
+            exc.add_note(f"aiodagger: raised by {task._describe()} on worker {self.local.id} "
+                         f"(pid {os.getpid()}), attempt {task._attempts + 1}")
+        task._exc = exc
+        task._tb = exc.__traceback__
+        task._state = FAILED
+        self._release(task)
+        dependents = task._dependents
+        task._dependents = None
+        task._notify()
+        stack = list(dependents or ())
+        # Iterative, not recursive: a failure at the head of a 200,000-task chain
+        # must not hit the recursion limit.
+        while stack:
+            dep = stack.pop()
+            if not dep.done():
+                stack.extend(self._fail_upstream(dep, task))
+
+    def _fail_upstream(self, task: DTask[Any], failed: DTask[Any]) -> list[DTask[Any]]:
+        """Fail ``task`` because ``failed`` (or its own origin) failed; return its dependents."""
+        origin_exc = failed._exc
+        origin = failed
+        if isinstance(origin_exc, UpstreamError):
+            origin = origin_exc.origin
+            origin_exc = origin_exc.__cause__
+        err = UpstreamError(
+            f"{task._describe()} did not run: its dependency {origin._describe()} failed with "
+            f"{type(origin_exc).__name__}: {origin_exc}",
+            origin,
+        )
+        err.__cause__ = origin_exc
+        task._exc = err
+        task._tb = None
+        task._state = FAILED
+        self._release(task)
+        dependents = task._dependents or []
+        task._dependents = None
+        task._notify()
+        return dependents
+
+    # -- cancellation and timeouts (loop) ------------------------------------------------
+    def cancel(self, task: DTask[Any]) -> bool:
+        if task.done():
+            return False
+        self._cancel_from(task, None)
+        return True
+
+    def _cancel_from(self, task: DTask[Any], cause: DTask[Any] | None) -> None:
+        """Cancel ``task`` and every not-yet-finished task downstream of it."""
+        stack = [task]
+        root = task
+        while stack:
+            t = stack.pop()
+            if t.done():
+                continue
+            t._cancelled = True
+            t._state = CANCELLED
+            if t is not root or cause is not None:
+                why = cause if t is root else root
+                assert why is not None
+                t._exc = TaskCancelledError(
+                    f"{t._describe()} was cancelled because its dependency {why._describe()} was"
+                )
+            handle = t._handle
+            if handle is not None:
+                handle.cancel()
+            self._release(t)
+            if t._dependents:
+                stack.extend(t._dependents)
+                t._dependents = None
+            t._notify()
+
+    def cancel_threadsafe(self, task: DTask[Any]) -> bool:
+        if threading.get_ident() == self.loop_thread_id:
+            return self.cancel(task)
+        result: concurrent.futures.Future[bool] = concurrent.futures.Future()
+
+        def run() -> None:
+            result.set_result(self.cancel(task))
+
+        try:
+            self.loop.call_soon_threadsafe(run)
+        except RuntimeError:
+            return False  # the loop is closed, and with it every task
+        return result.result()
+
+    def _arm_timeout(self, task: DTask[Any]) -> None:
+        timeout = task._opts.timeout
+        if timeout is not None:
+            task._timer = self.loop.call_later(timeout, self._timed_out, task, task._attempts)
+
+    def _disarm_timeout(self, task: DTask[Any]) -> None:
+        timer = task._timer
+        if timer is not None:
+            timer.cancel()
+            task._timer = None
+
+    def _timed_out(self, task: DTask[Any], attempt: int) -> None:
+        task._timer = None
+        if task.done() or task._attempts != attempt:
+            return
+        handle = task._handle
+        if handle is not None:
+            handle.cancel()  # a coroutine stops; a thread cannot be stopped, its result is dropped
+            task._handle = None
+        self._failed_run(task, TaskTimeoutError(
+            f"{task._describe()} did not finish within its timeout of {task._opts.timeout} s"
+        ))
+
+    # -- waiting from other threads ------------------------------------------------------
+    def wait_blocking(self, task: DTask[Any], timeout: float | None) -> None:
+        if threading.get_ident() == self.loop_thread_id:
+            raise RuntimeError(
+                f"fetch() on {task!r} was called on the cluster's event loop thread, where "
+                "blocking would deadlock the loop that runs the task. Write `await task` "
+                "(or `await dagger.gather(...)`) here instead."
+            )
+        from ..worker.threads import current_pool
+
+        event = threading.Event()
+        task._on_done(lambda _t: event.set())
+        pool = current_pool()
+        if pool is not None:
+            with pool.blocked():
+                finished = event.wait(timeout)
+        else:
+            finished = event.wait(timeout)
+        if not finished:
+            raise TimeoutError(
+                f"{task._describe()} did not finish within {timeout} s; it keeps running "
+                "(fetch it again, or cancel it)"
+            )
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def _release(self, task: DTask[Any]) -> None:
+        """Drop what a done task no longer needs, so its inputs can be freed."""
+        self._live.discard(task)
+        task._fn = task._args = task._kwargs = task._deps = None
+        if task._timer is not None:
+            task._timer.cancel()
+            task._timer = None
+
+    @property
+    def live_count(self) -> int:
+        return len(self._live)
+
+    def close(self) -> int:
+        """Refuse new spawns and cancel every unfinished task; return how many."""
+        self.closed = True
+        self._drain_inbox()
+        live = list(self._live)
+        for task in live:
+            if not task.done():
+                self._cancel_from(task, None)
+        return len(live)
+
+
+def _classify(fn: Any) -> str:
+    """"async" for coroutine functions, "thread" for everything else callable."""
+    code = getattr(fn, "__code__", None)
+    if code is not None and not isinstance(fn, type):
+        flags = code.co_flags
+        if flags & _CO_COROUTINE:
+            return "async"
+        if flags & _CO_ASYNC_GENERATOR:
+            raise TypeError(
+                f"spawn() got the async generator function {fn.__qualname__}; a task returns "
+                "one value. Collect it inside an async def, e.g. "
+                "`async def collect(): return [v async for v in gen()]`"
+            )
+        return "thread"
+    import inspect
+
+    target = fn
+    while hasattr(target, "func"):  # functools.partial
+        target = target.func
+    if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
+        getattr(type(target), "__call__", None)
+    ):
+        return "async"
+    return "thread"
+
+
+def spawn_callable_error(fn: Any) -> TypeError | None:
+    """The error for something that is not a function to spawn, or None if it is fine."""
+    import inspect
+
+    if inspect.iscoroutine(fn):
+        qual = getattr(fn, "__qualname__", "f")
+        fn.close()  # we will never run it: close it so Python does not warn it was never awaited
+        return TypeError(
+            f"spawn() got a coroutine object ({qual}(...) was already called). Pass the "
+            f"function and its arguments instead: dagger.spawn({qual}, *args)"
+        )
+    if inspect.isawaitable(fn):
+        return TypeError(
+            f"spawn() got an awaitable ({type(fn).__name__}), not a function. Await it "
+            "directly, or wrap it: `async def run(): return await thing` then dagger.spawn(run)"
+        )
+    if not callable(fn):
+        return TypeError(
+            f"spawn() needs a callable as its first argument, got {type(fn).__name__}: {fn!r}. "
+            "Write dagger.spawn(fn, *args), not dagger.spawn(fn(*args)); to place a value in "
+            "the cluster, use `await dagger.put(value)`"
+        )
+    return None
+

@@ -1,0 +1,298 @@
+"""DTask, the awaitable handle of a spawned task, and Chunk, a value placed in the cluster.
+
+A DTask's bookkeeping (state, dependents, pending count) belongs to the scheduler and
+changes only on the cluster's loop. What other threads and loops may do is register a
+waiter: a callback run once the task is done. Registration appends to a list and then
+re-checks the state, and completion sets the state before it walks the list, so under
+the GIL every waiter is delivered at least once; deliverers are idempotent.
+
+A DTask also speaks asyncio's Future protocol (``_asyncio_future_blocking``,
+``add_done_callback``, ``get_loop``...), so ``asyncio.wait`` and ``asyncio.as_completed``
+hand back the DTasks themselves instead of wrappers around them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .errors import TaskCancelledError
+
+if TYPE_CHECKING:
+    from .options import TaskOptions
+    from .scheduler.core import Scheduler
+
+__all__ = ["CANCELLED", "DONE_STATES", "FAILED", "FINISHED", "PENDING", "READY", "RUNNING", "Chunk", "DTask"]
+
+R = TypeVar("R")
+
+PENDING = "pending"
+READY = "ready"
+RUNNING = "running"
+FINISHED = "finished"
+FAILED = "failed"
+CANCELLED = "cancelled"
+DONE_STATES = frozenset((FINISHED, FAILED, CANCELLED))
+
+
+def _set_future(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass  # that loop is closed: nobody is left to wake
+
+
+class _UserCallback:
+    """A callback from ``add_done_callback``, run as asyncio runs them: via call_soon."""
+
+    __slots__ = ("context", "fn", "loop")
+
+    def __init__(self, fn: Callable[[Any], object], loop: asyncio.AbstractEventLoop,
+                 context: contextvars.Context | None) -> None:
+        self.fn = fn
+        self.loop = loop
+        self.context = context
+
+    def __call__(self, task: DTask[Any]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.fn, task, context=self.context)
+        except RuntimeError:
+            pass
+
+
+class DTask(Generic[R]):
+    """The handle of a spawned task: ``await t`` gives its value, ``t.fetch()`` blocks for it."""
+
+    __slots__ = (
+        "__weakref__",
+        "_args",
+        "_attempts",
+        "_cancelled",
+        "_deps",
+        "_dependents",
+        "_est",
+        "_exc",
+        "_fn",
+        "_fnkey",
+        "_handle",
+        "_kind",
+        "_kwargs",
+        "_npending",
+        "_opts",
+        "_resolve",
+        "_sched",
+        "_state",
+        "_tb",
+        "_thread_ok",
+        "_timer",
+        "_value",
+        "_waiters",
+        "id",
+        "name",
+    )
+
+    # asyncio.isfuture() looks for this attribute: it makes asyncio.wait() and
+    # asyncio.as_completed() accept DTasks as they are.
+    _asyncio_future_blocking = False
+
+    def __init__(self, sched: Scheduler, id: int, name: str, fn: Callable[..., Any],
+                 args: tuple[Any, ...], kwargs: dict[str, Any], opts: TaskOptions) -> None:
+        self.id = id
+        self.name = name
+        self._sched = sched
+        self._fn: Callable[..., Any] | None = fn
+        self._args: tuple[Any, ...] | None = args
+        self._kwargs: dict[str, Any] | None = kwargs
+        self._opts = opts
+        self._state = PENDING
+        self._cancelled = False
+        self._value: Any = None
+        self._exc: BaseException | None = None
+        self._tb: Any = None
+        self._dependents: list[DTask[Any]] | None = None
+        self._npending = -1  # -1 until the scheduler has registered the task
+        self._waiters: list[Callable[[DTask[Any]], None]] | None = []
+        self._deps: list[DTask[Any]] | None = None
+        self._resolve = False
+        self._attempts = 0
+        self._handle: Any = None
+        self._est = 0.0
+        self._kind = ""
+        self._fnkey: Any = None
+        self._thread_ok = False
+        self._timer: Any = None
+
+    # -- state -------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        """One of "pending", "ready", "running", "finished", "failed", "cancelled"."""
+        return CANCELLED if self._cancelled else self._state
+
+    def done(self) -> bool:
+        return self._cancelled or self._state in DONE_STATES
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self, msg: Any = None) -> bool:
+        """Cancel the task and its not-yet-started dependents; False if already done.
+
+        A running coroutine task is cancelled; a running sync task cannot be interrupted,
+        so its result is discarded when it returns.
+        """
+        if self.done():
+            return False
+        return self._sched.cancel_threadsafe(self)
+
+    # -- results -------------------------------------------------------------------------
+    def result(self) -> R:
+        """The value if finished; raises the task's error if it failed or was cancelled.
+
+        Like ``asyncio.Future.result()`` it does not wait: use ``await t`` or ``t.fetch()``.
+        """
+        state = self._state
+        if self._cancelled:
+            raise self._cancelled_error()
+        if state == FINISHED:
+            return self._value  # type: ignore[no-any-return]
+        if state == FAILED:
+            assert self._exc is not None
+            raise self._exc.with_traceback(self._tb)
+        raise asyncio.InvalidStateError(
+            f"{self!r} is not done yet; `await` it, or call .fetch() from synchronous code"
+        )
+
+    def exception(self) -> BaseException | None:
+        """The task's error (None if it finished); raises if not done or cancelled."""
+        if self._cancelled:
+            raise self._cancelled_error()
+        if self._state == FINISHED:
+            return None
+        if self._state == FAILED:
+            return self._exc
+        raise asyncio.InvalidStateError(f"{self!r} is not done yet")
+
+    def _cancelled_error(self) -> TaskCancelledError:
+        if isinstance(self._exc, TaskCancelledError):
+            return self._exc
+        return TaskCancelledError(f"{self._describe()} was cancelled")
+
+    # asyncio.gather() calls this on a cancelled child future.
+    _make_cancelled_error = _cancelled_error
+
+    def __await__(self) -> Generator[Any, None, R]:
+        if not self.done():
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            self._on_done_in(loop, lambda _t: _set_future(fut))
+            # Cancelling the awaiting coroutine cancels `fut`, never the task: the task
+            # may be shared by other awaiters.
+            yield from fut.__await__()
+        return self.result()
+
+    def fetch(self, timeout: float | None = None) -> R:
+        """Block the calling thread until the task is done and return its value.
+
+        For synchronous code. On the cluster's own loop thread it would deadlock the
+        loop, so there it raises ``RuntimeError``: write ``await t`` instead.
+        """
+        if not self.done():
+            self._sched.wait_blocking(self, timeout)
+        return self.result()
+
+    # -- waiters -------------------------------------------------------------------------
+    def _on_done(self, cb: Callable[[DTask[Any]], None]) -> None:
+        """Run ``cb(self)`` once done, on whichever thread completes it (at least once)."""
+        waiters = self._waiters
+        if waiters is None or self.done():
+            cb(self)
+            return
+        waiters.append(cb)
+        if self.done():  # completion may have walked the list before our append
+            cb(self)
+
+    def _on_done_in(self, loop: asyncio.AbstractEventLoop, fn: Callable[[DTask[Any]], None]) -> None:
+        """Run ``fn(self)`` on ``loop``'s thread once done (directly when that is the cluster's)."""
+        if loop is self._sched.loop:
+            self._on_done(fn)
+        else:
+            self._on_done(lambda t: _call_in_loop(loop, fn, t))
+
+    def _notify(self) -> None:
+        """Deliver every waiter; called by the scheduler once the task is done."""
+        waiters = self._waiters
+        self._waiters = None
+        if waiters:
+            for cb in waiters:
+                cb(self)
+
+    def add_done_callback(self, fn: Callable[[DTask[R]], object], *,
+                          context: contextvars.Context | None = None) -> None:
+        """Call ``fn(task)`` when done, through ``call_soon`` on the caller's running loop
+        (or the cluster's loop when called outside any loop), as asyncio futures do."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = self._sched.loop
+        self._on_done(_UserCallback(fn, loop, context))
+
+    def remove_done_callback(self, fn: Callable[[DTask[R]], object]) -> int:
+        waiters = self._waiters
+        if not waiters:
+            return 0
+        keep = [w for w in waiters if not (isinstance(w, _UserCallback) and w.fn == fn)]
+        removed = len(waiters) - len(keep)
+        waiters[:] = keep
+        return removed
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        """The caller's running loop: a DTask can be awaited from any loop."""
+        try:
+            return asyncio.get_running_loop()
+        except RuntimeError:
+            return self._sched.loop
+
+    # -- misc ----------------------------------------------------------------------------
+    def _describe(self) -> str:
+        return f"task {self.name!r} (id {self.id})"
+
+    def __repr__(self) -> str:
+        return f"<DTask {self.name!r} id={self.id} {self.state}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"{self!r} is a handle bound to this process's cluster and cannot be pickled; "
+            "pass it to dagger.spawn() as an argument and the task receives its value"
+        )
+
+
+class Chunk(Generic[R]):
+    """A value placed in the cluster's memory once (``await dagger.put(obj)``).
+
+    Passed to any number of tasks, it is replaced by its value there, like a DTask.
+    """
+
+    __slots__ = ("__weakref__", "_value", "id", "worker")
+
+    def __init__(self, value: R, worker: int, id: int) -> None:
+        self._value = value
+        self.worker = worker
+        self.id = id
+
+    def __await__(self) -> Generator[Any, None, R]:
+        return self._value
+        yield  # pragma: no cover - makes this a generator
+
+    def fetch(self, timeout: float | None = None) -> R:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"<Chunk id={self.id} on worker {self.worker}: {type(self._value).__name__}>"
+
