@@ -14,6 +14,9 @@ from .task import Chunk, DTask
 __all__ = ["find_dependencies", "resolve_arguments"]
 
 _CONTAINERS = (list, tuple, dict)
+# Types that cannot hold a dependency: skipped without a function call, since most
+# arguments of small tasks are numbers and strings (this runs on every spawn).
+_LEAVES = frozenset((int, float, str, bytes, bool, type(None), complex))
 
 
 def find_dependencies(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[DTask[Any]], bool]:
@@ -21,10 +24,12 @@ def find_dependencies(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[li
     deps: list[DTask[Any]] = []
     found = False
     for value in args:
-        found |= _scan(value, deps)
+        if type(value) not in _LEAVES:
+            found |= _scan(value, deps)
     if kwargs:
         for value in kwargs.values():
-            found |= _scan(value, deps)
+            if type(value) not in _LEAVES:
+                found |= _scan(value, deps)
     if len(deps) > 1:
         deps = list(dict.fromkeys(deps))  # keyed by identity: DTask defines no __eq__
     return deps, found

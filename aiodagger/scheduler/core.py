@@ -381,7 +381,7 @@ class Scheduler:
 
 def _classify(fn: Any) -> str:
     """"async" for coroutine functions, "thread" for everything else callable."""
-    code = getattr(fn, "__code__", None)
+    code = fn.__code__ if type(fn) is types.FunctionType else getattr(fn, "__code__", None)
     if code is not None and not isinstance(fn, type):
         flags = code.co_flags
         if flags & _CO_COROUTINE:
@@ -405,8 +405,13 @@ def _classify(fn: Any) -> str:
     return "thread"
 
 
+_PLAIN_CALLABLES = frozenset((types.FunctionType, types.BuiltinFunctionType, types.MethodType))
+
+
 def spawn_callable_error(fn: Any) -> TypeError | None:
     """The error for something that is not a function to spawn, or None if it is fine."""
+    if type(fn) in _PLAIN_CALLABLES:
+        return None
     import inspect
 
     if inspect.iscoroutine(fn):

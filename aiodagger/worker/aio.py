@@ -45,7 +45,15 @@ class AsyncProc:
     async def _run(self, task: DTask[Any], attempt: int, coro: Coroutine[Any, Any, Any] | None) -> None:
         start = perf_counter()
         try:
-            value = await (coro if coro is not None else run_async(task))
+            if coro is None:
+                if task._resolve or task._opts.restore is not None or task._opts.checkpoint is not None:
+                    coro = run_async(task)
+                else:  # the common case, one coroutine frame fewer
+                    fn, args, kwargs = task._fn, task._args, task._kwargs
+                    if fn is None or args is None or kwargs is None:
+                        raise asyncio.CancelledError
+                    coro = fn(*args, **kwargs)
+            value = await coro
             ok = True
         except BaseException as exc:  # noqa: BLE001 - a task's failure is its result
             value, ok = exc, False
