@@ -6,9 +6,11 @@ waiter: a callback run once the task is done. Registration appends to a list and
 re-checks the state, and completion sets the state before it walks the list, so under
 the GIL every waiter is delivered at least once; deliverers are idempotent.
 
-A DTask also speaks asyncio's Future protocol (``_asyncio_future_blocking``,
-``add_done_callback``, ``get_loop``...), so ``asyncio.wait`` and ``asyncio.as_completed``
-hand back the DTasks themselves instead of wrappers around them.
+A DTask is an awaitable, deliberately *not* an asyncio Future: asyncio's helpers
+(``wait_for``, ``gather``, ``wait``, ``as_completed``, ``shield``) wrap it in a Task of
+their own, so a timeout or cancellation there cancels the wrapper and never the DTask,
+which may be shared by other awaiters. ``t.cancel()`` is the one way to cancel a task.
+``dagger.wait`` / ``dagger.as_completed`` hand back the DTasks themselves.
 """
 
 from __future__ import annotations
@@ -98,10 +100,6 @@ class DTask(Generic[R]):
         "name",
     )
 
-    # asyncio.isfuture() looks for this attribute: it makes asyncio.wait() and
-    # asyncio.as_completed() accept DTasks as they are.
-    _asyncio_future_blocking = False
-
     def __init__(self, sched: Scheduler, id: int, name: str, fn: Callable[..., Any],
                  args: tuple[Any, ...], kwargs: dict[str, Any], opts: TaskOptions) -> None:
         self.id = id
@@ -183,9 +181,6 @@ class DTask(Generic[R]):
         if isinstance(self._exc, TaskCancelledError):
             return self._exc
         return TaskCancelledError(f"{self._describe()} was cancelled")
-
-    # asyncio.gather() calls this on a cancelled child future.
-    _make_cancelled_error = _cancelled_error
 
     def __await__(self) -> Generator[Any, None, R]:
         if not self.done():

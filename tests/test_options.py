@@ -1,0 +1,179 @@
+"""Options: priority, retries, timeout, checkpoint/restore, names, scopes, contexts."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+import aiodagger as dagger
+from tests.helpers import asleep_forever, inc, sleep_then
+
+
+async def test_options_spawn_sets_name(cluster):
+    t = dagger.options(name="first").spawn(inc, 1)
+    assert t.name == "first"
+    assert await t == 2
+    assert dagger.spawn(inc, 1).name == "inc"
+
+
+async def test_options_context_manager_applies_and_resets(cluster):
+    with dagger.options(name="ctx", priority=3):
+        a = dagger.spawn(inc, 1)
+        with dagger.options(name="inner"):
+            b = dagger.spawn(inc, 1)
+    c = dagger.spawn(inc, 1)
+    assert (a.name, b.name, c.name) == ("ctx", "inner", "inc")
+    assert b._opts.priority == 3  # inner block inherits the outer options
+    await dagger.gather(a, b, c)
+
+
+async def test_options_do_not_leak_between_concurrent_coroutines(cluster):
+    names = []
+
+    async def request(i):
+        with dagger.options(name=f"req{i}"):
+            await asyncio.sleep(0)
+            t = dagger.spawn(inc, i)
+            names.append((i, t.name))
+            await t
+
+    await asyncio.gather(*(request(i) for i in range(5)))
+    assert all(name == f"req{i}" for i, name in names)
+
+
+async def test_higher_priority_runs_first():
+    order = []
+    gate = threading.Event()
+    async with dagger.Cluster(threads=1):
+        blocker = dagger.spawn(lambda: gate.wait(10))
+        await asyncio.sleep(0.05)  # the single thread is now busy
+        tasks = [dagger.options(priority=p).spawn(order.append, p) for p in (1, 5, 3, 5, 0)]
+        gate.set()
+        await dagger.gather(blocker, *tasks)
+    assert order == [5, 5, 3, 1, 0]
+
+
+async def test_retries_on_exception(cluster):
+    attempts = []
+
+    def flaky():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise OSError("transient")
+        return "ok"
+
+    assert await dagger.options(retries=2).spawn(flaky) == "ok"
+    assert len(attempts) == 3
+
+
+async def test_retries_exhausted_raises_last_error(cluster):
+    calls = []
+
+    async def always():
+        calls.append(1)
+        raise KeyError("nope")
+
+    with pytest.raises(KeyError):
+        await dagger.options(retries=1).spawn(always)
+    assert len(calls) == 2
+
+
+async def test_timeout_async_task(cluster):
+    t = dagger.options(timeout=0.05).spawn(asleep_forever)
+    with pytest.raises(TimeoutError) as info:
+        await asyncio.wait_for(t, 5)
+    assert isinstance(info.value, dagger.TaskTimeoutError)
+    assert t.state == "failed"
+
+
+async def test_timeout_thread_task_result_discarded(cluster):
+    t = dagger.options(timeout=0.05).spawn(sleep_then, 0.5, "late")
+    with pytest.raises(dagger.TaskTimeoutError, match="timeout of 0.05"):
+        await asyncio.wait_for(t, 5)
+    await asyncio.sleep(0.6)
+    assert t.state == "failed"
+
+
+async def test_timeout_then_retry_succeeds(cluster):
+    calls = []
+
+    async def slow_then_fast():
+        calls.append(1)
+        if len(calls) == 1:
+            await asyncio.sleep(10)
+        return len(calls)
+
+    assert await dagger.options(timeout=0.05, retries=1).spawn(slow_then_fast) == 2
+
+
+async def test_checkpoint_and_restore(cluster, tmp_path):
+    store = {}
+
+    def checkpoint(task, value):
+        store[task.name] = value
+
+    def restore(task):
+        return store.get(task.name, dagger.MISSING)
+
+    runs = []
+
+    def compute(x):
+        runs.append(x)
+        return x * 10
+
+    opts = dagger.options(name="step", checkpoint=checkpoint, restore=restore)
+    assert await opts.spawn(compute, 4) == 40
+    assert store == {"step": 40}
+    assert await opts.spawn(compute, 4) == 40  # restored: compute not called again
+    assert runs == [4]
+
+
+async def test_async_checkpoint_and_restore_to_disk(cluster, tmp_path):
+    async def checkpoint(task, value):
+        (tmp_path / task.name).write_text(str(value))
+
+    async def restore(task):
+        path = tmp_path / task.name
+        return int(path.read_text()) if path.exists() else dagger.MISSING
+
+    async def compute():
+        return 7
+
+    opts = dagger.options(name="a", checkpoint=checkpoint, restore=restore)
+    assert await opts.spawn(compute) == 7
+    (tmp_path / "a").write_text("99")
+    assert await opts.spawn(compute) == 99
+
+
+async def test_scope_with_no_processor_fails_at_once(cluster):
+    t = dagger.options(scope=dagger.scope(worker=3)).spawn(inc, 1)
+    assert t.done()
+    with pytest.raises(dagger.NoProcessorError, match=r"scope\(workers=\[3\]\).*worker 0.*ThreadProc"):
+        await t
+    g = dagger.options(scope=dagger.scope(gpu=True)).spawn(inc, 1)
+    with pytest.raises(dagger.NoProcessorError):
+        await g
+
+
+async def test_scope_admitting_local_worker_runs(cluster):
+    assert await dagger.options(scope=dagger.scope(worker=0)).spawn(inc, 1) == 2
+    assert await dagger.options(scope=dagger.scope("any")).spawn(inc, 1) == 2
+
+
+async def test_scope_thread_runs_coroutine_function_on_a_pool_thread(cluster):
+    async def where():
+        await asyncio.sleep(0)
+        return threading.current_thread().name
+
+    name = await dagger.options(scope=dagger.scope(thread=True)).spawn(where)
+    assert name.startswith("aiodagger-w0-thread")
+    assert await dagger.spawn(where) == threading.current_thread().name
+
+
+def test_scope_repr_and_equality():
+    assert repr(dagger.scope("any")) == 'scope("any")'
+    assert dagger.scope(worker=1) == dagger.scope(workers=[1])
+    assert hash(dagger.scope(worker=1)) == hash(dagger.scope(workers=[1]))
+    assert repr(dagger.scope(workers=[2, 1], gpu=0)) == "scope(workers=[1, 2], gpu=0)"
