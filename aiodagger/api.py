@@ -73,14 +73,14 @@ async def gather(*tasks: DTask[Any], return_exceptions: bool = False) -> list[An
     remaining = sum(1 for t in items if not t.done())
     if remaining:
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+        fut: asyncio.Future[DTask[Any] | None] = loop.create_future()
         count = [remaining]
 
         def on_done(t: DTask[Any]) -> None:
             if fut.done():
                 return
             if not return_exceptions and (t._cancelled or t._state is not FINISHED):
-                fut.set_result(None)
+                fut.set_result(t)  # the first failure, raised below
                 return
             count[0] -= 1
             if count[0] == 0:
@@ -89,7 +89,9 @@ async def gather(*tasks: DTask[Any], return_exceptions: bool = False) -> list[An
         for t in items:
             if not t.done():
                 t._on_done_in(loop, on_done)
-        await fut
+        failed = await fut
+        if failed is not None:
+            failed.result()  # raises
     if return_exceptions:
         return [_outcome(t) for t in items]
     return [t.result() for t in items]

@@ -231,14 +231,15 @@ class Scheduler:
         self._release(task)
         dependents = task._dependents
         task._dependents = None
-        task._notify()
         stack = list(dependents or ())
         # Iterative, not recursive: a failure at the head of a 200,000-task chain
-        # must not hit the recursion limit.
+        # must not hit the recursion limit. Dependents fail first, so whoever is woken
+        # by this failure finds the whole downstream already marked.
         while stack:
             dep = stack.pop()
             if not dep.done():
                 stack.extend(self._fail_upstream(dep, task))
+        task._notify()
 
     def _fail_upstream(self, task: DTask[Any], failed: DTask[Any]) -> list[DTask[Any]]:
         """Fail ``task`` because ``failed`` (or its own origin) failed; return its dependents."""

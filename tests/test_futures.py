@@ -1,0 +1,162 @@
+"""DTask states and results, gather / wait / as_completed, and asyncio's own helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+import aiodagger as dagger
+from tests.helpers import asleep_forever, block_on, boom, inc, sleep_then
+
+
+async def test_states_through_a_lifetime(cluster):
+    gate = threading.Event()
+    first = dagger.spawn(block_on, gate)
+    second = dagger.spawn(inc, dagger.spawn(len, "ab"))
+    dependent = dagger.spawn(lambda x: x, first)
+    await asyncio.sleep(0.02)
+    assert first.state == "running"
+    assert dependent.state == "pending"
+    assert not dependent.done()
+    with pytest.raises(asyncio.InvalidStateError):
+        dependent.result()
+    with pytest.raises(asyncio.InvalidStateError):
+        dependent.exception()
+    gate.set()
+    assert await dependent == "released"
+    assert (first.state, dependent.state) == ("finished", "finished")
+    assert await second == 3
+    assert second.result() == 3 and second.exception() is None
+    assert isinstance(first.id, int) and first.id < dependent.id
+    assert "finished" in repr(first)
+
+
+async def test_ready_state_while_waiting_for_a_thread():
+    gate = threading.Event()
+    async with dagger.Cluster(threads=1):
+        busy = dagger.spawn(block_on, gate)
+        await asyncio.sleep(0.02)
+        queued = [dagger.spawn(inc, i) for i in range(20)]
+        await asyncio.sleep(0.02)
+        assert "ready" in {t.state for t in queued}
+        gate.set()
+        await dagger.gather(busy, *queued)
+
+
+async def test_gather_returns_in_order_and_raises_first_failure(cluster):
+    slow = dagger.spawn(sleep_then, 0.05, "slow")
+    fast = dagger.spawn(inc, 1)
+    assert await dagger.gather(slow, fast) == ["slow", 2]
+    bad = dagger.spawn(boom)
+    with pytest.raises(ValueError):
+        await dagger.gather(dagger.spawn(sleep_then, 0.05, 1), bad)
+    results = await dagger.gather(fast, bad, return_exceptions=True)
+    assert results[0] == 2 and isinstance(results[1], ValueError)
+    assert await dagger.gather() == []
+
+
+async def test_gather_cancelled_caller_leaves_tasks_running(cluster):
+    t = dagger.spawn(asleep_forever)
+    g = asyncio.ensure_future(dagger.gather(t))
+    await asyncio.sleep(0.01)
+    g.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await g
+    assert not t.done()
+    t.cancel()
+
+
+async def test_wait_modes(cluster):
+    fast = dagger.spawn(inc, 1)
+    slow = dagger.spawn(asleep_forever)
+    done, pending = await dagger.wait([fast, slow], return_when="FIRST_COMPLETED")
+    assert done == {fast} and pending == {slow}
+    done, pending = await dagger.wait([fast, slow], timeout=0.05)
+    assert done == {fast} and pending == {slow}
+    bad = dagger.spawn(boom)
+    done, pending = await dagger.wait([bad, slow], return_when="FIRST_EXCEPTION")
+    assert done == {bad}
+    slow.cancel()
+    done, pending = await dagger.wait([fast, slow, bad])
+    assert pending == set()
+    with pytest.raises(ValueError):
+        await dagger.wait([fast], return_when="SOMETIMES")
+
+
+async def test_as_completed_yields_in_finish_order(cluster):
+    tasks = [dagger.spawn(sleep_then, d, d) for d in (0.15, 0.0, 0.07)]
+    order = [t.result() async for t in dagger.as_completed(tasks)]
+    assert order == [0.0, 0.07, 0.15]
+
+
+async def test_as_completed_timeout(cluster):
+    t = dagger.spawn(asleep_forever)
+    with pytest.raises(TimeoutError):
+        async for _ in dagger.as_completed([t], timeout=0.05):
+            pass
+    t.cancel()
+
+
+async def test_asyncio_gather_wait_and_as_completed_accept_dtasks(cluster):
+    a, b = dagger.spawn(inc, 1), dagger.spawn(inc, 2)
+    assert await asyncio.gather(a, b) == [2, 3]
+    done, pending = await asyncio.wait([dagger.spawn(inc, 3)], timeout=5)
+    assert [d.result() for d in done] == [4] and not pending
+    values = [await f for f in asyncio.as_completed([dagger.spawn(inc, 4), dagger.spawn(inc, 5)])]
+    assert sorted(values) == [5, 6]
+    async with asyncio.TaskGroup() as tg:
+        wrapped = tg.create_task(_await(dagger.spawn(inc, 9)))
+    assert wrapped.result() == 10
+
+
+async def _await(t):
+    return await t
+
+
+async def test_add_done_callback_runs_on_callers_loop(cluster):
+    loop = asyncio.get_running_loop()
+    seen = asyncio.Event()
+    calls = []
+
+    def cb(task):
+        calls.append((task.result(), asyncio.get_running_loop() is loop))
+        seen.set()
+
+    t = dagger.spawn(inc, 1)
+    t.add_done_callback(cb)
+    await asyncio.wait_for(seen.wait(), 5)
+    assert calls == [(2, True)]
+    t.add_done_callback(cb)  # already done: still called, once
+    await asyncio.sleep(0.01)
+    assert len(calls) == 2
+
+
+async def test_remove_done_callback(cluster):
+    t = dagger.spawn(asleep_forever)
+    calls = []
+    t.add_done_callback(calls.append)
+    assert t.remove_done_callback(calls.append) == 1
+    t.cancel()
+    await asyncio.sleep(0.01)
+    assert calls == []
+
+
+async def test_await_finished_task_many_times(cluster):
+    t = dagger.spawn(inc, 1)
+    assert [await t for _ in range(3)] == [2, 2, 2]
+    bad = dagger.spawn(boom)
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            await bad
+
+
+async def test_fetch_with_timeout_from_thread(cluster):
+    t = dagger.spawn(asleep_forever)
+    with pytest.raises(TimeoutError, match="keeps running"):
+        await asyncio.to_thread(t.fetch, 0.05)
+    assert not t.done()
+    t.cancel()
+    with pytest.raises(dagger.TaskCancelledError):
+        await asyncio.to_thread(t.fetch, 5)
