@@ -19,9 +19,10 @@ __all__ = ["as_completed", "fetch", "gather", "put", "spawn", "spawn_with_option
 
 R = TypeVar("R")
 
-ALL_COMPLETED = "ALL_COMPLETED"
-FIRST_COMPLETED = "FIRST_COMPLETED"
-FIRST_EXCEPTION = "FIRST_EXCEPTION"
+ReturnWhen = Literal["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION"]
+ALL_COMPLETED: ReturnWhen = "ALL_COMPLETED"
+FIRST_COMPLETED: ReturnWhen = "FIRST_COMPLETED"
+FIRST_EXCEPTION: ReturnWhen = "FIRST_EXCEPTION"
 
 
 @overload
@@ -107,7 +108,7 @@ def _outcome(t: DTask[Any]) -> Any:
 async def wait(
     tasks: Iterable[DTask[Any]],
     timeout: float | None = None,
-    return_when: Literal["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION"] = ALL_COMPLETED,
+    return_when: ReturnWhen = ALL_COMPLETED,
 ) -> tuple[set[DTask[Any]], set[DTask[Any]]]:
     """Wait for tasks as ``asyncio.wait`` does; return ``(done, pending)``. Moves no data."""
     if return_when not in (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION):

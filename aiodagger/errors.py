@@ -47,7 +47,8 @@ class DaggerError(Exception):
             state["__cause__"] = self.__cause__
         return (type(self), self.args, state)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
+    def __setstate__(self, state: dict[str, Any] | None) -> None:
+        state = dict(state or {})
         cause = state.pop("__cause__", None)
         self.__dict__.update(state)
         if cause is not None:

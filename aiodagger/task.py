@@ -159,7 +159,7 @@ class DTask(Generic[R]):
         if self._cancelled:
             raise self._cancelled_error()
         if state == FINISHED:
-            return self._value  # type: ignore[no-any-return]
+            return self._value
         if state == FAILED:
             assert self._exc is not None
             raise self._exc.with_traceback(self._tb)
@@ -191,6 +191,14 @@ class DTask(Generic[R]):
             # may be shared by other awaiters.
             yield from fut.__await__()
         return self.result()
+
+    async def wait(self) -> None:
+        """Wait until the task is done, whatever its outcome, without taking its value."""
+        if not self.done():
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            self._on_done_in(loop, lambda _t: _set_future(fut))
+            await fut
 
     def fetch(self, timeout: float | None = None) -> R:
         """Block the calling thread until the task is done and return its value.

@@ -160,3 +160,12 @@ async def test_fetch_with_timeout_from_thread(cluster):
     t.cancel()
     with pytest.raises(dagger.TaskCancelledError):
         await asyncio.to_thread(t.fetch, 5)
+
+
+async def test_task_wait_does_not_raise(cluster):
+    bad = dagger.spawn(boom)
+    assert await bad.wait() is None
+    assert bad.state == "failed"
+    ok = dagger.spawn(sleep_then, 0.01, 1)
+    await ok.wait()
+    assert ok.done()

@@ -400,7 +400,7 @@ def _classify(fn: Any) -> str:
     while hasattr(target, "func"):  # functools.partial
         target = target.func
     if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
-        getattr(type(target), "__call__", None)
+        getattr(type(target), "__call__", None)  # noqa: B004 - an async __call__ method
     ):
         return "async"
     return "thread"

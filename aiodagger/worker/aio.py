@@ -60,7 +60,7 @@ class AsyncProc:
         # Discarded here rather than by a done-callback: that would cost every task a
         # second trip through the loop.
         me = asyncio.current_task()
-        self.running.discard(me)  # type: ignore[arg-type]
+        self.running.discard(me)
         if task._handle is me:
             task._handle = None
         self._sched.complete(task, attempt, ok, value, perf_counter() - start)

@@ -145,6 +145,7 @@ class ThreadProc:
                 if task is None:
                     break
                 self._run_chain(task)
+                task = None  # an idle thread must not keep the last task (and its value) alive
                 # A thread started while another was blocked in fetch() retires once
                 # that one is back (unlocked read first: this is the per-task path).
                 if self._live > self.nthreads + self._blocked and self._surplus():

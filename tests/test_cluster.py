@@ -1,0 +1,152 @@
+"""Cluster lifecycle: async with, with, the default cluster, clean shutdown, workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import aiodagger as dagger
+from tests.conftest import aiodagger_threads
+from tests.helpers import asleep_forever, inc
+
+
+async def test_async_with_binds_to_running_loop():
+    async with dagger.Cluster(threads=3) as c:
+        assert c.loop is asyncio.get_running_loop()
+        assert c.state == "running"
+        assert len(aiodagger_threads()) == 3
+        assert await dagger.spawn(inc, 1) == 2
+    assert c.state == "closed"
+    assert aiodagger_threads() == []
+    assert c.workers == []
+
+
+async def test_workers_lists_worker_zero(cluster):
+    (w,) = cluster.workers
+    assert isinstance(w, dagger.WorkerInfo)
+    assert (w.id, w.pid, w.status) == (0, os.getpid(), "running")
+    assert any("ThreadProc" in p for p in w.processors) and any("AsyncProc" in p for p in w.processors)
+    assert w.memory_limit is None and w.spilled_bytes == 0
+
+
+async def test_tasks_in_flight_counter_returns_to_zero(cluster):
+    tasks = [dagger.spawn(inc, i) for i in range(100)]
+    assert cluster.tasks_in_flight == 100
+    await dagger.gather(*tasks)
+    assert cluster.tasks_in_flight == 0
+
+
+async def test_inner_cluster_takes_precedence_then_outer_returns():
+    async with dagger.Cluster(threads=1) as outer:
+        async with dagger.Cluster(threads=1) as inner:
+            t = dagger.spawn(inc, 1)
+            assert t._sched is inner._scheduler
+            await t
+        u = dagger.spawn(inc, 1)
+        assert u._sched is outer._scheduler
+        await u
+
+
+async def test_close_is_idempotent_and_cluster_single_use():
+    c = dagger.Cluster(threads=1)
+    async with c:
+        await c.close()
+        await c.close()
+    with pytest.raises(RuntimeError, match="started once"):
+        async with c:
+            pass
+
+
+def test_sequential_asyncio_run_calls_share_default_cluster():
+    async def one(i):
+        return await dagger.spawn(inc, i)
+
+    assert [asyncio.run(one(i)) for i in range(3)] == [1, 2, 3]
+
+
+def test_clean_exit_of_script_with_pending_work(tmp_path):
+    # Leaves a task running at exit: the interpreter must exit promptly and quietly.
+    script = tmp_path / "exit.py"
+    script.write_text(textwrap.dedent("""
+        import asyncio
+        import aiodagger as dagger
+
+        async def forever():
+            await asyncio.sleep(3600)
+
+        dagger.spawn(forever)
+        print(dagger.spawn(len, "abc").fetch(timeout=10))
+    """))
+    proc = subprocess.run([sys.executable, "-W", "error", "-X", "dev", str(script)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "3"
+    assert proc.stderr == ""
+
+
+def test_async_script_exits_without_warnings(tmp_path):
+    script = tmp_path / "async_exit.py"
+    script.write_text(textwrap.dedent("""
+        import asyncio
+        import aiodagger as dagger
+
+        async def forever():
+            await asyncio.sleep(3600)
+
+        def blocking():
+            import time
+            time.sleep(0.2)
+
+        async def main():
+            async with dagger.Cluster(threads=2):
+                dagger.spawn(forever)
+                dagger.spawn(blocking)
+                print(await dagger.spawn(len, "ab"))
+
+        asyncio.run(main())
+    """))
+    proc = subprocess.run([sys.executable, "-W", "error", "-X", "dev", str(script)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "2"
+    assert proc.stderr == ""
+
+
+def test_import_touches_no_event_loop_policy():
+    code = ("import asyncio; p = asyncio.get_event_loop_policy(); import aiodagger; "
+            "assert asyncio.get_event_loop_policy() is p; "
+            "import threading; assert threading.active_count() == 1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+async def test_shutdown_timeout_warns_about_stuck_thread(caplog):
+    import threading
+
+    gate = threading.Event()
+    async with dagger.Cluster(threads=1, shutdown_timeout=0.05):
+        dagger.spawn(gate.wait, 10)
+        await asyncio.sleep(0.02)
+    assert "still running user code" in caplog.text
+    gate.set()  # the stuck thread now finishes and exits
+
+
+async def test_unsupported_arguments_say_so():
+    with pytest.raises(NotImplementedError, match="processes"):
+        dagger.Cluster(processes=2)
+    async with dagger.Cluster(threads=1) as c:
+        await c.scale(0)
+        with pytest.raises(NotImplementedError):
+            await c.scale(2)
+
+
+async def test_cancel_on_exit_of_async_task(cluster):
+    t = dagger.spawn(asleep_forever)
+    await asyncio.sleep(0)
+    assert t.state == "running"
+    t.cancel()
