@@ -71,11 +71,13 @@ async def gather(*tasks: DTask[Any], return_exceptions: bool = False) -> list[An
         for t in items:
             if t.done() and (t._cancelled or t._state is not FINISHED):
                 t.result()  # raises
-    remaining = sum(1 for t in items if not t.done())
-    if remaining:
+    # Register on exactly the tasks counted: one may finish on the cluster's thread
+    # between the count and the registration, and registering still delivers it.
+    waiting = [t for t in items if not t.done()]
+    if waiting:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[DTask[Any] | None] = loop.create_future()
-        count = [remaining]
+        count = [len(waiting)]
 
         def on_done(t: DTask[Any]) -> None:
             if fut.done():
@@ -87,9 +89,8 @@ async def gather(*tasks: DTask[Any], return_exceptions: bool = False) -> list[An
             if count[0] == 0:
                 fut.set_result(None)
 
-        for t in items:
-            if not t.done():
-                t._on_done_in(loop, on_done)
+        for t in waiting:
+            t._on_done_in(loop, on_done)
         failed = await fut
         if failed is not None:
             failed.result()  # raises
@@ -128,7 +129,9 @@ async def wait(
     if not satisfied():
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        left = [sum(1 for t in items if not t.done())]
+        # Every task gets a waiter, done ones included (theirs is delivered at once):
+        # counting only the unfinished ones would race with the cluster's thread.
+        left = [len(items)]
 
         def on_done(t: DTask[Any]) -> None:
             left[0] -= 1
@@ -140,8 +143,7 @@ async def wait(
                 fut.set_result(None)
 
         for t in items:
-            if not t.done():
-                t._on_done_in(loop, on_done)
+            t._on_done_in(loop, on_done)
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:

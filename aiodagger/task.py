@@ -2,9 +2,11 @@
 
 A DTask's bookkeeping (state, dependents, pending count) belongs to the scheduler and
 changes only on the cluster's loop. What other threads and loops may do is register a
-waiter: a callback run once the task is done. Registration appends to a list and then
-re-checks the state, and completion sets the state before it walks the list, so under
-the GIL every waiter is delivered at least once; deliverers are idempotent.
+waiter: a callback run exactly once when the task is done. Completion sets the state,
+then pops waiters off the list one by one; a registering thread appends, re-checks the
+state, and if the task finished meanwhile tries to take its waiter back with
+``list.remove``. Both pop and remove are atomic under the GIL, so exactly one side runs
+each waiter (callers count on that: ``gather`` counts completions).
 
 A DTask is an awaitable, deliberately *not* an asyncio Future: asyncio's helpers
 (``wait_for``, ``gather``, ``wait``, ``as_completed``, ``shield``) wrap it in a Task of
@@ -212,13 +214,17 @@ class DTask(Generic[R]):
 
     # -- waiters -------------------------------------------------------------------------
     def _on_done(self, cb: Callable[[DTask[Any]], None]) -> None:
-        """Run ``cb(self)`` once done, on whichever thread completes it (at least once)."""
+        """Run ``cb(self)`` exactly once when done, on whichever thread completes it."""
         waiters = self._waiters
         if waiters is None or self.done():
             cb(self)
             return
         waiters.append(cb)
-        if self.done():  # completion may have walked the list before our append
+        if self.done():  # completion may already have emptied the list before our append
+            try:
+                waiters.remove(cb)
+            except ValueError:
+                return  # completion popped it and runs it
             cb(self)
 
     def _on_done_in(self, loop: asyncio.AbstractEventLoop, fn: Callable[[DTask[Any]], None]) -> None:
@@ -233,7 +239,14 @@ class DTask(Generic[R]):
         waiters = self._waiters
         self._waiters = None
         if waiters:
-            for cb in waiters:
+            if len(waiters) > 1:
+                waiters.reverse()  # pop() from the end, in registration order
+            pop = waiters.pop
+            while waiters:
+                try:
+                    cb = pop()
+                except IndexError:  # a registering thread took the last one back
+                    break
                 cb(self)
 
     def add_done_callback(self, fn: Callable[[DTask[R]], object], *,
@@ -250,9 +263,13 @@ class DTask(Generic[R]):
         waiters = self._waiters
         if not waiters:
             return 0
-        keep = [w for w in waiters if not (isinstance(w, _UserCallback) and w.fn == fn)]
-        removed = len(waiters) - len(keep)
-        waiters[:] = keep
+        removed = 0
+        for w in [w for w in waiters if isinstance(w, _UserCallback) and w.fn == fn]:
+            try:
+                waiters.remove(w)  # atomic: never races a completion into a double call
+                removed += 1
+            except ValueError:
+                pass
         return removed
 
     def get_loop(self) -> asyncio.AbstractEventLoop:

@@ -169,3 +169,37 @@ async def test_task_wait_does_not_raise(cluster):
     ok = dagger.spawn(sleep_then, 0.01, 1)
     await ok.wait()
     assert ok.done()
+
+
+def test_gather_and_wait_from_another_loop_under_contention():
+    # The cluster runs on its own loop thread (sync `with`); this thread's loop gathers,
+    # so completions race with registrations. A lost wake-up here is a hang.
+    async def rounds(n):
+        for _ in range(n):
+            tasks = [dagger.spawn(inc, i) for i in range(3000)]
+            assert await asyncio.wait_for(dagger.gather(*tasks), 20) == [i + 1 for i in range(3000)]
+            more = [dagger.spawn(inc, i) for i in range(500)]
+            done, pending = await asyncio.wait_for(dagger.wait(more), 20)
+            assert len(done) == 500 and not pending
+
+    with dagger.Cluster(threads=2):
+        asyncio.run(rounds(15))
+
+
+def test_waiters_registered_from_other_threads_run_exactly_once():
+    counts: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def count(t):
+        with lock:
+            counts[t.id] = counts.get(t.id, 0) + 1
+
+    with dagger.Cluster(threads=2):
+        for _ in range(20):
+            tasks = [dagger.spawn(inc, i) for i in range(500)]
+            for t in tasks:  # registered while the tasks complete on the cluster's threads
+                t._on_done(count)
+            for t in tasks:
+                t.fetch(timeout=10)
+    assert len(counts) == 20 * 500
+    assert set(counts.values()) == {1}
