@@ -15,6 +15,8 @@ PEERS: dict[str, str] = {
     "aiodagger": "benchmarks.peers.aiodagger_:AiodaggerPeer",
     "asyncio": "benchmarks.peers.floors:AsyncioPeer",
     "executor": "benchmarks.peers.floors:ExecutorPeer",
+    "dask": "benchmarks.peers.dask_:DaskDistributedPeer",
+    "dask-delayed": "benchmarks.peers.dask_:DaskDelayedPeer",
 }
 
 # The system every ratio is relative to.
