@@ -17,6 +17,7 @@ PEERS: dict[str, str] = {
     "executor": "benchmarks.peers.floors:ExecutorPeer",
     "dask": "benchmarks.peers.dask_:DaskDistributedPeer",
     "dask-delayed": "benchmarks.peers.dask_:DaskDelayedPeer",
+    "ray": "benchmarks.peers.ray_:RayPeer",
 }
 
 # The system every ratio is relative to.
