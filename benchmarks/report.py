@@ -37,6 +37,12 @@ def _us(value: float) -> str:
     return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
 
 
+def _ratio(value: float) -> str:
+    # Two significant decimals where they mean something; none on "500× slower".
+    digits = 2 if value < 10 else 1 if value < 100 else 0
+    return f"{value:,.{digits}f}×"
+
+
 def rows(results: Sequence[Result], reference: str) -> list[list[str]]:
     """One row per result: workload, system, median, ratio, spread, note."""
     refs = {r.workload: r for r in results if r.system == reference}
@@ -53,7 +59,7 @@ def rows(results: Sequence[Result], reference: str) -> list[list[str]]:
                 f"{w.key} {w.title} (per {w.unit})",
                 r.system,
                 _us(median) if median is not None else "—",
-                f"{rat:.2f}×" if rat is not None else "—",
+                _ratio(rat) if rat is not None else "—",
                 spread,
                 r.note,
             ]

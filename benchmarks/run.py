@@ -74,7 +74,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"systems to run (default: all of {','.join(PEERS)})",
     )
     p.add_argument(
-        "--repeat", type=int, default=5, metavar="N", help="timed repeats per figure (default 5)"
+        "--repeat", type=int, default=3, metavar="N", help="timed repeats per figure (default 3)"
     )
     p.add_argument(
         "--timeout",
