@@ -52,7 +52,7 @@ class RayPeer(Peer):
         ray = self._ray
         if ray is None or not ray.is_initialized():
             return
-        self._actor = None  # drop the handle first so the actor exits with the session
+        self._actor = None  # drop the handle first so the actor exits before shutdown
         ray.shutdown()  # same thread as init; bounded by the runner's watchdog
 
     async def w1(self, w: Workload) -> list[int]:
