@@ -1,0 +1,94 @@
+"""What every peer provides, and the helpers peers share."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, TypeVar
+
+from benchmarks.workloads import Workload
+
+T = TypeVar("T")
+
+WorkloadRun = Callable[[Workload], Awaitable[Any]]
+
+
+class Unavailable(Exception):
+    """The peer cannot run at all in this environment; the message becomes the row's note."""
+
+
+class Peer:
+    """One system under comparison.
+
+    ``start`` and ``stop`` run once per benchmark run, not per repeat, so start-up
+    cost (a Ray cluster, a Dask scheduler) stays out of the figures. A workload is
+    a coroutine method named after the workload's key in lower case (``w1``...)
+    that runs it once and returns the result, which the runner checks outside the
+    timed region. ``not_applicable`` says why a peer has no method for a workload.
+    """
+
+    name: ClassVar[str]
+    not_applicable: ClassVar[dict[str, str]] = {}
+
+    async def start(self) -> None:
+        """Import the system and bring it up; raise Unavailable if it cannot be."""
+
+    async def stop(self) -> None:
+        """Shut the system down; must be safe to call after a failed start."""
+
+    def runner(self, workload: Workload) -> WorkloadRun | str:
+        """The bound method that runs ``workload``, or the reason it does not apply."""
+        method = getattr(self, workload.key.lower(), None)
+        if method is None:
+            return self.not_applicable.get(workload.key, "not implemented")
+        return method  # type: ignore[no-any-return]
+
+
+def require(module: str, *, label: str | None = None) -> Any:
+    """Import ``module`` lazily, turning a missing package into Unavailable('not installed')."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        # Only the package itself being absent means 'not installed'; a missing
+        # dependency of an installed package is a broken install worth showing.
+        if exc.name is not None and exc.name.split(".")[0] == module.split(".")[0]:
+            raise Unavailable("not installed") from exc
+        raise Unavailable(f"import failed ({type(exc).__name__}: {exc})") from exc
+    except ImportError as exc:
+        raise Unavailable(f"import failed ({type(exc).__name__}: {exc})") from exc
+
+
+async def run_blocking(fn: Callable[[], T], timeout: float) -> T:
+    """Run a blocking call in a daemon thread and await it with a timeout.
+
+    ``asyncio.to_thread`` is not used because a call that never returns would
+    keep the default executor, and so interpreter exit, waiting forever; a
+    daemon thread is simply abandoned when the timeout fires.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if future.done():  # the awaiting side timed out and moved on
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def target() -> None:
+        try:
+            outcome: tuple[bool, Any] = (True, fn())
+        except BaseException as exc:  # handed to the awaiting side, re-raised there
+            outcome = (False, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is closed: the run gave up on this call long ago
+            pass
+
+    threading.Thread(target=target, name=f"bench-blocking-{fn!r:.40}", daemon=True).start()
+    async with asyncio.timeout(timeout):
+        return await future

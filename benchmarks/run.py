@@ -1,0 +1,259 @@
+"""Run the workloads on aiodagger and its peers in one process and compare them.
+
+    python -m benchmarks.run [--only W1,W2] [--repeat N] [--peers a,b,...] [--markdown PATH]
+
+Each peer is started once, runs every selected workload (one warm-up run, then
+N timed repeats), and is shut down before the next peer starts, so peers never
+compete for the machine. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import faulthandler
+import gc
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import machine, report
+from benchmarks.peers import PEERS, REFERENCE, make_peer
+from benchmarks.peers.base import Peer, Unavailable, WorkloadRun
+from benchmarks.report import Result
+from benchmarks.workloads import WORKLOADS, Workload
+
+log = logging.getLogger("benchmarks")
+
+# Starting Ray takes seconds and more on a busy machine; stopping should not.
+START_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 60.0
+# How much longer than an asyncio timeout the hard watchdog waits. It is for a
+# peer that blocks the event loop itself, where asyncio timeouts cannot fire.
+WATCHDOG_GRACE_S = 60.0
+
+
+def _csv(choices: Sequence[str], what: str) -> Any:
+    def parse(value: str) -> list[str]:
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        lookup = {c.lower(): c for c in choices}
+        unknown = [item for item in items if item.lower() not in lookup]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(unknown) or '(none given)'}; "
+                f"choose from {','.join(choices)}"
+            )
+        wanted = {lookup[item.lower()] for item in items}
+        # Canonical order, whatever the order given: tables from different runs line up.
+        return [c for c in choices if c in wanted]
+
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="Compare aiodagger with its peers on the same workloads, in one run.",
+    )
+    p.add_argument(
+        "--only",
+        type=_csv(list(WORKLOADS), "workload"),
+        default=list(WORKLOADS),
+        metavar="W1,W2",
+        help=f"workloads to run (default: all of {','.join(WORKLOADS)})",
+    )
+    p.add_argument(
+        "--peers",
+        type=_csv(list(PEERS), "peer"),
+        default=list(PEERS),
+        metavar="NAMES",
+        help=f"systems to run (default: all of {','.join(PEERS)})",
+    )
+    p.add_argument(
+        "--repeat", type=int, default=3, metavar="N", help="timed repeats per figure (default 3)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="seconds one run of one workload may take before the peer is given up (default 120)",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="multiply every workload's task count by X, for quick runs (default 1)",
+    )
+    p.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop every system runs on (default asyncio)",
+    )
+    p.add_argument("--markdown", type=Path, metavar="PATH", help="write the results section here")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each repeat and tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    if args.timeout <= 0 or args.scale <= 0:
+        p.error("--timeout and --scale must be positive")
+    return args
+
+
+def _scaled(keys: Sequence[str], scale: float) -> list[Workload]:
+    return [
+        dataclasses.replace(WORKLOADS[k], n=max(1, round(WORKLOADS[k].n * scale))) for k in keys
+    ]
+
+
+class _Watchdog:
+    """Kill the process, with every thread's traceback, if a step overruns badly."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __enter__(self) -> None:
+        faulthandler.dump_traceback_later(self.seconds, exit=True)
+
+    def __exit__(self, *exc: object) -> None:
+        faulthandler.cancel_dump_traceback_later()
+
+
+async def measure(
+    system: str, run: WorkloadRun, w: Workload, repeat: int, timeout: float
+) -> tuple[Result, bool]:
+    """Warm up once, time ``repeat`` runs; returns the result and whether the peer is still usable."""
+    result = Result(w.key, system)
+    expected = w.expected(w.n)
+    for i in range(repeat + 1):
+        # Collect the previous run's garbage now, so it is not charged to this run.
+        gc.collect()
+        what = "warm-up" if i == 0 else f"repeat {i}/{repeat}"
+        try:
+            with _Watchdog(timeout + WATCHDOG_GRACE_S):
+                t0 = time.perf_counter()
+                async with asyncio.timeout(timeout):
+                    value = await run(w)
+                elapsed = time.perf_counter() - t0
+        except TimeoutError:
+            result.note = f"timed out after {timeout:g} s ({what})"
+            return result, False
+        except Exception as exc:
+            log.debug("%s %s failed", system, w.key, exc_info=True)
+            result.note = f"error in {what} ({type(exc).__name__}: {exc})"
+            return result, True
+        if value != expected:
+            result.note = f"wrong result in {what}"
+            return result, True
+        if i > 0:
+            result.samples_us.append(elapsed / w.n * 1e6)
+        log.debug("%s %s %s: %.1f µs/%s", w.key, system, what, elapsed / w.n * 1e6, w.unit)
+    log.info("%s %-13s %10.1f µs/%s", w.key, system, result.median_us or 0.0, w.unit)
+    return result, True
+
+
+async def bench_peer(
+    name: str, workloads: Sequence[Workload], repeat: int, timeout: float
+) -> list[Result]:
+    """Start ``name`` once, run every workload on it, stop it."""
+    peer: Peer = make_peer(name)
+    note = ""
+    try:
+        with _Watchdog(START_TIMEOUT_S + WATCHDOG_GRACE_S):
+            async with asyncio.timeout(START_TIMEOUT_S):
+                await peer.start()
+    except Unavailable as exc:
+        note = str(exc)
+    except TimeoutError:
+        note = f"start timed out after {START_TIMEOUT_S:g} s"
+    except Exception as exc:
+        log.debug("%s failed to start", name, exc_info=True)
+        note = f"start failed ({type(exc).__name__}: {exc})"
+    results: list[Result] = []
+    try:
+        if note:
+            # Said at once, not only in the table: a long run should not hide it.
+            print(f"{name}: {note}", flush=True)
+            return [Result(w.key, name, note=note) for w in workloads]
+        usable = True
+        for w in workloads:
+            run = peer.runner(w)
+            if isinstance(run, str):
+                results.append(Result(w.key, name, note=run))
+            elif not usable:
+                # Work from the timed-out run may still be in flight and would skew this one.
+                results.append(Result(w.key, name, note="skipped (an earlier run timed out)"))
+            else:
+                result, usable = await measure(name, run, w, repeat, timeout)
+                results.append(result)
+        return results
+    finally:
+        await _stop(name, peer)
+        gc.collect()
+
+
+async def _stop(name: str, peer: Peer) -> None:
+    try:
+        with _Watchdog(STOP_TIMEOUT_S + WATCHDOG_GRACE_S):
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                await peer.stop()
+    except Exception as exc:  # a peer that stops badly must not cost the other rows
+        log.warning("%s did not stop cleanly: %s: %s", name, type(exc).__name__, exc)
+
+
+async def bench(args: argparse.Namespace) -> list[Result]:
+    workloads = _scaled(args.only, args.scale)
+    results: list[Result] = []
+    for name in args.peers:
+        log.info("%s: starting", name)
+        results += await bench_peer(name, workloads, args.repeat, args.timeout)
+    # Table order: by workload, then system.
+    order = {w.key: i for i, w in enumerate(workloads)}
+    return sorted(results, key=lambda r: order[r.workload])
+
+
+def _run_loop(args: argparse.Namespace) -> list[Result]:
+    if args.loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            sys.exit("--loop uvloop: uvloop is not installed")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(bench(args))
+    return asyncio.run(bench(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(message)s", level=logging.WARNING, stream=sys.stderr)
+    log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+
+    command = machine.command_line()
+    results = _run_loop(args)
+    info = machine.describe(args.loop)
+    if args.scale != 1.0:
+        info["Scale"] = f"task counts × {args.scale:g}"
+
+    print()
+    print(f"Command: {command}")
+    for label, value in info.items():
+        print(f"{label + ':':<12} {value}")
+    print()
+    print(report.text_table(results, args.repeat, REFERENCE))
+
+    if args.markdown is not None:
+        section = report.markdown_section(results, args.repeat, REFERENCE, command, info)
+        report.write_markdown(args.markdown, section)
+        print(f"\nWrote {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
