@@ -150,3 +150,10 @@ async def test_cancel_on_exit_of_async_task(cluster):
     await asyncio.sleep(0)
     assert t.state == "running"
     t.cancel()
+
+
+async def test_exit_right_after_spawning_coroutines_does_not_hang():
+    async with dagger.Cluster(threads=1) as c:
+        tasks = [dagger.spawn(asleep_forever) for _ in range(100)]  # created, never started
+    assert all(t.cancelled() for t in tasks)
+    assert c.state == "closed"

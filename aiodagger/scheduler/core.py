@@ -136,6 +136,11 @@ class Scheduler:
             self._fail(task, err, annotate=False)
         return fits
 
+    @property
+    def _local_worker(self) -> LocalWorker:
+        assert self.local is not None
+        return self.local
+
     def describe_processors(self) -> str:
         assert self.local is not None
         return self.local.describe()
@@ -288,7 +293,7 @@ class Scheduler:
                 )
             handle = t._handle
             if handle is not None:
-                handle.cancel()
+                self._local_worker.async_proc.cancel(handle)
             self._release(t)
             if t._dependents:
                 stack.extend(t._dependents)
@@ -325,8 +330,8 @@ class Scheduler:
         if task.done() or task._attempts != attempt:
             return
         handle = task._handle
-        if handle is not None:
-            handle.cancel()  # a coroutine stops; a thread cannot be stopped, its result is dropped
+        if handle is not None:  # a coroutine stops; a thread cannot be stopped, its result is dropped
+            self._local_worker.async_proc.cancel(handle)
             task._handle = None
         self._failed_run(task, TaskTimeoutError(
             f"{task._describe()} did not finish within its timeout of {task._opts.timeout} s"
@@ -360,7 +365,7 @@ class Scheduler:
     def _release(self, task: DTask[Any]) -> None:
         """Drop what a done task no longer needs, so its inputs can be freed."""
         self._live.discard(task)
-        task._fn = task._args = task._kwargs = task._deps = None
+        task._fn = task._args = task._kwargs = task._deps = task._handle = None
         if task._timer is not None:
             task._timer.cancel()
             task._timer = None

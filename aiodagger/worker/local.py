@@ -75,5 +75,5 @@ class LocalWorker:
             memory_limit=self.memory_limit,
             spilled_bytes=0,
             spill_errors=0,
-            tasks_running=self.thread_proc.queued + len(self.async_proc.running),
+            tasks_running=self.thread_proc.queued + self.async_proc.running,
         )
