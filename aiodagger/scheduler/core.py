@@ -24,6 +24,7 @@ from .._args import find_dependencies
 from ..errors import NoProcessorError, TaskCancelledError, TaskTimeoutError, UpstreamError
 from ..options import ANY_SCOPE, TaskOptions
 from ..task import CANCELLED, FAILED, FINISHED, PENDING, READY, RUNNING, DTask
+from .events import Instrument
 from .placement import RuntimeEstimates, function_key
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class Scheduler:
         self._inbox: deque[DTask[Any]] = deque()
         self._inbox_pending = False
         self._live: set[DTask[Any]] = set()  # registered and not done
+        self.instruments: list[Instrument] = []
 
     # -- spawning (any thread) -----------------------------------------------------------
     def spawn(self, opts: TaskOptions, fn: Any, args: tuple[Any, ...],
@@ -117,6 +119,9 @@ class Scheduler:
                     dep._dependents.append(task)
                 pending += 1
         task._npending = pending
+        if self.instruments:
+            for instrument in self.instruments:
+                instrument.task_spawned(task, list(deps or ()))
         if pending == 0:
             self._make_ready(task)
 
@@ -182,10 +187,15 @@ class Scheduler:
             proc.submit(task)
 
     # -- completion (loop) ---------------------------------------------------------------
-    def complete(self, task: DTask[Any], attempt: int, ok: bool, value: Any, seconds: float) -> None:
-        """A processor reports one run of ``task``."""
-        if seconds:
+    def complete(self, task: DTask[Any], attempt: int, ok: bool, value: Any,
+                 start: float, seconds: float, proc: Any) -> None:
+        """``proc`` reports one run of ``task`` that began at ``start`` (perf_counter)."""
+        if seconds and proc.kind == "thread":
+            # Coroutines overlap on the loop: their wall time says nothing of their cost.
             self.runtimes.observe(task._fnkey, seconds)
+        if self.instruments and start:
+            for instrument in self.instruments:
+                instrument.task_ran(task, proc.worker_id, repr(proc), start, start + seconds, ok)
         if task._cancelled or task._attempts != attempt or task._state is FINISHED or task._state is FAILED:
             return  # cancelled, timed out, or a stale attempt: nobody waits for this run
         if ok:
@@ -366,6 +376,9 @@ class Scheduler:
         """Drop what a done task no longer needs, so its inputs can be freed."""
         self._live.discard(task)
         task._fn = task._args = task._kwargs = task._deps = task._handle = None
+        if self.instruments:
+            for instrument in self.instruments:
+                instrument.task_done(task)
         if task._timer is not None:
             task._timer.cancel()
             task._timer = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import Coroutine
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from ..task import DTask
@@ -44,6 +45,7 @@ class AsyncProc:
         task._handle = self._loop.create_task(self._run(task, task._attempts, coro), context=self._context)
 
     async def _run(self, task: DTask[Any], attempt: int, coro: Coroutine[Any, Any, Any] | None) -> None:
+        start = perf_counter()
         try:
             if coro is None:
                 if task._resolve or task._opts.restore is not None or task._opts.checkpoint is not None:
@@ -60,9 +62,7 @@ class AsyncProc:
         self.running -= 1
         if self._idle is not None and self.running == 0 and not self._idle.done():
             self._idle.set_result(None)
-        # Run times of coroutines are not learned: they overlap on the loop, so their
-        # wall time says nothing about the cost of placing one more.
-        self._sched.complete(task, attempt, ok, value, 0.0)
+        self._sched.complete(task, attempt, ok, value, start, perf_counter() - start, self)
 
     def cancel(self, handle: asyncio.Task[None]) -> None:
         """Cancel a task's coroutine. A wrapper cancelled before its first step never

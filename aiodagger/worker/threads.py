@@ -44,8 +44,8 @@ QUEUE_HORIZON_S = 2e-3
 
 _local = threading.local()
 
-# A completion record: (task, attempt, ok, value, seconds, dispatched)
-Record = tuple[DTask[Any], int, bool, Any, float, bool]
+# A completion record: (task, attempt, ok, value, start, seconds, dispatched)
+Record = tuple[DTask[Any], int, bool, Any, float, float, bool]
 
 
 def current_pool() -> ThreadProc | None:
@@ -104,11 +104,11 @@ class ThreadProc:
         done = self._done
         complete = self._sched.complete
         while done:
-            task, attempt, ok, value, seconds, dispatched = done.popleft()
+            task, attempt, ok, value, start, seconds, dispatched = done.popleft()
             if dispatched:
                 self.queued -= 1
                 self.backlog_s = self.backlog_s - task._est if self.queued else 0.0
-            complete(task, attempt, ok, value, seconds)
+            complete(task, attempt, ok, value, start, seconds, self)
         self._sched.request_flush()
 
     async def close(self, timeout: float) -> bool:
@@ -170,7 +170,7 @@ class ThreadProc:
         while task is not None:
             attempt = task._attempts
             if task._cancelled:
-                self._post((task, attempt, False, None, 0.0, dispatched))
+                self._post((task, attempt, False, None, 0.0, 0.0, dispatched))
                 return
             start = perf_counter()
             try:
@@ -183,7 +183,7 @@ class ThreadProc:
             if ok:
                 task._value = value  # published before the dependent reads it below
                 follow = _claim_continuation(task)
-            self._post((task, attempt, ok, value, seconds, dispatched))
+            self._post((task, attempt, ok, value, start, seconds, dispatched))
             dispatched = False
             task = follow
 

@@ -1,0 +1,1 @@
+"""The wire: serialization, framing, handshake (internal)."""
