@@ -1,0 +1,351 @@
+"""Frames on a byte stream: a msgpack header plus zero or more raw buffers.
+
+On the wire, one frame is::
+
+    prefix   "!2sHI": magic b"AG", number of buffers, header length      (8 bytes)
+    lengths  "!Q" per buffer                                              (8 bytes each)
+    header   msgpack, header length bytes
+    buffers  raw bytes, back to back
+
+Reading uses ``asyncio.BufferedProtocol``: small parts are parsed out of one staging
+buffer (many small frames per ``recv``), and a large buffer is allocated once at its
+full size and the socket reads straight into it, never by concatenating ``bytes``.
+Writing hands the prefix, the header and each buffer to the transport without joining
+them; a large buffer goes out in slices, waiting for the transport to drain between
+slices, so at most one slice is ever copied into the transport's own buffer.
+
+Anything malformed (bad magic, absurd lengths, a header that is not msgpack or not a
+map) raises ``ProtocolError``: the connection is closed, the rest of the cluster runs on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+
+from ..errors import ProtocolError
+
+__all__ = ["DEFAULT_MAX_FRAME", "Comm", "FrameParser", "encode_frame"]
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"AG"
+PREFIX = struct.Struct("!2sHI")
+LENGTH = struct.Struct("!Q")
+DEFAULT_MAX_FRAME = 4 << 30  # 4 GiB of buffers in one frame
+MAX_HEADER = 64 << 20
+MAX_BUFFERS = 4096
+STAGING_SIZE = 256 << 10
+# Buffers at least this large are read in place into their own allocation.
+DIRECT_READ = 64 << 10
+WRITE_SLICE = 4 << 20
+HIGH_WATER = 16 << 20
+LOW_WATER = 4 << 20
+
+Frame = tuple[dict[str, Any], list[bytearray]]
+
+
+def encode_frame(header: dict[str, Any], buffers: Sequence[Any] = ()) -> list[Any]:
+    """The parts of one frame, in order, ready for ``writelines`` (buffers are not copied)."""
+    head = msgpack.packb(header, use_bin_type=True)
+    views = [b if isinstance(b, memoryview) else memoryview(b) for b in buffers]
+    lengths = [v.nbytes for v in views]
+    prefix = PREFIX.pack(MAGIC, len(views), len(head))
+    if lengths:
+        prefix += struct.pack(f"!{len(lengths)}Q", *lengths)
+    return [prefix, head, *views]
+
+
+class FrameParser:
+    """Incremental frame decoder, independent of any transport (the fuzz tests drive it).
+
+    ``get_buffer()`` says where the next bytes should be written; ``advance(n)`` says how
+    many were; complete frames pile up in ``frames``.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, max_header: int = MAX_HEADER,
+                 max_buffers: int = MAX_BUFFERS) -> None:
+        self.max_frame = max_frame
+        self.max_header = max_header
+        self.max_buffers = max_buffers
+        self.frames: collections.deque[Frame] = collections.deque()
+        self.bytes_received = 0
+        self._staging = bytearray(STAGING_SIZE)
+        self._view = memoryview(self._staging)
+        self._start = 0
+        self._end = 0
+        # frame in progress
+        self._nbuf = -1
+        self._hlen = 0
+        self._lengths: list[int] | None = None
+        self._header: dict[str, Any] | None = None
+        self._buffers: list[bytearray] = []
+        # direct read target
+        self._target: memoryview | None = None
+        self._filled = 0
+
+    def get_buffer(self) -> memoryview:
+        if self._target is not None:
+            return self._target[self._filled:]
+        if self._end == len(self._staging):
+            self._compact()
+            if self._end == len(self._staging):
+                self._grow()  # one part (a big header) is larger than the staging area
+        return self._view[self._end:]
+
+    def advance(self, nbytes: int) -> None:
+        self.bytes_received += nbytes
+        if self._target is not None:
+            self._filled += nbytes
+            if self._filled < len(self._target):
+                return
+            self._target = None
+        else:
+            self._end += nbytes
+        self._parse()
+
+    def _compact(self) -> None:
+        """Move unparsed bytes to the front (no resize: a reader may hold a view)."""
+        pending = self._end - self._start
+        if self._start:
+            self._staging[:pending] = self._staging[self._start:self._end]
+            self._start, self._end = 0, pending
+
+    def _grow(self) -> None:
+        """Double the staging area; only from get_buffer(), when no view is out."""
+        self._view.release()
+        self._staging.extend(bytes(len(self._staging)))
+        self._view = memoryview(self._staging)
+
+    def _available(self) -> int:
+        return self._end - self._start
+
+    def _take(self, n: int) -> memoryview:
+        part = self._view[self._start:self._start + n]
+        self._start += n
+        return part
+
+    def _parse(self) -> None:
+        while True:
+            if self._nbuf < 0:
+                if self._available() < PREFIX.size:
+                    return
+                magic, nbuf, hlen = PREFIX.unpack(self._take(PREFIX.size))
+                if magic != MAGIC:
+                    raise ProtocolError(f"bad frame magic {bytes(magic)!r}: not an aiodagger peer")
+                if nbuf > self.max_buffers:
+                    raise ProtocolError(f"frame announces {nbuf} buffers, more than {self.max_buffers}")
+                if hlen > self.max_header:
+                    raise ProtocolError(f"frame header of {hlen} bytes exceeds the {self.max_header}-byte limit")
+                self._nbuf, self._hlen = nbuf, hlen
+            if self._lengths is None:
+                need = self._nbuf * LENGTH.size
+                if self._available() < need:
+                    return
+                lengths = list(struct.unpack(f"!{self._nbuf}Q", self._take(need))) if need else []
+                if sum(lengths) > self.max_frame:
+                    raise ProtocolError(
+                        f"frame of {sum(lengths)} bytes exceeds the {self.max_frame}-byte limit")
+                self._lengths = lengths
+            if self._header is None:
+                if self._available() < self._hlen:
+                    if self._hlen > len(self._staging) - self._start:
+                        self._compact()
+                    return
+                self._header = _decode_header(self._take(self._hlen))
+            while len(self._buffers) < self._nbuf:
+                size = self._lengths[len(self._buffers)]
+                buf = bytearray(size)
+                have = min(size, self._available())
+                if have:
+                    buf[:have] = self._take(have)
+                self._buffers.append(buf)
+                if have < size:
+                    if size - have >= DIRECT_READ:
+                        self._target = memoryview(buf)
+                        self._filled = have
+                        return
+                    # a small remainder: gather it through staging like the rest
+                    self._buffers.pop()
+                    self._start -= have
+                    if size > len(self._staging) - self._start:
+                        self._compact()
+                    return
+            self.frames.append((self._header, self._buffers))
+            self._nbuf, self._lengths, self._header, self._buffers = -1, None, None, []
+            if self._start == self._end:
+                self._start = self._end = 0
+
+
+def _decode_header(raw: memoryview) -> dict[str, Any]:
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"frame header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("op"), str):
+        raise ProtocolError(f"frame header must be a map with a string 'op', got {type(header).__name__}")
+    return header
+
+
+class _FrameProtocol(asyncio.BufferedProtocol):
+    def __init__(self, comm: Comm) -> None:
+        self._comm = comm
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._comm._connection_made(transport)  # type: ignore[arg-type]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._comm.parser.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        comm = self._comm
+        try:
+            comm.parser.advance(nbytes)
+        except ProtocolError as exc:
+            comm._abort(exc)
+            return
+        if comm.parser.frames:
+            comm._wake_reader()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._comm._connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._comm._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._comm._writable.set()
+
+
+class Comm:
+    """One connection carrying frames both ways."""
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, name: str = "") -> None:
+        self.parser = FrameParser(max_frame)
+        self.name = name
+        self.transport: asyncio.Transport | None = None
+        self.peer: str = "?"
+        self.bytes_sent = 0
+        self._closed = False
+        self._error: BaseException | None = None
+        self._reader: asyncio.Future[None] | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._send_lock = asyncio.Lock()
+        self.closed_event = asyncio.Event()
+
+    def protocol(self) -> asyncio.BufferedProtocol:
+        return _FrameProtocol(self)
+
+    # -- transport callbacks -------------------------------------------------------------
+    def _connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+    def _connection_lost(self, exc: BaseException | None) -> None:
+        self._closed = True
+        if self._error is None:
+            self._error = exc or ConnectionResetError(f"connection to {self.peer} closed")
+        self._writable.set()
+        self._wake_reader()
+        self.closed_event.set()
+
+    def _abort(self, exc: ProtocolError) -> None:
+        logger.warning("closing connection from %s: %s", self.peer, exc)
+        self._error = exc
+        self._closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        reader = self._reader
+        if reader is not None and not reader.done():
+            reader.set_result(None)
+
+    # -- API -----------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def recv(self) -> Frame:
+        """The next frame; raises ``ProtocolError`` or ``ConnectionError`` once the connection is gone."""
+        frames = self.parser.frames
+        while not frames:
+            if self._closed:
+                assert self._error is not None
+                raise self._error
+            self._reader = asyncio.get_running_loop().create_future()
+            try:
+                await self._reader
+            finally:
+                self._reader = None
+        return frames.popleft()
+
+    def recv_nowait(self) -> Frame | None:
+        return self.parser.frames.popleft() if self.parser.frames else None
+
+    def send_nowait(self, header: dict[str, Any], buffers: Sequence[Any] = ()) -> None:
+        """Queue a small frame without waiting for the transport to drain."""
+        if self._closed or self.transport is None:
+            raise ConnectionResetError(f"connection to {self.peer} is closed")
+        parts = encode_frame(header, buffers)
+        self.bytes_sent += sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+        self.transport.writelines(parts)
+
+    async def send(self, header: dict[str, Any], buffers: Sequence[Any] = ()) -> None:
+        """Send one frame; large buffers go out in slices as the transport drains."""
+        async with self._send_lock:
+            if self._closed or self.transport is None:
+                raise ConnectionResetError(f"connection to {self.peer} is closed")
+            parts = encode_frame(header, buffers)
+            transport = self.transport
+            for part in parts:
+                size = len(part) if isinstance(part, bytes) else part.nbytes
+                self.bytes_sent += size
+                if size <= WRITE_SLICE:
+                    transport.write(part)
+                else:
+                    view = part if isinstance(part, memoryview) else memoryview(part)
+                    for offset in range(0, size, WRITE_SLICE):
+                        await self._writable.wait()
+                        if self._closed:
+                            raise ConnectionResetError(f"connection to {self.peer} closed while sending")
+                        transport.write(view[offset:offset + WRITE_SLICE])
+            await self._writable.wait()
+            if self._closed:
+                raise ConnectionResetError(f"connection to {self.peer} closed while sending")
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        self._closed = True
+        self._wake_reader()
+
+    async def wait_closed(self) -> None:
+        if self.transport is not None:
+            await self.closed_event.wait()
+
+
+async def open_comm(host: str, port: int, *, ssl: Any = None, max_frame: int = DEFAULT_MAX_FRAME,
+                    timeout: float = 10.0, server_hostname: str | None = None) -> Comm:
+    """Connect to ``host:port`` and return the Comm (before any handshake)."""
+    loop = asyncio.get_running_loop()
+    comm = Comm(max_frame)
+    kwargs: dict[str, Any] = {}
+    if ssl is not None:
+        kwargs["ssl"] = ssl
+        kwargs["server_hostname"] = server_hostname or host
+    await asyncio.wait_for(loop.create_connection(comm.protocol, host, port, **kwargs), timeout)
+    return comm

@@ -1,0 +1,161 @@
+"""The wire: frames, out-of-band buffers, the handshake, and what bad peers get."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import numpy as np
+import pytest
+
+from aiodagger.comm.framing import FrameParser, encode_frame, open_comm
+from aiodagger.comm.handshake import client_handshake, new_token
+from aiodagger.comm.serialize import dumps, loads
+from aiodagger.comm.server import Listener, is_loopback, parse_address
+from aiodagger.errors import AuthenticationError, ProtocolError
+
+
+async def _echo_listener(token):
+    async def echo(comm, info):
+        while True:
+            header, buffers = await comm.recv()
+            await comm.send({"op": "echo", "info": info, "n": header.get("n")}, buffers)
+
+    listener = Listener(echo, token)
+    await listener.start("127.0.0.1", 0)
+    return listener
+
+
+async def _client(listener, token, info=None):
+    comm = await open_comm("127.0.0.1", listener.port)
+    await client_handshake(comm, token, info or {"who": "test"})
+    return comm
+
+
+async def test_frames_round_trip_with_large_buffer():
+    token = new_token()
+    listener = await _echo_listener(token)
+    try:
+        comm = await _client(listener, token)
+        array = np.arange(3_000_000, dtype=np.float64)  # 24 MB: read in place, sent in slices
+        payload, buffers = dumps({"x": array, "small": [1, 2]})
+        assert len(buffers) == 1 and buffers[0].nbytes == array.nbytes  # not inside the pickle
+        for n in range(3):
+            await comm.send({"op": "data", "n": n}, [payload, *buffers])
+        for n in range(3):
+            header, got = await asyncio.wait_for(comm.recv(), 10)
+            assert header == {"op": "echo", "info": {"who": "test"}, "n": n}
+            obj = loads(got[0], got[1:])
+            assert np.array_equal(obj["x"], array) and obj["small"] == [1, 2]
+        comm.close()
+    finally:
+        await listener.close()
+
+
+async def test_many_small_frames_in_one_read():
+    token = new_token()
+    listener = await _echo_listener(token)
+    try:
+        comm = await _client(listener, token)
+        for n in range(2000):
+            comm.send_nowait({"op": "tiny", "n": n})
+        got = [(await asyncio.wait_for(comm.recv(), 10))[0]["n"] for _ in range(2000)]
+        assert got == list(range(2000))
+        comm.close()
+    finally:
+        await listener.close()
+
+
+async def test_wrong_token_is_rejected_and_listener_survives():
+    token = new_token()
+    listener = await _echo_listener(token)
+    try:
+        bad = await open_comm("127.0.0.1", listener.port)
+        with pytest.raises(AuthenticationError):
+            await client_handshake(bad, "not-the-token", {})
+        bad.close()
+        good = await _client(listener, token)
+        await good.send({"op": "ping", "n": 1})
+        assert (await asyncio.wait_for(good.recv(), 5))[0]["n"] == 1
+        good.close()
+        assert listener.rejected == 1
+    finally:
+        await listener.close()
+
+
+@pytest.mark.parametrize("garbage", [
+    b"GET / HTTP/1.1\r\n\r\n",
+    struct.pack("!2sHI", b"AG", 0, 0xFFFFFFFF),  # absurd header length
+    struct.pack("!2sHI", b"AG", 60000, 4),  # absurd buffer count
+    struct.pack("!2sHI", b"AG", 0, 3) + b"\xc1\xc1\xc1",  # not msgpack
+])
+async def test_garbage_closes_only_that_connection(garbage):
+    token = new_token()
+    listener = await _echo_listener(token)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(garbage)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the listener
+        writer.close()
+        await writer.wait_closed()
+        good = await _client(listener, token)
+        await good.send({"op": "ping", "n": 2})
+        assert (await asyncio.wait_for(good.recv(), 5))[0]["n"] == 2
+        good.close()
+    finally:
+        await listener.close()
+
+
+async def test_pickle_before_authentication_is_never_loaded(tmp_path):
+    canary = tmp_path / "canary"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(canary), "w"))
+
+    token = new_token()
+    listener = await _echo_listener(token)
+    try:
+        payload, buffers = dumps(Evil())
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        for part in encode_frame({"op": "hello", "version": 1, "nonce": b"x" * 32}, [payload]):
+            writer.write(bytes(part))
+        await writer.drain()
+        await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        await writer.wait_closed()
+        assert not canary.exists()
+    finally:
+        await listener.close()
+
+
+def test_parser_rejects_oversized_frame():
+    parser = FrameParser(max_frame=1000)
+    frame = b"".join(bytes(p) for p in encode_frame({"op": "x"}, [b"a" * 2000]))
+    buf = parser.get_buffer()
+    buf[:len(frame)] = frame
+    with pytest.raises(ProtocolError, match="exceeds"):
+        parser.advance(len(frame))
+
+
+def test_parser_handles_byte_by_byte_delivery():
+    parser = FrameParser()
+    frames = b"".join(bytes(p) for n in range(3)
+                      for p in encode_frame({"op": "x", "n": n}, [bytes(range(n * 50))] * n))
+    for byte in frames:
+        parser.get_buffer()[0] = byte
+        parser.advance(1)
+    got = list(parser.frames)
+    assert [h["n"] for h, _ in got] == [0, 1, 2]
+    assert [bytes(b) for b in got[2][1]] == [bytes(range(100))] * 2
+
+
+def test_addresses():
+    assert parse_address("tcp://10.0.0.1:8786") == ("10.0.0.1", 8786)
+    assert parse_address("[::1]:80") == ("::1", 80)
+    with pytest.raises(ValueError):
+        parse_address("tcp://host")
+    with pytest.raises(ValueError):
+        parse_address("udp://host:1")
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
