@@ -1,0 +1,183 @@
+"""How tasks, results and errors travel between the scheduler and workers.
+
+* Arguments are pickled once per task with pickle protocol 5: DTasks and Chunks
+  inside them become persistent references (their task/chunk id), and the worker
+  substitutes the values it holds or fetched when it unpickles. Large buffers (numpy
+  data) stay out of band. The stdlib C pickler is tried first (fast); cloudpickle
+  takes over for lambdas, closures and notebook code.
+* Functions are pickled (cloudpickle) once per function object and sent to a worker
+  once; later tasks name them by content hash.
+* A failure travels as its own exception, pickled with its traceback (tblib), so the
+  caller re-raises the original type with the remote frames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+from tblib import pickling_support
+
+from ..errors import SerializationError
+from ..task import Chunk, DTask
+
+__all__ = [
+    "FunctionCache",
+    "dumps_args",
+    "dumps_error",
+    "loads_args",
+    "loads_error",
+    "dumps_value",
+    "loads_value",
+]
+
+Buffers = list[memoryview]
+
+
+class _RefPickler(pickle.Pickler):
+    def persistent_id(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind is DTask or kind is Chunk:
+            return obj.id
+        return None
+
+
+class _CloudRefPickler(cloudpickle.Pickler):
+    def persistent_id(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind is DTask or kind is Chunk:
+            return obj.id
+        return None
+
+
+def _dump(pickler_cls: type, obj: Any) -> tuple[bytes, Buffers]:
+    out = io.BytesIO()
+    buffers: list[pickle.PickleBuffer] = []
+    pickler_cls(out, protocol=5, buffer_callback=buffers.append).dump(obj)
+    return out.getvalue(), [b.raw() for b in buffers]
+
+
+def dumps_args(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, Buffers]:
+    """Pickle a task's arguments; a failure names the argument that could not be pickled."""
+    obj = (args, kwargs)
+    try:
+        return _dump(_RefPickler, obj)
+    except Exception:  # noqa: BLE001 - lambdas, closures, local classes: cloudpickle's job
+        pass
+    try:
+        return _dump(_CloudRefPickler, obj)
+    except Exception as exc:
+        raise SerializationError(_which_argument(task_name, args, kwargs, exc)) from exc
+
+
+def _which_argument(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception) -> str:
+    named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"keyword argument {k!r}", v)
+                                                                    for k, v in kwargs.items()]
+    for label, value in named:
+        try:
+            _dump(_CloudRefPickler, value)
+        except Exception as inner:  # noqa: BLE001
+            path = _attribute_path(value)
+            where = f" (at {path})" if path else ""
+            return (f"{label} of task {task_name!r} cannot be sent to a worker: {inner}{where}. "
+                    "Create such objects inside the task, or pass what is needed to build them")
+    return f"the arguments of task {task_name!r} cannot be sent to a worker: {exc}"
+
+
+def _attribute_path(value: Any, path: str = "", depth: int = 0) -> str:
+    """Find the attribute/item path to the first part of ``value`` that fails to pickle."""
+    if depth > 4:
+        return path
+    children: list[tuple[str, Any]] = []
+    if isinstance(value, dict):
+        children = [(f"{path}[{k!r}]", v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)):
+        children = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    elif hasattr(value, "__dict__"):
+        children = [(f"{path}.{k}", v) for k, v in vars(value).items()]
+    for child_path, child in children:
+        try:
+            cloudpickle.dumps(child)
+        except Exception:  # noqa: BLE001
+            return _attribute_path(child, child_path, depth + 1)
+    return path
+
+
+class _RefUnpickler(pickle.Unpickler):
+    def __init__(self, data: Any, buffers: Any, resolve: Callable[[int], Any]) -> None:
+        super().__init__(io.BytesIO(data), buffers=buffers)
+        self._resolve = resolve
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self._resolve(pid)
+
+
+def loads_args(payload: Any, buffers: Any, resolve: Callable[[int], Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Unpickle arguments, replacing each task/chunk reference by ``resolve(id)``."""
+    args, kwargs = _RefUnpickler(payload, buffers, resolve).load()
+    return args, kwargs
+
+
+def dumps_value(value: Any) -> tuple[bytes, Buffers]:
+    try:
+        return _dump(pickle.Pickler, value)
+    except Exception:  # noqa: BLE001
+        return _dump(cloudpickle.Pickler, value)
+
+
+def loads_value(payload: Any, buffers: Any = ()) -> Any:
+    return pickle.loads(payload, buffers=buffers)
+
+
+def dumps_error(exc: BaseException) -> bytes:
+    """Pickle an exception with its traceback; an unpicklable one becomes a RuntimeError."""
+    pickling_support.install(exc)
+    try:
+        return cloudpickle.dumps(exc)
+    except Exception:  # noqa: BLE001 - the error itself may hold unpicklable state
+        substitute = RuntimeError(f"{type(exc).__qualname__}: {exc}")
+        substitute.add_note(f"aiodagger: the original {type(exc).__qualname__} could not be pickled, "
+                            "so it is reported as a RuntimeError")
+        substitute.__traceback__ = exc.__traceback__
+        pickling_support.install(substitute)
+        try:
+            return cloudpickle.dumps(substitute)
+        except Exception:  # noqa: BLE001
+            return cloudpickle.dumps(RuntimeError(f"{type(exc).__qualname__}: {exc}"))
+
+
+def loads_error(payload: Any) -> BaseException:
+    exc = pickle.loads(payload)
+    if not isinstance(exc, BaseException):
+        raise SerializationError(f"a worker reported a failure that is not an exception: {exc!r}")
+    return exc
+
+
+class FunctionCache:
+    """Pickled functions by object (scheduler side): pickle once, name by content hash."""
+
+    _MAX = 1024
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[Any, bytes, bytes]] = {}
+
+    def get(self, fn: Any) -> tuple[bytes, bytes]:
+        """(hash, pickled function) for ``fn``."""
+        entry = self._by_id.get(id(fn))
+        if entry is not None and entry[0] is fn:
+            return entry[1], entry[2]
+        try:
+            data = cloudpickle.dumps(fn)
+        except Exception as exc:
+            name = getattr(fn, "__qualname__", repr(fn))
+            raise SerializationError(f"function {name} cannot be sent to a worker: {exc}") from exc
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        if len(self._by_id) >= self._MAX:
+            self._by_id.clear()
+        # the entry keeps fn alive, so id(fn) cannot be reused by another object meanwhile
+        self._by_id[id(fn)] = (fn, digest, data)
+        return digest, data
