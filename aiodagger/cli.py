@@ -17,6 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--size", type=int, default=1024, help="matrix size of the blocked product (default 1024)")
     demo.add_argument("--block", type=int, default=256, help="block size (default 256)")
     demo.add_argument("--requests", type=int, default=200, help="simulated downloads (default 200)")
+    worker = sub.add_parser("worker", help="join a cluster: aiodagger worker tcp://HOST:PORT --token-file F")
+    from .worker.cli import add_worker_arguments
+
+    add_worker_arguments(worker)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -36,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.size % args.block:
             parser.error(f"--size {args.size} must be a multiple of --block {args.block}")
         return 0 if asyncio.run(run_demo(args.size, args.block, args.requests)) else 1
+    if args.command == "worker":
+        from .worker.cli import run_worker
+
+        return run_worker(args)
     return 2  # pragma: no cover - argparse requires a command
 
 

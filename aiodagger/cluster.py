@@ -22,6 +22,7 @@ from typing import Any
 
 from ._loopthread import LoopThread
 from .scheduler.core import Scheduler
+from .worker.launcher import WorkerLauncher
 from .worker.local import LocalWorker, WorkerInfo
 
 __all__ = ["Cluster", "WorkerInfo", "current_cluster"]
@@ -47,9 +48,15 @@ _atexit_registered = False
 class Cluster:
     """A set of workers and the scheduler that feeds them.
 
-    Only in-process processors exist for now: worker 0 is this process, with an
-    AsyncProc for coroutine functions and a ThreadProc of ``threads`` threads
-    (default: one per CPU) for sync functions.
+    Worker 0 is this process, with an AsyncProc for coroutine functions and a
+    ThreadProc for sync functions. ``processes=N`` adds N subprocess workers;
+    ``listen="tcp://HOST:PORT"`` (with ``token=``) lets ``aiodagger worker`` processes
+    join from other machines. While workers in other processes are present, tasks run
+    there, and worker 0 runs only what is scoped to it (``scope(worker=0)``), so this
+    process's loop stays free for scheduling and the application's own I/O.
+
+    ``threads`` is the number of threads of each worker's pool (default: the CPUs,
+    shared out among the subprocess workers).
     """
 
     def __init__(
@@ -64,15 +71,14 @@ class Cluster:
         ssl: Any = None,
         *,
         shutdown_timeout: float = 10.0,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 10.0,
     ) -> None:
         if isinstance(processes, bool) or not isinstance(processes, int) or processes < 0:
             raise TypeError(f"Cluster(processes=...) takes an int >= 0, got {processes!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise TypeError(f"Cluster(threads=...) takes an int >= 1 or None, got {threads!r}")
-        unsupported = {
-            "processes": processes or None, "listen": listen, "token": token, "ssl": ssl,
-            "memory_limit": memory_limit, "spill_dir": spill_dir,
-        }
+        unsupported = {"memory_limit": memory_limit, "spill_dir": spill_dir}
         for name, value in unsupported.items():
             if value is not None:
                 raise NotImplementedError(
@@ -81,8 +87,18 @@ class Cluster:
                 )
         if gpus not in ("auto", 0, False, None):
             raise NotImplementedError(f"Cluster(gpus={gpus!r}): GPU processors are not supported yet")
-        self.threads = threads or os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+        self.threads = threads or cpus
+        self.processes = processes
+        self.listen = listen
         self.shutdown_timeout = shutdown_timeout
+        self._token = token
+        self._ssl = ssl
+        self._heartbeat = (heartbeat_interval, heartbeat_timeout)
+        self._worker_threads = threads or max(1, cpus // max(processes, 1))
+        self._launcher: WorkerLauncher | None = None
+        if listen is not None:  # check the address and token now, not at start
+            WorkerLauncher._check_listen(listen, token)
         self._state = ClusterState.NEW
         self._sched: Scheduler | None = None
         self._local: LocalWorker | None = None
@@ -104,7 +120,18 @@ class Cluster:
         """The workers of this cluster, worker 0 (this process) first."""
         if self._local is None or self._state is not ClusterState.RUNNING:
             return []
-        return [self._local.info()]
+        remote = self._launcher.infos() if self._launcher is not None else []
+        return [self._local.info(), *remote]
+
+    @property
+    def address(self) -> str | None:
+        """Where remote workers connect (``listen=``), e.g. ``tcp://10.0.0.5:8786``."""
+        return self._launcher.address if self._launcher is not None else None
+
+    @property
+    def token(self) -> str | None:
+        """The shared secret workers authenticate with (generated when not given)."""
+        return self._launcher.token if self._launcher is not None else self._token
 
     @property
     def tasks_in_flight(self) -> int:
@@ -118,7 +145,7 @@ class Cluster:
         return self._sched
 
     def __repr__(self) -> str:
-        return f"<Cluster {self.state} workers=1 threads={self.threads}>"
+        return f"<Cluster {self.state} workers={len(self.workers) or 1} threads={self.threads}>"
 
     # -- lifecycle -----------------------------------------------------------------------
     def _start_on(self, loop: asyncio.AbstractEventLoop, thread_id: int) -> None:
@@ -142,8 +169,24 @@ class Cluster:
 
     async def __aenter__(self) -> Cluster:
         self._start_on(asyncio.get_running_loop(), threading.get_ident())
+        try:
+            await self._start_workers()
+        except BaseException:
+            await self.close()
+            raise
         self._enter()
         return self
+
+    async def _start_workers(self) -> None:
+        """Start the listeners and subprocess workers, if this cluster has any."""
+        if not self.processes and self.listen is None:
+            return
+        assert self._sched is not None
+        self._launcher = WorkerLauncher(
+            self._sched, listen=self.listen, token=self._token, ssl=self._ssl,
+            threads=self._worker_threads, heartbeat_interval=self._heartbeat[0],
+            heartbeat_timeout=self._heartbeat[1])
+        await self._launcher.start(self.processes)
 
     async def __aexit__(self, *exc: object) -> None:
         try:
@@ -182,8 +225,18 @@ class Cluster:
 
         async def start() -> None:
             self._start_on(loop_thread.loop, loop_thread.thread_id)
+            try:
+                await self._start_workers()
+            except BaseException:
+                await self.close()
+                raise
 
-        loop_thread.run(start())
+        try:
+            loop_thread.run(start())
+        except BaseException:
+            loop_thread.stop()
+            self._loop_thread = None
+            raise
 
     def _close_background(self) -> None:
         loop_thread = self._loop_thread
@@ -210,6 +263,8 @@ class Cluster:
         cancelled = self._sched.close()
         if cancelled:
             logger.info("cluster closing: cancelled %d unfinished task(s)", cancelled)
+        if self._launcher is not None:
+            await self._launcher.close()
         if not await self._local.close(self.shutdown_timeout):
             logger.warning(
                 "cluster closed while tasks were still running user code in %s after %.1f s; "
@@ -219,9 +274,21 @@ class Cluster:
         self._closed_event.set()
 
     async def scale(self, n: int) -> None:
-        """Make the number of subprocess workers ``n`` (only 0 is possible in this version)."""
-        if n != 0:
-            raise NotImplementedError("subprocess workers are not supported yet: scale(n) takes only 0")
+        """Make the number of subprocess workers ``n``, starting or retiring workers.
+
+        A retiring worker first hands the results only it holds to the others.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"scale() takes a number of subprocess workers >= 0, got {n!r}")
+        if self._state is not ClusterState.RUNNING:
+            raise RuntimeError(f"scale() needs a running cluster; this one is {self.state}")
+        if self._launcher is None:
+            if n == 0:
+                return
+            self.processes = n
+            await self._start_workers()
+            return
+        await self._launcher.scale(n)
 
 
 def current_cluster() -> Cluster:

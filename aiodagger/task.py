@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from .options import TaskOptions
     from .scheduler.core import Scheduler
 
-__all__ = ["CANCELLED", "DONE_STATES", "FAILED", "FINISHED", "PENDING", "READY", "RUNNING", "Chunk", "DTask"]
+__all__ = ["CANCELLED", "DONE_STATES", "FAILED", "FINISHED", "PENDING", "READY", "REMOTE", "RUNNING",
+           "Chunk", "DTask"]
 
 R = TypeVar("R")
 
@@ -39,6 +40,16 @@ FINISHED = "finished"
 FAILED = "failed"
 CANCELLED = "cancelled"
 DONE_STATES = frozenset((FINISHED, FAILED, CANCELLED))
+
+
+class _Remote:
+    """The value of a finished task or chunk that lives on another worker."""
+
+    def __repr__(self) -> str:
+        return "<value on a worker>"
+
+
+REMOTE: Any = _Remote()
 
 
 def _set_future(fut: asyncio.Future[None]) -> None:
@@ -96,6 +107,9 @@ class DTask(Generic[R]):
         "_tb",
         "_thread_ok",
         "_timer",
+        "_tracked",
+        "_nbytes",
+        "_where",
         "_value",
         "_waiters",
         "id",
@@ -128,6 +142,9 @@ class DTask(Generic[R]):
         self._fnkey: Any = None
         self._thread_ok = False
         self._timer: Any = None
+        self._tracked = False
+        self._nbytes = 0
+        self._where: set[int] = set()
 
     # -- state -------------------------------------------------------------------------
     @property
@@ -161,7 +178,12 @@ class DTask(Generic[R]):
         if self._cancelled:
             raise self._cancelled_error()
         if state == FINISHED:
-            return self._value
+            value = self._value
+            if value is REMOTE:
+                raise asyncio.InvalidStateError(
+                    f"{self!r} finished on worker {sorted(self._where)}, where its value stays until "
+                    "asked for: `await` it, or call .fetch()")
+            return value
         if state == FAILED:
             assert self._exc is not None
             raise self._exc.with_traceback(self._tb)
@@ -192,6 +214,8 @@ class DTask(Generic[R]):
             # Cancelling the awaiting coroutine cancels `fut`, never the task: the task
             # may be shared by other awaiters.
             yield from fut.__await__()
+        if self._value is REMOTE and self._state == FINISHED and not self._cancelled:
+            yield from self._sched.bring_here([self]).__await__()
         return self.result()
 
     async def wait(self) -> None:
@@ -210,6 +234,8 @@ class DTask(Generic[R]):
         """
         if not self.done():
             self._sched.wait_blocking(self, timeout)
+        if self._value is REMOTE and self._state == FINISHED and not self._cancelled:
+            self._sched.bring_blocking([self], timeout)
         return self.result()
 
     # -- waiters -------------------------------------------------------------------------
@@ -299,18 +325,24 @@ class Chunk(Generic[R]):
     Passed to any number of tasks, it is replaced by its value there, like a DTask.
     """
 
-    __slots__ = ("__weakref__", "_value", "id", "worker")
+    __slots__ = ("__weakref__", "_nbytes", "_sched", "_value", "_where", "id", "worker")
 
-    def __init__(self, value: R, worker: int, id: int) -> None:
+    def __init__(self, value: R, worker: int, id: int, sched: Any = None) -> None:
         self._value = value
         self.worker = worker
         self.id = id
+        self._sched = sched
+        self._where: set[int] = set()
+        self._nbytes = 0
 
     def __await__(self) -> Generator[Any, None, R]:
+        if self._value is REMOTE:
+            yield from self._sched.bring_here([self]).__await__()
         return self._value
-        yield  # pragma: no cover - makes this a generator
 
     def fetch(self, timeout: float | None = None) -> R:
+        if self._value is REMOTE:
+            self._sched.bring_blocking([self], timeout)
         return self._value
 
     def __repr__(self) -> str:

@@ -136,13 +136,15 @@ async def test_shutdown_timeout_warns_about_stuck_thread(caplog):
     gate.set()  # the stuck thread now finishes and exits
 
 
-async def test_unsupported_arguments_say_so():
-    with pytest.raises(NotImplementedError, match="processes"):
-        dagger.Cluster(processes=2)
+async def test_cluster_argument_checks():
+    with pytest.raises(ValueError, match="token"):
+        dagger.Cluster(listen="tcp://0.0.0.0:0")
+    with pytest.raises(ValueError, match="tcp://HOST:PORT"):
+        dagger.Cluster(listen="tcp://127.0.0.1")
     async with dagger.Cluster(threads=1) as c:
         await c.scale(0)
-        with pytest.raises(NotImplementedError):
-            await c.scale(2)
+        with pytest.raises(ValueError):
+            await c.scale(-1)
 
 
 async def test_cancel_on_exit_of_async_task(cluster):

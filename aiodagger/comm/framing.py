@@ -331,6 +331,8 @@ class Comm:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         self._closed = True
+        if self._error is None:
+            self._error = ConnectionResetError(f"connection to {self.peer} closed")
         self._wake_reader()
 
     async def wait_closed(self) -> None:

@@ -21,14 +21,22 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .._args import find_dependencies
-from ..errors import NoProcessorError, TaskCancelledError, TaskTimeoutError, UpstreamError
-from ..options import ANY_SCOPE, TaskOptions
-from ..task import CANCELLED, FAILED, FINISHED, PENDING, READY, RUNNING, DTask
+from ..errors import (
+    NoProcessorError,
+    SerializationError,
+    TaskCancelledError,
+    TaskTimeoutError,
+    UpstreamError,
+    WorkerLostError,
+)
+from ..options import ANY_SCOPE, Scope, TaskOptions
+from ..task import CANCELLED, FAILED, FINISHED, PENDING, READY, REMOTE, RUNNING, DTask
 from .events import Instrument
 from .placement import RuntimeEstimates, function_key
 
 if TYPE_CHECKING:
     from ..worker.local import LocalWorker
+    from .remote import Distributor
 
 __all__ = ["Scheduler"]
 
@@ -54,6 +62,7 @@ class Scheduler:
         self._inbox_pending = False
         self._live: set[DTask[Any]] = set()  # registered and not done
         self.instruments: list[Instrument] = []
+        self.dist: Distributor | None = None  # set when the cluster has workers in other processes
 
     # -- spawning (any thread) -----------------------------------------------------------
     def spawn(self, opts: TaskOptions, fn: Any, args: tuple[Any, ...],
@@ -99,25 +108,15 @@ class Scheduler:
         opts = task._opts
         if opts.scope is not ANY_SCOPE and not self._admissible(task):
             return
-        task._thread_ok = task._kind == "thread" and opts.timeout is None
+        task._thread_ok = task._kind == "thread" and opts.timeout is None and not self._goes_remote(task)
         pending = 0
         deps = task._deps
         if deps:
             for dep in deps:
-                state = dep._state
-                if dep._cancelled:
-                    self._cancel_from(task, dep)
+                linked = self._link(task, dep)
+                if linked is None:
                     return
-                if state is FINISHED:
-                    continue
-                if state is FAILED:
-                    self._fail_upstream(task, dep)
-                    return
-                if dep._dependents is None:
-                    dep._dependents = [task]
-                else:
-                    dep._dependents.append(task)
-                pending += 1
+                pending += linked
         task._npending = pending
         if self.instruments:
             for instrument in self.instruments:
@@ -125,12 +124,68 @@ class Scheduler:
         if pending == 0:
             self._make_ready(task)
 
+    def _link(self, task: DTask[Any], dep: DTask[Any]) -> int | None:
+        """Make ``task`` wait for ``dep``: 1 if it must wait, 0 if dep's value is there,
+        None if ``task`` was failed or cancelled because of ``dep``."""
+        if dep._cancelled:
+            self._cancel_from(task, dep)
+            return None
+        state = dep._state
+        if state is FINISHED:
+            if not self._value_lost(dep):
+                return 0
+            if not self._recompute(dep):
+                self._fail(task, WorkerLostError(
+                    f"{task._describe()} needs the result of {dep._describe()}, whose only copy was "
+                    "lost with its worker and which can no longer be recomputed"), annotate=False)
+                return None
+        elif state is FAILED:
+            self._fail_upstream(task, dep)
+            return None
+        if dep._dependents is None:
+            dep._dependents = [task]
+        else:
+            dep._dependents.append(task)
+        return 1
+
+    def _value_lost(self, task: DTask[Any]) -> bool:
+        dist = self.dist
+        return (task._value is REMOTE and dist is not None
+                and not any(w in dist.workers for w in task._where))
+
+    def _recompute(self, task: DTask[Any]) -> bool:
+        """Run a finished task again from its lineage, its value having been lost."""
+        if task._fn is None:
+            return False
+        logger.info("recomputing %s: its result was lost with its worker", task._describe())
+        task._state = PENDING
+        task._value = None
+        task._where.clear()
+        task._waiters = []
+        self._live.add(task)
+        pending = 0
+        for dep in task._deps or ():
+            linked = self._link(task, dep)
+            if linked is None:
+                return True  # task failed or was cancelled: its waiters are told
+            pending += linked
+        task._npending = pending
+        if pending == 0:
+            self._make_ready(task)
+        return True
+
+    def _goes_remote(self, task: DTask[Any]) -> bool:
+        """Whether the task runs on workers in other processes rather than worker 0."""
+        dist = self.dist
+        return dist is not None and bool(dist.workers) and not _pins_local(task._opts.scope)
+
     def _admissible(self, task: DTask[Any]) -> bool:
         """Check the task's scope against the cluster; fail the task if nothing fits."""
         scope = task._opts.scope
         local = self.local
         assert local is not None
-        fits = scope.admits_worker(local.id, os.getpid()) and not scope.gpu
+        fits = (scope.admits_worker(local.id, os.getpid()) and not scope.gpu) or bool(
+            self.dist is not None and self.dist.candidates(task))
         if fits and scope.thread and task._kind == "async":
             task._kind = "thread-async"
         if not fits:
@@ -148,10 +203,13 @@ class Scheduler:
 
     def describe_processors(self) -> str:
         assert self.local is not None
-        return self.local.describe()
+        parts = [self.local.describe()]
+        if self.dist is not None:
+            parts.extend(self.dist.describe())
+        return "; ".join(parts)
 
     def _make_ready(self, task: DTask[Any]) -> None:
-        if task._kind == "async":
+        if task._kind == "async" and not self._goes_remote(task):
             # Coroutines have no capacity to wait for: start them at once.
             task._state = RUNNING
             self._arm_timeout(task)
@@ -176,15 +234,94 @@ class Scheduler:
         assert self.local is not None
         proc = self.local.thread_proc
         estimate = self.runtimes.get
-        while ready and proc.has_room():
-            task = heapq.heappop(ready)[2]
+        while ready:
+            task = ready[0][2]
             if task._cancelled or task._state is not READY:
+                heapq.heappop(ready)
                 continue
+            if self.dist is not None and (self.dist.workers or task._resolve):
+                if not self._flush_distributed(task):
+                    break
+                continue
+            if not proc.has_room():
+                break
+            heapq.heappop(ready)
             task._state = RUNNING
             task._est = estimate(task._fnkey)
             if task._opts.timeout is not None:
                 self._arm_timeout(task)
             proc.submit(task)
+
+    def _flush_distributed(self, task: DTask[Any]) -> bool:
+        """Place the heap's top task in a cluster with other workers; False: no room now."""
+        dist = self.dist
+        assert dist is not None
+        lost = dist.lost_dependency(task)
+        if lost is not None:  # wait for it to be computed again (_link starts that)
+            heapq.heappop(self._ready)
+            task._state = PENDING
+            linked = self._link(task, lost)
+            if linked is not None:
+                task._npending = linked
+                if linked == 0:
+                    self._make_ready(task)
+            return True
+        if not self._goes_remote(task):
+            # worker 0 runs it: bring remote inputs here first
+            remote = [d for d in task._deps or () if d._value is REMOTE]
+            if remote:
+                heapq.heappop(self._ready)
+                task._state = RUNNING
+                asyncio.ensure_future(self._bring_then_run_locally(task, remote))
+                return True
+            if task._kind == "async":
+                heapq.heappop(self._ready)
+                task._state = RUNNING
+                self._arm_timeout(task)
+                self._local_worker.async_proc.submit(task)
+                return True
+            proc = self._local_worker.thread_proc
+            if not proc.has_room():
+                return False
+            heapq.heappop(self._ready)
+            task._state = RUNNING
+            task._est = self.runtimes.get(task._fnkey)
+            self._arm_timeout(task)
+            proc.submit(task)
+            return True
+        candidates = dist.candidates(task)
+        if not candidates:
+            heapq.heappop(self._ready)
+            self._fail(task, NoProcessorError(
+                f"{task._describe()} has {task._opts.scope!r}, which no processor of this cluster "
+                f"satisfies any more. The cluster has: {self.describe_processors()}"), annotate=False)
+            return True
+        worker = dist.place(task, candidates)
+        if worker is None:
+            return False
+        heapq.heappop(self._ready)
+        task._state = RUNNING
+        try:
+            dist.dispatch(task, worker)
+        except SerializationError as exc:
+            self._fail(task, exc, annotate=False)
+            return True
+        self._arm_timeout(task)
+        return True
+
+    async def _bring_then_run_locally(self, task: DTask[Any], deps: list[DTask[Any]]) -> None:
+        try:
+            await self._bring(deps)
+        except Exception as exc:  # noqa: BLE001 - the task fails with what went wrong
+            self._fail(task, exc, annotate=False)
+            return
+        if task.done():
+            return
+        if task._kind == "async":
+            self._local_worker.async_proc.submit(task)
+        else:
+            task._est = self.runtimes.get(task._fnkey)
+            self._local_worker.thread_proc.submit(task)
 
     # -- completion (loop) ---------------------------------------------------------------
     def complete(self, task: DTask[Any], attempt: int, ok: bool, value: Any,
@@ -303,12 +440,18 @@ class Scheduler:
                 )
             handle = t._handle
             if handle is not None:
-                self._local_worker.async_proc.cancel(handle)
+                self._cancel_handle(t, handle)
             self._release(t)
             if t._dependents:
                 stack.extend(t._dependents)
                 t._dependents = None
             t._notify()
+
+    def _cancel_handle(self, task: DTask[Any], handle: Any) -> None:
+        if isinstance(handle, asyncio.Task):
+            self._local_worker.async_proc.cancel(handle)
+        elif self.dist is not None:
+            self.dist.cancel(task, handle)
 
     def cancel_threadsafe(self, task: DTask[Any]) -> bool:
         if threading.get_ident() == self.loop_thread_id:
@@ -341,7 +484,7 @@ class Scheduler:
             return
         handle = task._handle
         if handle is not None:  # a coroutine stops; a thread cannot be stopped, its result is dropped
-            self._local_worker.async_proc.cancel(handle)
+            self._cancel_handle(task, handle)
             task._handle = None
         self._failed_run(task, TaskTimeoutError(
             f"{task._describe()} did not finish within its timeout of {task._opts.timeout} s"
@@ -375,13 +518,82 @@ class Scheduler:
     def _release(self, task: DTask[Any]) -> None:
         """Drop what a done task no longer needs, so its inputs can be freed."""
         self._live.discard(task)
-        task._fn = task._args = task._kwargs = task._deps = task._handle = None
+        task._handle = None
+        if task._value is not REMOTE:
+            task._fn = task._args = task._kwargs = task._deps = None
+        # else: lineage. Its only copy lives on another worker; if that worker dies, the
+        # function and arguments (and their own lineage) let it be computed again.
         if self.instruments:
             for instrument in self.instruments:
                 instrument.task_done(task)
         if task._timer is not None:
             task._timer.cancel()
             task._timer = None
+
+    # -- workers in other processes --------------------------------------------------------
+    def run_lost(self, task: DTask[Any], wid: int, address: str, reason: str) -> None:
+        """``task`` was running on a worker that died."""
+        if task.done():
+            return
+        if task._attempts < task._opts.retries:
+            task._attempts += 1
+            logger.info("retrying %s (attempt %d): worker %d was lost", task._describe(),
+                        task._attempts + 1, wid)
+            task._state = PENDING
+            self._disarm_timeout(task)
+            self._make_ready(task)
+            return
+        self._fail(task, WorkerLostError(
+            f"{task._describe()} was running on worker {wid} ({address}), which was lost "
+            f"({reason}); its retries ({task._opts.retries}) are spent"), annotate=False)
+
+    def dependencies_lost(self, task: DTask[Any], deps: list[Any]) -> None:
+        """A worker could not fetch ``deps`` for ``task``: recompute them, then run it."""
+        if task.done():
+            return
+        task._state = PENDING
+        pending = 0
+        for dep in deps:
+            if dep is None or type(dep) is not DTask:
+                self._fail(task, WorkerLostError(
+                    f"an input of {task._describe()} was lost with its worker"), annotate=False)
+                return
+            linked = self._link(task, dep)
+            if linked is None:
+                return
+            pending += linked
+        task._npending = pending
+        if pending == 0:
+            self._make_ready(task)
+
+    async def _bring(self, objs: list[Any]) -> None:
+        """Fetch the values of finished remote results into this process (on the loop)."""
+        dist = self.dist
+        assert dist is not None
+        for _ in range(3):
+            try:
+                await dist.fetch(objs)
+                return
+            except LookupError as exc:
+                obj = exc.args[0]
+                if type(obj) is not DTask or not self._recompute(obj):
+                    raise WorkerLostError(f"{obj!r} was lost with its worker") from None
+                await obj.wait()
+                if obj._state is not FINISHED:
+                    return  # it failed this time: awaiting it raises that
+        raise WorkerLostError(f"values of {objs!r} kept being lost with their workers")
+
+    def bring_here(self, objs: list[Any]) -> Any:
+        """An awaitable, for the caller's loop, that brings remote values here."""
+        if asyncio.get_running_loop() is self.loop:
+            return self._bring(objs)
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._bring(objs), self.loop))
+
+    def bring_blocking(self, objs: list[Any], timeout: float | None) -> None:
+        if threading.get_ident() == self.loop_thread_id:
+            raise RuntimeError("fetch() on the cluster's event loop thread would deadlock it; "
+                               "write `await task` here instead")
+        asyncio.run_coroutine_threadsafe(self._bring(objs), self.loop).result(timeout)
 
     @property
     def live_count(self) -> int:
@@ -453,3 +665,8 @@ def spawn_callable_error(fn: Any) -> TypeError | None:
         )
     return None
 
+
+
+def _pins_local(scope: Scope) -> bool:
+    """Whether a scope asks for worker 0 (the scheduler's own process) by name."""
+    return (scope.workers is not None and 0 in scope.workers) or scope.process == os.getpid()

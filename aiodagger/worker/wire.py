@@ -38,38 +38,56 @@ __all__ = [
 Buffers = list[memoryview]
 
 
+def _ref_id(obj: Any, chunks: list[Any]) -> Any:
+    # A task's key is its id, a chunk's is minus its id: the two never collide.
+    kind = type(obj)
+    if kind is DTask:
+        return obj.id
+    if kind is Chunk:
+        chunks.append(obj)
+        return -obj.id
+    return None
+
+
 class _RefPickler(pickle.Pickler):
+    chunks: list[Any]
+
     def persistent_id(self, obj: Any) -> Any:
-        kind = type(obj)
-        if kind is DTask or kind is Chunk:
-            return obj.id
-        return None
+        return _ref_id(obj, self.chunks)
 
 
 class _CloudRefPickler(cloudpickle.Pickler):
+    chunks: list[Any]
+
     def persistent_id(self, obj: Any) -> Any:
-        kind = type(obj)
-        if kind is DTask or kind is Chunk:
-            return obj.id
-        return None
+        return _ref_id(obj, self.chunks)
 
 
-def _dump(pickler_cls: type, obj: Any) -> tuple[bytes, Buffers]:
+def _dump(pickler_cls: type, obj: Any, chunks: list[Any] | None = None) -> tuple[bytes, Buffers]:
     out = io.BytesIO()
     buffers: list[pickle.PickleBuffer] = []
-    pickler_cls(out, protocol=5, buffer_callback=buffers.append).dump(obj)
+    pickler = pickler_cls(out, protocol=5, buffer_callback=buffers.append)
+    pickler.chunks = chunks if chunks is not None else []
+    pickler.dump(obj)
     return out.getvalue(), [b.raw() for b in buffers]
 
 
-def dumps_args(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, Buffers]:
-    """Pickle a task's arguments; a failure names the argument that could not be pickled."""
+def dumps_args(task_name: str, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> tuple[bytes, Buffers, list[Any]]:
+    """Pickle a task's arguments: (pickle, buffers, the Chunks referenced).
+
+    A failure raises SerializationError naming the argument that could not be pickled.
+    """
     obj = (args, kwargs)
+    chunks: list[Any] = []
     try:
-        return _dump(_RefPickler, obj)
+        payload, buffers = _dump(_RefPickler, obj, chunks)
+        return payload, buffers, chunks
     except Exception:  # noqa: BLE001 - lambdas, closures, local classes: cloudpickle's job
-        pass
+        chunks.clear()
     try:
-        return _dump(_CloudRefPickler, obj)
+        payload, buffers = _dump(_CloudRefPickler, obj, chunks)
+        return payload, buffers, chunks
     except Exception as exc:
         raise SerializationError(_which_argument(task_name, args, kwargs, exc)) from exc
 

@@ -1,0 +1,119 @@
+"""``aiodagger worker tcp://HOST:PORT``: run a worker process that joins a cluster.
+
+Also the entry point of subprocess workers (``python -m aiodagger.worker``), which get
+their token through the environment (``AIODAGGER_TOKEN``), never on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import ssl
+import sys
+
+from .._loopthread import new_event_loop
+from .process import WorkerProcess
+
+__all__ = ["add_worker_arguments", "main", "run_worker"]
+
+logger = logging.getLogger(__name__)
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("scheduler", help="the cluster's address, tcp://HOST:PORT")
+    parser.add_argument("--token-file", help="file holding the cluster's token (else $AIODAGGER_TOKEN)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="threads for sync tasks (default: the CPUs)")
+    parser.add_argument("--name", default=None, help="worker name (default: HOST-PID)")
+    parser.add_argument("--memory-limit", default=None, help='memory limit, e.g. "8GiB" (default: none)')
+    parser.add_argument("--spill-dir", default=None, help="where to spill chunks (default: the temp dir)")
+    parser.add_argument("--tls-cert", help="this worker's certificate (PEM), to serve and to present")
+    parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    parser.add_argument("--tls-ca", help="CA certificates (PEM) to verify the cluster and peers")
+    parser.add_argument("--heartbeat-timeout", type=float, default=10.0,
+                        help="seconds without word from the scheduler before reconnecting")
+    parser.add_argument("--subprocess", action="store_true", help=argparse.SUPPRESS)
+
+
+def _read_token(args: argparse.Namespace) -> str:
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise SystemExit(f"aiodagger worker: cannot read --token-file: {exc}") from None
+    else:
+        token = os.environ.get("AIODAGGER_TOKEN", "")
+    if not token:
+        raise SystemExit("aiodagger worker: no token; pass --token-file FILE (or set AIODAGGER_TOKEN)")
+    return token
+
+
+def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    if not (args.tls_cert or args.tls_ca):
+        return None, None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("aiodagger worker: --tls-cert and --tls-key go together")
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.tls_ca)
+    server = None
+    if args.tls_cert:
+        client.load_cert_chain(args.tls_cert, args.tls_key)
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=args.tls_ca)
+        server.load_cert_chain(args.tls_cert, args.tls_key)
+    return client, server
+
+
+def _die_with_parent() -> None:
+    """A subprocess worker must not outlive the cluster that started it (Linux)."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name and sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(libc_name).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    token = _read_token(args)
+    client_ssl, server_ssl = _tls(args)
+    if args.threads < 1:
+        raise SystemExit("aiodagger worker: --threads must be >= 1")
+    memory_limit = None
+    if args.memory_limit is not None:
+        from ..memory.sizes import parse_memory_limit
+
+        memory_limit = parse_memory_limit(args.memory_limit)
+    if args.subprocess:
+        _die_with_parent()
+    worker = WorkerProcess(
+        args.scheduler, token, threads=args.threads,
+        name=args.name or f"{os.uname().nodename}-{os.getpid()}",
+        reconnect=not args.subprocess, ssl_client=client_ssl, ssl_server=server_ssl,
+        heartbeat_timeout=args.heartbeat_timeout, memory_limit=memory_limit,
+    )
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await worker.run()
+        except asyncio.CancelledError:
+            logger.info("worker %s stopping on a signal", worker.name)
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(main())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aiodagger worker", description="join an aiodagger cluster")
+    add_worker_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return run_worker(args)

@@ -1,0 +1,147 @@
+"""The cluster's side of workers in other processes: listeners, subprocess workers, scale.
+
+Subprocess workers are started with ``python -m aiodagger.worker``; their token travels
+in the environment (never on the command line, where ``ps`` would show it) and they
+connect back to a loopback listener of their own. ``listen=`` opens a second,
+public listener for ``aiodagger worker`` processes on other machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import subprocess
+import sys
+from typing import Any
+
+from ..comm.handshake import new_token
+from ..comm.server import Listener, is_loopback, parse_address
+from ..scheduler.core import Scheduler
+from ..scheduler.remote import Distributor, RemoteWorker
+from .local import WorkerInfo
+
+__all__ = ["WorkerLauncher"]
+
+logger = logging.getLogger(__name__)
+
+# Each worker process runs `threads` tasks at once; BLAS libraries starting a thread
+# per core inside each of them would oversubscribe the machine (see the demo).
+_ONE_THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+class WorkerLauncher:
+    def __init__(self, sched: Scheduler, *, listen: str | None, token: str | None, ssl: Any,
+                 threads: int, heartbeat_interval: float, heartbeat_timeout: float) -> None:
+        if listen is not None:
+            self._check_listen(listen, token)
+        self.sched = sched
+        self.listen = listen
+        self.token = token or new_token()
+        self.ssl = ssl
+        self.threads = threads
+        self.dist = Distributor(sched, heartbeat_interval, heartbeat_timeout)
+        self._internal: Listener | None = None
+        self._public: Listener | None = None
+        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._serial = itertools.count(1)
+
+    @staticmethod
+    def _check_listen(listen: str, token: str | None) -> None:
+        host, _ = parse_address(listen)
+        if not is_loopback(host) and not token:
+            raise ValueError(
+                f"Cluster(listen={listen!r}) accepts workers from the network, so it needs "
+                "token=... (a shared secret workers prove they know); pass one, or listen on "
+                "127.0.0.1")
+
+    @property
+    def address(self) -> str | None:
+        """The public address remote workers connect to (None without ``listen=``)."""
+        return self._public.address if self._public is not None else None
+
+    async def start(self, processes: int) -> None:
+        self.sched.dist = self.dist
+        self.dist.start()
+        self._internal = Listener(self.dist.handle_connection, self.token)
+        await self._internal.start("127.0.0.1", 0)
+        if self.listen is not None:
+            host, port = parse_address(self.listen)
+            self._public = Listener(self.dist.handle_connection, self.token, ssl=self.ssl)
+            await self._public.start(host, port)
+            logger.info("cluster listening for workers on %s", self._public.address)
+        if processes:
+            await self._start_processes(processes)
+
+    async def _start_processes(self, n: int, timeout: float = 60.0) -> None:
+        assert self._internal is not None
+        env = dict(os.environ, AIODAGGER_TOKEN=self.token)
+        for var in _ONE_THREAD_ENV:
+            env.setdefault(var, "1")
+        names = set()
+        for _ in range(n):
+            name = f"proc-{next(self._serial)}"
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "aiodagger.worker", self._internal.address,
+                "--threads", str(self.threads), "--name", name, "--subprocess",
+                env=env, stdin=subprocess.DEVNULL,
+            )
+            self._procs[name] = proc
+            names.add(name)
+        waiting = asyncio.ensure_future(self.dist.wait_for_workers(names, timeout))
+        exits = [asyncio.ensure_future(self._procs[name].wait()) for name in names]
+        try:
+            done, _ = await asyncio.wait([waiting, *exits], return_when=asyncio.FIRST_COMPLETED)
+            if waiting not in done:
+                dead = [n for n in names if self._procs[n].returncode is not None]
+                raise RuntimeError(f"subprocess worker(s) {dead} exited before joining the cluster "
+                                   "(their error output is above)")
+            waiting.result()
+        finally:
+            waiting.cancel()
+            for fut in exits:
+                fut.cancel()
+            await asyncio.gather(waiting, *exits, return_exceptions=True)
+
+    def subprocess_workers(self) -> list[RemoteWorker]:
+        return [w for w in self.dist.workers.values() if w.name in self._procs]
+
+    async def scale(self, n: int) -> None:
+        current = self.subprocess_workers()
+        if n > len(current):
+            await self._start_processes(n - len(current))
+        for worker in current[n:]:
+            await self.dist.retire(worker)
+            await self._reap(worker.name)
+
+    async def _reap(self, name: str, timeout: float = 10.0) -> None:
+        proc = self._procs.pop(name, None)
+        if proc is None:
+            return
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            logger.warning("subprocess worker %s (pid %d) did not exit; killing it", name, proc.pid)
+            proc.kill()
+            await proc.wait()
+
+    def infos(self) -> list[WorkerInfo]:
+        out = []
+        for w in self.dist.workers.values():
+            stats = w.stats
+            out.append(WorkerInfo(
+                id=w.id, address=w.address, host=w.host, pid=w.pid, status=w.status,
+                processors=(repr(w.async_view), repr(w.thread_view)),
+                memory_used=int(stats.get("memory_used", 0)), memory_limit=w.memory_limit,
+                spilled_bytes=int(stats.get("spilled_bytes", 0)),
+                spill_errors=int(stats.get("spill_errors", 0)), tasks_running=len(w.running),
+            ))
+        return out
+
+    async def close(self) -> None:
+        await self.dist.close()
+        await asyncio.gather(*(self._reap(name) for name in list(self._procs)))
+        for listener in (self._public, self._internal):
+            if listener is not None:
+                await listener.close()
