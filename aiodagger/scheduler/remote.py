@@ -121,6 +121,11 @@ class Distributor:
         # when a worker reports on them or is lost. Weak: a handle dropped is forgotten.
         self.objects: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
+    @property
+    def received_bytes(self) -> int:
+        """Bytes this process has received from workers, over all their connections."""
+        return self.bytes_received + sum(c.parser.bytes_received for c in self.connections)
+
     # -- registration and connection life --------------------------------------------------
     def start(self) -> None:
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
