@@ -177,7 +177,10 @@ class Scheduler:
     def _goes_remote(self, task: DTask[Any]) -> bool:
         """Whether the task runs on workers in other processes rather than worker 0."""
         dist = self.dist
-        return dist is not None and bool(dist.workers) and not _pins_local(task._opts.scope)
+        if dist is None or not dist.workers:
+            return False
+        scope = task._opts.scope
+        return scope is ANY_SCOPE or not _pins_local(scope)
 
     def _admissible(self, task: DTask[Any]) -> bool:
         """Check the task's scope against the cluster; fail the task if nothing fits."""

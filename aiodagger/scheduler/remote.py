@@ -22,6 +22,7 @@ import cloudpickle
 from ..comm.framing import Comm
 from ..comm.rpc import Rpc
 from ..errors import SerializationError
+from ..options import ANY_SCOPE
 from ..task import REMOTE, Chunk, DTask
 from ..worker.wire import FunctionCache, dumps_args, dumps_value, loads_error, loads_value
 from .placement import DEFAULT_BANDWIDTH, Candidate, choose_processor
@@ -97,6 +98,10 @@ class RemoteWorker:
                 f"{self.async_view!r}, {self.thread_view!r}")
 
 
+def _load(worker: RemoteWorker) -> float:
+    return worker.backlog_s / worker.threads
+
+
 class Distributor:
     """Everything the scheduler does with remote workers (on the cluster's loop)."""
 
@@ -120,6 +125,7 @@ class Distributor:
         # Results and chunks that live on workers, by key (task id, or -chunk id), for
         # when a worker reports on them or is lost. Weak: a handle dropped is forgotten.
         self.objects: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+        self._tracked_chunks: set[int] = set()
 
     @property
     def received_bytes(self) -> int:
@@ -201,6 +207,8 @@ class Distributor:
     # -- placement and dispatch ------------------------------------------------------------
     def candidates(self, task: DTask[Any]) -> list[RemoteWorker]:
         scope = task._opts.scope
+        if scope is ANY_SCOPE:
+            return [w for w in self.workers.values() if w.status == "running"]
         if scope.gpu:
             return []
         return [w for w in self.workers.values()
@@ -214,6 +222,8 @@ class Distributor:
             return None
         if len(room) == 1:
             return room[0]
+        if not task._deps:  # nothing to move: the least loaded worker
+            return min(room, key=_load)
         held: dict[int, int] = {}
         for dep in task._deps or ():
             if dep._value is REMOTE:
@@ -234,7 +244,7 @@ class Distributor:
         """Queue ``task`` for ``worker``; raises SerializationError if it cannot be sent."""
         assert task._fn is not None and task._args is not None and task._kwargs is not None
         fn_hash, fn_bytes = self.fn_cache.get(task._fn)
-        payload, parts, chunks = dumps_args(task.name, task._args, task._kwargs)
+        payload, parts, chunks = dumps_args(task.name, task._args, task._kwargs, task._resolve)
         opts = task._opts
         extra = None
         if opts.restore is not None or opts.checkpoint is not None:
@@ -267,7 +277,7 @@ class Distributor:
             opts_index = len(out.buffers)
             out.buffers.append(extra)
         out.tasks.append([task.id, task.name, fn_hash, task._kind, task._attempts,
-                          len(out.buffers), 1 + len(parts), deps, opts_index])
+                          len(out.buffers), 1 + len(parts), deps, opts_index, task._resolve])
         out.buffers.append(payload)
         out.buffers.extend(parts)
         task._est = est = self.sched.runtimes.get(task._fnkey)
@@ -285,6 +295,19 @@ class Distributor:
         obj._where.add(worker.id)
         worker.holds.add(key)
         self.objects[key] = obj
+        self._track(obj, key)
+
+    def _track(self, obj: Any, key: int) -> None:
+        """Free the copies on workers once the handle (DTask or Chunk) is garbage."""
+        if type(obj) is DTask:
+            if obj._tracked:
+                return
+            obj._tracked = True
+        elif key in self._tracked_chunks:
+            return
+        else:
+            self._tracked_chunks.add(key)
+        weakref.finalize(obj, self._release_later, key, obj._where)
 
     def _send(self) -> None:
         self._send_scheduled = False
@@ -330,13 +353,9 @@ class Distributor:
             task._handle = None
             proc = worker.async_view if task._kind == "async" else worker.thread_view
             if status == "ok":
-                task._where = {worker.id}
+                task._where.clear()  # the same set object lives on in the finalizer
                 task._nbytes = size
-                worker.holds.add(key)
-                self.objects[key] = task
-                if not task._tracked:
-                    task._tracked = True
-                    weakref.finalize(task, self._release_later, key, task._where)
+                self._note_holder(task, key, worker)
                 value = loads_value(parts[0], parts[1:]) if nparts else REMOTE
                 sched.complete(task, attempt, True, value, start, seconds, proc)
             elif status == "error":
@@ -367,6 +386,7 @@ class Distributor:
         by_worker: dict[int, list[int]] = {}
         while self._releases:
             key, where = self._releases.popleft()
+            self._tracked_chunks.discard(key)
             for wid in where:
                 by_worker.setdefault(wid, []).append(key)
         for wid, keys in by_worker.items():

@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 INLINE_LIMIT = 64 << 10
 
 
+_PLAIN = TaskOptions()
+
+
 class MissingDependency(Exception):
     def __init__(self, ids: list[int]) -> None:
         super().__init__(ids)
@@ -260,15 +263,16 @@ class WorkerProcess:
         for key, index, nparts in header.get("values", ()):
             self.data[key] = loads_value(buffers[index], buffers[index + 1:index + nparts])
         for entry in header["tasks"]:
-            key, name, fn_hash, kind, attempt, index, nparts, deps, opts_index = entry
+            key, name, fn_hash, kind, attempt, index, nparts, deps, opts_index, refs = entry
             args_parts = buffers[index:index + nparts]
-            opts = TaskOptions(name=name)
+            opts = _PLAIN
             if opts_index >= 0:
                 restore, checkpoint = cloudpickle.loads(buffers[opts_index])
                 opts = TaskOptions(name=name, restore=restore, checkpoint=checkpoint)
             task: DTask[Any] = DTask(self, key, name, self.functions[fn_hash], (), {}, opts)  # type: ignore[arg-type]
             task._kind = kind
             task._attempts = attempt
+            task._resolve = refs  # here: whether the arguments hold references to resolve
             self.running[key] = task
             missing = [d for d in deps if d[0] not in self.data]
             if missing:
@@ -281,7 +285,9 @@ class WorkerProcess:
             self.complete(task, task._attempts, False, TaskCancelledError(task._describe()), 0.0, 0.0, None)
             return
         try:
-            task._args, task._kwargs = loads_args(parts[0], parts[1:], self.data.__getitem__)
+            task._args, task._kwargs = loads_args(
+                parts[0], parts[1:], self.data.__getitem__ if task._resolve else None)
+            task._resolve = False  # the values are in place
         except Exception as exc:  # noqa: BLE001 - e.g. a class this worker cannot import
             exc.add_note(f"aiodagger: the arguments of {task._describe()} could not be loaded on "
                          f"worker {self.worker_id}")

@@ -72,8 +72,8 @@ def _dump(pickler_cls: type, obj: Any, chunks: list[Any] | None = None) -> tuple
     return out.getvalue(), [b.raw() for b in buffers]
 
 
-def dumps_args(task_name: str, args: tuple[Any, ...],
-               kwargs: dict[str, Any]) -> tuple[bytes, Buffers, list[Any]]:
+def dumps_args(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+               has_refs: bool = True) -> tuple[bytes, Buffers, list[Any]]:
     """Pickle a task's arguments: (pickle, buffers, the Chunks referenced).
 
     A failure raises SerializationError naming the argument that could not be pickled.
@@ -81,6 +81,9 @@ def dumps_args(task_name: str, args: tuple[Any, ...],
     obj = (args, kwargs)
     chunks: list[Any] = []
     try:
+        if not has_refs:
+            payload, buffers = dumps_value(obj)
+            return payload, buffers, chunks
         payload, buffers = _dump(_RefPickler, obj, chunks)
         return payload, buffers, chunks
     except Exception:  # noqa: BLE001 - lambdas, closures, local classes: cloudpickle's job
@@ -134,17 +137,26 @@ class _RefUnpickler(pickle.Unpickler):
         return self._resolve(pid)
 
 
-def loads_args(payload: Any, buffers: Any, resolve: Callable[[int], Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Unpickle arguments, replacing each task/chunk reference by ``resolve(id)``."""
-    args, kwargs = _RefUnpickler(payload, buffers, resolve).load()
+def loads_args(payload: Any, buffers: Any, resolve: Callable[[int], Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Unpickle arguments, replacing each task/chunk reference by ``resolve(id)``
+    (None: the sender said there are no references)."""
+    if resolve is None:
+        args, kwargs = pickle.loads(payload, buffers=buffers)
+    else:
+        args, kwargs = _RefUnpickler(payload, buffers, resolve).load()
     return args, kwargs
 
 
 def dumps_value(value: Any) -> tuple[bytes, Buffers]:
+    """Pickle a value: (pickle, out-of-band buffers). The C pickler's one-call path
+    first (a result of a tiny task costs ~1 µs), cloudpickle for what it cannot do."""
+    buffers: list[pickle.PickleBuffer] = []
     try:
-        return _dump(pickle.Pickler, value)
-    except Exception:  # noqa: BLE001
-        return _dump(cloudpickle.Pickler, value)
+        payload = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    except Exception:  # noqa: BLE001 - lambdas, local classes...
+        buffers.clear()
+        payload = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    return payload, [b.raw() for b in buffers]
 
 
 def loads_value(payload: Any, buffers: Any = ()) -> Any:
