@@ -195,3 +195,22 @@ def test_sync_cluster_with_processes():
         assert dagger.spawn(pid).fetch(timeout=20) in {w.pid for w in c.workers[1:]}
         big = dagger.spawn(make_array, 1 << 20, 1.0)
         assert big.fetch(timeout=20).nbytes == 1 << 20
+
+
+async def test_function_a_worker_cannot_load_fails_only_its_task(procs, tmp_path):
+    # A function defined in a module only this process can import (pickled by reference).
+    module = tmp_path / "only_here_mod.py"
+    module.write_text("def f(x):\n    return x * 2\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import only_here_mod
+
+        t = dagger.spawn(only_here_mod.f, 2)
+        with pytest.raises(ModuleNotFoundError) as info:
+            await t
+        assert "could not be loaded on worker" in "\n".join(info.value.__notes__)
+        assert await dagger.spawn(inc, 1) == 2  # the workers are still there
+        assert len(procs.workers) == 3
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("only_here_mod", None)

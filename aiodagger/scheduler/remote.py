@@ -98,6 +98,15 @@ class RemoteWorker:
                 f"{self.async_view!r}, {self.thread_view!r}")
 
 
+def _load_error(payload: Any, task: DTask[Any]) -> BaseException:
+    try:
+        return loads_error(payload)
+    except Exception as exc:  # noqa: BLE001 - e.g. the exception's class is not importable here
+        err = RuntimeError(f"{task._describe()} failed on a worker with an error that cannot be "
+                           f"loaded in this process: {exc}")
+        return err
+
+
 def _load(worker: RemoteWorker) -> float:
     return worker.backlog_s / worker.threads
 
@@ -356,10 +365,16 @@ class Distributor:
                 task._where.clear()  # the same set object lives on in the finalizer
                 task._nbytes = size
                 self._note_holder(task, key, worker)
-                value = loads_value(parts[0], parts[1:]) if nparts else REMOTE
+                value = REMOTE
+                if nparts:
+                    try:
+                        value = loads_value(parts[0], parts[1:])
+                    except Exception as exc:  # noqa: BLE001 - e.g. its class is not importable here
+                        logger.warning("the result of %s cannot be loaded in this process (%s); it "
+                                       "stays on worker %d", task._describe(), exc, worker.id)
                 sched.complete(task, attempt, True, value, start, seconds, proc)
             elif status == "error":
-                sched.complete(task, attempt, False, loads_error(parts[0]), start, seconds, proc)
+                sched.complete(task, attempt, False, _load_error(parts[0], task), start, seconds, proc)
             elif status == "missing":
                 sched.dependencies_lost(task, [self.objects.get(k) for k in record[7]])
         for key in header.get("holding", ()):

@@ -258,22 +258,38 @@ class WorkerProcess:
         return None
 
     def _on_run(self, header: dict[str, Any], buffers: list[bytearray]) -> None:
+        # Anything that fails to load fails the tasks that need it, never the worker:
+        # e.g. a function whose module this machine cannot import.
+        broken: dict[bytes, BaseException] = {}
         for fn_hash, index in header.get("functions", ()):
-            self.functions[fn_hash] = cloudpickle.loads(buffers[index])
+            try:
+                self.functions[fn_hash] = cloudpickle.loads(buffers[index])
+            except Exception as exc:  # noqa: BLE001
+                broken[fn_hash] = exc
         for key, index, nparts in header.get("values", ()):
-            self.data[key] = loads_value(buffers[index], buffers[index + 1:index + nparts])
+            try:
+                self.data[key] = loads_value(buffers[index], buffers[index + 1:index + nparts])
+            except Exception as exc:  # noqa: BLE001 - the tasks needing it report it missing
+                logger.error("worker %s: cannot load input %d: %s", self.name, key, exc)
         for entry in header["tasks"]:
             key, name, fn_hash, kind, attempt, index, nparts, deps, opts_index, refs = entry
             args_parts = buffers[index:index + nparts]
-            opts = _PLAIN
-            if opts_index >= 0:
-                restore, checkpoint = cloudpickle.loads(buffers[opts_index])
-                opts = TaskOptions(name=name, restore=restore, checkpoint=checkpoint)
-            task: DTask[Any] = DTask(self, key, name, self.functions[fn_hash], (), {}, opts)  # type: ignore[arg-type]
+            task: DTask[Any] = DTask(self, key, name, None, (), {}, _PLAIN)  # type: ignore[arg-type]
             task._kind = kind
             task._attempts = attempt
             task._resolve = refs  # here: whether the arguments hold references to resolve
             self.running[key] = task
+            try:
+                if fn_hash in broken:
+                    raise broken[fn_hash]
+                task._fn = self.functions[fn_hash]
+                if opts_index >= 0:
+                    restore, checkpoint = cloudpickle.loads(buffers[opts_index])
+                    task._opts = TaskOptions(name=name, restore=restore, checkpoint=checkpoint)
+            except Exception as exc:  # noqa: BLE001
+                exc.add_note(f"aiodagger: {task._describe()} could not be loaded on worker {self.worker_id}")
+                self.complete(task, attempt, False, exc, 0.0, 0.0, None)
+                continue
             missing = [d for d in deps if d[0] not in self.data]
             if missing:
                 asyncio.ensure_future(self._fetch_then_start(task, args_parts, missing))
