@@ -214,3 +214,25 @@ async def test_function_a_worker_cannot_load_fails_only_its_task(procs, tmp_path
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("only_here_mod", None)
+
+
+def nested_sum(n):
+    # runs in a worker process: spawns children into the same cluster and blocks on them
+    kids = [dagger.spawn(inc, i) for i in range(n)]
+    return sum(k.fetch(timeout=20) for k in kids), os.getpid()
+
+
+async def nested_async(n):
+    kids = [dagger.spawn(pid, i) for i in range(n)]
+    big = dagger.spawn(make_array, 1 << 20, 1.0)  # stays on a worker: fetched from there
+    pids = await dagger.gather(*kids)
+    return sorted(set(pids)), float((await big).sum())
+
+
+async def test_nested_spawn_inside_worker_processes(procs):
+    total, where = await asyncio.wait_for(dagger.spawn(nested_sum, 10), 30)
+    assert total == sum(range(1, 11))
+    assert where in {w.pid for w in procs.workers[1:]}
+    pids, big_sum = await asyncio.wait_for(dagger.spawn(nested_async, 6), 30)
+    assert set(pids) <= {w.pid for w in procs.workers[1:]}
+    assert big_sum == (1 << 20) / 8

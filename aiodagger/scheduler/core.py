@@ -66,12 +66,13 @@ class Scheduler:
 
     # -- spawning (any thread) -----------------------------------------------------------
     def spawn(self, opts: TaskOptions, fn: Any, args: tuple[Any, ...],
-              kwargs: dict[str, Any]) -> DTask[Any]:
+              kwargs: dict[str, Any], key: int | None = None) -> DTask[Any]:
+        """A new task (``key``: an id given by a worker that spawned it)."""
         if self.closed:
             raise RuntimeError("this cluster is closed; spawn inside `async with dagger.Cluster()`")
         kind = _classify(fn)
         name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
-        task: DTask[Any] = DTask(self, next(self._ids), name, fn, args, kwargs, opts)
+        task: DTask[Any] = DTask(self, next(self._ids) if key is None else key, name, fn, args, kwargs, opts)
         task._kind = kind
         deps, found = find_dependencies(args, kwargs)
         if found:
@@ -495,27 +496,7 @@ class Scheduler:
 
     # -- waiting from other threads ------------------------------------------------------
     def wait_blocking(self, task: DTask[Any], timeout: float | None) -> None:
-        if threading.get_ident() == self.loop_thread_id:
-            raise RuntimeError(
-                f"fetch() on {task!r} was called on the cluster's event loop thread, where "
-                "blocking would deadlock the loop that runs the task. Write `await task` "
-                "(or `await dagger.gather(...)`) here instead."
-            )
-        from ..worker.threads import current_pool
-
-        event = threading.Event()
-        task._on_done(lambda _t: event.set())
-        pool = current_pool()
-        if pool is not None:
-            with pool.blocked():
-                finished = event.wait(timeout)
-        else:
-            finished = event.wait(timeout)
-        if not finished:
-            raise TimeoutError(
-                f"{task._describe()} did not finish within {timeout} s; it keeps running "
-                "(fetch it again, or cancel it)"
-            )
+        block_until_done(task, timeout, self.loop_thread_id)
 
     # -- lifecycle -----------------------------------------------------------------------
     def _release(self, task: DTask[Any]) -> None:
@@ -673,3 +654,28 @@ def spawn_callable_error(fn: Any) -> TypeError | None:
 def _pins_local(scope: Scope) -> bool:
     """Whether a scope asks for worker 0 (the scheduler's own process) by name."""
     return (scope.workers is not None and 0 in scope.workers) or scope.process == os.getpid()
+
+
+def block_until_done(task: DTask[Any], timeout: float | None, loop_thread_id: int) -> None:
+    """Block this thread until ``task`` is done; a pool thread hands its slot back meanwhile."""
+    if threading.get_ident() == loop_thread_id:
+        raise RuntimeError(
+            f"fetch() on {task!r} was called on the cluster's event loop thread, where "
+            "blocking would deadlock the loop that runs the task. Write `await task` "
+            "(or `await dagger.gather(...)`) here instead."
+        )
+    from ..worker.threads import current_pool
+
+    event = threading.Event()
+    task._on_done(lambda _t: event.set())
+    pool = current_pool()
+    if pool is not None:
+        with pool.blocked():
+            finished = event.wait(timeout)
+    else:
+        finished = event.wait(timeout)
+    if not finished:
+        raise TimeoutError(
+            f"{task._describe()} did not finish within {timeout} s; it keeps running "
+            "(fetch it again, or cancel it)"
+        )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import weakref
@@ -23,8 +24,16 @@ from ..comm.framing import Comm
 from ..comm.rpc import Rpc
 from ..errors import SerializationError
 from ..options import ANY_SCOPE
-from ..task import REMOTE, Chunk, DTask
-from ..worker.wire import FunctionCache, dumps_args, dumps_value, loads_error, loads_value
+from ..task import FINISHED, REMOTE, Chunk, DTask
+from ..worker.wire import (
+    FunctionCache,
+    dumps_args,
+    dumps_error,
+    dumps_value,
+    loads_args,
+    loads_error,
+    loads_value,
+)
 from .placement import DEFAULT_BANDWIDTH, Candidate, choose_processor
 
 if TYPE_CHECKING:
@@ -135,6 +144,10 @@ class Distributor:
         # when a worker reports on them or is lost. Weak: a handle dropped is forgotten.
         self.objects: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         self._tracked_chunks: set[int] = set()
+        # Tasks spawned by tasks running in workers: id -> (task, spawning worker id),
+        # kept until that worker drops its handle.
+        self.nested: dict[int, tuple[DTask[Any], int]] = {}
+        self._nested_fns: dict[bytes, Any] = {}
 
     @property
     def received_bytes(self) -> int:
@@ -160,6 +173,16 @@ class Distributor:
                     holder[0].stats = header
             elif op == "register" and not holder:
                 return self._register(rpc, header, holder)
+            elif op == "spawn" and holder:
+                self._on_spawn(holder[0], header, buffers)
+            elif op == "forget":
+                for key in header["ids"]:
+                    self.nested.pop(key, None)
+            elif op == "cancel-task":
+                for key in header["ids"]:
+                    entry = self.nested.get(key)
+                    if entry is not None:
+                        self.sched.cancel(entry[0])
             else:
                 logger.warning("unexpected op %r from %s", op, comm.peer)
             return None
@@ -383,6 +406,58 @@ class Distributor:
                 self._note_holder(obj, key, worker)
         sched.request_flush()
 
+    # -- tasks spawned inside workers --------------------------------------------------------
+    def _on_spawn(self, worker: RemoteWorker, header: dict[str, Any], buffers: list[bytearray]) -> None:
+        for key, fn_hash, base, nparts, refs in header["tasks"]:
+            try:
+                fn = self._nested_fns.get(fn_hash)
+                if fn is None:
+                    fn = self._nested_fns[fn_hash] = cloudpickle.loads(buffers[base])
+                opts = cloudpickle.loads(buffers[base + 1])
+                args, kwargs = loads_args(buffers[base + 2], buffers[base + 3:base + nparts],
+                                          self._nested_task if refs else None)
+                task = self.sched.spawn(opts, fn, args, kwargs, key=key)
+            except Exception as exc:  # noqa: BLE001 - reported to the task's handle
+                self._report_failure(worker, key, exc)
+                continue
+            self.nested[key] = (task, worker.id)
+            task._on_done(functools.partial(self._report, worker.id))
+
+    def _nested_task(self, key: int) -> DTask[Any]:
+        return self.nested[key][0]
+
+    def _report(self, wid: int, task: DTask[Any]) -> None:
+        worker = self.workers.get(wid)
+        if worker is None:
+            return
+        header: dict[str, Any] = {"op": "task-done", "id": task.id}
+        buffers: list[Any] = []
+        if task._cancelled:
+            header["status"] = "cancelled"
+        elif task._state == FINISHED:
+            header["status"] = "finished"
+            if task._value is REMOTE:
+                header["holders"] = [[h, self.workers[h].address] for h in task._where if h in self.workers]
+            else:
+                payload, parts = dumps_value(task._value)
+                buffers = [payload, *parts]
+        else:
+            header["status"] = "failed"
+            assert task._exc is not None
+            buffers = [dumps_error(task._exc)]
+        asyncio.ensure_future(self._send_quietly(worker, header, buffers))
+
+    def _report_failure(self, worker: RemoteWorker, key: int, exc: BaseException) -> None:
+        exc.add_note("aiodagger: a task spawned inside a worker could not be loaded by the scheduler")
+        asyncio.ensure_future(self._send_quietly(
+            worker, {"op": "task-done", "id": key, "status": "failed"}, [dumps_error(exc)]))
+
+    async def _send_quietly(self, worker: RemoteWorker, header: dict[str, Any], buffers: list[Any]) -> None:
+        try:
+            await worker.rpc.comm.send(header, buffers)
+        except ConnectionError:
+            pass
+
     def _find(self, key: int) -> Any:
         return self.objects.get(key)
 
@@ -452,6 +527,8 @@ class Distributor:
         logger.warning("worker %d (%s) lost: %s", worker.id, worker.address, reason)
         running = list(worker.running.values())
         worker.running.clear()
+        for key in [k for k, (_, wid) in self.nested.items() if wid == worker.id]:
+            del self.nested[key]  # nobody there waits for these any more
         for key in worker.holds:
             obj = self.objects.get(key)
             if obj is not None:

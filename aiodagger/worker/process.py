@@ -21,6 +21,8 @@ from typing import Any
 
 import cloudpickle
 
+from ..cluster import _current as _current_cluster
+from ..cluster import _pool_thread
 from ..comm.framing import Comm, open_comm
 from ..comm.handshake import client_handshake
 from ..comm.rpc import Rpc
@@ -29,6 +31,7 @@ from ..errors import TaskCancelledError
 from ..options import TaskOptions
 from ..task import DTask
 from .aio import AsyncProc
+from .nested import NestedCluster, SchedulerClient
 from .threads import ThreadProc
 from .wire import dumps_error, dumps_value, loads_args, loads_value
 
@@ -143,8 +146,17 @@ class WorkerProcess:
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.loop_thread_id = threading.get_ident()
-        self.thread_proc = ThreadProc(0, self.threads, self, lambda: None)  # type: ignore[arg-type]
-        self.async_proc = AsyncProc(0, self, contextvars.Context())  # type: ignore[arg-type]
+        # Tasks here spawn nested tasks through a client of the scheduler.
+        self.client = SchedulerClient(self)
+        nested = NestedCluster(self.client)
+        task_context = contextvars.Context()
+        task_context.run(_current_cluster.set, nested)  # type: ignore[arg-type]
+
+        def thread_init() -> None:
+            _pool_thread.cluster = nested
+
+        self.thread_proc = ThreadProc(0, self.threads, self, thread_init)  # type: ignore[arg-type]
+        self.async_proc = AsyncProc(0, self, task_context)  # type: ignore[arg-type]
         self.thread_proc.start()
         self._listener = Listener(self._serve_peer, self.token, ssl=self.ssl_server)
         await self._listener.start("0.0.0.0" if self.reconnect else "127.0.0.1", 0)
@@ -247,6 +259,8 @@ class WorkerProcess:
                         self.async_proc.cancel(task._handle)
         elif op == "put":
             self.data[header["id"]] = loads_value(buffers[0], buffers[1:])
+        elif op == "task-done":
+            self.client.on_task_done(header, buffers)
         elif op == "replicate":
             return self._replicate(header)
         elif op == "shutdown":
