@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .options import TaskOptions
     from .scheduler.core import Scheduler
 
-__all__ = ["CANCELLED", "DONE_STATES", "FAILED", "FINISHED", "PENDING", "READY", "REMOTE", "RUNNING",
+__all__ = ["CANCELLED", "DONE_STATES", "FAILED", "FINISHED", "PENDING", "NOWHERE", "READY", "REMOTE", "RUNNING",
            "Chunk", "DTask"]
 
 R = TypeVar("R")
@@ -50,6 +50,7 @@ class _Remote:
 
 
 REMOTE: Any = _Remote()
+NOWHERE: frozenset[int] = frozenset()
 
 
 def _set_future(fut: asyncio.Future[None]) -> None:
@@ -144,7 +145,8 @@ class DTask(Generic[R]):
         self._timer: Any = None
         self._tracked = False
         self._nbytes = 0
-        self._where: set[int] = set()
+        # Shared and empty until the result lives on some worker: most tasks never need a set.
+        self._where: set[int] = NOWHERE  # type: ignore[assignment]
 
     # -- state -------------------------------------------------------------------------
     @property

@@ -105,7 +105,8 @@ class Scheduler:
         if task._cancelled:  # cancelled from another thread before it got here
             return
         self._live.add(task)
-        task._fnkey = function_key(task._fn)
+        if task._kind != "async":  # run times are learned for thread tasks only
+            task._fnkey = function_key(task._fn)
         opts = task._opts
         if opts.scope is not ANY_SCOPE and not self._admissible(task):
             return
@@ -161,7 +162,8 @@ class Scheduler:
         logger.info("recomputing %s: its result was lost with its worker", task._describe())
         task._state = PENDING
         task._value = None
-        task._where.clear()
+        if task._where:
+            task._where.clear()  # the same set object lives on in the release finalizer
         task._waiters = []
         self._live.add(task)
         pending = 0
@@ -216,9 +218,9 @@ class Scheduler:
         if task._kind == "async" and not self._goes_remote(task):
             # Coroutines have no capacity to wait for: start them at once.
             task._state = RUNNING
-            self._arm_timeout(task)
-            assert self.local is not None
-            self.local.async_proc.submit(task)
+            if task._opts.timeout is not None:
+                self._arm_timeout(task)
+            self._local_worker.async_proc.submit(task)
             return
         task._state = READY
         heapq.heappush(self._ready, (-task._opts.priority, task.id, task))

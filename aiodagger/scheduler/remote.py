@@ -324,6 +324,8 @@ class Distributor:
             self.sched.loop.call_soon(self._send)
 
     def _note_holder(self, obj: Any, key: int, worker: RemoteWorker) -> None:
+        if obj._where is NOWHERE:
+            obj._where = set()
         obj._where.add(worker.id)
         worker.holds.add(key)
         self.objects[key] = obj
@@ -385,7 +387,8 @@ class Distributor:
             task._handle = None
             proc = worker.async_view if task._kind == "async" else worker.thread_view
             if status == "ok":
-                task._where.clear()  # the same set object lives on in the finalizer
+                if task._where:
+                    task._where.clear()  # the same set object lives on in the finalizer
                 task._nbytes = size
                 self._note_holder(task, key, worker)
                 value = REMOTE

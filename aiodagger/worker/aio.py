@@ -45,7 +45,9 @@ class AsyncProc:
         task._handle = self._loop.create_task(self._run(task, task._attempts, coro), context=self._context)
 
     async def _run(self, task: DTask[Any], attempt: int, coro: Coroutine[Any, Any, Any] | None) -> None:
-        start = perf_counter()
+        # Timed only for observers: run times of coroutines are not learned (they overlap).
+        timed = bool(getattr(self._sched, "instruments", None))
+        start = perf_counter() if timed else 0.0
         try:
             if coro is None:
                 if task._resolve or task._opts.restore is not None or task._opts.checkpoint is not None:
@@ -62,7 +64,7 @@ class AsyncProc:
         self.running -= 1
         if self._idle is not None and self.running == 0 and not self._idle.done():
             self._idle.set_result(None)
-        self._sched.complete(task, attempt, ok, value, start, perf_counter() - start, self)
+        self._sched.complete(task, attempt, ok, value, start, perf_counter() - start if timed else 0.0, self)
 
     def cancel(self, handle: asyncio.Task[None]) -> None:
         """Cancel a task's coroutine. A wrapper cancelled before its first step never
