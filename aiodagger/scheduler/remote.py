@@ -24,7 +24,7 @@ from ..comm.framing import Comm
 from ..comm.rpc import Rpc
 from ..errors import SerializationError
 from ..options import ANY_SCOPE
-from ..task import FINISHED, REMOTE, Chunk, DTask
+from ..task import FINISHED, NOWHERE, REMOTE, Chunk, DTask
 from ..worker.wire import (
     FunctionCache,
     dumps_args,
