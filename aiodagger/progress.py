@@ -82,8 +82,6 @@ class progress:  # noqa: N801 - used like a function: `await dagger.progress(ts)
 
     # -- the waiters ---------------------------------------------------------------------
     def _start(self) -> asyncio.AbstractEventLoop:
-        if self._loop is not None:
-            raise RuntimeError("a dagger.progress() object can be awaited or iterated once; make a new one")
         loop = self._loop = asyncio.get_running_loop()
         if self._want_bar:
             self._bar = _make_bar(len(self._unique), self._desc)
@@ -110,6 +108,11 @@ class progress:  # noqa: N801 - used like a function: `await dagger.progress(ts)
 
     async def __anext__(self) -> DTask[Any]:
         loop = self._loop or self._start()
+        if asyncio.get_running_loop() is not loop:
+            raise RuntimeError(
+                "this dagger.progress() object was started on another event loop; "
+                "make a new one here (tasks themselves can be awaited from any loop)"
+            )
         if self._left == 0 or self._closed:
             self._close_bar()
             raise StopAsyncIteration
