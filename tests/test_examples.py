@@ -13,7 +13,7 @@ EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
 
 @pytest.mark.parametrize("script, expected", [
     ("quickstart.py", ["total with tax: 165", "failed upstream: fetch_price -> KeyError"]),
-    ("sync_script.py", ["sum of squares: 285"]),
+    ("script.py", ["sum of squares: 285"]),
 ])
 def test_example_runs(script, expected):
     proc = subprocess.run([sys.executable, "-W", "error", str(EXAMPLES / script)],
