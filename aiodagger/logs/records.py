@@ -65,8 +65,8 @@ class Lane(NamedTuple):
 class Logs:
     """Events recorded while logging was enabled (``await dagger.fetch_logs()``).
 
-    ``events`` is chronological per kind of event; ``runs``, ``tasks`` and ``edges`` are
-    views over it. Export with :meth:`to_chrome_trace`, :meth:`gantt` and :meth:`to_dot`.
+    ``events`` holds the records in the order the scheduler reported them (a run is
+    reported when it ends); ``runs``, ``tasks``, ``states`` and ``edges`` are views over it. Export with :meth:`to_chrome_trace`, :meth:`gantt` and :meth:`to_dot`.
     """
 
     def __init__(self, events: list[Event], origin: float) -> None:
