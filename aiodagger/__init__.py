@@ -20,7 +20,9 @@ from .errors import (
     UpstreamError,
     WorkerLostError,
 )
+from .logs import Logs, disable_logging, enable_logging, fetch_logs
 from .options import MISSING, Options, Scope, options, scope
+from .progress import progress
 from .task import Chunk, DTask
 from .taskgroup import TaskGroup
 
@@ -33,6 +35,7 @@ __all__ = [
     "Cluster",
     "DTask",
     "DaggerError",
+    "Logs",
     "NoProcessorError",
     "Options",
     "ProtocolError",
@@ -46,9 +49,13 @@ __all__ = [
     "WorkerLostError",
     "__version__",
     "as_completed",
+    "disable_logging",
+    "enable_logging",
     "fetch",
+    "fetch_logs",
     "gather",
     "options",
+    "progress",
     "put",
     "scope",
     "spawn",

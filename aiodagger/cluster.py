@@ -18,6 +18,7 @@ import enum
 import logging
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from ._loopthread import LoopThread
@@ -25,7 +26,7 @@ from .scheduler.core import Scheduler
 from .worker.launcher import WorkerLauncher
 from .worker.local import LocalWorker, WorkerInfo
 
-__all__ = ["Cluster", "WorkerInfo", "current_cluster"]
+__all__ = ["Cluster", "WorkerInfo", "current_cluster", "on_cluster_start", "running_cluster"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ _entered: list[Cluster] = []
 _default: Cluster | None = None
 _default_lock = threading.Lock()
 _atexit_registered = False
+# Called with each cluster as it starts, on its loop thread (observers such as
+# enable_logging register here); consulted once per start, never per task.
+on_cluster_start: list[Callable[[Cluster], None]] = []
 
 
 class Cluster:
@@ -163,6 +167,8 @@ class Cluster:
         self._closed_event = asyncio.Event()
         self._local.start()
         self._state = ClusterState.RUNNING
+        for hook in list(on_cluster_start):
+            hook(self)
 
     def _init_pool_thread(self) -> None:
         _pool_thread.cluster = self
@@ -303,6 +309,26 @@ def current_cluster() -> Cluster:
         if cluster._state is ClusterState.RUNNING:
             return cluster
     return _default_cluster()
+
+
+def running_cluster() -> Cluster | None:
+    """The cluster a ``spawn`` here would use, or None where it would start the default one.
+
+    Unlike :func:`current_cluster` it never starts one: observers ask it.
+    """
+    cluster = _current.get()
+    if cluster is not None and cluster._state is ClusterState.RUNNING:
+        return cluster
+    cluster = getattr(_pool_thread, "cluster", None)
+    if cluster is not None and cluster._state is ClusterState.RUNNING:
+        return cluster
+    for cluster in reversed(_entered):
+        if cluster._state is ClusterState.RUNNING:
+            return cluster
+    default = _default
+    if default is not None and default._state is ClusterState.RUNNING:
+        return default
+    return None
 
 
 def _default_cluster() -> Cluster:

@@ -1,6 +1,6 @@
 """Plain synchronous use: no asyncio in sight. The first spawn starts a default cluster.
 
-    python examples/sync_script.py
+    python examples/script.py
 """
 
 import aiodagger as dagger

@@ -1,0 +1,160 @@
+"""What a log holds: the recorded scheduler events, and the ``Logs`` view over them.
+
+Records carry task ids and names, never the tasks themselves, so a log keeps no
+value alive. Times are ``time.perf_counter()`` seconds, as the scheduler reports them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections.abc import Iterator
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["Done", "Event", "Logs", "Ran", "Spawned"]
+
+
+class Spawned(NamedTuple):
+    """``task`` was registered, waiting for ``dependencies`` (task ids)."""
+
+    task: int
+    name: str
+    dependencies: tuple[int, ...]
+    time: float
+
+
+class Ran(NamedTuple):
+    """One run (attempt) of ``task`` on ``processor`` of ``worker``; ``ok`` is False if it raised."""
+
+    task: int
+    name: str
+    worker: int
+    processor: str
+    start: float
+    stop: float
+    ok: bool
+
+
+class Done(NamedTuple):
+    """``task`` reached its final ``state`` ("finished", "failed" or "cancelled")."""
+
+    task: int
+    name: str
+    state: str
+    time: float
+
+
+Event = Spawned | Ran | Done
+
+
+class Lane(NamedTuple):
+    """A row of a timeline: one processor's runs that never overlap one another."""
+
+    worker: int
+    processor: str
+    row: int  # 0, 1, ... within the processor
+
+    @property
+    def label(self) -> str:
+        return f"{self.processor} #{self.row + 1}"
+
+
+class Logs:
+    """Events recorded while logging was enabled (``await dagger.fetch_logs()``).
+
+    ``events`` holds the records in the order the scheduler reported them (a run is
+    reported when it ends); ``runs``, ``tasks``, ``states`` and ``edges`` are views over it. Export with :meth:`to_chrome_trace`, :meth:`gantt` and :meth:`to_dot`.
+    """
+
+    def __init__(self, events: list[Event], origin: float) -> None:
+        self.events = events
+        self.origin = origin  # perf_counter() when logging began: time zero of the exports
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(self.events)
+
+    def __repr__(self) -> str:
+        return f"<Logs: {len(self.tasks)} tasks, {len(self.runs)} runs, {len(self.events)} events>"
+
+    @property
+    def runs(self) -> list[Ran]:
+        """Every run, in the order they ended."""
+        return [e for e in self.events if type(e) is Ran]
+
+    @property
+    def tasks(self) -> dict[int, str]:
+        """Task id -> name, for every task seen, in the order first seen."""
+        out: dict[int, str] = {}
+        for e in self.events:
+            if e.task not in out:
+                out[e.task] = e.name
+        return out
+
+    @property
+    def states(self) -> dict[int, str]:
+        """Task id -> final state, for the tasks that are done."""
+        return {e.task: e.state for e in self.events if type(e) is Done}
+
+    @property
+    def edges(self) -> list[tuple[int, int]]:
+        """(dependency, dependent) task id pairs, one per dependency."""
+        return [(dep, e.task) for e in self.events if type(e) is Spawned for dep in e.dependencies]
+
+    def lanes(self) -> list[tuple[Lane, Ran]]:
+        """Each run with the timeline row it is drawn on.
+
+        A processor runs several tasks at once (threads, coroutines), and a timeline
+        row must not hold overlapping bars (Perfetto requires slices on one thread to
+        nest), so each run takes the first row of its processor that is free by then.
+        """
+        placed: list[tuple[Lane, Ran]] = []
+        # Per processor: a heap of (end, row) for busy rows and a heap of free rows, so
+        # that 10,000 overlapping coroutines cost O(n log n), and a run takes the lowest
+        # free row (stable pictures).
+        busy: dict[tuple[int, str], list[tuple[float, int]]] = {}
+        free: dict[tuple[int, str], list[int]] = {}
+        for run in sorted(self.runs, key=lambda r: (r.start, r.stop)):
+            key = (run.worker, run.processor)
+            rows, idle = busy.setdefault(key, []), free.setdefault(key, [])
+            while rows and rows[0][0] <= run.start:
+                heapq.heappush(idle, heapq.heappop(rows)[1])
+            row = heapq.heappop(idle) if idle else len(rows)
+            heapq.heappush(rows, (run.stop, row))
+            placed.append((Lane(run.worker, run.processor, row), run))
+        return placed
+
+    # -- exports ---------------------------------------------------------------------------
+    def to_chrome_trace(self, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+        """The Chrome Trace Event JSON (open it in ui.perfetto.dev or chrome://tracing).
+
+        Written to ``path`` when given; the trace is returned as a dict either way.
+        """
+        from .trace import chrome_trace, write_json
+
+        trace = chrome_trace(self)
+        if path is not None:
+            write_json(trace, path)
+        return trace
+
+    def gantt(self, path: str | os.PathLike[str] | IO[bytes] | None = None, *,
+              title: str | None = None) -> Figure:
+        """A Gantt chart of the task runs, one row per processor lane (needs matplotlib).
+
+        Saved as a PNG to ``path`` (a file name or a binary file object) when given; the
+        matplotlib ``Figure`` is returned either way.
+        """
+        from .gantt import gantt
+
+        return gantt(self, path, title=title)
+
+    def to_dot(self) -> str:
+        """The task graph as Graphviz DOT text: one node per task, one edge per dependency."""
+        from .dot import to_dot
+
+        return to_dot(self)
