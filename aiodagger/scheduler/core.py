@@ -107,6 +107,9 @@ class Scheduler:
         self._live.add(task)
         if task._kind != "async":  # run times are learned for thread tasks only
             task._fnkey = function_key(task._fn)
+        if self.instruments:  # before any early exit: observers see every task's edges
+            for instrument in self.instruments:
+                instrument.task_spawned(task, list(task._deps or ()))
         opts = task._opts
         if opts.scope is not ANY_SCOPE and not self._admissible(task):
             return
@@ -120,9 +123,6 @@ class Scheduler:
                     return
                 pending += linked
         task._npending = pending
-        if self.instruments:
-            for instrument in self.instruments:
-                instrument.task_spawned(task, list(deps or ()))
         if pending == 0:
             self._make_ready(task)
 
