@@ -121,3 +121,23 @@ async def test_serving_on_a_given_cluster(dagger_cluster):
             assert await r.json() == {"n": 4, "sum": 14}
     assert dagger_cluster.state == "running"  # the app does not close a cluster it was given
     assert dagger_cluster.tasks_in_flight == 0
+
+
+async def test_with_two_subprocess_workers(dagger_process_cluster):
+    """The same app on a cluster whose tasks run in two worker processes."""
+    app = make_app(dagger_process_cluster)
+    async with TestClient(TestServer(app)) as client:
+        async def one(n):
+            async with client.get(f"/squares/{n}", params={"delay": "0.2"}) as r:
+                assert r.status == 200
+                return await r.json()
+
+        ns = list(range(1, 51))
+        answers = await asyncio.wait_for(asyncio.gather(*[one(n) for n in ns]), 60)
+        assert [a["sum"] for a in answers] == [sum(i * i for i in range(n)) for n in ns]
+        request = asyncio.create_task(client.get("/squares/20", params={"delay": "60"}))
+        await until(client, lambda st: st["tasks_in_flight"] >= 20)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await until(client, lambda st: st["tasks_in_flight"] == 0 and st["tasks_cancelled"] >= 20)

@@ -26,12 +26,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp: pathlib.Path) -> None:
+    def __init__(self, tmp: pathlib.Path, processes: int = 0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.stderr_path = tmp / "uvicorn.err"
         self._stderr = open(self.stderr_path, "w")  # a file, not a pipe: it can never fill up
-        env = {**os.environ, "AIODAGGER_PROCESSES": "0", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "AIODAGGER_PROCESSES": str(processes), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-W", "error", "-m", "uvicorn", "examples.fastapi_app:app",
              "--host", "127.0.0.1", "--port", str(self.port), "--loop", "uvloop",
@@ -67,9 +67,9 @@ class Server:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("fastapi"))
+@pytest.fixture(scope="module", params=[0, 2], ids=["in-process", "processes=2"])
+def server(request, tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("fastapi"), processes=request.param)
     try:
         srv.wait_ready()
         yield srv
@@ -107,7 +107,7 @@ async def test_runs_on_uvicorns_uvloop(server):
     async with client_for(server) as client:
         st = await status(client)
     assert st["loop"] == "uvloop.Loop"
-    assert st["workers"] == 1 and st["processes"] == 0
+    assert st["workers"] == 1 + st["processes"]
 
 
 async def test_many_concurrent_requests_get_correct_answers(server):

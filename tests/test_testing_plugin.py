@@ -64,3 +64,14 @@ def test_both_fixtures_are_listed_with_their_docs(tmp_path):
     assert "dagger_cluster -- " in out and "dagger_process_cluster -- " in out
     assert "two subprocess workers" in out
     assert "aiodagger/testing.py" in out
+
+
+async def test_dagger_process_cluster_runs_tasks_in_two_other_processes(dagger_process_cluster):
+    import os
+
+    import aiodagger as dagger
+
+    workers = dagger_process_cluster.workers
+    assert len(workers) == 3 and workers[0].pid == os.getpid()
+    pids = await dagger.gather(*[dagger.spawn(os.getpid) for _ in range(8)])
+    assert set(pids) <= {w.pid for w in workers[1:]}
