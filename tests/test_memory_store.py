@@ -405,6 +405,21 @@ async def test_lifecycle_errors_say_what_to_do(base):
     await quiet_store("64MiB", base).close()  # never started: nothing to do
 
 
+async def test_a_cancelled_close_still_cleans_up(base):
+    store = quiet_store(10 * MiB, base)
+    await store.start()
+    for i in range(4):
+        store.put(i, np.ones(4 * MiB // 8))
+    closing = asyncio.create_task(store.close())
+    await asyncio.sleep(0)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    async with asyncio.timeout(10):
+        await store.close()
+    assert store.state is StoreState.CLOSED and not store.directory.exists()
+
+
 async def test_waiters_are_released_by_close(base):
     store = quiet_store(10 * MiB, base)
     await store.start()

@@ -45,11 +45,13 @@ from typing import Any
 import numpy as np
 
 from ..comm import serialize
-from ..errors import DaggerError
+from ..errors import DaggerError, SerializationError
 
 __all__ = [
     "SpillCorruptedError",
+    "discard",
     "dump",
+    "dump_many",
     "load",
     "read",
     "read_parts",
@@ -106,7 +108,7 @@ def write_parts(path: str | os.PathLike[str], payload: Buffer, buffers: Sequence
         size = _write_all(fd, [head, *parts])
     except BaseException:
         os.close(fd)
-        _unlink_quietly(path)
+        discard(path)
         raise
     os.close(fd)
     return size
@@ -116,6 +118,30 @@ def dump(path: str | os.PathLike[str], obj: Any) -> int:
     """Serialize ``obj`` into ``path``; return the file's size."""
     payload, buffers = serialize.dumps(obj)
     return write_parts(path, payload, buffers)
+
+
+def dump_many(jobs: Sequence[tuple[str | os.PathLike[str], Any]]) -> list[int | Exception | None]:
+    """:func:`dump` each ``(path, obj)`` in turn, one result per job: the file's size, or
+    the error (:class:`~aiodagger.errors.SerializationError` for an object that cannot be
+    pickled). The first ``OSError`` stops the run, so that a full disk is not written
+    to again; the jobs after it get None.
+    """
+    results: list[int | Exception | None] = []
+    for path, obj in jobs:
+        try:
+            payload, buffers = serialize.dumps(obj)
+        except Exception as exc:
+            err = SerializationError(f"cannot pickle a {type(obj).__name__} to spill it: {exc!r}")
+            err.__cause__ = exc
+            results.append(err)
+            continue
+        try:
+            results.append(write_parts(path, payload, buffers))
+        except OSError as exc:
+            results.append(exc)
+            break
+    results.extend([None] * (len(jobs) - len(results)))
+    return results
 
 
 def read_parts(path: str | os.PathLike[str]) -> tuple[memoryview, list[memoryview]]:
@@ -237,7 +263,8 @@ def _read_exact(fd: int, n: int, path: str) -> bytes:
     return data
 
 
-def _unlink_quietly(path: str | os.PathLike[str]) -> None:
+def discard(path: str | os.PathLike[str]) -> None:
+    """Remove ``path`` if it can be removed; a spill file already gone is no error."""
     try:
         os.unlink(path)
     except OSError:

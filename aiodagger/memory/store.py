@@ -1,15 +1,12 @@
 """ChunkStore: a worker's chunks, kept under its memory limit by spilling to disk.
 
-Memory is what the worker's process holds: the chunks in RAM (``used``, counted with
-:func:`~aiodagger.memory.sizes.sizeof`) plus *unmanaged* memory, everything else the
-process's RSS shows (interpreter, libraries, a running task's temporaries), sampled
-every ``monitor_interval`` seconds. Two thresholds act on it:
-
-* above ``spill_fraction`` of the limit, a background task writes least-recently-used
-  chunks to disk, one executor call per batch, until memory is back under it;
-* above ``pause_fraction``, :meth:`ChunkStore.wait_admitted` blocks, so that a worker
-  calling it before each task takes no new work while the disk catches up. Without it
-  a fast producer outruns an asynchronous spill (dask/distributed#4424).
+Memory counts as :mod:`.pressure` says: the chunks in RAM plus the unmanaged rest of
+the process's RSS. Above the spill threshold (60 % of the limit by default) a background
+task writes least-recently-used chunks to disk, one executor call per batch, until
+memory is back under it. Above the pause threshold (80 %) :meth:`ChunkStore.wait_admitted`
+blocks, and so does reading a chunk back, while the spill makes room: a worker that
+calls it before each task takes no new work while the disk catches up. Without that
+a fast producer outruns an asynchronous spill (dask/distributed#4424).
 
 A chunk leaves RAM only once its file is completely written, and a chunk read back
 keeps its file: evicting it again costs no write. When memory cannot be brought down
@@ -25,11 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import enum
 import logging
 import os
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Hashable
@@ -39,9 +34,9 @@ from typing import Any
 
 import psutil
 
-from ..comm import serialize
 from ..errors import SerializationError
-from . import spilldir, spillfile
+from . import process, spilldir, spillfile
+from .pressure import Pressure
 from .sizes import parse_memory_limit, sizeof
 from .spillfile import SpillCorruptedError
 
@@ -54,23 +49,11 @@ _MISSING: Any = object()
 # large ones go one by one so that the first is out of RAM as soon as it is written.
 _BATCH_BYTES = 32 << 20
 _BATCH_CHUNKS = 256
-# glibc keeps freed memory below its mmap threshold (which grows to 32 MiB) in its
-# heaps, where RSS still shows it as unmanaged: given back once this much was dropped.
-# Putting 1 GiB of 16 MiB chunks through a 256 MiB store and reading them back peaked
-# at 246-294 MiB RSS without it, 214-245 MiB with it (4 runs each); a call costs ~40 µs.
+# Dropped chunks can stay in the C heap, where RSS shows them as unmanaged memory:
+# the heap is trimmed once this much was dropped. Putting 1 GiB of 16 MiB chunks
+# through a 256 MiB store and reading them back peaked at 246-294 MiB RSS without
+# trimming, 214-245 MiB with it (4 runs each).
 _TRIM_AFTER = 8 << 20
-
-
-def _find_malloc_trim() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc; musl has none
-    except (OSError, AttributeError):
-        return None
-
-
-_malloc_trim = _find_malloc_trim()
 
 
 class StoreState(enum.Enum):
@@ -112,17 +95,12 @@ class ChunkStore:
                  spill_dir: str | os.PathLike[str] | None = None,
                  spill_fraction: float = 0.6, pause_fraction: float = 0.8,
                  worker_name: str = "w0", monitor_interval: float | None = 0.2) -> None:
-        if not 0 < spill_fraction <= pause_fraction <= 1:
-            raise ValueError(f"need 0 < spill_fraction <= pause_fraction <= 1, got spill_fraction="
-                             f"{spill_fraction!r}, pause_fraction={pause_fraction!r} (defaults: 0.6, 0.8)")
         if monitor_interval is not None and not monitor_interval > 0:
             raise ValueError(f"monitor_interval={monitor_interval!r}: seconds > 0, or None")
         self.memory_limit = parse_memory_limit(memory_limit)
         self.worker_name = worker_name
         self.directory = spilldir.path_for(spill_dir, worker_name)
-        limit = self.memory_limit
-        self._spill_at = None if limit is None else int(limit * spill_fraction)
-        self._pause_at = None if limit is None else int(limit * pause_fraction)
+        self._pressure = Pressure(self.memory_limit, spill_fraction, pause_fraction, worker_name)
         self._monitor_interval = monitor_interval
         self.state = StoreState.NEW
 
@@ -133,34 +111,24 @@ class ChunkStore:
         self._in_memory = 0
         self._pinned = 0  # entries with pins > 0
         self._writing = 0  # entries in the batch being written
-        self._process = psutil.Process()
-        self._rss: int | None = None
-        self._peak_rss = 0
-        self._unmanaged = 0
         self._file_seq = 0
-        self.spilled_bytes = 0
-        self.spilled_now = 0
+        self._spilled_bytes = 0
+        self._spilled_now = 0
         self._spill_writes = 0
         self._spill_seconds = 0.0
         self._loads = 0
-        self.spill_errors = 0
-        self.last_error: BaseException | None = None
-        self.spill_disabled = False
-        self.paused = False
-        self.overrun = False
-        self._warned_overrun = False
+        self._spill_errors = 0
+        self._last_error: BaseException | None = None
+        self._spill_disabled = False
         self._unspillable = 0
         self._dropped = 0  # bytes dropped from RAM since malloc_trim last ran
         self._trimming = False
 
         self._executor: ThreadPoolExecutor | None = None
         self._wake = asyncio.Event()
-        self._admitted = asyncio.Event()  # set while new work may start
-        self._admitted.set()
-        self._loads_go = asyncio.Event()  # set while a spilled chunk may be read back
-        self._loads_go.set()
         self._tasks: list[asyncio.Task[None]] = []
         self._io: set[asyncio.Future[Any]] = set()
+        self._closing: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -180,19 +148,26 @@ class ChunkStore:
         if self.memory_limit is not None:
             self._tasks.append(asyncio.create_task(self._spill_loop(), name="aiodagger-spill"))
         if self._monitor_interval is not None:
-            self._sample_memory()
+            self._pressure.sample(self._used)
             self._tasks.append(asyncio.create_task(self._monitor(), name="aiodagger-memory-monitor"))
 
     async def close(self) -> None:
-        """Finish the write in flight, drop every chunk and remove the spill directory."""
+        """Finish the write in flight, drop every chunk and remove the spill directory.
+
+        Idempotent; a close that is cancelled still completes in the background.
+        """
         if self.state is StoreState.NEW:
             self.state = StoreState.CLOSED
             return
-        if self.state is not StoreState.RUNNING:
-            return
+        if self._closing is None:
+            if self.state is not StoreState.RUNNING:
+                return
+            self._closing = asyncio.create_task(self._close(), name="aiodagger-spill-close")
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         self.state = StoreState.CLOSING
-        self._admitted.set()  # nobody waits on a store that is going away
-        self._loads_go.set()
+        self._pressure.open_gates()  # nobody waits on a store that is going away
         self._wake.set()  # the spill loop sees CLOSING once its batch is written
         for task in self._tasks:
             if task.get_name() == "aiodagger-memory-monitor":
@@ -203,7 +178,7 @@ class ChunkStore:
             await asyncio.wait(list(self._io))
         self._entries.clear()
         self._evictable.clear()
-        self._used = self._in_memory = self.spilled_now = 0
+        self._used = self._in_memory = self._spilled_now = 0
         await self._run_io(spilldir.remove, self.directory)
         assert self._executor is not None
         self._executor.shutdown(wait=True)  # idle by now: every job was awaited above
@@ -305,36 +280,72 @@ class ChunkStore:
 
     @property
     def used(self) -> int:
-        """Bytes of the chunks in RAM."""
+        """Bytes of the chunks in RAM (and of those being read back)."""
         return self._used
+
+    @property
+    def spilled_bytes(self) -> int:
+        """Bytes written to spill files since the start."""
+        return self._spilled_bytes
+
+    @property
+    def spilled_now(self) -> int:
+        """Bytes in spill files now."""
+        return self._spilled_now
+
+    @property
+    def spill_errors(self) -> int:
+        """Spill writes that failed: disk errors and chunks that cannot be pickled."""
+        return self._spill_errors
+
+    @property
+    def last_error(self) -> BaseException | None:
+        return self._last_error
+
+    @property
+    def spill_disabled(self) -> bool:
+        """True once a write failed with an OSError: nothing more is spilled."""
+        return self._spill_disabled
+
+    @property
+    def paused(self) -> bool:
+        """Above the pause threshold while spilling makes room: new work waits."""
+        return self._pressure.paused
+
+    @property
+    def overrun(self) -> bool:
+        """Above the pause threshold with no way to make room: new work goes on anyway."""
+        return self._pressure.overrun
 
     @property
     def memory(self) -> int:
         """The process's memory as the thresholds see it: chunks in RAM + unmanaged."""
-        return self._used + self._unmanaged
+        return self._used + self._pressure.unmanaged
 
     async def wait_admitted(self) -> None:
         """Return once memory is under the pause threshold (at once if it is).
 
-        Also returns when the store cannot bring memory down (see ``overrun``).
+        Also returns when the store cannot bring memory down (see ``overrun``). Chunks
+        pinned by running tasks count as room to come, so a task that waits here while
+        holding pins of its own (a nested task) can wait for itself: run nested work
+        without waiting for admission.
         """
         self._check_running("wait_admitted")
-        while not self._admitted.is_set():
-            await self._admitted.wait()
+        await self._pressure.wait_admitted()
 
     def stats(self) -> dict[str, Any]:
         """Counters for a worker's status: bytes unless named otherwise."""
-        limit = self.memory_limit
+        limit, pressure = self.memory_limit, self._pressure
         return {
             "worker": self.worker_name,
             "memory_limit": limit,
-            "spill_threshold": self._spill_at,
-            "pause_threshold": self._pause_at,
+            "spill_threshold": pressure.spill_at,
+            "pause_threshold": pressure.pause_at,
             "memory": self.memory,
             "used": self._used,
-            "unmanaged": self._unmanaged,
-            "process_memory": self._rss,
-            "peak_process_memory": self._peak_rss or None,
+            "unmanaged": pressure.unmanaged,
+            "process_memory": pressure.rss,  # None when not monitored
+            "peak_process_memory": pressure.peak_rss or None,
             "chunks": len(self._entries),
             "chunks_in_memory": self._in_memory,
             "pinned": self._pinned,
@@ -346,10 +357,10 @@ class ChunkStore:
             "spill_errors": self.spill_errors,
             "last_error": None if self.last_error is None else repr(self.last_error),
             "spill_disabled": self.spill_disabled,
-            "unspillable": self._unspillable,
             "paused": self.paused,
             "overrun": self.overrun,
             "over_limit": 0 if limit is None else max(0, self.memory - limit),
+            "unspillable": self._unspillable,
             "spill_dir": str(self.directory),
         }
 
@@ -417,77 +428,55 @@ class ChunkStore:
     def _trim(self) -> None:
         self._dropped = 0
         self._trimming = True
-        fut = self._track(self._run_io(_malloc_trim, 0))
-        fut.add_done_callback(lambda _: setattr(self, "_trimming", False))
+        fut = self._track(self._run_io(process.trim_heap))
+        fut.add_done_callback(self._trimmed)
+
+    def _trimmed(self, _: asyncio.Future[Any]) -> None:
+        self._trimming = False
 
     def _remove_file(self, entry: _Entry) -> None:
         assert entry.path is not None
-        self.spilled_now -= entry.file_bytes
+        self._spilled_now -= entry.file_bytes
         path, entry.path, entry.file_bytes = entry.path, None, 0
         if self.state is StoreState.RUNNING:
-            self._track(self._run_io(_unlink_quietly, path))
-
-    def _can_make_room(self) -> bool:
-        return not self.spill_disabled and bool(self._evictable or self._writing or self._pinned)
+            self._track(self._run_io(spillfile.discard, path))
 
     def _update(self) -> None:
-        """Recompute paused/overrun and wake the spill loop; O(1), after every change."""
+        """Wake the spill loop and recompute the gates; O(1), after every change."""
         if self.state is not StoreState.RUNNING:
             return
-        if self._dropped >= _TRIM_AFTER and _malloc_trim is not None and not self._trimming:
+        if self._dropped >= _TRIM_AFTER and not self._trimming:
             self._trim()
-        if self._pause_at is None:
-            return
-        memory = self._used + self._unmanaged
-        assert self._spill_at is not None
-        if memory > self._spill_at and self._evictable and not self.spill_disabled:
+        disabled = self._spill_disabled
+        if self._pressure.excess(self._used) > 0 and self._evictable and not disabled:
             self._wake.set()
-        if memory <= self._pause_at:
-            self.paused = self.overrun = False
-        elif self._can_make_room():
-            self.paused, self.overrun = True, False
-        else:
-            self.paused, self.overrun = False, True
-            if not self._warned_overrun:
-                self._warned_overrun = True
-                why = (f"spilling is disabled after {self.last_error!r}" if self.spill_disabled
-                       else "nothing left in memory can be spilled")
-                logger.warning(
-                    "worker %s: memory %d MiB is above the pause threshold (%d of %d MiB) and "
-                    "cannot be brought down (%s); running tasks anyway", self.worker_name,
-                    memory >> 20, self._pause_at >> 20, (self.memory_limit or 0) >> 20, why)
-        if self.paused:
-            self._admitted.clear()
-        else:
-            self._admitted.set()
-        if memory > self._pause_at and not self.spill_disabled and (self._evictable or self._writing):
-            self._loads_go.clear()
-        else:
-            self._loads_go.set()
-
-    def _sample_memory(self) -> None:
-        rss = self._process.memory_info().rss
-        self._rss = rss
-        self._peak_rss = max(self._peak_rss, rss)
-        self._unmanaged = max(0, rss - self._used)
+        self._pressure.update(self._used,
+                              spilling=not disabled and bool(self._evictable or self._writing),
+                              pinned=not disabled and bool(self._pinned),
+                              disabled_by=self._last_error if disabled else None)
 
     async def _monitor(self) -> None:
         assert self._monitor_interval is not None
         while True:
             await asyncio.sleep(self._monitor_interval)
-            self._sample_memory()
+            try:
+                self._pressure.sample(self._used)
+            except psutil.Error as exc:
+                logger.warning("worker %s: cannot read this process's memory (%s); counting "
+                               "chunks only from now on", self.worker_name, exc)
+                self._pressure.stop_sampling()
+                return
             self._update()
 
     async def _spill_loop(self) -> None:
-        assert self._spill_at is not None
         while True:
             await self._wake.wait()
             self._wake.clear()
             if self.state is not StoreState.RUNNING:
                 return
-            while (not self.spill_disabled and self.state is StoreState.RUNNING
-                   and self._used + self._unmanaged > self._spill_at):
-                batch = self._take_victims(self._used + self._unmanaged - self._spill_at)
+            while (not self._spill_disabled and self.state is StoreState.RUNNING
+                   and self._pressure.excess(self._used) > 0):
+                batch = self._take_victims(self._pressure.excess(self._used))
                 if batch:
                     await self._write_batch(batch)
                     self._update()  # waiters go as soon as memory is under the pause threshold
@@ -519,7 +508,11 @@ class ChunkStore:
             self._file_seq += 1
             jobs.append((self.directory / f"{self._file_seq}.spill", entry.value))
         started = time.perf_counter()
-        results = await self._run_io(_write_files, jobs)
+        results: list[int | Exception | None]
+        try:
+            results = await self._run_io(spillfile.dump_many, jobs)
+        except Exception as exc:  # MemoryError in the thread, say: a failed write all the same
+            results = [exc, *[None] * (len(jobs) - 1)]
         self._spill_seconds += time.perf_counter() - started
         self._writing = 0
         # Put back what was not written in LRU order, oldest first.
@@ -527,7 +520,7 @@ class ChunkStore:
             entry.writing = False
             if isinstance(result, int):
                 self._spill_writes += 1
-                self.spilled_bytes += result
+                self._spilled_bytes += result
                 self._written(entry, path, result)
             elif result is not None:
                 self._write_failed(entry, result)
@@ -536,10 +529,10 @@ class ChunkStore:
 
     def _written(self, entry: _Entry, path: Path, size: int) -> None:
         if not entry.live:  # deleted while it was being written
-            self._track(self._run_io(_unlink_quietly, path))
+            self._track(self._run_io(spillfile.discard, path))
             return
         entry.path, entry.file_bytes = path, size
-        self.spilled_now += size
+        self._spilled_now += size
         if entry.pins or entry.hot:  # in use since the write began: keep it, file and all
             entry.hot = False
             self._make_evictable(entry)
@@ -547,8 +540,9 @@ class ChunkStore:
             self._drop_value(entry)
 
     def _write_failed(self, entry: _Entry, exc: BaseException) -> None:
-        self.spill_errors += 1
-        self.last_error = exc
+        self._spill_errors += 1
+        self._last_error = exc
+        entry.hot = False
         if isinstance(exc, SerializationError):
             entry.unspillable = True
             self._unspillable += entry.live
@@ -556,41 +550,32 @@ class ChunkStore:
                            self.worker_name, entry.key, exc.__cause__)
             return
         self._make_evictable(entry, oldest=True)
-        if not self.spill_disabled:
-            self.spill_disabled = True
+        if not self._spill_disabled:
+            self._spill_disabled = True
             logger.warning("worker %s: writing a spill file to %s failed (%s); no more spilling "
                            "there, chunks stay in memory", self.worker_name, self.directory, exc)
 
     async def _load(self, entry: _Entry) -> Any:
-        # Reading back is throttled like new work, but only while the spill loop is
-        # making room on its own: a load that waited for a pinned chunk to be released
-        # could wait for the very task that needs it.
-        while not self._loads_go.is_set():
-            await self._loads_go.wait()
-        if not entry.live:
+        await self._pressure.wait_load()
+        path = entry.path
+        if not entry.live or path is None:
             entry.loading = None
             raise KeyError(entry.key)  # deleted while it waited
-        path = entry.path
-        assert path is not None
         # Counted from the start: the buffers are allocated as the file is read, and a
         # second load must see them.
         self._used += entry.nbytes
         self._update()
         try:
             value = await self._run_io(spillfile.load, path)
-        except Exception as exc:
+        except BaseException as exc:
             self._used -= entry.nbytes
             entry.loading = None
-            if not entry.live:
-                raise KeyError(entry.key) from None  # deleted while it was being read
-            self.delete(entry.key)
-            dropped = f"chunk {entry.key!r} is dropped from worker {self.worker_name}'s store: recompute it"
-            if isinstance(exc, SpillCorruptedError):
-                exc.key = entry.key
-                exc.add_note(dropped)
+            if not isinstance(exc, Exception):
                 raise
-            raise SpillCorruptedError(f"the spill file of chunk {entry.key!r} ({path}) cannot be "
-                                      f"read back: {exc!r}; {dropped}", str(path), entry.key) from exc
+            failure = self._load_failed(entry, path, exc)
+            if failure is exc:
+                raise
+            raise failure from (None if isinstance(failure, KeyError) else exc)
         self._used -= entry.nbytes
         entry.loading = None
         self._loads += 1
@@ -602,29 +587,15 @@ class ChunkStore:
         self._update()
         return value
 
-
-def _write_files(jobs: list[tuple[Path, Any]]) -> list[int | BaseException | None]:
-    """Runs in the I/O thread: each file's size, or its error; None after a disk error."""
-    results: list[int | BaseException | None] = []
-    for path, value in jobs:
-        try:
-            payload, buffers = serialize.dumps(value)
-        except Exception as exc:
-            err = SerializationError(f"cannot pickle a {type(value).__name__} to spill it")
-            err.__cause__ = exc
-            results.append(err)
-            continue
-        try:
-            results.append(spillfile.write_parts(path, payload, buffers))
-        except OSError as exc:
-            results.append(exc)
-            break
-    results.extend([None] * (len(jobs) - len(results)))
-    return results
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    def _load_failed(self, entry: _Entry, path: Path, exc: Exception) -> Exception:
+        """The exception for a getter, once the entry is dropped."""
+        if not entry.live:
+            return KeyError(entry.key)  # deleted while it was being read
+        self.delete(entry.key)
+        dropped = f"chunk {entry.key!r} is dropped from worker {self.worker_name}'s store: recompute it"
+        if isinstance(exc, SpillCorruptedError):
+            exc.key = entry.key
+            exc.add_note(dropped)
+            return exc
+        return SpillCorruptedError(f"the spill file of chunk {entry.key!r} ({path}) cannot be "
+                                   f"read back: {exc!r}; {dropped}", str(path), entry.key)
