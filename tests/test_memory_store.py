@@ -183,6 +183,32 @@ async def test_a_fast_producer_cannot_outrun_the_disk(base):
             assert (await store.get(i))[0] == i * 1_000_003
 
 
+async def test_reading_back_is_throttled_while_the_store_makes_room(base):
+    limit, size, n = 64 * MiB, 8 * MiB, 16
+    async with quiet_store(limit, base) as store:
+        for i in range(n):
+            async with asyncio.timeout(30):
+                await store.wait_admitted()
+            store.put(i, chunk(i, size))
+        peak = 0
+        done = False
+
+        async def watch():
+            nonlocal peak
+            while not done:
+                peak = max(peak, store.used)
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(watch())
+        async with asyncio.timeout(30):
+            values = await asyncio.gather(*(store.get(i) for i in range(n)))
+        done = True
+        await watcher
+        assert [v[0] for v in values] == [i * 1_000_003 for i in range(n)]
+        # 16 loads at once, yet each waits while memory is over the pause threshold
+        assert peak <= 0.8 * limit + size, peak / MiB
+
+
 async def test_a_tiny_full_disk_keeps_every_value_and_does_not_deadlock(caplog):
     caplog.set_level(logging.WARNING, logger="aiodagger.memory")
     with tmpfs("16m") as disk:
