@@ -16,20 +16,26 @@ unpickled, and a file that fails a check raises :class:`SpillCorruptedError`.
 
 Files are written and read off the event loop, one executor call per chunk. aiofiles
 was measured against this and not chosen: each of its calls is one executor hop, so a
-chunk costs open + one ``write`` per part + close hops instead of one. On the 2-core
-development machine, writing to the page cache (``/tmp``) and reading back::
+chunk costs open + one ``write`` per part + close hops instead of one. Medians of 5
+runs, sequential, to the page cache of an ext4 ``/tmp`` on the 2-core development
+machine (loaded by other work, so +-30 %), two runs of
+``python -m benchmarks.spill --compare-aiofiles``::
 
-    2000 chunks of 4 KiB        aiofiles  0.86 s write  0.63 s read
-                                one call  0.19 s write  0.14 s read
-    16 chunks of 32 MiB          aiofiles  0.44 s write  0.27 s read
-                                one call  0.39 s write  0.27 s read
+                               write           read
+    2000 chunks of 4 KiB
+        aiofiles               4.15 / 4.04 s   1.26 / 2.29 s
+        one call               2.60 / 2.06 s   0.49 / 0.55 s
+    16 chunks of 32 MiB
+        aiofiles               0.37 / 0.51 s   0.44 / 0.49 s
+        one call               0.39 / 0.48 s   0.44 / 0.77 s
 
-Large chunks are bound by the disk either way; small chunks pay 4-5x for the hops.
-The measurement is ``python -m benchmarks.spill --compare-aiofiles``.
+Large chunks are bound by the copy to the kernel either way (equal within the noise);
+small ones pay for the hops, 1.6-2x on writes and 2.6-4x on reads. The store goes
+further and writes a batch of small chunks in one call.
 
-No ``fsync``: a spill file only needs to outlive nothing but its own process (a crash
-leaves a stale directory that the next start removes), and the kernel's dirty-page
-throttling already slows a writer that outruns the disk.
+No ``fsync``: a spill file never has to outlive its process (a crash leaves a stale
+directory that the next start removes), and the kernel's dirty-page throttling already
+slows a writer that outruns the disk.
 """
 
 from __future__ import annotations
