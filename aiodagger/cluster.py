@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._loopthread import LoopThread
+from .memory import parse_memory_limit
 from .scheduler.core import Scheduler
 from .worker.launcher import WorkerLauncher
 from .worker.local import LocalWorker, WorkerInfo
@@ -82,13 +83,13 @@ class Cluster:
             raise TypeError(f"Cluster(processes=...) takes an int >= 0, got {processes!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise TypeError(f"Cluster(threads=...) takes an int >= 1 or None, got {threads!r}")
-        unsupported = {"memory_limit": memory_limit, "spill_dir": spill_dir}
-        for name, value in unsupported.items():
-            if value is not None:
-                raise NotImplementedError(
-                    f"Cluster({name}=...) is not supported by this version of aiodagger, which runs "
-                    "tasks in this process only; leave it out"
-                )
+        self.memory_limit = parse_memory_limit(memory_limit)
+        if self.memory_limit is not None and not processes:
+            raise ValueError(
+                "Cluster(memory_limit=...) is the limit of each subprocess worker, and this "
+                "cluster has none: write Cluster(processes=N, memory_limit=...) (remote workers "
+                "take their own: aiodagger worker ... --memory-limit 8GiB)")
+        self.spill_dir = None if spill_dir is None else os.fspath(spill_dir)
         if gpus not in ("auto", 0, False, None):
             raise NotImplementedError(f"Cluster(gpus={gpus!r}): GPU processors are not supported yet")
         cpus = os.cpu_count() or 1
@@ -191,7 +192,8 @@ class Cluster:
         self._launcher = WorkerLauncher(
             self._sched, listen=self.listen, token=self._token, ssl=self._ssl,
             threads=self._worker_threads, heartbeat_interval=self._heartbeat[0],
-            heartbeat_timeout=self._heartbeat[1])
+            heartbeat_timeout=self._heartbeat[1], memory_limit=self.memory_limit,
+            spill_dir=self.spill_dir)
         await self._launcher.start(self.processes)
 
     async def __aexit__(self, *exc: object) -> None:

@@ -540,7 +540,7 @@ class Scheduler:
         task._state = PENDING
         pending = 0
         for dep in deps:
-            if dep is None or type(dep) is not DTask:
+            if dep is None or type(dep) is not DTask:  # a chunk placed with put(): no lineage
                 self._fail(task, WorkerLostError(
                     f"an input of {task._describe()} was lost with its worker"), annotate=False)
                 return

@@ -308,8 +308,9 @@ class Distributor:
         if extra is not None:
             opts_index = len(out.buffers)
             out.buffers.append(extra)
+        keys = [d.id for d in task._deps or ()] + [-c.id for c in chunks]  # every input it reads
         out.tasks.append([task.id, task.name, fn_hash, task._kind, task._attempts,
-                          len(out.buffers), 1 + len(parts), deps, opts_index, task._resolve])
+                          len(out.buffers), 1 + len(parts), deps, opts_index, task._resolve, keys])
         out.buffers.append(payload)
         out.buffers.extend(parts)
         task._est = est = self.sched.runtimes.get(task._fnkey)
@@ -402,7 +403,18 @@ class Distributor:
             elif status == "error":
                 sched.complete(task, attempt, False, _load_error(parts[0], task), start, seconds, proc)
             elif status == "missing":
-                sched.dependencies_lost(task, [self.objects.get(k) for k in record[7]])
+                lost = []
+                for key, without in record[7]:
+                    obj = self.objects.get(key)
+                    if obj is not None:
+                        # Those holders answered that they lack it (or hold a corrupted copy).
+                        obj._where.difference_update(without)
+                        for wid in without:
+                            holder = self.workers.get(wid)
+                            if holder is not None:
+                                holder.holds.discard(key)
+                    lost.append(obj)
+                sched.dependencies_lost(task, lost)
         for key in header.get("holding", ()):
             obj = self._find(key)
             if obj is not None:

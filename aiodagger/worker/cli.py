@@ -92,7 +92,7 @@ def run_worker(args: argparse.Namespace) -> int:
         args.scheduler, token, threads=args.threads,
         name=args.name or f"{os.uname().nodename}-{os.getpid()}",
         reconnect=not args.subprocess, ssl_client=client_ssl, ssl_server=server_ssl,
-        heartbeat_timeout=args.heartbeat_timeout, memory_limit=memory_limit,
+        heartbeat_timeout=args.heartbeat_timeout, memory_limit=memory_limit, spill_dir=args.spill_dir,
     )
 
     async def main() -> None:

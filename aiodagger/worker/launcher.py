@@ -33,7 +33,8 @@ _ONE_THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 class WorkerLauncher:
     def __init__(self, sched: Scheduler, *, listen: str | None, token: str | None, ssl: Any,
-                 threads: int, heartbeat_interval: float, heartbeat_timeout: float) -> None:
+                 threads: int, heartbeat_interval: float, heartbeat_timeout: float,
+                 memory_limit: int | None = None, spill_dir: str | None = None) -> None:
         if listen is not None:
             self._check_listen(listen, token)
         self.sched = sched
@@ -41,6 +42,8 @@ class WorkerLauncher:
         self.token = token or new_token()
         self.ssl = ssl
         self.threads = threads
+        self.memory_limit = memory_limit
+        self.spill_dir = spill_dir
         self.dist = Distributor(sched, heartbeat_interval, heartbeat_timeout)
         self._internal: Listener | None = None
         self._public: Listener | None = None
@@ -80,11 +83,16 @@ class WorkerLauncher:
         for var in _ONE_THREAD_ENV:
             env.setdefault(var, "1")
         names = set()
+        extra = []
+        if self.memory_limit is not None:
+            extra += ["--memory-limit", str(self.memory_limit)]
+        if self.spill_dir is not None:
+            extra += ["--spill-dir", self.spill_dir]
         for _ in range(n):
             name = f"proc-{next(self._serial)}"
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "aiodagger.worker", self._internal.address,
-                "--threads", str(self.threads), "--name", name, "--subprocess",
+                "--threads", str(self.threads), "--name", name, "--subprocess", *extra,
                 env=env, stdin=subprocess.DEVNULL,
             )
             self._procs[name] = proc

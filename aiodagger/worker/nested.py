@@ -154,7 +154,7 @@ class SchedulerClient:
             if obj._value is REMOTE:
                 key = obj.id
                 await self.worker._fetch(key, obj._handle)
-                obj._value = self.worker.data[key]
+                obj._value = await self.worker.store.get(key)
 
     def bring_here(self, objs: list[Any]) -> Any:
         if asyncio.get_running_loop() is self.loop:

@@ -28,6 +28,7 @@ from ..comm.handshake import client_handshake
 from ..comm.rpc import Rpc
 from ..comm.server import Listener, parse_address
 from ..errors import TaskCancelledError
+from ..memory import ChunkStore, SpillCorruptedError
 from ..options import TaskOptions
 from ..task import DTask
 from .aio import AsyncProc
@@ -48,9 +49,12 @@ _PLAIN = TaskOptions()
 
 
 class MissingDependency(Exception):
-    def __init__(self, ids: list[int]) -> None:
-        super().__init__(ids)
-        self.ids = ids
+    """A chunk that no holder could provide; ``holders`` are those that said they lack it."""
+
+    def __init__(self, key: int, holders: list[int]) -> None:
+        super().__init__(key, holders)
+        self.key = key
+        self.holders = holders
 
 
 class WorkerProcess:
@@ -59,7 +63,7 @@ class WorkerProcess:
     def __init__(self, scheduler: str, token: str, *, threads: int, name: str,
                  reconnect: bool = False, ssl_client: Any = None, ssl_server: Any = None,
                  heartbeat_interval: float = 1.0, heartbeat_timeout: float = 10.0,
-                 memory_limit: int | None = None) -> None:
+                 memory_limit: int | None = None, spill_dir: str | None = None) -> None:
         self.scheduler_host, self.scheduler_port = parse_address(scheduler)
         self.token = token
         self.threads = threads
@@ -70,8 +74,12 @@ class WorkerProcess:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.memory_limit = memory_limit
+        self.spill_dir = spill_dir
         self.worker_id = -1
-        self.data: dict[int, Any] = {}
+        # Results and inputs by key (task id, or -chunk id), spilled to disk past the
+        # memory limit. Running tasks pin what they read.
+        self.store: ChunkStore = self._new_store()
+        self._pins: dict[int, list[int]] = {}
         self.functions: dict[bytes, Any] = {}
         self.running: dict[int, DTask[Any]] = {}
         self.loop: asyncio.AbstractEventLoop
@@ -89,6 +97,9 @@ class WorkerProcess:
         self._last_seen = 0.0
         self._backoff = 0.1
 
+    def _new_store(self) -> ChunkStore:
+        return ChunkStore(self.memory_limit, self.spill_dir, worker_name=f"{self.name}-{os.getpid()}")
+
     # -- processor interface (what ThreadProc/AsyncProc call) ----------------------------
     def request_flush(self) -> None:
         """Nothing waits here for capacity: the scheduler meters what it sends."""
@@ -100,6 +111,8 @@ class WorkerProcess:
             return
         self.running.pop(task.id, None)
         task._fn = task._args = task._kwargs = None
+        for key in self._pins.pop(task.id, ()):
+            self.store.unpin(key)
         if task._cancelled:
             self._record([task.id, attempt, "cancelled", 0, start, seconds, 0])
             return
@@ -110,8 +123,8 @@ class WorkerProcess:
                 exc.add_note(f"aiodagger: the result of {task._describe()} cannot be pickled")
                 ok, value = False, exc
             else:
-                self.data[task.id] = value
                 size = len(payload) + sum(b.nbytes for b in buffers)
+                self.store.put(task.id, value, nbytes=size)
                 if size <= INLINE_LIMIT:
                     self._record([task.id, attempt, "ok", size, start, seconds, 1 + len(buffers)],
                                  [payload, *[bytes(b) for b in buffers]])
@@ -158,6 +171,7 @@ class WorkerProcess:
         self.thread_proc = ThreadProc(0, self.threads, self, thread_init)  # type: ignore[arg-type]
         self.async_proc = AsyncProc(0, self, task_context)  # type: ignore[arg-type]
         self.thread_proc.start()
+        await self.store.start()
         self._listener = Listener(self._serve_peer, self.token, ssl=self.ssl_server)
         await self._listener.start("0.0.0.0" if self.reconnect else "127.0.0.1", 0)
         try:
@@ -179,7 +193,10 @@ class WorkerProcess:
         await client_handshake(comm, self.token, {"role": "worker"})
         # A new session is a new worker for the scheduler: what we held belongs to the
         # worker it has already declared lost.
-        self.data.clear()
+        if len(self.store):
+            await self.store.close()
+            self.store = self._new_store()
+            await self.store.start()
         rpc = Rpc(comm, self._on_scheduler_frame)
         self._rpc = rpc
         serving = asyncio.ensure_future(rpc.serve())
@@ -214,8 +231,11 @@ class WorkerProcess:
                 rpc.comm.close()
                 return
             try:
+                store = self.store
                 rpc.send_nowait({"op": "heartbeat", "running": len(self.running),
-                                 "memory_used": 0, "nchunks": len(self.data)})
+                                 "memory_used": store.used, "spilled_bytes": store.spilled_bytes,
+                                 "spill_errors": store.spill_errors, "nchunks": len(store),
+                                 "paused": store.paused, "overrun": store.overrun})
             except ConnectionError:
                 return
 
@@ -237,6 +257,7 @@ class WorkerProcess:
             await self._listener.close()
         await self.async_proc.close()
         await self.thread_proc.close(5.0)
+        await self.store.close()
 
     # -- messages from the scheduler -----------------------------------------------------
     def _on_scheduler_frame(self, header: dict[str, Any], buffers: list[bytearray]) -> Awaitable[None] | None:
@@ -249,7 +270,7 @@ class WorkerProcess:
             return self._serve_get(self._rpc, header)
         elif op == "release":
             for key in header["ids"]:
-                self.data.pop(key, None)
+                self.store.delete(key)
         elif op == "cancel":
             for key in header["ids"]:
                 task = self.running.get(key)
@@ -258,7 +279,7 @@ class WorkerProcess:
                     if task._handle is not None:
                         self.async_proc.cancel(task._handle)
         elif op == "put":
-            self.data[header["id"]] = loads_value(buffers[0], buffers[1:])
+            self.store.put(header["id"], loads_value(buffers[0], buffers[1:]))
         elif op == "task-done":
             self.client.on_task_done(header, buffers)
         elif op == "replicate":
@@ -282,11 +303,11 @@ class WorkerProcess:
                 broken[fn_hash] = exc
         for key, index, nparts in header.get("values", ()):
             try:
-                self.data[key] = loads_value(buffers[index], buffers[index + 1:index + nparts])
+                self.store.put(key, loads_value(buffers[index], buffers[index + 1:index + nparts]))
             except Exception as exc:  # noqa: BLE001 - the tasks needing it report it missing
                 logger.error("worker %s: cannot load input %d: %s", self.name, key, exc)
         for entry in header["tasks"]:
-            key, name, fn_hash, kind, attempt, index, nparts, deps, opts_index, refs = entry
+            key, name, fn_hash, kind, attempt, index, nparts, deps, opts_index, refs, keys = entry
             args_parts = buffers[index:index + nparts]
             task: DTask[Any] = DTask(self, key, name, None, (), {}, _PLAIN)  # type: ignore[arg-type]
             task._kind = kind
@@ -304,19 +325,18 @@ class WorkerProcess:
                 exc.add_note(f"aiodagger: {task._describe()} could not be loaded on worker {self.worker_id}")
                 self.complete(task, attempt, False, exc, 0.0, 0.0, None)
                 continue
-            missing = [d for d in deps if d[0] not in self.data]
-            if missing:
-                asyncio.ensure_future(self._fetch_then_start(task, args_parts, missing))
-            else:
-                self._start(task, args_parts)
+            missing = [d for d in deps if d[0] not in self.store]
+            if missing or (keys and self.store.memory_limit is not None) or self.store.paused:
+                asyncio.ensure_future(self._prepare_then_start(task, args_parts, missing, keys))
+            else:  # everything is in RAM and nothing can be spilled: start at once
+                self._start(task, args_parts, self.store.peek_in_memory)
 
-    def _start(self, task: DTask[Any], parts: list[bytearray]) -> None:
+    def _start(self, task: DTask[Any], parts: list[bytearray], lookup: Any) -> None:
         if task._cancelled:
             self.complete(task, task._attempts, False, TaskCancelledError(task._describe()), 0.0, 0.0, None)
             return
         try:
-            task._args, task._kwargs = loads_args(
-                parts[0], parts[1:], self.data.__getitem__ if task._resolve else None)
+            task._args, task._kwargs = loads_args(parts[0], parts[1:], lookup if task._resolve else None)
             task._resolve = False  # the values are in place
         except Exception as exc:  # noqa: BLE001 - e.g. a class this worker cannot import
             exc.add_note(f"aiodagger: the arguments of {task._describe()} could not be loaded on "
@@ -328,37 +348,66 @@ class WorkerProcess:
         else:
             self.thread_proc.submit(task)
 
-    async def _fetch_then_start(self, task: DTask[Any], parts: list[bytearray], deps: list[Any]) -> None:
-        lost = []
-        for key, holders in deps:
+    async def _prepare_then_start(self, task: DTask[Any], parts: list[bytearray],
+                                  missing: list[Any], keys: list[int]) -> None:
+        """Fetch missing inputs, wait for admission, load and pin inputs, then start."""
+        bad: dict[int, list[int]] = {}
+        for key, holders in missing:
             try:
                 await self._fetch(key, holders)
-            except MissingDependency:
-                lost.append(key)
-        if lost:
+            except MissingDependency as exc:
+                bad[key] = exc.holders
+        store = self.store
+        # Back-pressure: above the pause threshold nothing new starts until spilling
+        # (or finishing tasks) brings memory down; see ChunkStore.wait_admitted.
+        await store.wait_admitted()
+        values: dict[int, Any] = {}
+        pinned: list[int] = []
+        for key in keys:
+            if key in bad:
+                continue
+            try:
+                store.pin(key)
+                pinned.append(key)
+                values[key] = await store.get(key)
+            except (KeyError, SpillCorruptedError) as exc:
+                logger.warning("worker %s: input %d of %s is unavailable here: %s",
+                               self.name, key, task._describe(), exc)
+                bad[key] = [self.worker_id]
+        if bad or task._cancelled:
+            for key in pinned:
+                store.unpin(key)
             self.running.pop(task.id, None)
-            self._record([task.id, task._attempts, "missing", 0, 0.0, 0.0, 0, lost])
+            if bad:
+                self._record([task.id, task._attempts, "missing", 0, 0.0, 0.0, 0,
+                              [[k, h] for k, h in bad.items()]])
+            else:
+                self._record([task.id, task._attempts, "cancelled", 0, 0.0, 0.0, 0])
             return
-        self._start(task, parts)
+        self._pins[task.id] = pinned
+        self._start(task, parts, values.__getitem__)
 
     async def _fetch(self, key: int, holders: list[list[Any]]) -> None:
         """Bring chunk ``key`` here from one of its holders (each fetched once at a time)."""
         pending = self._fetching.get(key)
+        without: list[int] = []
         if pending is None:
             pending = self.loop.create_future()
             self._fetching[key] = pending
             try:
-                await self._fetch_from(key, holders)
+                without = await self._fetch_from(key, holders)
             finally:
                 del self._fetching[key]
                 pending.set_result(None)
         else:
             await asyncio.shield(pending)
-        if key not in self.data:
-            raise MissingDependency([key])
+        if key not in self.store:
+            raise MissingDependency(key, without)
 
-    async def _fetch_from(self, key: int, holders: list[list[Any]]) -> None:
-        for _wid, address in holders:
+    async def _fetch_from(self, key: int, holders: list[list[Any]]) -> list[int]:
+        """Try the holders in turn; return the ids of those that answered without it."""
+        without = []
+        for wid, address in holders:
             try:
                 rpc = await self._peer(address)
                 reply, buffers = await rpc.request({"op": "get", "ids": [key]}, timeout=300)
@@ -366,9 +415,11 @@ class WorkerProcess:
                 logger.info("worker %s: fetching %d from %s failed: %s", self.name, key, address, exc)
                 continue
             if reply["items"]:
-                self.data[key] = loads_value(buffers[0], buffers[1:])
+                self.store.put(key, loads_value(buffers[0], buffers[1:]))
                 self._holding.append(key)
-                return
+                return []
+            without.append(wid)
+        return without
 
     async def _peer(self, address: str) -> Rpc:
         rpc = self._peers.get(address)
@@ -422,12 +473,14 @@ class WorkerProcess:
         missing: list[int] = []
         buffers: list[Any] = []
         for key in header["ids"]:
-            if key in self.data:
-                payload, parts = dumps_value(self.data[key])
-                items.append([key, 1 + len(parts)])
-                buffers.append(payload)
-                buffers.extend(parts)
-            else:
+            try:
+                value = await self.store.get(key)
+            except (KeyError, SpillCorruptedError):
                 missing.append(key)
+                continue
+            payload, parts = dumps_value(value)
+            items.append([key, 1 + len(parts)])
+            buffers.append(payload)
+            buffers.extend(parts)
         await rpc.reply(header, {"items": items, "missing": missing}, buffers)
 
