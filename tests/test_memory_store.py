@@ -104,14 +104,21 @@ async def test_stale_directories_of_dead_processes_are_removed_at_start(base):
         path.mkdir()
     not_a_dir = base / f"aiodagger-spill-{dead_pid()}-file"
     not_a_dir.write_bytes(b"")
+    elsewhere = base / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious").write_bytes(b"not ours")
+    link = base / f"aiodagger-spill-{dead_pid()}-link"
+    link.symlink_to(elsewhere, target_is_directory=True)
 
     async with quiet_store("64MiB", base):
         assert not dead.exists()
         assert (live / "1.spill").read_bytes() == b"still in use"
         assert all(p.exists() for p in [*unrelated, not_a_dir])
-    for path in [live, *unrelated]:
+        assert (elsewhere / "precious").read_bytes() == b"not ours"  # a link is not followed
+    for path in [live, elsewhere, *unrelated]:
         shutil.rmtree(path)
     not_a_dir.unlink()
+    link.unlink()
 
 
 async def test_own_pid_directory_left_by_an_earlier_process_is_replaced(base):
@@ -480,3 +487,71 @@ async def test_stats_and_repr(base):
         assert stats["pause_threshold"] == int(100 * MiB * 0.8)
         assert stats["process_memory"] is None  # not monitored
         assert "w7" in repr(store) and "running" in repr(store)
+
+
+async def test_a_spill_dir_that_cannot_be_made_means_no_spilling(base, caplog):
+    caplog.set_level(logging.WARNING, logger="aiodagger.memory")
+    not_a_dir = base / "a-file"
+    not_a_dir.write_bytes(b"")
+    async with quiet_store(10 * MiB, not_a_dir) as store:
+        store.put("k", np.ones(9 * MiB // 8))
+        async with asyncio.timeout(5):
+            await store.wait_admitted()
+        assert store.spill_disabled and store.spill_errors == 1 and store.overrun
+        assert isinstance(store.last_error, OSError)
+        assert (await store.get("k")).sum() == 9 * MiB // 8
+    assert any("no more spilling" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_read_only_disk_keeps_every_value():
+    with tmpfs("64m") as disk:
+        async with quiet_store(40 * MiB, disk) as store:
+            store.put(0, chunk(0, 30 * MiB))  # over 24 MiB: spilled while writable
+            await until(lambda: store.peek_in_memory(0) is None)
+            remount = subprocess.run(["mount", "-o", "remount,ro", str(disk)],
+                                     capture_output=True, text=True, timeout=30)
+            if remount.returncode != 0:
+                pytest.skip(f"remounting read-only was refused: {remount.stderr.strip()}")
+            try:
+                for i in range(1, 5):  # 32 MiB
+                    store.put(i, chunk(i, 8 * MiB))
+                await until(lambda: store.spill_disabled)
+                assert store.last_error.errno == errno.EROFS
+                for i in range(5):  # the file written before still reads back
+                    assert (await store.get(i))[1] == 1 + i * 1_000_003
+            finally:
+                subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True, timeout=30)
+
+
+async def test_a_chunk_deleted_while_it_waits_to_load_is_a_key_error(base):
+    async with quiet_store(10 * MiB, base) as store:
+        store.put("k", np.ones(8 * MiB // 8))
+        await until(lambda: store.peek_in_memory("k") is None)
+        getter = asyncio.create_task(store.get("k"))
+        await asyncio.sleep(0)
+        store.delete("k")
+        with pytest.raises(KeyError):
+            async with asyncio.timeout(5):
+                await getter
+        assert store.used == 0
+
+
+async def test_a_chunk_deleted_while_it_is_written_leaves_no_file(base):
+    async with quiet_store(10 * MiB, base) as store:
+        store.put("k", np.ones(64 * MiB // 8))
+        await until(lambda: store.stats()["writing"] == 1, timeout=10)
+        store.delete("k")
+        await until(lambda: store.stats()["writing"] == 0, timeout=10)
+        await until(lambda: not spill_files(store))
+        assert store.spilled_now == 0 and store.used == 0 and len(store) == 0
+
+
+async def test_a_chunk_read_while_it_is_written_stays_in_memory(base):
+    async with quiet_store(100 * MiB, base) as store:
+        store.put("a", np.full(50 * MiB // 8, 1))
+        store.put("b", np.full(20 * MiB // 8, 2))  # 70 MiB: "a", the oldest, is written
+        await until(lambda: store.stats()["writing"] == 1, timeout=10)
+        assert (await store.get("a"))[0] == 1  # in use: keep it once written
+        await until(lambda: store.peek_in_memory("b") is None)
+        assert store.peek_in_memory("a") is not None
+        assert store.stats()["chunks_in_memory"] == 1 and store.spilled_now > 70 * MiB

@@ -133,13 +133,20 @@ class ChunkStore:
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Create the spill directory (removing stale ones) and start the background tasks."""
+        """Create the spill directory (removing stale ones) and start the background tasks.
+
+        A directory that cannot be created is a failed spill write: the store runs
+        without spilling and says why in its stats.
+        """
         if self.state is not StoreState.NEW:
             raise RuntimeError(f"ChunkStore {self.worker_name!r} is {self.state.value}: start it once")
         spilldir.claim(self.directory)
         self._executor = ThreadPoolExecutor(2, thread_name_prefix=f"aiodagger-spill-{self.worker_name}")
         try:
             await self._run_io(spilldir.create, self.directory)
+        except OSError as exc:
+            self._spill_errors += 1
+            self._disable_spilling(exc)
         except BaseException:
             self._executor.shutdown(wait=True)
             spilldir.release(self.directory)
@@ -349,6 +356,7 @@ class ChunkStore:
             "chunks": len(self._entries),
             "chunks_in_memory": self._in_memory,
             "pinned": self._pinned,
+            "writing": self._writing,
             "spilled_bytes": self.spilled_bytes,
             "spilled_now": self.spilled_now,
             "spill_writes": self._spill_writes,
@@ -550,10 +558,15 @@ class ChunkStore:
                            self.worker_name, entry.key, exc.__cause__)
             return
         self._make_evictable(entry, oldest=True)
-        if not self._spill_disabled:
-            self._spill_disabled = True
-            logger.warning("worker %s: writing a spill file to %s failed (%s); no more spilling "
-                           "there, chunks stay in memory", self.worker_name, self.directory, exc)
+        self._disable_spilling(exc)
+
+    def _disable_spilling(self, exc: BaseException) -> None:
+        if self._spill_disabled:
+            return
+        self._spill_disabled = True
+        self._last_error = exc
+        logger.warning("worker %s: writing a spill file to %s failed (%s); no more spilling "
+                       "there, chunks stay in memory", self.worker_name, self.directory, exc)
 
     async def _load(self, entry: _Entry) -> Any:
         await self._pressure.wait_load()
