@@ -98,7 +98,7 @@ class WorkerProcess:
         self._backoff = 0.1
 
     def _new_store(self) -> ChunkStore:
-        return ChunkStore(self.memory_limit, self.spill_dir, worker_name=f"{self.name}-{os.getpid()}")
+        return ChunkStore(self.memory_limit, self.spill_dir, worker_name=self.name)
 
     # -- processor interface (what ThreadProc/AsyncProc call) ----------------------------
     def request_flush(self) -> None:

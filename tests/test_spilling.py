@@ -1,0 +1,101 @@
+"""Out-of-core through a cluster: workers spill past their memory limit and lose nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import aiodagger as dagger
+from tests.memory_disks import private_dir, tmpfs
+
+CHUNK = 16 << 20
+
+
+def make(i, nbytes=CHUNK):
+    return np.full(nbytes // 8, float(i))
+
+
+def total(a):
+    return float(a.sum())
+
+
+def expected(i, nbytes=CHUNK):
+    return float(i) * (nbytes // 8)
+
+
+def spill_dirs(base: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(p for p in base.iterdir() if p.name.startswith("aiodagger-spill-"))
+
+
+async def test_a_gigabyte_of_results_through_256_mib_workers():
+    with private_dir() as base:
+        async with dagger.Cluster(processes=1, memory_limit="256MiB", spill_dir=base) as c:
+            chunks = [dagger.spawn(make, i) for i in range(64)]  # 1 GiB, all kept referenced
+            sums = await asyncio.wait_for(dagger.gather(*[dagger.spawn(total, a) for a in chunks]), 120)
+            assert sums == [expected(i) for i in range(64)]
+            (worker,) = c.workers[1:]
+            assert worker.memory_limit == 256 << 20
+            assert worker.spilled_bytes > 0
+            assert worker.spill_errors == 0
+            assert len(spill_dirs(base)) == 1
+            again = await chunks[3]  # read back from disk, to the caller
+            assert again.nbytes == CHUNK and float(again[0]) == 3.0
+        assert spill_dirs(base) == []  # removed on clean shutdown
+
+
+async def test_stale_spill_directory_of_a_dead_process_is_removed_at_start():
+    with private_dir() as base:
+        done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, timeout=30, check=True)
+        dead_pid = int(done.stdout)  # reaped: that PID is no longer alive
+        stale = base / f"aiodagger-spill-{dead_pid}-proc-1"
+        stale.mkdir()
+        (stale / "chunk-1.spill").write_bytes(b"left over by a crash")
+        live = base / f"aiodagger-spill-{os.getpid()}-someone-else"
+        live.mkdir()
+        async with dagger.Cluster(processes=1, memory_limit="256MiB", spill_dir=base):
+            assert await dagger.spawn(total, dagger.spawn(make, 1, 1 << 20)) == expected(1, 1 << 20)
+            assert not stale.exists()
+            assert live.exists()  # its owner (this test process) is alive
+
+
+async def test_a_full_spill_disk_loses_nothing_and_is_reported():
+    with tmpfs("48m") as disk:
+        async with dagger.Cluster(processes=1, memory_limit="128MiB", spill_dir=disk) as c:
+            chunks = [dagger.spawn(make, i) for i in range(24)]  # 384 MiB through a 48 MiB disk
+            sums = await asyncio.wait_for(dagger.gather(*[dagger.spawn(total, a) for a in chunks]), 120)
+            assert sums == [expected(i) for i in range(24)]
+            await asyncio.sleep(1.5)  # a heartbeat carries the worker's counters
+            (worker,) = c.workers[1:]
+            assert worker.spill_errors > 0
+
+
+async def test_a_corrupted_spill_file_is_detected_and_the_value_recomputed():
+    with private_dir() as base:
+        async with dagger.Cluster(processes=1, memory_limit="128MiB", spill_dir=base):
+            chunks = [dagger.spawn(make, i) for i in range(16)]  # 256 MiB: most of it spills
+            await dagger.wait(chunks)
+            await asyncio.sleep(1.0)  # let the spiller write
+            files = sorted((spill_dirs(base)[0]).glob("*"))
+            assert files, "nothing was spilled"
+            for path in files:  # flip a byte in the middle of every spill file
+                with open(path, "r+b") as f:
+                    f.seek(path.stat().st_size // 2)
+                    byte = f.read(1)
+                    f.seek(-1, os.SEEK_CUR)
+                    f.write(bytes([byte[0] ^ 0xFF]))
+            sums = await asyncio.wait_for(dagger.gather(*[dagger.spawn(total, a) for a in chunks]), 120)
+            assert sums == [expected(i) for i in range(16)]  # recomputed, never wrong
+
+
+def test_memory_limit_without_worker_processes_says_what_to_write():
+    with pytest.raises(ValueError, match="processes=N"):
+        dagger.Cluster(memory_limit="1GiB")
+    with pytest.raises(ValueError, match="not understood"):
+        dagger.Cluster(processes=1, memory_limit="lots")
