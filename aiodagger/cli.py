@@ -17,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--size", type=int, default=1024, help="matrix size of the blocked product (default 1024)")
     demo.add_argument("--block", type=int, default=256, help="block size (default 256)")
     demo.add_argument("--requests", type=int, default=200, help="simulated downloads (default 200)")
+    demo.add_argument("--ooc-chunks", type=int, default=48, help="chunks of the out-of-core part (default 48)")
+    demo.add_argument("--ooc-chunk-mib", type=int, default=16, help="MiB per chunk (default 16)")
+    demo.add_argument("--ooc-limit", default="192MiB", help="memory limit of its worker (default 192MiB)")
     worker = sub.add_parser("worker", help="join a cluster: aiodagger worker tcp://HOST:PORT --token-file F")
     from .worker.cli import add_worker_arguments
 
@@ -39,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.size % args.block:
             parser.error(f"--size {args.size} must be a multiple of --block {args.block}")
-        return 0 if asyncio.run(run_demo(args.size, args.block, args.requests)) else 1
+        return 0 if asyncio.run(run_demo(args.size, args.block, args.requests, args.ooc_chunks,
+                                         args.ooc_chunk_mib, args.ooc_limit)) else 1
     if args.command == "worker":
         from .worker.cli import run_worker
 

@@ -128,6 +128,18 @@ class Cluster:
         remote = self._launcher.infos() if self._launcher is not None else []
         return [self._local.info(), *remote]
 
+    async def worker_stats(self) -> dict[int, dict[str, Any]]:
+        """Fresh counters of every worker in another process, by worker id: memory in
+        use, spill thresholds, bytes spilled and the time spent writing them, errors..."""
+        if self._launcher is None:
+            return {}
+        dist = self._launcher.dist
+        if asyncio.get_running_loop() is self.loop:
+            await dist.poll_stats()
+        else:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(dist.poll_stats(), self.loop))
+        return {w.id: dict(w.stats) for w in dist.workers.values()}
+
     @property
     def address(self) -> str | None:
         """Where remote workers connect (``listen=``), e.g. ``tcp://10.0.0.5:8786``."""

@@ -95,7 +95,45 @@ async def io_pipeline(requests: int, seed: int = 1) -> dict[str, Any]:
     }
 
 
-async def run_demo(n: int = 1024, block: int = 256, requests: int = 200) -> bool:
+def _random_chunk(i: int, nbytes: int) -> np.ndarray:
+    return np.random.default_rng(i).standard_normal(nbytes // 8)
+
+
+def _moments(a: np.ndarray) -> tuple[float, float, int]:
+    return float(a.sum()), float(np.square(a).sum()), a.size
+
+
+def _combine(*moments: tuple[float, float, int]) -> tuple[float, float]:
+    s = sum(m[0] for m in moments)
+    sq = sum(m[1] for m in moments)
+    n = sum(m[2] for m in moments)
+    mean = s / n
+    return mean, (sq / n - mean * mean) ** 0.5
+
+
+async def out_of_core(chunks: int, chunk_mib: int, limit: str) -> dict[str, Any]:
+    """Mean and std over ``chunks`` random chunks, every chunk kept referenced, on a
+    worker whose memory limit is a fraction of that: it spills and loses nothing."""
+    nbytes = chunk_mib << 20
+    start = time.perf_counter()
+    async with dagger.Cluster(processes=1, threads=2, memory_limit=limit) as cluster:
+        data = [dagger.spawn(_random_chunk, i, nbytes) for i in range(chunks)]
+        stats = dagger.spawn(_combine, *[dagger.spawn(_moments, d) for d in data])
+        mean, std = await stats
+        again = await data[0]  # every chunk is still there (on disk): bring one back
+        elapsed = time.perf_counter() - start
+        (worker,) = (await cluster.worker_stats()).values()
+    expected = _combine(*[_moments(_random_chunk(i, nbytes)) for i in range(chunks)])
+    return {
+        "total_mib": chunks * chunk_mib, "limit": limit, "seconds": elapsed,
+        "spilled": worker["spilled_bytes"], "spill_seconds": worker["spill_seconds"],
+        "ok": bool(np.allclose((mean, std), expected)
+                   and np.array_equal(again, _random_chunk(0, nbytes))),
+    }
+
+
+async def run_demo(n: int = 1024, block: int = 256, requests: int = 200,
+                   ooc_chunks: int = 48, ooc_chunk_mib: int = 16, ooc_limit: str = "192MiB") -> bool:
     print(f"aiodagger {dagger.__version__} demo: default cluster, "
           f"{dagger.spawn(lambda: len(__import__('os').sched_getaffinity(0))).fetch()} CPUs usable")
     mm = await blocked_matmul(n, block)
@@ -110,7 +148,12 @@ async def run_demo(n: int = 1024, block: int = 256, requests: int = 200) -> bool
     await dagger.gather(*[dagger.spawn(int, i) for i in range(10_000)])
     per_task = (time.perf_counter() - start) / 10_000 * 1e6
     print(f"[3] 10,000 tiny tasks spawned and gathered: {per_task:.1f} us per task")
-    ok = mm["ok"] and io["ok"]
+    ooc = await out_of_core(ooc_chunks, ooc_chunk_mib, ooc_limit)
+    rate = ooc["spilled"] / ooc["spill_seconds"] / 2**20 if ooc["spill_seconds"] else 0.0
+    print(f"[4] out of core: {ooc['total_mib']} MiB of chunks, all kept, on a worker limited to "
+          f"{ooc['limit']}: {ooc['seconds']:.2f} s; {ooc['spilled'] / 2**20:.0f} MiB spilled at "
+          f"{rate:.0f} MiB/s -> {'OK' if ooc['ok'] else 'WRONG'}")
+    ok = mm["ok"] and io["ok"] and ooc["ok"]
     print("all checks passed" if ok else "CHECK FAILED")
     return ok
 

@@ -215,6 +215,19 @@ class Distributor:
             self._registered.notify_all()
         self.sched.request_flush()
 
+    async def poll_stats(self, timeout: float = 10.0) -> None:
+        """Ask every worker for its counters now (instead of waiting for a heartbeat)."""
+        async def one(worker: RemoteWorker) -> None:
+            try:
+                reply, _ = await worker.rpc.request({"op": "stats"}, timeout=timeout)
+            except (ConnectionError, TimeoutError):
+                return
+            reply.pop("op", None)
+            reply.pop("reply_to", None)
+            worker.stats = reply
+
+        await asyncio.gather(*(one(w) for w in list(self.workers.values())))
+
     async def wait_for_workers(self, names: set[str], timeout: float) -> None:
         async with self._registered:
             await asyncio.wait_for(

@@ -231,13 +231,15 @@ class WorkerProcess:
                 rpc.comm.close()
                 return
             try:
-                store = self.store
-                rpc.send_nowait({"op": "heartbeat", "running": len(self.running),
-                                 "memory_used": store.used, "spilled_bytes": store.spilled_bytes,
-                                 "spill_errors": store.spill_errors, "nchunks": len(store),
-                                 "paused": store.paused, "overrun": store.overrun})
+                rpc.send_nowait({"op": "heartbeat", **self._stats()})
             except ConnectionError:
                 return
+
+    def _stats(self) -> dict[str, Any]:
+        stats = self.store.stats()
+        stats["memory_used"] = stats["used"]
+        stats["running"] = len(self.running)
+        return stats
 
     def _cancel_all(self) -> None:
         for task in list(self.running.values()):
@@ -280,6 +282,9 @@ class WorkerProcess:
                         self.async_proc.cancel(task._handle)
         elif op == "put":
             self.store.put(header["id"], loads_value(buffers[0], buffers[1:]))
+        elif op == "stats":
+            assert self._rpc is not None
+            return self._rpc.reply(header, self._stats())
         elif op == "task-done":
             self.client.on_task_done(header, buffers)
         elif op == "replicate":
