@@ -9,13 +9,13 @@ import sys
 def test_demo_runs_and_checks_its_answers():
     proc = subprocess.run(
         [sys.executable, "-W", "error", "-m", "aiodagger", "demo", "--size", "256", "--block", "64",
-         "--requests", "20", "--ooc-chunks", "12", "--ooc-chunk-mib", "4", "--ooc-limit", "24MiB"],
+         "--requests", "20", "--ooc-chunks", "32", "--ooc-chunk-mib", "8", "--ooc-limit", "128MiB"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "blocked matmul 256x256" in proc.stdout
     assert proc.stdout.count("-> OK") == 3
-    assert "out of core: 48 MiB of chunks" in proc.stdout
+    assert "out of core: 256 MiB of chunks" in proc.stdout
     assert "all checks passed" in proc.stdout
     assert proc.stderr == ""
 
