@@ -54,8 +54,16 @@ def _scan(value: Any, deps: list[DTask[Any]]) -> bool:
     return False
 
 
-def resolve_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Replace every DTask/Chunk by its value; the dependencies have all finished."""
+def resolve_arguments(args: tuple[Any, ...], kwargs: dict[str, Any],
+                      inputs: dict[int, Any] | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Replace every DTask/Chunk by its value; the dependencies have all finished.
+
+    ``inputs`` holds, by task id, the values of dependencies kept in a ChunkStore
+    (loaded and pinned for this run) rather than on their DTask.
+    """
+    if inputs is not None:
+        return (tuple([_resolve_with(v, inputs) for v in args]),
+                {k: _resolve_with(v, inputs) for k, v in kwargs.items()} if kwargs else kwargs)
     return (tuple([_resolve(v) for v in args]),
             {k: _resolve(v) for k, v in kwargs.items()} if kwargs else kwargs)
 
@@ -72,4 +80,19 @@ def _resolve(value: Any) -> Any:
         return {k: _resolve(v) for k, v in value.items()}
     if isinstance(value, (DTask, Chunk)):
         return value._value
+    return value
+
+
+def _resolve_with(value: Any, inputs: dict[int, Any]) -> Any:
+    if isinstance(value, DTask):
+        return inputs[value.id] if value.id in inputs else value._value
+    if isinstance(value, Chunk):
+        return value._value
+    kind = type(value)
+    if kind is list:
+        return [_resolve_with(v, inputs) for v in value]
+    if kind is tuple:
+        return tuple([_resolve_with(v, inputs) for v in value])
+    if kind is dict:
+        return {k: _resolve_with(v, inputs) for k, v in value.items()}
     return value

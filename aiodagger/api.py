@@ -13,7 +13,7 @@ from .cluster import current_cluster
 from .errors import NoProcessorError
 from .options import Scope, TaskOptions, current_options
 from .scheduler.core import spawn_callable_error
-from .task import FINISHED, Chunk, DTask
+from .task import FINISHED, REMOTE, Chunk, DTask
 
 __all__ = ["as_completed", "fetch", "gather", "put", "spawn", "spawn_with_options", "tochunk", "wait"]
 
@@ -94,9 +94,20 @@ async def gather(*tasks: DTask[Any], return_exceptions: bool = False) -> list[An
         failed = await fut
         if failed is not None:
             failed.result()  # raises
+    await _bring_values(items)
     if return_exceptions:
         return [_outcome(t) for t in items]
     return [t.result() for t in items]
+
+
+async def _bring_values(items: list[DTask[Any]]) -> None:
+    """Bring the values that live on workers (or in a store) here, in one go per cluster."""
+    by_sched: dict[int, list[DTask[Any]]] = {}
+    for t in items:
+        if t._value is REMOTE and t._state is FINISHED and not t._cancelled:
+            by_sched.setdefault(id(t._sched), []).append(t)
+    for group in by_sched.values():
+        await group[0]._sched.bring_here(group)
 
 
 def _outcome(t: DTask[Any]) -> Any:

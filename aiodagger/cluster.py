@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._loopthread import LoopThread
-from .memory import parse_memory_limit
+from .memory import ChunkStore, parse_memory_limit
 from .scheduler.core import Scheduler
 from .worker.launcher import WorkerLauncher
 from .worker.local import LocalWorker, WorkerInfo
@@ -84,11 +84,11 @@ class Cluster:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise TypeError(f"Cluster(threads=...) takes an int >= 1 or None, got {threads!r}")
         self.memory_limit = parse_memory_limit(memory_limit)
-        if self.memory_limit is not None and not processes:
+        if self.memory_limit is not None and not processes and listen is not None:
             raise ValueError(
-                "Cluster(memory_limit=...) is the limit of each subprocess worker, and this "
-                "cluster has none: write Cluster(processes=N, memory_limit=...) (remote workers "
-                "take their own: aiodagger worker ... --memory-limit 8GiB)")
+                "Cluster(memory_limit=...) is the limit of each worker this cluster runs: with "
+                "listen= and no processes=, set it on the remote workers instead "
+                "(aiodagger worker ... --memory-limit 8GiB)")
         self.spill_dir = None if spill_dir is None else os.fspath(spill_dir)
         if gpus not in ("auto", 0, False, None):
             raise NotImplementedError(f"Cluster(gpus={gpus!r}): GPU processors are not supported yet")
@@ -197,10 +197,15 @@ class Cluster:
         return self
 
     async def _start_workers(self) -> None:
-        """Start the listeners and subprocess workers, if this cluster has any."""
+        """Start worker 0's store, or the listeners and subprocess workers."""
+        assert self._sched is not None and self._local is not None
         if not self.processes and self.listen is None:
+            if self.memory_limit is not None:
+                # Worker 0 runs every task: its results go to a ChunkStore of its own.
+                store = ChunkStore(self.memory_limit, self.spill_dir, worker_name="w0")
+                await store.start()
+                self._sched.store = self._local.store = store
             return
-        assert self._sched is not None
         self._launcher = WorkerLauncher(
             self._sched, listen=self.listen, token=self._token, ssl=self._ssl,
             threads=self._worker_threads, heartbeat_interval=self._heartbeat[0],
@@ -285,7 +290,10 @@ class Cluster:
             logger.info("cluster closing: cancelled %d unfinished task(s)", cancelled)
         if self._launcher is not None:
             await self._launcher.close()
-        if not await self._local.close(self.shutdown_timeout):
+        clean = await self._local.close(self.shutdown_timeout)
+        if self._sched.store is not None:
+            await self._sched.store.close()
+        if not clean:
             logger.warning(
                 "cluster closed while tasks were still running user code in %s after %.1f s; "
                 "those threads are left to finish on their own", self._local.thread_proc, self.shutdown_timeout,

@@ -98,6 +98,7 @@ class DTask(Generic[R]):
         "_fn",
         "_fnkey",
         "_handle",
+        "_inputs",
         "_kind",
         "_kwargs",
         "_npending",
@@ -138,6 +139,7 @@ class DTask(Generic[R]):
         self._resolve = False
         self._attempts = 0
         self._handle: Any = None
+        self._inputs: dict[int, Any] | None = None  # input values loaded for one run
         self._est = 0.0
         self._kind = ""
         self._fnkey: Any = None

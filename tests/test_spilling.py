@@ -94,8 +94,40 @@ async def test_a_corrupted_spill_file_is_detected_and_the_value_recomputed():
             assert sums == [expected(i) for i in range(16)]  # recomputed, never wrong
 
 
-def test_memory_limit_without_worker_processes_says_what_to_write():
-    with pytest.raises(ValueError, match="processes=N"):
-        dagger.Cluster(memory_limit="1GiB")
+async def amake(i):
+    return make(i)
+
+
+async def test_worker_0_spills_too_in_an_in_process_cluster():
+    with private_dir() as base:
+        async with dagger.Cluster(memory_limit="160MiB", spill_dir=base, threads=2) as c:
+            # 640 MiB kept referenced, four times the limit; some made by coroutines
+            chunks = [dagger.spawn(make, i) for i in range(30)] + [dagger.spawn(amake, i) for i in range(30, 40)]
+            sums = await asyncio.wait_for(dagger.gather(*[dagger.spawn(total, a) for a in chunks]), 120)
+            assert sums == [expected(i) for i in range(40)]
+            (w0,) = c.workers
+            assert w0.memory_limit == 160 << 20 and w0.spilled_bytes > 0 and w0.spill_errors == 0
+            assert w0.memory_used <= 160 << 20
+            value = await chunks[7]  # handed to the caller, read back from disk
+            assert float(value[0]) == 7.0 and chunks[7].result() is value
+            del chunks, value
+            # damage every spill file: values are recomputed, never wrong
+            more = [dagger.spawn(make, i) for i in range(16)]
+            await dagger.wait(more)
+            await asyncio.sleep(1.0)
+            for path in spill_dirs(base)[0].glob("*"):
+                with open(path, "r+b") as f:
+                    f.seek(path.stat().st_size // 2)
+                    byte = f.read(1)
+                    f.seek(-1, os.SEEK_CUR)
+                    f.write(bytes([byte[0] ^ 0xFF]))
+            sums = await asyncio.wait_for(dagger.gather(*[dagger.spawn(total, a) for a in more]), 120)
+            assert sums == [expected(i) for i in range(16)]
+        assert spill_dirs(base) == []
+
+
+def test_memory_limit_arguments_say_what_to_write():
+    with pytest.raises(ValueError, match="--memory-limit"):
+        dagger.Cluster(memory_limit="1GiB", listen="tcp://127.0.0.1:0")
     with pytest.raises(ValueError, match="not understood"):
         dagger.Cluster(processes=1, memory_limit="lots")

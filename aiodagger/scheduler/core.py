@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import types
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +31,12 @@ from ..errors import (
     WorkerLostError,
 )
 from ..options import ANY_SCOPE, Scope, TaskOptions
-from ..task import CANCELLED, FAILED, FINISHED, PENDING, READY, REMOTE, RUNNING, DTask
+from ..task import CANCELLED, FAILED, FINISHED, NOWHERE, PENDING, READY, REMOTE, RUNNING, DTask
 from .events import Instrument
 from .placement import RuntimeEstimates, function_key
 
 if TYPE_CHECKING:
+    from ..memory import ChunkStore
     from ..worker.local import LocalWorker
     from .remote import Distributor
 
@@ -63,6 +65,13 @@ class Scheduler:
         self._live: set[DTask[Any]] = set()  # registered and not done
         self.instruments: list[Instrument] = []
         self.dist: Distributor | None = None  # set when the cluster has workers in other processes
+        # Worker 0's ChunkStore, when the cluster has a memory limit and no other workers:
+        # results of local tasks live there (and spill), their DTasks hold REMOTE.
+        self.store: ChunkStore | None = None
+        self._store_pins: dict[int, list[int]] = {}
+        self._store_drops: deque[int] = deque()
+        self._store_drop_pending = False
+        self._admission_waiting = False
 
     # -- spawning (any thread) -----------------------------------------------------------
     def spawn(self, opts: TaskOptions, fn: Any, args: tuple[Any, ...],
@@ -113,7 +122,10 @@ class Scheduler:
         opts = task._opts
         if opts.scope is not ANY_SCOPE and not self._admissible(task):
             return
-        task._thread_ok = task._kind == "thread" and opts.timeout is None and not self._goes_remote(task)
+        # Continuations read a finished input straight off its DTask: not possible when
+        # inputs live in a ChunkStore (they are loaded and pinned on the loop first).
+        task._thread_ok = (task._kind == "thread" and opts.timeout is None and self.store is None
+                           and not self._goes_remote(task))
         pending = 0
         deps = task._deps
         if deps:
@@ -151,9 +163,12 @@ class Scheduler:
         return 1
 
     def _value_lost(self, task: DTask[Any]) -> bool:
+        if task._value is not REMOTE:
+            return False
+        if self.store is not None:
+            return task.id not in self.store
         dist = self.dist
-        return (task._value is REMOTE and dist is not None
-                and not any(w in dist.workers for w in task._where))
+        return dist is not None and not any(w in dist.workers for w in task._where)
 
     def _recompute(self, task: DTask[Any]) -> bool:
         """Run a finished task again from its lineage, its value having been lost."""
@@ -215,7 +230,8 @@ class Scheduler:
         return "; ".join(parts)
 
     def _make_ready(self, task: DTask[Any]) -> None:
-        if task._kind == "async" and not self._goes_remote(task):
+        if task._kind == "async" and not self._goes_remote(task) and (
+                self.store is None or not task._resolve):
             # Coroutines have no capacity to wait for: start them at once.
             task._state = RUNNING
             if task._opts.timeout is not None:
@@ -247,6 +263,10 @@ class Scheduler:
                 continue
             if self.dist is not None and (self.dist.workers or task._resolve):
                 if not self._flush_distributed(task):
+                    break
+                continue
+            if self.store is not None:
+                if not self._flush_stored(task):
                     break
                 continue
             if not proc.has_room():
@@ -315,6 +335,130 @@ class Scheduler:
         self._arm_timeout(task)
         return True
 
+    # -- worker 0's ChunkStore ---------------------------------------------------------------
+    def _flush_stored(self, task: DTask[Any]) -> bool:
+        """Place the heap's top task on worker 0 when results live in its ChunkStore."""
+        store = self.store
+        assert store is not None
+        proc = self._local_worker.thread_proc
+        if store.paused:  # back-pressure: nothing new starts until memory is back under
+            if not self._admission_waiting:
+                self._admission_waiting = True
+                asyncio.ensure_future(self._await_admission(store))
+            return False
+        if task._kind != "async" and not proc.has_room():
+            return False
+        heapq.heappop(self._ready)
+        task._state = RUNNING
+        stored = [d for d in task._deps or () if d._value is REMOTE]
+        if stored:
+            asyncio.ensure_future(self._load_then_run(task, stored))
+        else:
+            self._submit_local(task)
+        return True
+
+    async def _await_admission(self, store: ChunkStore) -> None:
+        try:
+            await store.wait_admitted()
+        finally:
+            self._admission_waiting = False
+            self.request_flush()
+
+    def _submit_local(self, task: DTask[Any]) -> None:
+        if task._opts.timeout is not None:
+            self._arm_timeout(task)
+        if task._kind == "async":
+            self._local_worker.async_proc.submit(task)
+        else:
+            task._est = self.runtimes.get(task._fnkey)
+            self._local_worker.thread_proc.submit(task)
+
+    async def _load_then_run(self, task: DTask[Any], deps: list[DTask[Any]]) -> None:
+        """Load a task's stored inputs (pinned: not spilled while it runs), then run it."""
+        from ..memory import SpillCorruptedError
+
+        store = self.store
+        assert store is not None
+        inputs: dict[int, Any] = {}
+        pinned: list[int] = []
+        lost = None
+        for dep in deps:
+            try:
+                store.pin(dep.id)
+                pinned.append(dep.id)
+                inputs[dep.id] = await store.get(dep.id)
+            except (KeyError, SpillCorruptedError) as exc:
+                logger.warning("the result of %s is unreadable (%s): computing it again", dep._describe(), exc)
+                lost = dep
+                break
+        if lost is not None or task.done():
+            for key in pinned:
+                store.unpin(key)
+            if lost is not None and not task.done():
+                task._state = PENDING
+                linked = self._link(task, lost)  # recomputes it, and waits for it
+                if linked is not None:
+                    task._npending = linked
+                    if linked == 0:
+                        self._make_ready(task)
+            return
+        task._inputs = inputs
+        self._store_pins[task.id] = pinned
+        self._submit_local(task)
+
+    def _keep_in_store(self, task: DTask[Any], value: Any) -> Any:
+        """Put a worker-0 result in the store; the DTask keeps REMOTE (and its lineage)."""
+        store = self.store
+        assert store is not None
+        store.put(task.id, value)
+        if task._where is NOWHERE:
+            task._where = set()
+        task._where.add(0)
+        if not task._tracked:
+            task._tracked = True
+            weakref.finalize(task, self._drop_stored_later, task.id)
+        return REMOTE
+
+    def _drop_stored_later(self, key: int) -> None:
+        """A stored result's handle was garbage collected (in any thread): free it."""
+        self._store_drops.append(key)
+        if not self._store_drop_pending:
+            self._store_drop_pending = True
+            try:
+                self.loop.call_soon_threadsafe(self._drop_stored)
+            except RuntimeError:
+                pass  # the loop is closed: the store went with it
+
+    def _drop_stored(self) -> None:
+        self._store_drop_pending = False
+        store = self.store
+        while self._store_drops:
+            key = self._store_drops.popleft()
+            if store is not None:
+                store.delete(key)
+
+    async def _bring_stored(self, task: DTask[Any]) -> None:
+        """Hand a stored result to the caller: it becomes the caller's memory."""
+        from ..memory import SpillCorruptedError
+
+        store = self.store
+        assert store is not None
+        for _ in range(3):
+            try:
+                value = await store.get(task.id)
+            except (KeyError, SpillCorruptedError):
+                if not self._recompute(task):
+                    raise WorkerLostError(f"the result of {task._describe()} was lost") from None
+                await task.wait()
+                if task._state is not FINISHED or task._value is not REMOTE:
+                    return
+                continue
+            task._value = value
+            store.delete(task.id)
+            task._where.discard(0)
+            return
+        raise WorkerLostError(f"the result of {task._describe()} kept being lost")
+
     async def _bring_then_run_locally(self, task: DTask[Any], deps: list[DTask[Any]]) -> None:
         try:
             await self._bring(deps)
@@ -339,6 +483,12 @@ class Scheduler:
         if self.instruments and start:
             for instrument in self.instruments:
                 instrument.task_ran(task, proc.worker_id, repr(proc), start, start + seconds, ok)
+        if self._store_pins:
+            pins = self._store_pins.pop(task.id, None)
+            if pins is not None:
+                task._inputs = None
+                for key in pins:
+                    self.store.unpin(key)  # type: ignore[union-attr]
         if task._cancelled or task._attempts != attempt or task._state is FINISHED or task._state is FAILED:
             return  # cancelled, timed out, or a stale attempt: nobody waits for this run
         if ok:
@@ -348,6 +498,8 @@ class Scheduler:
                 assert self.local is not None
                 self.local.async_proc.submit(task, value)
                 return
+            if self.store is not None and proc.worker_id == 0:
+                value = self._keep_in_store(task, value)
             self._finish(task, value)
         elif isinstance(value, asyncio.CancelledError):
             self.cancel(task)
@@ -554,6 +706,11 @@ class Scheduler:
 
     async def _bring(self, objs: list[Any]) -> None:
         """Fetch the values of finished remote results into this process (on the loop)."""
+        if self.store is not None:
+            for obj in objs:
+                if type(obj) is DTask and obj._value is REMOTE:
+                    await self._bring_stored(obj)
+            return
         dist = self.dist
         assert dist is not None
         for _ in range(3):

@@ -23,7 +23,7 @@ def _prepare(task: DTask[Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
         # The loop released the task (cancelled) after this thread picked it up.
         raise TaskCancelledError(f"{task._describe()} was cancelled")
     if task._resolve:
-        args, kwargs = resolve_arguments(args, kwargs)
+        args, kwargs = resolve_arguments(args, kwargs, task._inputs)
     return fn, args, kwargs
 
 

@@ -13,6 +13,7 @@ from .aio import AsyncProc
 from .threads import ThreadProc
 
 if TYPE_CHECKING:
+    from ..memory import ChunkStore
     from ..scheduler.core import Scheduler
 
 __all__ = ["LocalWorker", "WorkerInfo"]
@@ -45,6 +46,7 @@ class LocalWorker:
         self.thread_proc = ThreadProc(self.id, nthreads, sched, thread_init)
         self.async_proc = AsyncProc(self.id, sched, task_context)
         self.memory_limit = memory_limit
+        self.store: ChunkStore | None = None  # set when the cluster has a memory limit
         self._sched = sched
         self.status = "new"
 
@@ -71,9 +73,9 @@ class LocalWorker:
             pid=os.getpid(),
             status=self.status,
             processors=(repr(self.async_proc), repr(self.thread_proc)),
-            memory_used=0,
-            memory_limit=self.memory_limit,
-            spilled_bytes=0,
-            spill_errors=0,
+            memory_used=self.store.used if self.store else 0,
+            memory_limit=self.store.memory_limit if self.store else None,
+            spilled_bytes=self.store.spilled_bytes if self.store else 0,
+            spill_errors=self.store.spill_errors if self.store else 0,
             tasks_running=self.thread_proc.queued + self.async_proc.running,
         )
