@@ -11,12 +11,12 @@ from typing import Any
 
 from .task import Chunk, DTask
 
-__all__ = ["find_dependencies", "resolve_arguments"]
+__all__ = ["LEAF_TYPES", "find_dependencies", "resolve_arguments"]
 
 _CONTAINERS = (list, tuple, dict)
 # Types that cannot hold a dependency: skipped without a function call, since most
 # arguments of small tasks are numbers and strings (this runs on every spawn).
-_LEAVES = frozenset((int, float, str, bytes, bool, type(None), complex))
+LEAF_TYPES = _LEAVES = frozenset((int, float, str, bytes, bool, type(None), complex))
 
 
 def find_dependencies(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[DTask[Any]], bool]:

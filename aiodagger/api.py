@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+from types import FunctionType
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Literal, TypeVar, overload
@@ -41,9 +42,10 @@ def spawn(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> DTask[Any]:
 
 
 def spawn_with_options(opts: TaskOptions, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DTask[Any]:
-    err = spawn_callable_error(fn)
-    if err is not None:
-        raise err
+    if type(fn) is not FunctionType:  # plain functions need no check: the hot path
+        err = spawn_callable_error(fn)
+        if err is not None:
+            raise err
     return current_cluster()._scheduler.spawn(opts, fn, args, kwargs)
 
 

@@ -21,7 +21,7 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from .._args import find_dependencies
+from .._args import LEAF_TYPES, find_dependencies
 from ..errors import (
     NoProcessorError,
     SerializationError,
@@ -83,6 +83,14 @@ class Scheduler:
         name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
         task: DTask[Any] = DTask(self, next(self._ids) if key is None else key, name, fn, args, kwargs, opts)
         task._kind = kind
+        # Most small tasks take numbers and strings: skip the walk for those.
+        for value in args:
+            if type(value) not in LEAF_TYPES:
+                break
+        else:
+            if not kwargs:
+                self._spawn_in_loop_or_inbox(task)
+                return task
         deps, found = find_dependencies(args, kwargs)
         if found:
             task._resolve = True
@@ -94,6 +102,10 @@ class Scheduler:
                             "tasks of its own cluster (fetch the value and pass that instead)"
                         )
                 task._deps = deps
+        self._spawn_in_loop_or_inbox(task)
+        return task
+
+    def _spawn_in_loop_or_inbox(self, task: DTask[Any]) -> None:
         if threading.get_ident() == self.loop_thread_id:
             self._register(task)
         else:
@@ -101,7 +113,6 @@ class Scheduler:
             if not self._inbox_pending:
                 self._inbox_pending = True
                 self.loop.call_soon_threadsafe(self._drain_inbox)
-        return task
 
     def _drain_inbox(self) -> None:
         self._inbox_pending = False
@@ -230,7 +241,8 @@ class Scheduler:
         return "; ".join(parts)
 
     def _make_ready(self, task: DTask[Any]) -> None:
-        if task._kind == "async" and not self._goes_remote(task) and (
+        dist = self.dist
+        if task._kind == "async" and (dist is None or not self._goes_remote(task)) and (
                 self.store is None or not task._resolve):
             # Coroutines have no capacity to wait for: start them at once.
             task._state = RUNNING

@@ -46,7 +46,7 @@ class AsyncProc:
 
     async def _run(self, task: DTask[Any], attempt: int, coro: Coroutine[Any, Any, Any] | None) -> None:
         # Timed only for observers: run times of coroutines are not learned (they overlap).
-        timed = bool(getattr(self._sched, "instruments", None))
+        timed = bool(self._sched.instruments)
         start = perf_counter() if timed else 0.0
         try:
             if coro is None:

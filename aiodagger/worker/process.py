@@ -101,6 +101,8 @@ class WorkerProcess:
         return ChunkStore(self.memory_limit, self.spill_dir, worker_name=self.name)
 
     # -- processor interface (what ThreadProc/AsyncProc call) ----------------------------
+    instruments: list[Any] = []  # observers live with the scheduler, not here
+
     def request_flush(self) -> None:
         """Nothing waits here for capacity: the scheduler meters what it sends."""
 
