@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from types import FunctionType
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from types import FunctionType
 from typing import Any, Literal, TypeVar, overload
 
 from .cluster import current_cluster
