@@ -7,6 +7,6 @@ out-of-band layout with checksums.
 
 from .sizes import parse_memory_limit, sizeof
 from .spillfile import SpillCorruptedError
-from .store import ChunkStore, StoreState
+from .store import ChunkStore, StoreState, admit
 
-__all__ = ["ChunkStore", "SpillCorruptedError", "StoreState", "parse_memory_limit", "sizeof"]
+__all__ = ["ChunkStore", "SpillCorruptedError", "StoreState", "admit", "parse_memory_limit", "sizeof"]

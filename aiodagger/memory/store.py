@@ -612,3 +612,21 @@ class ChunkStore:
             return exc
         return SpillCorruptedError(f"the spill file of chunk {entry.key!r} ({path}) cannot be "
                                    f"read back: {exc!r}; {dropped}", str(path), entry.key)
+
+
+# How long a task waits for admission at most. Chunks pinned by running tasks count as
+# room to come; a running task blocked on a nested task that waits here would wait for
+# itself. Past this, work goes on (and the store's own warnings say memory is high):
+# a stall of a few seconds beats a deadlock.
+ADMISSION_TIMEOUT_S = 5.0
+
+
+async def admit(store: ChunkStore, timeout: float = ADMISSION_TIMEOUT_S) -> None:
+    """Wait for ``store`` to admit new work, at most ``timeout`` seconds."""
+    if not store.paused:
+        return
+    try:
+        await asyncio.wait_for(store.wait_admitted(), timeout)
+    except TimeoutError:
+        logger.warning("worker %s: still above its pause threshold after %.0f s; starting a task "
+                       "anyway so that tasks waiting on others cannot deadlock", store.worker_name, timeout)

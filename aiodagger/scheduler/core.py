@@ -371,7 +371,9 @@ class Scheduler:
 
     async def _await_admission(self, store: ChunkStore) -> None:
         try:
-            await store.wait_admitted()
+            from ..memory import admit
+
+            await admit(store)
         finally:
             self._admission_waiting = False
             self.request_flush()

@@ -28,7 +28,7 @@ from ..comm.handshake import client_handshake
 from ..comm.rpc import Rpc
 from ..comm.server import Listener, parse_address
 from ..errors import TaskCancelledError
-from ..memory import ChunkStore, SpillCorruptedError
+from ..memory import ChunkStore, SpillCorruptedError, admit
 from ..options import TaskOptions
 from ..task import DTask
 from .aio import AsyncProc
@@ -367,7 +367,7 @@ class WorkerProcess:
         store = self.store
         # Back-pressure: above the pause threshold nothing new starts until spilling
         # (or finishing tasks) brings memory down; see ChunkStore.wait_admitted.
-        await store.wait_admitted()
+        await admit(store)
         values: dict[int, Any] = {}
         pinned: list[int] = []
         for key in keys:
