@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from ._context import current_cluster_var, pool_thread
 from ._loopthread import LoopThread
 from .memory import ChunkStore, parse_memory_limit
 from .scheduler.core import Scheduler
@@ -39,8 +40,8 @@ class ClusterState(enum.Enum):
     CLOSED = "closed"
 
 
-_current: contextvars.ContextVar[Cluster | None] = contextvars.ContextVar("aiodagger_cluster", default=None)
-_pool_thread = threading.local()
+_current = current_cluster_var
+_pool_thread = pool_thread
 _entered: list[Cluster] = []
 _default: Cluster | None = None
 _default_lock = threading.Lock()

@@ -49,7 +49,7 @@ COALESCE_BELOW = 64 << 10
 HIGH_WATER = 16 << 20
 LOW_WATER = 4 << 20
 
-Frame = tuple[dict[str, Any], list[bytearray]]
+Frame = tuple[dict[str, Any], list[Any]]  # buffers: bytearray or numpy uint8 arrays
 
 
 def encode_frame(header: dict[str, Any], buffers: Sequence[Any] = ()) -> list[Any]:
@@ -86,7 +86,7 @@ class FrameParser:
         self._hlen = 0
         self._lengths: list[int] | None = None
         self._header: dict[str, Any] | None = None
-        self._buffers: list[bytearray] = []
+        self._buffers: list[Any] = []
         # direct read target
         self._target: memoryview | None = None
         self._filled = 0
@@ -162,7 +162,7 @@ class FrameParser:
                 self._header = _decode_header(self._take(self._hlen))
             while len(self._buffers) < self._nbuf:
                 size = self._lengths[len(self._buffers)]
-                buf = bytearray(size)
+                buf = _allocate(size)
                 have = min(size, self._available())
                 if have:
                     buf[:have] = self._take(have)
@@ -182,6 +182,20 @@ class FrameParser:
             self._nbuf, self._lengths, self._header, self._buffers = -1, None, None, []
             if self._start == self._end:
                 self._start = self._end = 0
+
+
+def _allocate(size: int) -> Any:
+    """A writable buffer of ``size`` bytes for the socket to read into.
+
+    Large ones are uninitialised numpy memory: ``bytearray(n)`` zero-fills every page
+    first, which took 189 ms of a 344 ms 256 MiB transfer here (W5), while numpy's
+    allocation is lazy and may use huge pages.
+    """
+    if size < DIRECT_READ:
+        return bytearray(size)
+    import numpy  # imported by the first big buffer, not at start-up
+
+    return numpy.empty(size, dtype=numpy.uint8)
 
 
 def _decode_header(raw: memoryview) -> dict[str, Any]:

@@ -8,8 +8,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from ..comm import serialize
 
 __all__ = ["parse_memory_limit", "sizeof"]
@@ -86,7 +84,6 @@ def _pickled_size(obj: Any) -> int:
 
 
 _SIZERS: dict[type, Callable[[Any], int]] = {
-    np.ndarray: _nbytes,
     memoryview: _nbytes,
     bytes: len,
     bytearray: len,
@@ -100,8 +97,10 @@ _SIZERS: dict[type, Callable[[Any], int]] = {
 
 
 def _sizer_for(cls: type) -> Callable[[Any], int]:
-    # Subclasses resolve once, then hit the dict like the exact types do.
-    if issubclass(cls, (np.ndarray, np.generic)):
+    # Subclasses resolve once, then hit the dict like the exact types do. numpy is
+    # looked up, not imported: a worker that never saw numpy holds no arrays.
+    np = sys.modules.get("numpy")
+    if np is not None and issubclass(cls, (np.ndarray, np.generic)):
         sizer: Callable[[Any], int] = _nbytes
     elif issubclass(cls, (bytes, bytearray)):
         sizer = len

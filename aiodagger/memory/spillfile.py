@@ -48,8 +48,6 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import Any
 
-import numpy as np
-
 from ..comm import serialize
 from ..errors import DaggerError, SerializationError
 
@@ -160,6 +158,8 @@ def read_parts(path: str | os.PathLike[str]) -> tuple[memoryview, list[memoryvie
     try:
         size = os.fstat(fd).st_size
         lengths, crcs = _read_header(fd, size, os.fspath(path))
+        import numpy as np  # here, not at import: a worker's start-up is measured (W0)
+
         parts = [np.empty(n, dtype=np.uint8).data for n in lengths]
         _read_all(fd, parts, os.fspath(path))
     finally:

@@ -179,7 +179,10 @@ class NestedCluster:
     """What ``current_cluster()`` returns inside a worker process's tasks."""
 
     def __init__(self, client: SchedulerClient) -> None:
-        from ..cluster import ClusterState
-
         self._scheduler = client
-        self._state = ClusterState.RUNNING
+
+    @property
+    def _state(self) -> Any:
+        from ..cluster import ClusterState  # only when a task spawns: not at worker start
+
+        return ClusterState.RUNNING

@@ -21,8 +21,8 @@ from typing import Any
 
 import cloudpickle
 
-from ..cluster import _current as _current_cluster
-from ..cluster import _pool_thread
+from .._context import current_cluster_var as _current_cluster
+from .._context import pool_thread as _pool_thread
 from ..comm.framing import Comm, open_comm
 from ..comm.handshake import client_handshake
 from ..comm.rpc import Rpc
@@ -165,7 +165,7 @@ class WorkerProcess:
         self.client = SchedulerClient(self)
         nested = NestedCluster(self.client)
         task_context = contextvars.Context()
-        task_context.run(_current_cluster.set, nested)  # type: ignore[arg-type]
+        task_context.run(_current_cluster.set, nested)
 
         def thread_init() -> None:
             _pool_thread.cluster = nested
