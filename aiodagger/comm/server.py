@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import AuthenticationError, ProtocolError
-from .framing import DEFAULT_MAX_FRAME, Comm
-from .handshake import server_handshake
+from .framing import DEFAULT_MAX_FRAME, MAX_BUFFERS, MAX_HEADER, Comm
+from .handshake import _HANDSHAKE_MAX_HEADER, server_handshake
 
 __all__ = ["Listener", "is_loopback", "parse_address"]
 
@@ -78,6 +78,13 @@ class Listener:
 
     def _new_protocol(self) -> asyncio.BufferedProtocol:
         comm = Comm(self._max_frame)
+        # The handshake's limits (a small header, no buffers) must hold from the first
+        # byte: bytes that come with the connection are parsed before _serve() first
+        # runs (uvloop reads them in the same iteration as the accept), and with the
+        # full limits a peer that never authenticates could make us allocate a frame's
+        # worth of memory (up to max_frame) per connection.
+        parser = comm.parser
+        parser.max_frame, parser.max_header, parser.max_buffers = 0, _HANDSHAKE_MAX_HEADER, 0
         protocol = comm.protocol()
         task = asyncio.get_running_loop().create_task(self._serve(comm))
         self._tasks.add(task)
@@ -93,6 +100,8 @@ class Listener:
             logger.warning("rejected connection from %s: %s", comm.peer, exc)
             comm.close()
             return
+        parser = comm.parser
+        parser.max_frame, parser.max_header, parser.max_buffers = self._max_frame, MAX_HEADER, MAX_BUFFERS
         self.comms.add(comm)
         try:
             await self._handler(comm, info)
