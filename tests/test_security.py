@@ -17,7 +17,7 @@ import pytest
 import aiodagger as dagger
 from aiodagger.comm.framing import DEFAULT_MAX_FRAME, MAX_HEADER, encode_frame, open_comm
 from aiodagger.comm.handshake import PROTOCOL_VERSION, client_handshake, new_token
-from aiodagger.comm.server import parse_address
+from aiodagger.comm.server import Listener, parse_address
 from aiodagger.errors import AuthenticationError
 from tests.workers import WorkerProcesses, pid_of, write_token
 
@@ -314,6 +314,44 @@ async def test_bad_frame_after_authentication_closes_only_that_connection(
     assert await asyncio.wait_for(dagger.gather(*(on_worker.spawn(pid_of) for _ in range(3))), 20) \
         == [proc.pid] * 3
     assert proc.poll() is None
+
+
+@pytest.mark.parametrize("make_frame", [frame_unknown_op, frame_header_not_a_map],
+                         ids=["unknown_op", "header_not_a_map"])
+async def test_worker_hangs_up_on_a_scheduler_that_sends_a_bad_frame(tmp_path, workers, make_frame):
+    """The worker's side of the same rule: its connection to the scheduler is closed on a
+    bad frame from there (it then reconnects, as after any lost connection)."""
+    token = new_token()
+    sessions: asyncio.Queue = asyncio.Queue()
+
+    async def scheduler(comm, info):
+        header, _ = await comm.recv()
+        assert header["op"] == "register"
+        await comm.send({"op": "reply", "reply_to": header["req"], "worker_id": 1})
+        await sessions.put(comm)
+        await comm.closed_event.wait()
+
+    listener = Listener(scheduler, token)
+    await listener.start("127.0.0.1", 0)
+    try:
+        proc = workers.start(listener.address, write_token(tmp_path, token))
+        first = await asyncio.wait_for(sessions.get(), 30)
+        first.transport.write(make_frame(tmp_path / "canary"))
+        await expect_closed(first)
+        second = await asyncio.wait_for(sessions.get(), 30)  # the worker is back
+        assert not second.closed and proc.poll() is None
+    finally:
+        await listener.close()
+
+
+async def test_worker_with_the_wrong_token_is_refused_and_exits(cluster, tmp_path, workers):
+    proc = workers.start(cluster.address, write_token(tmp_path, "not-the-token"))
+    deadline = asyncio.get_running_loop().time() + 30
+    while proc.poll() is None and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    assert proc.returncode not in (None, 0)
+    assert "AuthenticationError" in workers.output(proc)
+    assert [w.id for w in cluster.workers] == [0]
 
 
 # -- refusing to listen on the network without a token ------------------------------------------
