@@ -21,7 +21,7 @@ import cloudpickle
 
 from ..comm.framing import Comm
 from ..comm.rpc import Rpc
-from ..errors import SerializationError
+from ..errors import ProtocolError, SerializationError
 from ..task import REMOTE, Chunk, DTask
 from ..worker.wire import FunctionCache, dumps_args, dumps_value, loads_error, loads_value
 from .placement import DEFAULT_BANDWIDTH, Candidate, choose_processor
@@ -131,8 +131,9 @@ class Distributor:
         rpc: Rpc
 
         def on_frame(header: dict[str, Any], buffers: list[bytearray]) -> Any:
+            # Raising ProtocolError ends this connection only (the listener logs it).
             op = header["op"]
-            if op == "done":
+            if op == "done" and holder:
                 self._on_done(holder[0], header, buffers)
             elif op == "heartbeat":
                 if holder:
@@ -140,8 +141,11 @@ class Distributor:
                     holder[0].stats = header
             elif op == "register" and not holder:
                 return self._register(rpc, header, holder)
+            elif op in ("done", "register"):
+                raise ProtocolError(f"{comm.peer} sent {op!r} "
+                                    f"{'before registering' if not holder else 'twice'}")
             else:
-                logger.warning("unexpected op %r from %s", op, comm.peer)
+                raise ProtocolError(f"unknown op {op!r} from {comm.peer}")
             return None
 
         rpc = Rpc(comm, on_frame)
