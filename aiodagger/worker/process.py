@@ -25,7 +25,7 @@ from ..comm.framing import Comm, open_comm
 from ..comm.handshake import client_handshake
 from ..comm.rpc import Rpc
 from ..comm.server import Listener, parse_address
-from ..errors import TaskCancelledError
+from ..errors import ProtocolError, TaskCancelledError
 from ..options import TaskOptions
 from ..task import DTask
 from .aio import AsyncProc
@@ -151,6 +151,8 @@ class WorkerProcess:
                     await self._session()
                 except (ConnectionError, OSError, TimeoutError) as exc:
                     logger.info("worker %s: scheduler connection ended: %s", self.name, exc)
+                except ProtocolError as exc:  # a bad frame ends the connection, not the worker
+                    logger.warning("worker %s: scheduler connection closed: %s", self.name, exc)
                 if not self.reconnect or self._stopping:
                     break
                 logger.warning("worker %s: reconnecting to the scheduler in %.1f s", self.name, self._backoff)
