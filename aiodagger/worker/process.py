@@ -253,7 +253,8 @@ class WorkerProcess:
             if self._rpc is not None:
                 self._rpc.comm.close()
         elif op != "heartbeat":
-            logger.warning("worker %s: unknown op %r from the scheduler", self.name, op)
+            # ends this session (the worker reconnects), as DESIGN.md section 3 asks
+            raise ProtocolError(f"unknown op {op!r} from the scheduler")
         return None
 
     def _on_run(self, header: dict[str, Any], buffers: list[bytearray]) -> None:
@@ -377,8 +378,8 @@ class WorkerProcess:
         def handle(header: dict[str, Any], buffers: list[bytearray]) -> Awaitable[None] | None:
             if header["op"] == "get":
                 return self._serve_get(rpc, header)
-            logger.warning("worker %s: unknown op %r from a peer", self.name, header["op"])
-            return None
+            # ends this connection only; the listener logs it
+            raise ProtocolError(f"unknown op {header['op']!r} from a peer")
 
         rpc = Rpc(comm, handle)
         await rpc.serve()
