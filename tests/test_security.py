@@ -18,7 +18,7 @@ import aiodagger as dagger
 from aiodagger.comm.framing import DEFAULT_MAX_FRAME, MAX_HEADER, encode_frame, open_comm
 from aiodagger.comm.handshake import PROTOCOL_VERSION, client_handshake, new_token
 from aiodagger.comm.server import Listener, parse_address
-from aiodagger.errors import AuthenticationError
+from aiodagger.errors import AuthenticationError, ProtocolError
 from tests.workers import WorkerProcesses, pid_of, write_token
 
 pytestmark = pytest.mark.timeout(60)
@@ -352,6 +352,36 @@ async def test_worker_with_the_wrong_token_is_refused_and_exits(cluster, tmp_pat
     assert proc.returncode not in (None, 0)
     assert "AuthenticationError" in workers.output(proc)
     assert [w.id for w in cluster.workers] == [0]
+
+
+async def test_client_handshake_limits_apply_before_the_server_speaks():
+    """The client's side of buffer_in_first_frame: a server that is not ours (a wrong
+    address, or someone in the middle of plain TCP) pushes a frame announcing a large
+    buffer the moment we connect. The client has not authenticated the server yet, so
+    the handshake limits must refuse it at once, not allocate it and wait for it."""
+    head = msgpack.packb({"op": "challenge"})
+    push = PREFIX.pack(b"AG", 1, len(head)) + struct.pack("!Q", 32 << 20) + head
+
+    async def impostor(reader, writer):
+        writer.write(push)
+        try:
+            await reader.read()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(impostor, "127.0.0.1", 0)
+    try:
+        comm = await open_comm("127.0.0.1", server.sockets[0].getsockname()[1])
+        try:
+            with pytest.raises(ProtocolError):
+                await client_handshake(comm, new_token(), {"role": "worker"}, timeout=CLOSE_TIMEOUT)
+        finally:
+            comm.close()
+            await asyncio.wait_for(comm.wait_closed(), CLOSE_TIMEOUT)
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), CLOSE_TIMEOUT)
 
 
 # -- refusing to listen on the network without a token ------------------------------------------
