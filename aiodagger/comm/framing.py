@@ -40,6 +40,7 @@ PREFIX = struct.Struct("!2sHI")
 LENGTH = struct.Struct("!Q")
 DEFAULT_MAX_FRAME = 4 << 30  # 4 GiB of buffers in one frame
 MAX_HEADER = 64 << 20
+HANDSHAKE_MAX_HEADER = 4096
 MAX_BUFFERS = 4096
 STAGING_SIZE = 256 << 10
 # Buffers at least this large are read in place into their own allocation.
@@ -242,10 +243,17 @@ class _FrameProtocol(asyncio.BufferedProtocol):
 
 
 class Comm:
-    """One connection carrying frames both ways."""
+    """One connection carrying frames both ways.
+
+    It starts with the handshake's limits (a small header, no buffers) from the very
+    first byte, on both sides: bytes can arrive with the connection itself, and a peer
+    that never authenticates must not make us allocate a frame's worth of memory.
+    :meth:`authenticated` lifts them once the handshake has succeeded.
+    """
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, name: str = "") -> None:
-        self.parser = FrameParser(max_frame)
+        self.max_frame = max_frame
+        self.parser = FrameParser(0, HANDSHAKE_MAX_HEADER, 0)
         self.name = name
         self.transport: asyncio.Transport | None = None
         self.peer: str = "?"
@@ -257,6 +265,11 @@ class Comm:
         self._writable.set()
         self._send_lock = asyncio.Lock()
         self.closed_event = asyncio.Event()
+
+    def authenticated(self) -> None:
+        """The peer proved it knows the token: accept frames up to the full limits."""
+        parser = self.parser
+        parser.max_frame, parser.max_header, parser.max_buffers = self.max_frame, MAX_HEADER, MAX_BUFFERS
 
     def protocol(self) -> asyncio.BufferedProtocol:
         return _FrameProtocol(self)
@@ -310,6 +323,12 @@ class Comm:
 
     def recv_nowait(self) -> Frame | None:
         return self.parser.frames.popleft() if self.parser.frames else None
+
+    def closed_error(self) -> Exception:
+        """Why sending is impossible: the peer's bad frame if that is what closed it."""
+        if isinstance(self._error, ProtocolError):
+            return self._error
+        return ConnectionResetError(f"connection to {self.peer} is closed")
 
     def send_nowait(self, header: dict[str, Any], buffers: Sequence[Any] = ()) -> None:
         """Queue a small frame without waiting for the transport to drain."""

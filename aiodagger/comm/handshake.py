@@ -3,8 +3,8 @@ HMAC-SHA256 challenge-response over the cluster's shared token.
 
 Both sides prove they know the token without sending it: each sends a fresh random
 nonce and answers with HMAC(token, role || their nonce || our nonce). Until the
-handshake is over, frames are limited to a small msgpack header without buffers, and
-nothing is unpickled: a peer that does not know the token cannot make us run code.
+handshake is over, frames are limited to a small msgpack header without buffers (every
+Comm starts that way; see framing.Comm), and nothing is unpickled: a peer that does not know the token cannot make us run code.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from .framing import Comm
 __all__ = ["PROTOCOL_VERSION", "client_handshake", "new_token", "server_handshake"]
 
 PROTOCOL_VERSION = 1
-_HANDSHAKE_MAX_HEADER = 4096
 HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -32,18 +31,6 @@ def new_token() -> str:
 
 def _proof(token: bytes, role: bytes, theirs: bytes, ours: bytes) -> bytes:
     return hmac.new(token, role + theirs + ours, hashlib.sha256).digest()
-
-
-def _restrict(comm: Comm) -> tuple[int, int, int]:
-    parser = comm.parser
-    saved = (parser.max_frame, parser.max_header, parser.max_buffers)
-    parser.max_frame, parser.max_header, parser.max_buffers = 0, _HANDSHAKE_MAX_HEADER, 0
-    return saved
-
-
-def _restore(comm: Comm, saved: tuple[int, int, int]) -> None:
-    parser = comm.parser
-    parser.max_frame, parser.max_header, parser.max_buffers = saved
 
 
 async def _expect(comm: Comm, op: str, timeout: float) -> dict[str, Any]:
@@ -65,10 +52,12 @@ def _bytes(header: dict[str, Any], key: str) -> bytes:
 async def client_handshake(comm: Comm, token: str, info: dict[str, Any],
                            timeout: float = HANDSHAKE_TIMEOUT) -> dict[str, Any]:
     """Authenticate to the server at the other end of ``comm``; return its welcome header."""
-    saved = _restrict(comm)
     key = token.encode()
     ours = secrets.token_bytes(32)
-    comm.send_nowait({"op": "hello", "version": PROTOCOL_VERSION, "nonce": ours, "info": info})
+    try:
+        comm.send_nowait({"op": "hello", "version": PROTOCOL_VERSION, "nonce": ours, "info": info})
+    except ConnectionError:
+        raise comm.closed_error() from None  # e.g. the server's first bytes were not a frame
     challenge = await _expect(comm, "challenge", timeout)
     theirs = _bytes(challenge, "nonce")
     if not hmac.compare_digest(_bytes(challenge, "proof"), _proof(key, b"server", ours, theirs)):
@@ -76,14 +65,13 @@ async def client_handshake(comm: Comm, token: str, info: dict[str, Any],
         raise AuthenticationError(f"{comm.peer} failed to prove it knows the cluster token")
     comm.send_nowait({"op": "auth", "proof": _proof(key, b"client", theirs, ours)})
     welcome = await _expect(comm, "welcome", timeout)
-    _restore(comm, saved)
+    comm.authenticated()
     return welcome
 
 
 async def server_handshake(comm: Comm, token: str, welcome: dict[str, Any] | None = None,
                            timeout: float = HANDSHAKE_TIMEOUT) -> dict[str, Any]:
     """Authenticate the client at the other end of ``comm``; return its hello info."""
-    saved = _restrict(comm)
     key = token.encode()
     hello = await _expect(comm, "hello", timeout)
     if hello.get("version") != PROTOCOL_VERSION:
@@ -100,6 +88,6 @@ async def server_handshake(comm: Comm, token: str, welcome: dict[str, Any] | Non
         comm.send_nowait({"op": "refused", "reason": "wrong token"})
         raise AuthenticationError(f"{comm.peer} failed to authenticate (wrong token)")
     comm.send_nowait({"op": "welcome", **(welcome or {})})
-    _restore(comm, saved)
+    comm.authenticated()
     info = hello.get("info")
     return info if isinstance(info, dict) else {}

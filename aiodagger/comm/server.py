@@ -77,6 +77,9 @@ class Listener:
         self.host, self.port = host, sockname[1]
 
     def _new_protocol(self) -> asyncio.BufferedProtocol:
+        # A Comm starts with the handshake's limits: bytes that come with the connection
+        # are parsed before _serve() first runs (uvloop reads them in the same iteration
+        # as the accept), and must not make us allocate a frame's worth of memory.
         comm = Comm(self._max_frame)
         protocol = comm.protocol()
         task = asyncio.get_running_loop().create_task(self._serve(comm))

@@ -22,7 +22,7 @@ import cloudpickle
 
 from ..comm.framing import Comm
 from ..comm.rpc import Rpc
-from ..errors import SerializationError
+from ..errors import ProtocolError, SerializationError
 from ..options import ANY_SCOPE
 from ..task import FINISHED, NOWHERE, REMOTE, Chunk, DTask
 from ..worker.wire import (
@@ -164,8 +164,9 @@ class Distributor:
         rpc: Rpc
 
         def on_frame(header: dict[str, Any], buffers: list[bytearray]) -> Any:
+            # Raising ProtocolError ends this connection only (the listener logs it).
             op = header["op"]
-            if op == "done":
+            if op == "done" and holder:
                 self._on_done(holder[0], header, buffers)
             elif op == "heartbeat":
                 if holder:
@@ -183,8 +184,11 @@ class Distributor:
                     entry = self.nested.get(key)
                     if entry is not None:
                         self.sched.cancel(entry[0])
+            elif op in ("done", "register", "spawn"):
+                raise ProtocolError(f"{comm.peer} sent {op!r} "
+                                    f"{'before registering' if not holder else 'twice'}")
             else:
-                logger.warning("unexpected op %r from %s", op, comm.peer)
+                raise ProtocolError(f"unknown op {op!r} from {comm.peer}")
             return None
 
         rpc = Rpc(comm, on_frame)

@@ -27,7 +27,7 @@ from ..comm.framing import Comm, open_comm
 from ..comm.handshake import client_handshake
 from ..comm.rpc import Rpc
 from ..comm.server import Listener, parse_address
-from ..errors import TaskCancelledError
+from ..errors import ProtocolError, TaskCancelledError
 from ..memory import ChunkStore, SpillCorruptedError, admit
 from ..options import TaskOptions
 from ..task import DTask
@@ -182,6 +182,8 @@ class WorkerProcess:
                     await self._session()
                 except (ConnectionError, OSError, TimeoutError) as exc:
                     logger.info("worker %s: scheduler connection ended: %s", self.name, exc)
+                except ProtocolError as exc:  # a bad frame ends the connection, not the worker
+                    logger.warning("worker %s: scheduler connection closed: %s", self.name, exc)
                 if not self.reconnect or self._stopping:
                     break
                 logger.warning("worker %s: reconnecting to the scheduler in %.1f s", self.name, self._backoff)
@@ -296,7 +298,8 @@ class WorkerProcess:
             if self._rpc is not None:
                 self._rpc.comm.close()
         elif op != "heartbeat":
-            logger.warning("worker %s: unknown op %r from the scheduler", self.name, op)
+            # ends this session (the worker reconnects), as DESIGN.md section 3 asks
+            raise ProtocolError(f"unknown op {op!r} from the scheduler")
         return None
 
     def _on_run(self, header: dict[str, Any], buffers: list[bytearray]) -> None:
@@ -469,8 +472,8 @@ class WorkerProcess:
         def handle(header: dict[str, Any], buffers: list[bytearray]) -> Awaitable[None] | None:
             if header["op"] == "get":
                 return self._serve_get(rpc, header)
-            logger.warning("worker %s: unknown op %r from a peer", self.name, header["op"])
-            return None
+            # ends this connection only; the listener logs it
+            raise ProtocolError(f"unknown op {header['op']!r} from a peer")
 
         rpc = Rpc(comm, handle)
         await rpc.serve()

@@ -1,0 +1,108 @@
+"""`aiodagger worker` processes for the tests, and task functions they can import.
+
+Workers run as a user runs them (``python -m aiodagger worker ADDRESS --token-file F``),
+with the repository on their path so that the functions below are found by reference.
+Every process started here is ended, by its pid, when the test ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class WorkerProcesses:
+    """Starts `aiodagger worker` processes and ends each of them (by pid) on ``stop_all``."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: dict[int, Path] = {}
+
+    def start(self, address: str, token_file: Path, *extra: str, prefix: tuple[str, ...] = (),
+              threads: int = 2) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+        env.pop("AIODAGGER_TOKEN", None)
+        log = self.log_dir / f"worker-{len(self.procs)}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [*prefix, sys.executable, "-m", "aiodagger", "worker", address,
+                 "--token-file", str(token_file), "--threads", str(threads), *extra],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+            )
+        self.procs.append(proc)
+        self.logs[proc.pid] = log
+        return proc
+
+    def output(self, proc: subprocess.Popen[bytes]) -> str:
+        return self.logs[proc.pid].read_text(errors="replace")
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            self.stop(proc)
+
+    async def wait_joined(self, cluster, procs, timeout: float = 30.0):
+        """The WorkerInfo of each process in ``procs`` once all have joined ``cluster``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            by_pid = {w.pid: w for w in cluster.workers}
+            if all(p.pid in by_pid for p in procs):
+                return [by_pid[p.pid] for p in procs]
+            for p in procs:
+                if p.poll() is not None:
+                    raise AssertionError(f"worker pid {p.pid} exited with {p.returncode} before "
+                                         f"joining:\n{self.output(p)}")
+            if time.monotonic() > deadline:
+                logs = "\n".join(self.output(p) for p in procs)
+                raise AssertionError(f"workers did not join within {timeout} s; cluster has "
+                                     f"{cluster.workers}\n{logs}")
+            await asyncio.sleep(0.05)
+
+
+def write_token(directory: Path, token: str) -> Path:
+    path = directory / "token"
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return path
+
+
+# -- task functions (found by reference in the worker processes) ------------------------------
+
+def pid_of(_dep=None) -> int:
+    return os.getpid()
+
+
+def block(size: int, seed: int) -> tuple[int, bytes]:
+    """A result larger than what travels inline with a completion, so it stays where it is made."""
+    return os.getpid(), bytes([seed % 256]) * size
+
+
+def digest(*blocks: tuple[int, bytes]) -> tuple[int, list[tuple[int, int, str]]]:
+    """Where each block was made, its size and hash, and where this ran."""
+    return os.getpid(), [(pid, len(data), hashlib.sha256(data).hexdigest()) for pid, data in blocks]
+
+
+def wait_for_file(path: str, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.02)
+    return os.getpid()
