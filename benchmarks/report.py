@@ -175,7 +175,7 @@ def markdown_section(
     for key in dict.fromkeys(r.workload for r in results):
         w = WORKLOADS[key]
         target = f" Target for {reference}: {w.target_text}." if w.target is not None else ""
-        lines.append(f"- **{key}** ({unit_cell(w.metric)}): {w.description}{target}")
+        lines.append(f"- **{key}**, {unit_cell(w.metric)}: {w.description}{target}")
     lines += ["", "Machine:", ""]
     lines += [f"- {label}: {value}" for label, value in machine.items()]
     lines += ["", END]
