@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.workloads import WORKLOADS
+from benchmarks.workloads import WORKLOADS, Metric, Workload
 
 # The generated part of BENCHMARKS.md lies between these markers, so prose
 # written around it survives regeneration.
@@ -19,22 +19,28 @@ END = "<!-- benchmarks:end -->"
 class Result:
     workload: str  # a key of WORKLOADS
     system: str
-    samples_us: list[float] = field(default_factory=list)  # per unit, one per repeat
+    samples: list[float] = field(default_factory=list)  # figures in the metric's unit, one per repeat
+    stages: dict[str, list[float]] = field(default_factory=dict)  # seconds, one per repeat
     note: str = ""  # why there is no figure, or what went wrong part-way
 
     @property
-    def median_us(self) -> float | None:
-        return statistics.median(self.samples_us) if self.samples_us else None
+    def median(self) -> float | None:
+        return statistics.median(self.samples) if self.samples else None
 
 
 def ratio(result: Result, reference: Result | None) -> float | None:
-    if reference is None or result.median_us is None or reference.median_us is None:
+    """``result``'s cost relative to ``reference``'s: above 1 is slower, whatever the unit."""
+    if reference is None or result.median is None or reference.median is None:
         return None
-    return result.median_us / reference.median_us
+    if result.median <= 0 or reference.median <= 0:
+        return None
+    return WORKLOADS[result.workload].metric.cost_ratio(result.median, reference.median)
 
 
-def _us(value: float) -> str:
-    return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
+def figure(value: float, metric: Metric) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:,.{metric.digits}f}"
 
 
 def _ratio(value: float) -> str:
@@ -43,25 +49,59 @@ def _ratio(value: float) -> str:
     return f"{value:,.{digits}f}×"
 
 
+def unit_cell(metric: Metric) -> str:
+    return f"{metric.unit} ({metric.arrow} better)"
+
+
+def target_note(w: Workload, result: Result, by_system: dict[str, Result]) -> str:
+    """'target ≥ 15,000 tasks/s: met' for the reference row of a workload with a target."""
+    if w.target is None or result.median is None:
+        return ""
+    if isinstance(w.target, str):
+        other = by_system.get(w.target)
+        if other is None or other.median is None:
+            return f"target {w.target_text}: no {w.target} figure to compare"
+        met = w.metric.meets(result.median, other.median)
+    else:
+        met = w.metric.meets(result.median, w.target)
+    return f"target {w.target_text}: {'met' if met else 'missed'}"
+
+
+def stages_note(result: Result) -> str:
+    if not result.stages:
+        return ""
+    parts = [f"{name} {statistics.median(v):.3f}" for name, v in result.stages.items() if v]
+    return "median split, s: " + ", ".join(parts)
+
+
 def rows(results: Sequence[Result], reference: str) -> list[list[str]]:
-    """One row per result: workload, system, median, ratio, spread, note."""
-    refs = {r.workload: r for r in results if r.system == reference}
+    """One row per result: workload, system, median, unit, ratio, spread, note."""
+    by_workload: dict[str, dict[str, Result]] = {}
+    for r in results:
+        by_workload.setdefault(r.workload, {})[r.system] = r
     out = []
     for r in results:
         w = WORKLOADS[r.workload]
-        median = r.median_us
-        rat = ratio(r, refs.get(r.workload))
+        peers = by_workload[r.workload]
+        median = r.median
+        rat = ratio(r, peers.get(reference))
         spread = (
-            f"{_us(min(r.samples_us))}–{_us(max(r.samples_us))}" if len(r.samples_us) > 1 else ""
+            f"{figure(min(r.samples), w.metric)}–{figure(max(r.samples), w.metric)}"
+            if len(r.samples) > 1
+            else ""
         )
+        notes = [r.note, stages_note(r)]
+        if r.system == reference:
+            notes.append(target_note(w, r, peers))
         out.append(
             [
-                f"{w.key} {w.title} (per {w.unit})",
+                w.label,
                 r.system,
-                _us(median) if median is not None else "—",
+                figure(median, w.metric) if median is not None else "—",
+                unit_cell(w.metric),
                 _ratio(rat) if rat is not None else "—",
                 spread,
-                r.note,
+                "; ".join(n for n in notes if n),
             ]
         )
     return out
@@ -71,18 +111,30 @@ def headers(repeat: int, reference: str) -> list[str]:
     return [
         "Workload",
         "System",
-        f"µs per task (median of {repeat})",
-        f"vs {reference}",
-        "min–max µs",
+        f"Median of {repeat}",
+        "Unit",
+        f"Cost vs {reference}",
+        "Min–max",
         "Note",
     ]
+
+
+def legend(repeat: int, reference: str) -> str:
+    return (
+        f"Figures are the median of {repeat} timed repeats after one warm-up run, each in "
+        f"its workload's unit; ↑ better means higher is better, ↓ better lower is better. "
+        f"`Cost vs {reference}` is the system's cost for the same work relative to "
+        f"{reference}'s (its time over {reference}'s for µs and s, {reference}'s rate "
+        f"over its rate for tasks/s and GB/s), so above 1× always means slower than "
+        f"{reference}, whatever the unit."
+    )
 
 
 def text_table(results: Sequence[Result], repeat: int, reference: str) -> str:
     head = headers(repeat, reference)
     body = rows(results, reference)
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
-    numeric = {2, 3}  # right-aligned columns
+    numeric = {2, 4, 5}  # right-aligned columns
 
     def line(row: list[str]) -> str:
         cells = [
@@ -112,18 +164,18 @@ def markdown_section(
         command,
         "```",
         "",
-        f"Figures are the median of {repeat} timed repeats after one warm-up run, in "
-        f"microseconds per task (per link for the chain); `vs {reference}` is the "
-        f"system's time divided by {reference}'s, so above 1× means slower than {reference}.",
+        legend(repeat, reference),
         "",
         "| " + " | ".join(head) + " |",
-        "|" + "|".join(["---", "---", "---:", "---:", "---:", "---"]) + "|",
+        "|" + "|".join(["---", "---", "---:", "---", "---:", "---:", "---"]) + "|",
     ]
     for row in rows(results, reference):
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
     lines += ["", "Workloads:", ""]
     for key in dict.fromkeys(r.workload for r in results):
-        lines.append(f"- **{key}**: {WORKLOADS[key].description}")
+        w = WORKLOADS[key]
+        target = f" Target for {reference}: {w.target_text}." if w.target is not None else ""
+        lines.append(f"- **{key}**, {unit_cell(w.metric)}: {w.description}{target}")
     lines += ["", "Machine:", ""]
     lines += [f"- {label}: {value}" for label, value in machine.items()]
     lines += ["", END]

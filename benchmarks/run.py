@@ -2,9 +2,11 @@
 
     python -m benchmarks.run [--only W1,W2] [--repeat N] [--peers a,b,...] [--markdown PATH]
 
-Each peer is started once, runs every selected workload (one warm-up run, then
-N timed repeats), and is shut down before the next peer starts, so peers never
-compete for the machine. See benchmarks/README.md.
+Each peer is started once per setup (in this process; with two worker
+processes; not at all for the cold start, whose runs are fresh interpreters),
+runs every selected workload of that setup (one warm-up run, then N timed
+repeats), and is shut down before anything else starts, so peers never compete
+for the machine. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from benchmarks import machine, report
 from benchmarks.peers import PEERS, REFERENCE, make_peer
-from benchmarks.peers.base import Peer, Unavailable, WorkloadRun
+from benchmarks.peers.base import Peer, Timed, Unavailable, WorkloadRun
 from benchmarks.report import Result
 from benchmarks.workloads import WORKLOADS, Workload
 
@@ -88,7 +90,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         default=1.0,
         metavar="X",
-        help="multiply every workload's task count by X, for quick runs (default 1)",
+        help="multiply every workload's size (tasks, links, array length) by X, "
+        "for quick runs (default 1; W0 is not scaled)",
     )
     p.add_argument(
         "--loop",
@@ -108,9 +111,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _scaled(keys: Sequence[str], scale: float) -> list[Workload]:
-    return [
-        dataclasses.replace(WORKLOADS[k], n=max(1, round(WORKLOADS[k].n * scale))) for k in keys
-    ]
+    out = []
+    for k in keys:
+        w = WORKLOADS[k]
+        out.append(dataclasses.replace(w, n=max(1, round(w.n * scale))) if w.scalable else w)
+    return out
 
 
 class _Watchdog:
@@ -136,12 +141,15 @@ async def measure(
         # Collect the previous run's garbage now, so it is not charged to this run.
         gc.collect()
         what = "warm-up" if i == 0 else f"repeat {i}/{repeat}"
+        stages: dict[str, float] = {}
         try:
             with _Watchdog(timeout + WATCHDOG_GRACE_S):
                 t0 = time.perf_counter()
                 async with asyncio.timeout(timeout):
                     value = await run(w)
                 elapsed = time.perf_counter() - t0
+            if isinstance(value, Timed):  # the run timed its own region
+                value, elapsed, stages = value.value, value.seconds, value.stages
         except TimeoutError:
             result.note = f"timed out after {timeout:g} s ({what})"
             return result, False
@@ -152,23 +160,48 @@ async def measure(
         if value != expected:
             result.note = f"wrong result in {what}"
             return result, True
+        fig = w.metric.figure(elapsed, w.n)
         if i > 0:
-            result.samples_us.append(elapsed / w.n * 1e6)
-        log.debug("%s %s %s: %.1f µs/%s", w.key, system, what, elapsed / w.n * 1e6, w.unit)
-    log.info("%s %-13s %10.1f µs/%s", w.key, system, result.median_us or 0.0, w.unit)
+            result.samples.append(fig)
+            for stage, seconds in stages.items():
+                result.stages.setdefault(stage, []).append(seconds)
+        log.debug("%s %s %s: %s %s", w.key, system, what, report.figure(fig, w.metric), w.metric.unit)
+    median = result.median or 0.0
+    log.info("%s %-16s %12s %s", w.key, system, report.figure(median, w.metric), w.metric.unit)
     return result, True
 
 
 async def bench_peer(
     name: str, workloads: Sequence[Workload], repeat: int, timeout: float
 ) -> list[Result]:
-    """Start ``name`` once, run every workload on it, stop it."""
+    """Run every workload on ``name``: one start per setup, workloads in order."""
+    groups: dict[str, list[tuple[Workload, WorkloadRun | str]]] = {}
+    probe = make_peer(name)  # never started: only asked what it runs, and in which setup
+    for w in workloads:
+        run = probe.runner(w)
+        if run is not None:  # None: the peer has nothing to do with w, no row
+            groups.setdefault(probe.setup_of(w), []).append((w, run))
+    results: list[Result] = []
+    for setup, items in groups.items():
+        applicable = [w for w, run in items if not isinstance(run, str)]
+        # Rows that only say why a workload does not apply need no start.
+        results += [Result(w.key, name, note=run) for w, run in items if isinstance(run, str)]
+        if applicable:
+            log.info("%s: starting (%s)", name, setup)
+            results += await _bench_setup(name, setup, applicable, repeat, timeout)
+    return results
+
+
+async def _bench_setup(
+    name: str, setup: str, workloads: Sequence[Workload], repeat: int, timeout: float
+) -> list[Result]:
+    """Start ``name`` in ``setup`` once, run ``workloads`` on it, stop it."""
     peer: Peer = make_peer(name)
     note = ""
     try:
         with _Watchdog(START_TIMEOUT_S + WATCHDOG_GRACE_S):
             async with asyncio.timeout(START_TIMEOUT_S):
-                await peer.start()
+                await peer.start(setup)
     except Unavailable as exc:
         note = str(exc)
     except TimeoutError:
@@ -185,13 +218,14 @@ async def bench_peer(
         usable = True
         for w in workloads:
             run = peer.runner(w)
-            if isinstance(run, str):
-                results.append(Result(w.key, name, note=run))
+            if run is None or isinstance(run, str):  # not for a peer that said it has w
+                results.append(Result(w.key, name, note=run or "not implemented"))
             elif not usable:
                 # Work from the timed-out run may still be in flight and would skew this one.
                 results.append(Result(w.key, name, note="skipped (an earlier run timed out)"))
             else:
                 result, usable = await measure(name, run, w, repeat, timeout)
+                result.note = "; ".join(n for n in (peer.notes.get(w.key, ""), result.note) if n)
                 results.append(result)
         return results
     finally:
@@ -212,9 +246,8 @@ async def bench(args: argparse.Namespace) -> list[Result]:
     workloads = _scaled(args.only, args.scale)
     results: list[Result] = []
     for name in args.peers:
-        log.info("%s: starting", name)
         results += await bench_peer(name, workloads, args.repeat, args.timeout)
-    # Table order: by workload, then system.
+    # Table order: by workload, then system (stable sort: systems stay in PEERS order).
     order = {w.key: i for i, w in enumerate(workloads)}
     return sorted(results, key=lambda r: order[r.workload])
 
@@ -239,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = _run_loop(args)
     info = machine.describe(args.loop)
     if args.scale != 1.0:
-        info["Scale"] = f"task counts × {args.scale:g}"
+        info["Scale"] = f"workload sizes × {args.scale:g} (W0 is not scaled)"
 
     print()
     print(f"Command: {command}")
@@ -247,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{label + ':':<12} {value}")
     print()
     print(report.text_table(results, args.repeat, REFERENCE))
+    print()
+    print(report.legend(args.repeat, REFERENCE))
 
     if args.markdown is not None:
         section = report.markdown_section(results, args.repeat, REFERENCE, command, info)

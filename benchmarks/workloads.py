@@ -2,11 +2,21 @@
 
 Each peer implements a workload as a method named after its key in lower case
 (``w1``, ``w2``...), so a new workload is one entry here plus one method per peer
-that supports it; a peer without the method is reported as 'n/a'.
+that supports it; a peer without the method gets no row (or an 'n/a' row with the
+reason, if it names one).
+
+A workload says what its figure is (:class:`Metric`): microseconds per task,
+tasks per second, GB/s or seconds, and whether higher or lower is better. It also
+says which ``setup`` its peers must be started in: all workloads of one setup run
+on one start of a peer (``local``: the caller's process and its threads;
+``processes``: two worker processes; ``cold``: nothing started, every run is a
+fresh interpreter).
 
 The task functions live at module level on purpose: systems that ship functions
-to other processes (Ray, later aiodagger's subprocess workers) pickle them by
-reference, which needs an importable name.
+to other processes (Ray, Dask's worker processes, aiodagger's subprocess
+workers) pickle them by reference, which needs an importable name. This module
+imports numpy only inside the functions that need it, so that the cold-start
+child process imports nothing it would not otherwise import.
 """
 
 from __future__ import annotations
@@ -15,6 +25,8 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+# -- task functions ----------------------------------------------------------------------
 
 
 def inc(x: int) -> int:
@@ -28,28 +40,127 @@ async def sleep0_identity(i: int) -> int:
     return i
 
 
+def make_array(n: int) -> Any:
+    """W5's payload: ``n`` float64 values 0, 1, ..., n-1 (8n bytes)."""
+    import numpy as np
+
+    return np.arange(n, dtype=np.float64)
+
+
+def array_sum(a: Any) -> float:
+    """W5's consumer. The sum of 0..n-1 is exact in float64 while it is below 2**53."""
+    return float(a.sum())
+
+
+def arange_sum(n: int) -> float:
+    return float(n * (n - 1) // 2)
+
+
+# -- what a figure is --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How one run's elapsed time becomes the figure reported, and which way is better.
+
+    Ratios against the reference system are always of *cost*, so that above 1×
+    means slower than the reference whatever the unit: the figure's ratio for a
+    lower-is-better unit (µs, s), its inverse for a higher-is-better one (tasks/s, GB/s).
+    """
+
+    unit: str  # as printed after the figure: "µs/task", "tasks/s", "GB/s", "s"
+    higher_is_better: bool
+    figure: Callable[[float, int], float]  # (elapsed seconds, n) -> figure
+    digits: int = 1  # decimals printed for small figures
+
+    @property
+    def better(self) -> str:
+        return "higher is better" if self.higher_is_better else "lower is better"
+
+    @property
+    def arrow(self) -> str:
+        return "↑" if self.higher_is_better else "↓"
+
+    def cost_ratio(self, figure: float, reference: float) -> float:
+        """How many times the reference's cost this figure's cost is (>1: slower)."""
+        return reference / figure if self.higher_is_better else figure / reference
+
+    def meets(self, figure: float, target: float) -> bool:
+        return figure >= target if self.higher_is_better else figure <= target
+
+
+def per_unit_us(unit: str) -> Metric:
+    """Microseconds per task (per link...): lower is better."""
+    return Metric(f"µs/{unit}", False, lambda s, n: s / n * 1e6)
+
+
+TASKS_PER_S = Metric("tasks/s", True, lambda s, n: n / s, digits=0)
+# n is the number of float64 values moved: 8n bytes, in decimal GB per second.
+GB_PER_S = Metric("GB/s", True, lambda s, n: 8 * n / s / 1e9, digits=2)
+SECONDS = Metric("s", False, lambda s, n: s, digits=3)
+
+
 @dataclass(frozen=True)
 class Workload:
     key: str
     title: str
-    n: int  # the figure is elapsed time / n
-    unit: str  # what one of the n is: "task", "link"...
+    n: int  # what --scale multiplies: tasks, links, float64 values...
+    metric: Metric
     description: str
     expected: Callable[[int], Any]  # n -> the result a correct run returns
+    setup: str = "local"  # what a peer is started as for it: local, processes, cold
+    # aiodagger's target: a figure in the metric's unit, or the name of a system
+    # whose figure in the same run aiodagger must match or beat.
+    target: float | str | None = None
+    scalable: bool = True  # False: --scale leaves n alone
 
     @property
     def label(self) -> str:
         return f"{self.key} {self.title}"
 
+    @property
+    def target_text(self) -> str:
+        if self.target is None:
+            return ""
+        op = "≥" if self.metric.higher_is_better else "≤"
+        if isinstance(self.target, str):
+            return f"{op} {self.target} in the same run"
+        return f"{op} {self.target:,g} {self.metric.unit}"
+
+
+# The setups, in the order a peer is started in them.
+SETUPS = ("cold", "local", "processes")
+
+# Subprocess workers in the `processes` and `cold` setups.
+PROCESS_WORKERS = 2
+
+W5_VALUES = 256 * 2**20 // 8  # 256 MiB of float64
 
 WORKLOADS: dict[str, Workload] = {
     w.key: w
     for w in (
         Workload(
+            key="W0",
+            title="cold start, 2 worker processes",
+            n=1,
+            metric=SECONDS,
+            description=(
+                "Cold start to the first result with 2 subprocess workers: each run is a fresh "
+                "interpreter that imports the system, starts it with 2 worker processes, runs "
+                "`inc(1)` and prints the result; the figure is the time from launching that "
+                "interpreter to reading the result, so it includes Python start-up and imports. "
+                "Closing the system afterwards is not timed."
+            ),
+            expected=lambda n: 2,
+            setup="cold",
+            target=0.5,
+            scalable=False,
+        ),
+        Workload(
             key="W1",
             title="independent sync tasks",
             n=10_000,
-            unit="task",
+            metric=per_unit_us("task"),
             description=(
                 "10,000 independent sync `inc(i)` tasks, all spawned, then all gathered. "
                 "Measures per-task scheduling overhead for thread-pool work."
@@ -60,7 +171,7 @@ WORKLOADS: dict[str, Workload] = {
             key="W2",
             title="dependency chain",
             n=1_000,
-            unit="link",
+            metric=per_unit_us("link"),
             description=(
                 "A 1,000-link chain `t = spawn(inc, t)`, starting from `inc(0)`; only the "
                 "last task is awaited. Measures dependency-resolution latency: nothing "
@@ -72,7 +183,7 @@ WORKLOADS: dict[str, Workload] = {
             key="W3",
             title="async def tasks",
             n=10_000,
-            unit="task",
+            metric=per_unit_us("task"),
             description=(
                 "10,000 `async def` tasks that `await asyncio.sleep(0)` and return i, all "
                 "spawned, then all gathered. Measures per-task overhead for coroutine work "
@@ -80,5 +191,36 @@ WORKLOADS: dict[str, Workload] = {
             ),
             expected=lambda n: list(range(n)),
         ),
+        Workload(
+            key="W4",
+            title="tiny tasks on 2 worker processes",
+            n=5_000,
+            metric=TASKS_PER_S,
+            description=(
+                "5,000 independent sync `inc(i)` tasks on 2 subprocess workers, all spawned, "
+                "then all gathered. Measures task throughput when every task crosses a "
+                "process boundary."
+            ),
+            expected=lambda n: [i + 1 for i in range(n)],
+            setup="processes",
+            target=15_000,
+        ),
+        Workload(
+            key="W5",
+            title="256 MiB worker-to-worker",
+            n=W5_VALUES,
+            metric=GB_PER_S,
+            description=(
+                "A 256 MiB float64 array made on worker process 1 and summed on worker "
+                "process 2. The array is made first and waited for without fetching it; "
+                "the timed region is the dependent sum, from the array existing on worker 1 "
+                "to the sum arriving, so the figure is 256 MiB over the transfer plus the sum."
+            ),
+            expected=arange_sum,
+            setup="processes",
+            target="dask",
+        ),
+        # W6 (coming): spill to disk under Cluster(memory_limit="1GiB"), 24 chunks of
+        # 128 MiB. Not implemented yet; see benchmarks/README.md.
     )
 }

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any, ClassVar
 
-from benchmarks.peers.base import Peer, Unavailable
-from benchmarks.workloads import Workload, inc, sleep0_identity
+from benchmarks.coldstart import run_cold
+from benchmarks.peers.base import Peer, Timed, Unavailable
+from benchmarks.workloads import (
+    PROCESS_WORKERS,
+    Workload,
+    array_sum,
+    inc,
+    make_array,
+    sleep0_identity,
+)
 
 # The public API the workloads use; checked up front so that a half-built or
 # shadowed package yields one clear 'not importable' line, not a traceback per run.
@@ -28,19 +37,33 @@ def load() -> Any:
 
 
 class AiodaggerPeer(Peer):
+    """``async with dagger.Cluster()`` for the local workloads, ``Cluster(processes=2)``
+    for the processes workloads; W0 starts the latter in a fresh interpreter."""
+
     name: ClassVar[str] = "aiodagger"
+    notes: ClassVar[dict[str, str]] = {"W5": "pinned with scope(worker=...) to the two worker processes"}
 
     def __init__(self) -> None:
         self._dagger: Any = None
+        self._cluster: Any = None
         self._stack = contextlib.AsyncExitStack()
 
-    async def start(self) -> None:
+    async def start(self, setup: str) -> None:
         dagger = load()
         self._dagger = dagger
-        await self._stack.enter_async_context(dagger.Cluster())
+        if setup == "local":
+            self._cluster = await self._stack.enter_async_context(dagger.Cluster())
+        elif setup == "processes":
+            self._cluster = await self._stack.enter_async_context(
+                dagger.Cluster(processes=PROCESS_WORKERS)
+            )
 
     async def stop(self) -> None:
+        self._cluster = None
         await self._stack.aclose()
+
+    async def w0(self, w: Workload) -> Timed:
+        return Timed(*await run_cold(self.name))
 
     async def w1(self, w: Workload) -> list[int]:
         d = self._dagger
@@ -58,3 +81,22 @@ class AiodaggerPeer(Peer):
         d = self._dagger
         tasks = [d.spawn(sleep0_identity, i) for i in range(w.n)]
         return list(await d.gather(*tasks))
+
+    async def w4(self, w: Workload) -> list[int]:
+        # Worker 0 (this process) runs only tasks scoped to it while subprocess
+        # workers exist, so every task here runs in one of the two worker processes.
+        d = self._dagger
+        tasks = [d.spawn(inc, i) for i in range(w.n)]
+        return list(await d.gather(*tasks))
+
+    async def w5(self, w: Workload) -> Timed:
+        d = self._dagger
+        first, second = sorted(info.id for info in self._cluster.workers if info.id != 0)[:2]
+        made = d.options(scope=d.scope(worker=first)).spawn(make_array, w.n)
+        await made.wait()  # done on worker 1, its value left there: not fetched
+        exc = made.exception()
+        if exc is not None:
+            raise exc
+        t0 = time.perf_counter()
+        total = await d.options(scope=d.scope(worker=second)).spawn(array_sum, made)
+        return Timed(total, time.perf_counter() - t0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from benchmarks.workloads import Workload
@@ -18,31 +19,59 @@ class Unavailable(Exception):
     """The peer cannot run at all in this environment; the message becomes the row's note."""
 
 
+@dataclass
+class Timed:
+    """A run that timed itself: what a workload method returns when the runner's
+    clock, around the whole call, would measure the wrong thing (W5 times only the
+    transfer, not the array's creation; W0 times a child process up to its first
+    result, not its shutdown).
+
+    ``stages`` optionally splits ``seconds`` into named parts, reported as medians
+    in the row's note.
+    """
+
+    value: Any
+    seconds: float
+    stages: dict[str, float] = field(default_factory=dict)
+
+
 class Peer:
     """One system under comparison.
 
-    ``start`` and ``stop`` run once per benchmark run, not per repeat, so start-up
-    cost (a Ray cluster, a Dask scheduler) stays out of the figures. A workload is
-    a coroutine method named after the workload's key in lower case (``w1``...)
-    that runs it once and returns the result, which the runner checks outside the
-    timed region. ``not_applicable`` says why a peer has no method for a workload.
+    A peer is started once per *setup* (see ``benchmarks.workloads``) and runs every
+    selected workload of that setup before it is stopped, so start-up cost (a Ray
+    cluster, a Dask scheduler, worker processes) stays out of the figures. A
+    workload is a coroutine method named after the workload's key in lower case
+    (``w1``...) that runs it once and returns the result (or a :class:`Timed`),
+    which the runner checks outside the timed region. ``not_applicable`` says why a
+    peer has no method for a workload; a workload with neither gets no row.
     """
 
     name: ClassVar[str]
     not_applicable: ClassVar[dict[str, str]] = {}
+    # How the peer runs a workload, where the row should say it (an unpinned run, a
+    # different mechanism): printed in the row's note.
+    notes: ClassVar[dict[str, str]] = {}
 
-    async def start(self) -> None:
-        """Import the system and bring it up; raise Unavailable if it cannot be."""
+    def setup_of(self, workload: Workload) -> str:
+        """The setup to start in for ``workload``. Workloads whose setups map to the
+        same value share one start: Ray, always multi-process, serves the local and
+        the processes workloads from one ``ray.init``."""
+        return workload.setup
+
+    async def start(self, setup: str) -> None:
+        """Import the system and bring it up for ``setup``; raise Unavailable if it cannot be."""
 
     async def stop(self) -> None:
         """Shut the system down; must be safe to call after a failed start."""
 
-    def runner(self, workload: Workload) -> WorkloadRun | str:
-        """The bound method that runs ``workload``, or the reason it does not apply."""
+    def runner(self, workload: Workload) -> WorkloadRun | str | None:
+        """The bound method that runs ``workload``, the reason it does not apply, or
+        None when the peer has nothing to say about it (no row)."""
         method = getattr(self, workload.key.lower(), None)
         if method is None:
-            return self.not_applicable.get(workload.key, "not implemented")
-        return method  # type: ignore[no-any-return]
+            return self.not_applicable.get(workload.key)
+        return method
 
 
 def require(module: str, *, label: str | None = None) -> Any:

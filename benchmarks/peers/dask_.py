@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, ClassVar
 
-from benchmarks.peers.base import Peer, require, run_blocking
-from benchmarks.workloads import Workload, inc
+from benchmarks.coldstart import run_cold
+from benchmarks.peers.base import Peer, Timed, require, run_blocking
+from benchmarks.workloads import PROCESS_WORKERS, Workload, array_sum, inc, make_array
 
 log = logging.getLogger(__name__)
 
@@ -20,25 +22,48 @@ _COMPUTE_TIMEOUT_S = 600.0
 
 
 class DaskDistributedPeer(Peer):
-    """``distributed.Client(asynchronous=True, processes=False)``: scheduler and one
-    threaded worker in this process, sharing the benchmark's event loop."""
+    """The distributed scheduler, with an asynchronous Client on the benchmark's loop.
+
+    Local workloads: ``Client(asynchronous=True, processes=False)``, the scheduler and
+    one threaded worker in this process. Processes workloads: ``LocalCluster(
+    n_workers=2, threads_per_worker=1, processes=True)``. W0 starts the latter in a
+    fresh interpreter.
+    """
 
     name: ClassVar[str] = "dask"
     not_applicable: ClassVar[dict[str, str]] = {"W3": _NO_ASYNC}
+    notes: ClassVar[dict[str, str]] = {"W5": "pinned with submit(..., workers=[address])"}
 
     def __init__(self) -> None:
         self._client: Any = None
         self._cluster: Any = None
+        self._distributed: Any = None
+        self._workers: list[str] = []
 
-    async def start(self) -> None:
+    async def start(self, setup: str) -> None:
         distributed = require("distributed")
+        self._distributed = distributed
         # The in-process scheduler and worker log at INFO on every start/stop.
         logging.getLogger("distributed").setLevel(logging.ERROR)
-        # dashboard_address=None: no HTTP server, no port to collide on a shared machine.
-        self._client = await distributed.Client(
-            asynchronous=True, processes=False, dashboard_address=None
-        )
-        self._cluster = self._client.cluster
+        if setup == "local":
+            # dashboard_address=None: no HTTP server, no port to collide on a shared machine.
+            self._client = await distributed.Client(
+                asynchronous=True, processes=False, dashboard_address=None
+            )
+            self._cluster = self._client.cluster
+        elif setup == "processes":
+            self._cluster = await distributed.LocalCluster(
+                n_workers=PROCESS_WORKERS,
+                threads_per_worker=1,
+                processes=True,
+                asynchronous=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
+            self._client = await distributed.Client(self._cluster, asynchronous=True)
+            await self._client.wait_for_workers(PROCESS_WORKERS)
+            identity = await self._client.scheduler.identity()
+            self._workers = sorted(identity["workers"])
         log.debug("dask cluster: %s", self._cluster)
 
     async def stop(self) -> None:
@@ -63,6 +88,23 @@ class DaskDistributedPeer(Peer):
             f = self._client.submit(inc, f, pure=False)
         return int(await f)
 
+    async def w0(self, w: Workload) -> Timed:
+        return Timed(*await run_cold(self.name))
+
+    async def w4(self, w: Workload) -> list[int]:
+        futures = [self._client.submit(inc, i, pure=False) for i in range(w.n)]
+        return list(await self._client.gather(futures))
+
+    async def w5(self, w: Workload) -> Timed:
+        first, second = self._workers[:2]
+        made = self._client.submit(make_array, w.n, workers=[first], pure=False)
+        await self._distributed.wait(made)  # done on worker 1, its value left there
+        if made.status != "finished":
+            await made  # raises the task's error
+        t0 = time.perf_counter()
+        total = await self._client.submit(array_sum, made, workers=[second], pure=False)
+        return Timed(total, time.perf_counter() - t0)
+
 
 class DaskDelayedPeer(Peer):
     """``dask.delayed`` graphs computed by the local threaded scheduler.
@@ -77,7 +119,7 @@ class DaskDelayedPeer(Peer):
     def __init__(self) -> None:
         self._dask: Any = None
 
-    async def start(self) -> None:
+    async def start(self, setup: str) -> None:
         self._dask = require("dask")
 
     async def w1(self, w: Workload) -> list[int]:

@@ -5,25 +5,53 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any, ClassVar
 
-from benchmarks.peers.base import Peer, require
-from benchmarks.workloads import Workload, inc, sleep0_identity
+from benchmarks.coldstart import run_cold
+from benchmarks.peers.base import Peer, Timed, require, run_blocking
+from benchmarks.workloads import (
+    PROCESS_WORKERS,
+    Workload,
+    array_sum,
+    inc,
+    make_array,
+    sleep0_identity,
+)
 
 log = logging.getLogger(__name__)
 
-NUM_CPUS = 2
+NUM_CPUS = PROCESS_WORKERS
+
+_WAIT_TIMEOUT_S = 600.0
 
 
 class RayPeer(Peer):
+    """One ``ray.init(num_cpus=2)`` serves the local and the processes workloads: Ray
+    always runs tasks in worker processes, so its W1 and W4 rows are the same
+    thing at different sizes. W0 runs Ray in a fresh interpreter, with no Ray
+    started in this one."""
+
     name: ClassVar[str] = "ray"
+    notes: ClassVar[dict[str, str]] = {
+        "W4": "the same remote tasks as its W1 row",
+        "W5": "made and summed by two actors (two processes); the array goes through "
+        "Ray's shared-memory object store, mapped by the second, not over a socket",
+    }
 
     def __init__(self) -> None:
         self._ray: Any = None
         self._inc: Any = None
         self._actor: Any = None
+        self._holders: list[Any] = []
 
-    async def start(self) -> None:
+    def setup_of(self, workload: Workload) -> str:
+        return "cold" if workload.setup == "cold" else "instance"
+
+    async def start(self, setup: str) -> None:
+        if setup == "cold":
+            require("ray")
+            return
         # Before the import: no usage-stats prompt or upload attempt from a benchmark.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # W3 queues 10,000 calls on one actor by design; Ray warns on the console
@@ -44,16 +72,28 @@ class RayPeer(Peer):
         )
         self._inc = ray.remote(inc)
         self._actor = ray.remote(_AsyncWorker).remote()
-        # Ray starts worker processes lazily; make sure the actor is up before the
-        # warm-up run so its start-up never lands in a figure.
+        # W5's two ends: actors are processes of their own, so two of them pin the
+        # making and the summing to two different worker processes. num_cpus=0: they
+        # must not take the CPUs the tasks of the other workloads run on.
+        holder = ray.remote(num_cpus=0)(_ArrayHolder)
+        self._holders = [holder.remote(), holder.remote()]
+        # Ray starts worker processes lazily; make sure the actors are up before the
+        # warm-up run so their start-up never lands in a figure.
+        pids = await asyncio.gather(*(h.pid.remote() for h in self._holders))
+        assert len(set(pids)) == 2, f"W5's actors share a process: {pids}"
         await self._actor.ready.remote()
 
     async def stop(self) -> None:
         ray = self._ray
         if ray is None or not ray.is_initialized():
             return
-        self._actor = None  # drop the handle first so the actor exits before shutdown
+        # Drop the handles first so the actors exit before shutdown.
+        self._actor = None
+        self._holders = []
         ray.shutdown()  # same thread as init; bounded by the runner's watchdog
+
+    async def w0(self, w: Workload) -> Timed:
+        return Timed(*await run_cold(self.name))
 
     async def w1(self, w: Workload) -> list[int]:
         refs = [self._inc.remote(i) for i in range(w.n)]
@@ -72,6 +112,24 @@ class RayPeer(Peer):
         refs = [self._actor.run.remote(i) for i in range(w.n)]
         return list(await asyncio.gather(*refs))
 
+    async def w4(self, w: Workload) -> list[int]:
+        refs = [self._inc.remote(i) for i in range(w.n)]
+        return list(await asyncio.gather(*refs))
+
+    async def w5(self, w: Workload) -> Timed:
+        # A task's (or actor method's) return value goes into the node's shared-memory
+        # object store when it is made; the second actor maps it from there. On one
+        # node, Ray's "transfer" is that store, not a socket.
+        ray = self._ray
+        first, second = self._holders
+        made = first.make.remote(w.n)
+        await run_blocking(
+            lambda: ray.wait([made], fetch_local=False, timeout=_WAIT_TIMEOUT_S), _WAIT_TIMEOUT_S
+        )
+        t0 = time.perf_counter()
+        total = await second.total.remote(made)
+        return Timed(total, time.perf_counter() - t0)
+
 
 class _AsyncWorker:
     """Wrapped by ray.remote at start-up, so importing this module never needs Ray."""
@@ -81,3 +139,16 @@ class _AsyncWorker:
 
     async def run(self, i: int) -> int:
         return await sleep0_identity(i)
+
+
+class _ArrayHolder:
+    """W5's actor, wrapped by ray.remote at start-up."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def make(self, n: int) -> Any:
+        return make_array(n)
+
+    def total(self, a: Any) -> float:
+        return array_sum(a)
