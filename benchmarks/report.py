@@ -71,7 +71,9 @@ def stages_note(result: Result) -> str:
     if not result.stages:
         return ""
     parts = [f"{name} {statistics.median(v):.3f}" for name, v in result.stages.items() if v]
-    return "median split, s: " + ", ".join(parts)
+    # W0 splits its seconds into stages; W6 reports measurements named with their units.
+    prefix = "median split, s: " if result.workload == "W0" else "medians: "
+    return prefix + ", ".join(parts)
 
 
 def rows(results: Sequence[Result], reference: str) -> list[list[str]]:

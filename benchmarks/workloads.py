@@ -56,6 +56,21 @@ def arange_sum(n: int) -> float:
     return float(n * (n - 1) // 2)
 
 
+def make_chunk(i: int, nbytes: int) -> Any:
+    """W6's payload: ``nbytes`` of float64, every value ``i``."""
+    import numpy as np
+
+    return np.full(nbytes // 8, float(i))
+
+
+def chunk_sum(a: Any) -> float:
+    return float(a.sum())
+
+
+def spill_expected(n: int) -> float:
+    return float(sum(i * (W6_CHUNK // 8) for i in range(n)))
+
+
 # -- what a figure is --------------------------------------------------------------------
 
 
@@ -129,12 +144,15 @@ class Workload:
 
 
 # The setups, in the order a peer is started in them.
-SETUPS = ("cold", "local", "processes")
+SETUPS = ("cold", "local", "processes", "spill")
 
 # Subprocess workers in the `processes` and `cold` setups.
 PROCESS_WORKERS = 2
 
 W5_VALUES = 256 * 2**20 // 8  # 256 MiB of float64
+# W6: one worker process limited to 1 GiB, 24 chunks of 128 MiB kept referenced.
+W6_CHUNK = 128 * 2**20
+W6_LIMIT = "1GiB"
 
 WORKLOADS: dict[str, Workload] = {
     w.key: w
@@ -220,7 +238,24 @@ WORKLOADS: dict[str, Workload] = {
             setup="processes",
             target="dask",
         ),
-        # W6 (coming): spill to disk under Cluster(memory_limit="1GiB"), 24 chunks of
-        # 128 MiB. Not implemented yet; see benchmarks/README.md.
+        Workload(
+            key="W6",
+            title="spill: 24 × 128 MiB through a 1 GiB worker",
+            n=24,
+            metric=SECONDS,
+            description=(
+                "One worker process with a 1 GiB memory limit makes 24 chunks of 128 MiB "
+                "(3 GiB), all kept referenced, then sums every chunk and the sums. The figure "
+                "is the wall time; the note gives GiB spilled, the spill rate (bytes written "
+                "over the time the spill thread spent writing), the raw write bandwidth of the "
+                "same disk measured in the same run (1 GiB in 64 MiB writes, then fsync), and "
+                "the worker's peak RSS (sampled every 10 ms): it must stay under the limit + "
+                "one chunk + 200 MiB (1.32 GiB). Dask runs with the same limit."
+            ),
+            expected=spill_expected,
+            setup="spill",
+            target="dask",
+            scalable=False,
+        ),
     )
 }

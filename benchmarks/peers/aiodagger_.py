@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, ClassVar
 
 from benchmarks.coldstart import run_cold
 from benchmarks.peers.base import Peer, Timed, Unavailable
+from benchmarks.spillrun import peak_rss, raw_disk_gb_s
 from benchmarks.workloads import (
     PROCESS_WORKERS,
+    W6_CHUNK,
+    W6_LIMIT,
     Workload,
     array_sum,
+    chunk_sum,
     inc,
     make_array,
+    make_chunk,
     sleep0_identity,
 )
 
@@ -56,6 +63,12 @@ class AiodaggerPeer(Peer):
         elif setup == "processes":
             self._cluster = await self._stack.enter_async_context(
                 dagger.Cluster(processes=PROCESS_WORKERS)
+            )
+        elif setup == "spill":
+            self._spill_dir = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="w6-")))
+            self._raw_gb_s = await raw_disk_gb_s(self._spill_dir)
+            self._cluster = await self._stack.enter_async_context(
+                dagger.Cluster(processes=1, threads=2, memory_limit=W6_LIMIT, spill_dir=self._spill_dir)
             )
 
     async def stop(self) -> None:
@@ -100,3 +113,24 @@ class AiodaggerPeer(Peer):
         t0 = time.perf_counter()
         total = await d.options(scope=d.scope(worker=second)).spawn(array_sum, made)
         return Timed(total, time.perf_counter() - t0)
+
+    async def w6(self, w: Workload) -> Timed:
+        d, cluster = self._dagger, self._cluster
+        (worker,) = [info for info in cluster.workers if info.id != 0]
+        before = (await cluster.worker_stats())[worker.id]
+        async with peak_rss(worker.pid) as peak:
+            t0 = time.perf_counter()
+            chunks = [d.spawn(make_chunk, i, W6_CHUNK) for i in range(w.n)]  # all kept referenced
+            sums = [d.spawn(chunk_sum, c) for c in chunks]
+            total = sum(await d.gather(*sums))
+            seconds = time.perf_counter() - t0
+        after = (await cluster.worker_stats())[worker.id]
+        spilled = after["spilled_bytes"] - before["spilled_bytes"]
+        spill_time = after["spill_seconds"] - before["spill_seconds"]
+        del chunks, sums
+        return Timed(total, seconds, {
+            "GiB spilled": spilled / 2**30,
+            "spill GB/s": spilled / spill_time / 1e9 if spill_time else 0.0,
+            "raw disk GB/s": self._raw_gb_s,
+            "peak RSS GiB": peak[0] / 2**30,
+        })

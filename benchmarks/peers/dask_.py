@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from typing import Any, ClassVar
 
 from benchmarks.coldstart import run_cold
 from benchmarks.peers.base import Peer, Timed, require, run_blocking
-from benchmarks.workloads import PROCESS_WORKERS, Workload, array_sum, inc, make_array
+from benchmarks.spillrun import peak_rss
+from benchmarks.workloads import (
+    PROCESS_WORKERS,
+    W6_CHUNK,
+    W6_LIMIT,
+    Workload,
+    array_sum,
+    chunk_sum,
+    inc,
+    make_array,
+    make_chunk,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +77,17 @@ class DaskDistributedPeer(Peer):
             await self._client.wait_for_workers(PROCESS_WORKERS)
             identity = await self._client.scheduler.identity()
             self._workers = sorted(identity["workers"])
+        elif setup == "spill":
+            # One worker process with the same limit as aiodagger's, Dask's default
+            # thresholds (spill 70 %, pause 80 %, terminate 95 %), its own spill directory.
+            self._tmp = tempfile.TemporaryDirectory(prefix="w6-dask-")
+            self._cluster = await distributed.LocalCluster(
+                n_workers=1, threads_per_worker=2, processes=True, asynchronous=True,
+                memory_limit=W6_LIMIT, local_directory=self._tmp.name,
+                dashboard_address=None, silence_logs=logging.ERROR,
+            )
+            self._client = await distributed.Client(self._cluster, asynchronous=True)
+            await self._client.wait_for_workers(1)
         log.debug("dask cluster: %s", self._cluster)
 
     async def stop(self) -> None:
@@ -73,6 +97,9 @@ class DaskDistributedPeer(Peer):
         if self._cluster is not None:
             await self._cluster.close()
             self._cluster = None
+        if getattr(self, "_tmp", None) is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
     # pure=False everywhere: with content-derived keys a repeat would find the
     # previous repeat's results still on the scheduler (releases are asynchronous)
@@ -104,6 +131,19 @@ class DaskDistributedPeer(Peer):
         t0 = time.perf_counter()
         total = await self._client.submit(array_sum, made, workers=[second], pure=False)
         return Timed(total, time.perf_counter() - t0)
+
+
+    async def w6(self, w: Workload) -> Timed:
+        client = self._client
+        (pid,) = (await client.run(os.getpid)).values()
+        async with peak_rss(pid) as peak:
+            t0 = time.perf_counter()
+            chunks = [client.submit(make_chunk, i, W6_CHUNK, pure=False) for i in range(w.n)]
+            sums = [client.submit(chunk_sum, c, pure=False) for c in chunks]
+            total = sum(await client.gather(sums))
+            seconds = time.perf_counter() - t0
+        del chunks, sums
+        return Timed(total, seconds, {"peak RSS GiB": peak[0] / 2**30})
 
 
 class DaskDelayedPeer(Peer):
