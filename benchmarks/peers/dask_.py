@@ -80,7 +80,7 @@ class DaskDistributedPeer(Peer):
         elif setup == "spill":
             # One worker process with the same limit as aiodagger's, Dask's default
             # thresholds (spill 70 %, pause 80 %, terminate 95 %), its own spill directory.
-            self._tmp = tempfile.TemporaryDirectory(prefix="w6-dask-")
+            self._tmp: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(prefix="w6-dask-")
             self._cluster = await distributed.LocalCluster(
                 n_workers=1, threads_per_worker=2, processes=True, asynchronous=True,
                 memory_limit=W6_LIMIT, local_directory=self._tmp.name,
@@ -97,8 +97,9 @@ class DaskDistributedPeer(Peer):
         if self._cluster is not None:
             await self._cluster.close()
             self._cluster = None
-        if getattr(self, "_tmp", None) is not None:
-            self._tmp.cleanup()
+        tmp = getattr(self, "_tmp", None)
+        if tmp is not None:
+            tmp.cleanup()
             self._tmp = None
 
     # pure=False everywhere: with content-derived keys a repeat would find the
