@@ -58,7 +58,12 @@ class Scheduler:
         self.closed = False
         self.runtimes = RuntimeEstimates()
         self._ids = itertools.count(1)
-        self._ready: list[tuple[int, int, DTask[Any]]] = []  # (-priority, spawn order, task)
+        # (-priority, 0 if freed by a completion else 1, spawn order, task). Among equal
+        # priorities, a task whose inputs were just produced goes before tasks that have
+        # waited since they were spawned: it consumes data while it is still in memory
+        # (W6: each chunk summed before it is spilled, not read back from disk later),
+        # the depth-first order Dask and Dagger.jl also prefer.
+        self._ready: list[tuple[int, int, int, DTask[Any]]] = []
         self._flush_pending = False
         self._inbox: deque[DTask[Any]] = deque()
         self._inbox_pending = False
@@ -240,7 +245,7 @@ class Scheduler:
             parts.extend(self.dist.describe())
         return "; ".join(parts)
 
-    def _make_ready(self, task: DTask[Any]) -> None:
+    def _make_ready(self, task: DTask[Any], freed: bool = False) -> None:
         dist = self.dist
         if task._kind == "async" and (dist is None or not self._goes_remote(task)) and (
                 self.store is None or not task._resolve):
@@ -251,7 +256,7 @@ class Scheduler:
             self._local_worker.async_proc.submit(task)
             return
         task._state = READY
-        heapq.heappush(self._ready, (-task._opts.priority, task.id, task))
+        heapq.heappush(self._ready, (-task._opts.priority, 0 if freed else 1, task.id, task))
         if not self._flush_pending:
             self._flush_pending = True
             self.loop.call_soon(self._flush)
@@ -269,7 +274,7 @@ class Scheduler:
         proc = self.local.thread_proc
         estimate = self.runtimes.get
         while ready:
-            task = ready[0][2]
+            task = ready[0][3]
             if task._cancelled or task._state is not READY:
                 heapq.heappop(ready)
                 continue
@@ -531,7 +536,7 @@ class Scheduler:
                 left = dep._npending - 1
                 dep._npending = left
                 if left == 0 and dep._state is PENDING and not dep._cancelled:
-                    self._make_ready(dep)
+                    self._make_ready(dep, freed=True)
         task._notify()
 
     def _failed_run(self, task: DTask[Any], exc: BaseException) -> None:
