@@ -39,6 +39,7 @@ async def test_a_gigabyte_of_results_through_256_mib_workers():
             chunks = [dagger.spawn(make, i) for i in range(64)]  # 1 GiB, all kept referenced
             sums = await asyncio.wait_for(dagger.gather(*[dagger.spawn(total, a) for a in chunks]), 120)
             assert sums == [expected(i) for i in range(64)]
+            await c.worker_stats()  # fresh counters (else: as of the last heartbeat)
             (worker,) = c.workers[1:]
             assert worker.memory_limit == 256 << 20
             assert worker.spilled_bytes > 0
@@ -71,7 +72,7 @@ async def test_a_full_spill_disk_loses_nothing_and_is_reported():
             chunks = [dagger.spawn(make, i) for i in range(24)]  # 384 MiB through a 48 MiB disk
             sums = await asyncio.wait_for(dagger.gather(*[dagger.spawn(total, a) for a in chunks]), 120)
             assert sums == [expected(i) for i in range(24)]
-            await asyncio.sleep(1.5)  # a heartbeat carries the worker's counters
+            await c.worker_stats()  # fresh counters (else: as of the last heartbeat)
             (worker,) = c.workers[1:]
             assert worker.spill_errors > 0
 

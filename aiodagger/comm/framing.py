@@ -45,10 +45,8 @@ MAX_BUFFERS = 4096
 STAGING_SIZE = 256 << 10
 # Buffers at least this large are read in place into their own allocation.
 DIRECT_READ = 64 << 10
-WRITE_SLICE = 4 << 20
+WRITE_SLICE = 1 << 20
 COALESCE_BELOW = 64 << 10
-HIGH_WATER = 16 << 20
-LOW_WATER = 4 << 20
 
 Frame = tuple[dict[str, Any], list[Any]]  # buffers: bytearray or numpy uint8 arrays
 
@@ -277,7 +275,13 @@ class Comm:
     # -- transport callbacks -------------------------------------------------------------
     def _connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
-        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        if transport.get_extra_info("sslcontext") is None:
+            # Pause as soon as anything is left in the transport's own buffer: a big
+            # frame's next slice then waits for the socket instead of being copied there
+            # (W5). TLS transports buffer encrypted data on their own: usual limits there.
+            transport.set_write_buffer_limits(high=0)
+        else:
+            transport.set_write_buffer_limits(high=16 << 20, low=4 << 20)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
