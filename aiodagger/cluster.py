@@ -320,8 +320,8 @@ class Cluster:
         await self._launcher.scale(n)
 
 
-def current_cluster() -> Cluster:
-    """The cluster a ``spawn`` here would use, starting the default one if needed."""
+def _chosen_cluster() -> Cluster | None:
+    """The context's cluster, else the calling pool thread's, else the last entered one."""
     cluster = _current.get()
     if cluster is not None and cluster._state is ClusterState.RUNNING:
         return cluster
@@ -331,7 +331,12 @@ def current_cluster() -> Cluster:
     for cluster in reversed(_entered):
         if cluster._state is ClusterState.RUNNING:
             return cluster
-    return _default_cluster()
+    return None
+
+
+def current_cluster() -> Cluster:
+    """The cluster a ``spawn`` here would use, starting the default one if needed."""
+    return _chosen_cluster() or _default_cluster()
 
 
 def running_cluster() -> Cluster | None:
@@ -339,15 +344,9 @@ def running_cluster() -> Cluster | None:
 
     Unlike :func:`current_cluster` it never starts one: observers ask it.
     """
-    cluster = _current.get()
-    if cluster is not None and cluster._state is ClusterState.RUNNING:
+    cluster = _chosen_cluster()
+    if cluster is not None:
         return cluster
-    cluster = getattr(_pool_thread, "cluster", None)
-    if cluster is not None and cluster._state is ClusterState.RUNNING:
-        return cluster
-    for cluster in reversed(_entered):
-        if cluster._state is ClusterState.RUNNING:
-            return cluster
     default = _default
     if default is not None and default._state is ClusterState.RUNNING:
         return default

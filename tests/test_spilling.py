@@ -29,6 +29,16 @@ def expected(i, nbytes=CHUNK):
     return float(i) * (nbytes // 8)
 
 
+def damage(paths) -> None:
+    """Flip a byte in the middle of every file."""
+    for path in paths:
+        with open(path, "r+b") as f:
+            f.seek(path.stat().st_size // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+
+
 def spill_dirs(base: pathlib.Path) -> list[pathlib.Path]:
     return sorted(p for p in base.iterdir() if p.name.startswith("aiodagger-spill-"))
 
@@ -85,12 +95,7 @@ async def test_a_corrupted_spill_file_is_detected_and_the_value_recomputed():
             await asyncio.sleep(1.0)  # let the spiller write
             files = sorted((spill_dirs(base)[0]).glob("*"))
             assert files, "nothing was spilled"
-            for path in files:  # flip a byte in the middle of every spill file
-                with open(path, "r+b") as f:
-                    f.seek(path.stat().st_size // 2)
-                    byte = f.read(1)
-                    f.seek(-1, os.SEEK_CUR)
-                    f.write(bytes([byte[0] ^ 0xFF]))
+            damage(files)
             sums = await asyncio.wait_for(dagger.gather(*[dagger.spawn(total, a) for a in chunks]), 120)
             assert sums == [expected(i) for i in range(16)]  # recomputed, never wrong
 
@@ -116,12 +121,7 @@ async def test_worker_0_spills_too_in_an_in_process_cluster():
             more = [dagger.spawn(make, i) for i in range(16)]
             await dagger.wait(more)
             await asyncio.sleep(1.0)
-            for path in spill_dirs(base)[0].glob("*"):
-                with open(path, "r+b") as f:
-                    f.seek(path.stat().st_size // 2)
-                    byte = f.read(1)
-                    f.seek(-1, os.SEEK_CUR)
-                    f.write(bytes([byte[0] ^ 0xFF]))
+            damage(spill_dirs(base)[0].glob("*"))
             sums = await asyncio.wait_for(dagger.gather(*[dagger.spawn(total, a) for a in more]), 120)
             assert sums == [expected(i) for i in range(16)]
         assert spill_dirs(base) == []

@@ -747,15 +747,10 @@ class Scheduler:
 
     def bring_here(self, objs: list[Any]) -> Any:
         """An awaitable, for the caller's loop, that brings remote values here."""
-        if asyncio.get_running_loop() is self.loop:
-            return self._bring(objs)
-        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._bring(objs), self.loop))
+        return run_on_loop_awaitable(self._bring(objs), self.loop)
 
     def bring_blocking(self, objs: list[Any], timeout: float | None) -> None:
-        if threading.get_ident() == self.loop_thread_id:
-            raise RuntimeError("fetch() on the cluster's event loop thread would deadlock it; "
-                               "write `await task` here instead")
-        asyncio.run_coroutine_threadsafe(self._bring(objs), self.loop).result(timeout)
+        run_on_loop_blocking(self._bring(objs), self.loop, self.loop_thread_id, timeout)
 
     @property
     def live_count(self) -> int:
@@ -857,3 +852,20 @@ def block_until_done(task: DTask[Any], timeout: float | None, loop_thread_id: in
             f"{task._describe()} did not finish within {timeout} s; it keeps running "
             "(fetch it again, or cancel it)"
         )
+
+
+def run_on_loop_awaitable(coro: Any, loop: asyncio.AbstractEventLoop) -> Any:
+    """``coro`` run on ``loop``, as an awaitable for the caller's own loop."""
+    if asyncio.get_running_loop() is loop:
+        return coro
+    return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+
+
+def run_on_loop_blocking(coro: Any, loop: asyncio.AbstractEventLoop, loop_thread_id: int,
+                         timeout: float | None) -> Any:
+    """Run ``coro`` on ``loop`` and block this (other) thread for its result."""
+    if threading.get_ident() == loop_thread_id:
+        coro.close()
+        raise RuntimeError("fetch() on the event loop thread that runs the tasks would deadlock "
+                           "it; write `await task` here instead")
+    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)

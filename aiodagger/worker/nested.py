@@ -9,7 +9,6 @@ the cluster), and reports back on the handles this worker waits for.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import threading
 import weakref
@@ -157,15 +156,14 @@ class SchedulerClient:
                 obj._value = await self.worker.store.get(key)
 
     def bring_here(self, objs: list[Any]) -> Any:
-        if asyncio.get_running_loop() is self.loop:
-            return self._bring(objs)
-        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._bring(objs), self.loop))
+        from ..scheduler.core import run_on_loop_awaitable
+
+        return run_on_loop_awaitable(self._bring(objs), self.loop)
 
     def bring_blocking(self, objs: list[Any], timeout: float | None) -> None:
-        if threading.get_ident() == self.loop_thread_id:
-            raise RuntimeError("fetch() on the worker's event loop thread would deadlock it; "
-                               "write `await task` here instead")
-        asyncio.run_coroutine_threadsafe(self._bring(objs), self.loop).result(timeout)
+        from ..scheduler.core import run_on_loop_blocking
+
+        run_on_loop_blocking(self._bring(objs), self.loop, self.loop_thread_id, timeout)
 
 
 def _send_quietly(rpc: Any, header: dict[str, Any]) -> None:
