@@ -231,15 +231,21 @@ def _write_all(fd: int, parts: Sequence[Buffer]) -> int:
         n = os.writev(fd, views[i:i + _IOV_MAX])
         if n <= 0:
             raise OSError(f"writev wrote {n} bytes")
-        while n:
-            v = views[i]
-            if n >= v.nbytes:
-                n -= v.nbytes
-                i += 1
-            else:
-                views[i] = v[n:]
-                n = 0
+        i = _advance(views, i, n)
     return total
+
+
+def _advance(views: list[memoryview], i: int, n: int) -> int:
+    """Consume ``n`` bytes of ``views`` from index ``i``; return the next unfinished index."""
+    while n:
+        v = views[i]
+        if n >= v.nbytes:
+            n -= v.nbytes
+            i += 1
+        else:
+            views[i] = v[n:]
+            n = 0
+    return i
 
 
 def _read_all(fd: int, parts: Sequence[memoryview], path: str) -> None:
@@ -249,14 +255,7 @@ def _read_all(fd: int, parts: Sequence[memoryview], path: str) -> None:
         n = os.readv(fd, views[i:i + _IOV_MAX])
         if n == 0:
             raise SpillCorruptedError(f"spill file {path!r}: ended early: truncated", path)
-        while n:
-            v = views[i]
-            if n >= v.nbytes:
-                n -= v.nbytes
-                i += 1
-            else:
-                views[i] = v[n:]
-                n = 0
+        i = _advance(views, i, n)
 
 
 def _read_exact(fd: int, n: int, path: str) -> bytes:

@@ -142,14 +142,19 @@ class Scheduler:
         # inputs live in a ChunkStore (they are loaded and pinned on the loop first).
         task._thread_ok = (task._kind == "thread" and opts.timeout is None and self.store is None
                            and not self._goes_remote(task))
+        self._wait_for(task, task._deps or ())
+
+    def _wait_for(self, task: DTask[Any], deps: Any) -> None:
+        """Link ``task`` to every dependency; ready it if none is outstanding.
+
+        Stops early if a dependency failed or was cancelled (the task then is too).
+        """
         pending = 0
-        deps = task._deps
-        if deps:
-            for dep in deps:
-                linked = self._link(task, dep)
-                if linked is None:
-                    return
-                pending += linked
+        for dep in deps:
+            linked = self._link(task, dep)
+            if linked is None:
+                return
+            pending += linked
         task._npending = pending
         if pending == 0:
             self._make_ready(task)
@@ -197,15 +202,7 @@ class Scheduler:
             task._where.clear()  # the same set object lives on in the release finalizer
         task._waiters = []
         self._live.add(task)
-        pending = 0
-        for dep in task._deps or ():
-            linked = self._link(task, dep)
-            if linked is None:
-                return True  # task failed or was cancelled: its waiters are told
-            pending += linked
-        task._npending = pending
-        if pending == 0:
-            self._make_ready(task)
+        self._wait_for(task, task._deps or ())  # a failure there is told to its waiters
         return True
 
     def _goes_remote(self, task: DTask[Any]) -> bool:
@@ -709,19 +706,11 @@ class Scheduler:
         if task.done():
             return
         task._state = PENDING
-        pending = 0
-        for dep in deps:
-            if dep is None or type(dep) is not DTask:  # a chunk placed with put(): no lineage
-                self._fail(task, WorkerLostError(
-                    f"an input of {task._describe()} was lost with its worker"), annotate=False)
-                return
-            linked = self._link(task, dep)
-            if linked is None:
-                return
-            pending += linked
-        task._npending = pending
-        if pending == 0:
-            self._make_ready(task)
+        if any(dep is None or type(dep) is not DTask for dep in deps):  # a put() chunk: no lineage
+            self._fail(task, WorkerLostError(
+                f"an input of {task._describe()} was lost with its worker"), annotate=False)
+            return
+        self._wait_for(task, deps)
 
     async def _bring(self, objs: list[Any]) -> None:
         """Fetch the values of finished remote results into this process (on the loop)."""
