@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -174,13 +173,14 @@ async def aiofiles_read(path: Path) -> Any:
     async with aiofiles.open(path, "rb") as f:
         prefix = await f.read(spillfile._PREFIX.size)
         nparts = spillfile._PREFIX.unpack(prefix)[3]
-        table = await f.read(nparts * spillfile._PART.size + 4)
-        entries = list(spillfile._PART.iter_unpack(table[:-4]))
+        trailer = spillfile._CHECKSUM.size
+        table = await f.read(nparts * spillfile._PART.size + trailer)
+        entries = list(spillfile._PART.iter_unpack(table[:-trailer]))
         parts = []
-        for n, crc in entries:
+        for n, expected in entries:
             part = np.empty(n, dtype=np.uint8)
             await f.readinto(part)
-            if zlib.crc32(part) != crc:
+            if spillfile.checksum(part) != expected:
                 raise spillfile.SpillCorruptedError(str(path))
             parts.append(part)
     return serialize.loads(parts[0], parts[1:])

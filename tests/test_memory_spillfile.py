@@ -8,11 +8,11 @@ import os
 import pickle
 import struct
 import tracemalloc
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
 
 from aiodagger.comm import serialize
 from aiodagger.errors import DaggerError
@@ -124,12 +124,13 @@ def test_file_layout_is_header_then_pickle_then_buffers(directory):
     spillfile.write_parts(path, payload, buffers)
     data = path.read_bytes()
     magic, version, flags, nparts = struct.unpack_from("<8sHHI", data)
-    assert (magic, version, flags, nparts) == (b"ADGSPILL", 1, 0, 2)
-    table = [struct.unpack_from("<QI", data, 16 + 12 * i) for i in range(nparts)]
-    assert table == [(len(payload), zlib.crc32(payload)), (a.nbytes, zlib.crc32(buffers[0]))]
-    head = 16 + 12 * nparts
-    assert struct.unpack_from("<I", data, head)[0] == zlib.crc32(data[:head])
-    assert data[head + 4:] == payload + a.tobytes()
+    assert (magic, version, flags, nparts) == (b"ADGSPILL", 2, 0, 2)
+    table = [struct.unpack_from("<QQ", data, 16 + 16 * i) for i in range(nparts)]
+    xxh3 = xxhash.xxh3_64_intdigest
+    assert table == [(len(payload), xxh3(payload)), (a.nbytes, xxh3(buffers[0]))]
+    head = 16 + 16 * nparts
+    assert struct.unpack_from("<Q", data, head)[0] == xxh3(data[:head])
+    assert data[head + 8:] == payload + a.tobytes()
 
 
 async def test_async_write_read_and_read_raw(directory):
@@ -150,7 +151,7 @@ def _spill(directory: Path) -> tuple[Path, int, int]:
     path = directory / "victim.spill"
     payload, buffers = serialize.dumps(np.arange(1000, dtype=np.int32))
     spillfile.write_parts(path, payload, buffers)
-    header = 16 + 12 * 2 + 4
+    header = 16 + 16 * 2 + 8
     return path, header, header + len(payload)
 
 
@@ -158,14 +159,14 @@ def _spill(directory: Path) -> tuple[Path, int, int]:
     ("magic", "not a spill file"),
     ("nparts", "header"),
     ("table", "header checksum"),
-    ("header-crc", "header checksum"),
+    ("header-checksum", "header checksum"),
     ("pickle", "checksum mismatch in the pickle"),
     ("buffer", "checksum mismatch in buffer 0"),
     ("last-byte", "checksum mismatch in buffer 0"),
 ])
 def test_a_flipped_byte_is_detected(directory, where, message):
     path, header, buffer_at = _spill(directory)
-    offset = {"magic": 0, "nparts": 12, "table": 20, "header-crc": header - 2,
+    offset = {"magic": 0, "nparts": 12, "table": 20, "header-checksum": header - 2,
               "pickle": header + 3, "buffer": buffer_at + 100, "last-byte": -1}[where]
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x40
@@ -197,7 +198,7 @@ def test_another_format_version_is_named(directory):
     path, header, _ = _spill(directory)
     data = bytearray(path.read_bytes())
     struct.pack_into("<H", data, 8, 99)
-    struct.pack_into("<I", data, header - 4, zlib.crc32(data[:header - 4]))
+    struct.pack_into("<Q", data, header - 8, spillfile.checksum(data[:header - 8]))
     path.write_bytes(data)
     with pytest.raises(SpillCorruptedError, match="format version 99"):
         spillfile.load(path)
