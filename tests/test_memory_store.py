@@ -555,3 +555,35 @@ async def test_a_chunk_read_while_it_is_written_stays_in_memory(base):
         await until(lambda: store.peek_in_memory("b") is None)
         assert store.peek_in_memory("a") is not None
         assert store.stats()["chunks_in_memory"] == 1 and store.spilled_now > 70 * MiB
+
+
+class HeldPickle:
+    """A value whose pickling waits until ``release`` is set: a write held in flight."""
+
+    def __init__(self, started: threading.Semaphore, release: threading.Event) -> None:
+        self.started, self.release = started, release
+
+    def __reduce__(self):
+        self.started.release()
+        if not self.release.wait(timeout=30):
+            raise RuntimeError("never released")
+        return (int, (7,))
+
+
+async def test_two_writes_are_in_flight_at_once(base):
+    started, release = threading.Semaphore(0), threading.Event()
+    try:
+        async with quiet_store(10 * MiB, base) as store:
+            store.put("a", HeldPickle(started, release), nbytes=64 * MiB)
+            store.put("b", HeldPickle(started, release), nbytes=64 * MiB)
+            # Both are needed to get under 6 MiB: the second is not queued behind the first.
+            await until(lambda: store.stats()["writing"] == 2, timeout=10)
+            for _ in range(2):
+                assert await asyncio.to_thread(started.acquire, timeout=10)
+            release.set()
+            await until(lambda: store.stats()["writing"] == 0, timeout=10)
+            assert len(spill_files(store)) == 2 and store.used == 0
+            async with asyncio.timeout(10):
+                assert await store.get("a") == 7 and await store.get("b") == 7
+    finally:
+        release.set()
