@@ -121,9 +121,14 @@ def headers(repeat: int, reference: str) -> list[str]:
     ]
 
 
-def legend(repeat: int, reference: str) -> str:
+def legend(repeat: int, reference: str, rounds: int = 1) -> str:
+    """``repeat``: the timed repeats behind each figure, over all ``rounds``."""
+    how = ("after one warm-up run" if rounds == 1 else
+           f"in {rounds} rounds of {repeat // rounds}, the systems taking turns (each round "
+           f"starts every system afresh and warms it up once; the order of the systems "
+           f"alternates from round to round)")
     return (
-        f"Figures are the median of {repeat} timed repeats after one warm-up run, each in "
+        f"Figures are the median of {repeat} timed repeats {how}, each in "
         f"its workload's unit; ↑ better means higher is better, ↓ better lower is better. "
         f"`Cost vs {reference}` is the system's cost for the same work relative to "
         f"{reference}'s (its time over {reference}'s for µs and s, {reference}'s rate "
@@ -155,6 +160,7 @@ def markdown_section(
     reference: str,
     command: str,
     machine: dict[str, str],
+    rounds: int = 1,
 ) -> str:
     head = headers(repeat, reference)
     lines = [
@@ -166,7 +172,7 @@ def markdown_section(
         command,
         "```",
         "",
-        legend(repeat, reference),
+        legend(repeat, reference, rounds),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---", "---", "---:", "---", "---:", "---:", "---"]) + "|",

@@ -1,12 +1,16 @@
 """Run the workloads on aiodagger and its peers in one process and compare them.
 
-    python -m benchmarks.run [--only W1,W2] [--repeat N] [--peers a,b,...] [--markdown PATH]
+    python -m benchmarks.run [--only W1,W2] [--repeat N] [--rounds R] [--peers a,b,...]
+                             [--markdown PATH]
 
 Each peer is started once per setup (in this process; with two worker
 processes; not at all for the cold start, whose runs are fresh interpreters),
 runs every selected workload of that setup (one warm-up run, then N timed
 repeats), and is shut down before anything else starts, so peers never compete
-for the machine. See benchmarks/README.md.
+for the machine. With ``--rounds R`` all of that happens R times, the order of
+the peers alternating from round to round, and each figure is the median of the
+repeats of every round: on a shared machine whose speed drifts over minutes, the
+peers then sample the same stretches of time. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -79,6 +83,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--repeat", type=int, default=3, metavar="N", help="timed repeats per figure (default 3)"
     )
     p.add_argument(
+        "--rounds", type=int, default=1, metavar="R",
+        help="run the whole comparison R times, the peers taking turns; figures pool the "
+        "repeats of every round (default 1)",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         default=120.0,
@@ -103,8 +112,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("-v", "--verbose", action="store_true", help="log each repeat and tracebacks")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
-    if args.repeat < 1:
-        p.error("--repeat must be at least 1")
+    if args.repeat < 1 or args.rounds < 1:
+        p.error("--repeat and --rounds must be at least 1")
     if args.timeout <= 0 or args.scale <= 0:
         p.error("--timeout and --scale must be positive")
     return args
@@ -244,12 +253,32 @@ async def _stop(name: str, peer: Peer) -> None:
 
 async def bench(args: argparse.Namespace) -> list[Result]:
     workloads = _scaled(args.only, args.scale)
-    results: list[Result] = []
-    for name in args.peers:
-        results += await bench_peer(name, workloads, args.repeat, args.timeout)
-    # Table order: by workload, then system (stable sort: systems stay in PEERS order).
+    pooled: dict[tuple[str, str], Result] = {}
+    for round_ in range(args.rounds):
+        if args.rounds > 1:
+            log.info("round %d of %d", round_ + 1, args.rounds)
+        peers = args.peers if round_ % 2 == 0 else args.peers[::-1]
+        for name in peers:
+            for result in await bench_peer(name, workloads, args.repeat, args.timeout):
+                _pool(pooled, result)
+    # Table order: by workload, then system in the order given.
     order = {w.key: i for i, w in enumerate(workloads)}
-    return sorted(results, key=lambda r: order[r.workload])
+    systems = {name: i for i, name in enumerate(args.peers)}
+    return sorted(pooled.values(), key=lambda r: (order[r.workload], systems.get(r.system, 0)))
+
+
+def _pool(pooled: dict[tuple[str, str], Result], result: Result) -> None:
+    """Add one round's ``result`` to the figure of its workload and system."""
+    key = (result.workload, result.system)
+    into = pooled.get(key)
+    if into is None:
+        pooled[key] = result
+        return
+    into.samples += result.samples
+    for stage, seconds in result.stages.items():
+        into.stages.setdefault(stage, []).extend(seconds)
+    if result.note and result.note not in into.note:
+        into.note = "; ".join(n for n in (into.note, result.note) if n)
 
 
 def _run_loop(args: argparse.Namespace) -> list[Result]:
@@ -279,12 +308,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for label, value in info.items():
         print(f"{label + ':':<12} {value}")
     print()
-    print(report.text_table(results, args.repeat, REFERENCE))
+    repeats = args.repeat * args.rounds
+    print(report.text_table(results, repeats, REFERENCE))
     print()
-    print(report.legend(args.repeat, REFERENCE))
+    print(report.legend(repeats, REFERENCE, args.rounds))
 
     if args.markdown is not None:
-        section = report.markdown_section(results, args.repeat, REFERENCE, command, info)
+        section = report.markdown_section(results, repeats, REFERENCE, command, info, args.rounds)
         report.write_markdown(args.markdown, section)
         print(f"\nWrote {args.markdown}")
     return 0

@@ -247,7 +247,7 @@ WORKLOADS: dict[str, Workload] = {
                 "One worker process with a 1 GiB memory limit makes 24 chunks of 128 MiB "
                 "(3 GiB), all kept referenced, then sums every chunk and the sums. The figure "
                 "is the wall time; the note gives GiB spilled, the spill rate (bytes written "
-                "over the time the spill thread spent writing), the raw write bandwidth of the "
+                "over the time with a spill write in flight), the raw write bandwidth of the "
                 "same disk measured in the same run (1 GiB in 64 MiB writes, then fsync), and "
                 "the worker's peak RSS (sampled every 10 ms): it must stay under the limit + "
                 "one chunk + 200 MiB (1.32 GiB). Dask runs with the same limit."
