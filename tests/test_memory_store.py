@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -271,8 +272,9 @@ def flip_a_byte(path: Path, offset: int) -> None:
     path.write_bytes(data)
 
 
+@pytest.mark.parametrize("read", ["get", "read_spilled"])
 @pytest.mark.parametrize("damage", ["flip", "truncate", "remove"])
-async def test_a_damaged_spill_file_is_detected_and_the_entry_dropped(base, damage):
+async def test_a_damaged_spill_file_is_detected_and_the_entry_dropped(base, damage, read):
     async with quiet_store(10 * MiB, base) as store:
         store.put("victim", np.arange(8 * MiB // 8))
         await until(lambda: store.peek_in_memory("victim") is None)
@@ -284,7 +286,7 @@ async def test_a_damaged_spill_file_is_detected_and_the_entry_dropped(base, dama
         else:
             path.unlink()
         with pytest.raises(SpillCorruptedError) as info:
-            await store.get("victim")
+            await getattr(store, read)("victim")
         assert info.value.key == "victim"
         assert "recompute" in "".join(getattr(info.value, "__notes__", [])) + str(info.value)
         assert "victim" not in store and len(store) == 0
@@ -292,6 +294,21 @@ async def test_a_damaged_spill_file_is_detected_and_the_entry_dropped(base, dama
         await until(lambda: not path.exists())
         store.put("victim", np.arange(10))  # recomputed and put back
         assert (await store.get("victim"))[-1] == 9
+
+
+async def test_read_spilled_hands_out_the_files_parts_and_keeps_the_chunk_on_disk(base):
+    async with quiet_store(10 * MiB, base) as store:
+        store.put("hot", np.arange(10))
+        assert await store.read_spilled("hot") is None  # in RAM: serialize the value instead
+        store.put("cold", chunk(3, 8 * MiB))
+        await until(lambda: store.peek_in_memory("cold") is None)
+        payload, buffers = await store.read_spilled("cold")
+        assert np.array_equal(pickle.loads(payload, buffers=buffers), chunk(3, 8 * MiB))
+        assert store.peek_in_memory("cold") is None and store.used < MiB  # still only on disk
+        stats = store.stats()
+        assert stats["sent_from_disk"] == 1 and stats["loads"] == 0
+        with pytest.raises(KeyError):
+            await store.read_spilled("absent")
 
 
 async def test_least_recently_used_chunks_go_first(base):

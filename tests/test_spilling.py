@@ -60,6 +60,27 @@ async def test_a_gigabyte_of_results_through_256_mib_workers():
         assert spill_dirs(base) == []  # removed on clean shutdown
 
 
+async def test_a_spilled_chunk_goes_to_another_worker_from_its_file():
+    with private_dir() as base:
+        async with dagger.Cluster(processes=2, memory_limit="256MiB", spill_dir=base) as c:
+            first, second = sorted(w.id for w in c.workers if w.id != 0)
+            on_first = dagger.options(scope=dagger.scope(worker=first))
+            chunks = [on_first.spawn(make, i) for i in range(24)]  # 384 MiB: the oldest spill
+            await asyncio.wait_for(dagger.wait(chunks), 60)
+            before = (await c.worker_stats())[first]
+            assert before["spilled_bytes"] >= 3 * CHUNK and before["sent_from_disk"] == 0
+            on_second = dagger.options(scope=dagger.scope(worker=second))
+            sums = [on_second.spawn(total, chunks[i]) for i in range(3)]
+            assert await asyncio.wait_for(dagger.gather(*sums), 60) == [expected(i) for i in range(3)]
+            after = (await c.worker_stats())[first]
+            # Sent as the files' parts: not read back into the first worker's store.
+            assert after["sent_from_disk"] == 3
+            assert after["loads"] == before["loads"]
+            again = await asyncio.wait_for(chunks[1], 60)  # to the caller, from the file too
+            assert float(again[0]) == 1.0 and again.nbytes == CHUNK
+            assert (await c.worker_stats())[first]["sent_from_disk"] == 4
+
+
 async def test_stale_spill_directory_of_a_dead_process_is_removed_at_start():
     with private_dir() as base:
         done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],

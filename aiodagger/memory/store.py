@@ -119,6 +119,7 @@ class ChunkStore:
         self._writing_bytes = 0  # and their bytes, which are on their way out of RAM
         self._writers: set[asyncio.Task[None]] = set()
         self._writers_busy = 0
+        self._reading = 0  # files being read back: each becomes room (it has its file)
         self._busy_since = 0.0
         self._file_seq = 0
         self._spilled_bytes = 0
@@ -126,6 +127,7 @@ class ChunkStore:
         self._spill_writes = 0
         self._spill_seconds = 0.0
         self._loads = 0
+        self._sent_from_disk = 0  # chunks handed out as their file's parts, not loaded
         self._spill_errors = 0
         self._last_error: BaseException | None = None
         self._spill_disabled = False
@@ -246,6 +248,25 @@ class ChunkStore:
             entry.loading = self._track(asyncio.create_task(self._load(entry)))
         # Shielded: one getter cancelled does not fail the others waiting on this load.
         return await asyncio.shield(entry.loading)
+
+    async def read_spilled(self, key: Hashable) -> tuple[memoryview, list[memoryview]] | None:
+        """The pickle and buffers of a chunk that is on disk, read from its file and
+        checked; None if the chunk is in RAM (serialize its value instead).
+
+        For sending a chunk on to another process: the parts are in the wire's format
+        already, so they are not unpickled, and they do not enter the store, so the
+        chunk stays spilled and no other chunk is pushed out to make room for it.
+        KeyError if absent; :class:`SpillCorruptedError` as :meth:`get` raises it.
+        """
+        self._check_running("read_spilled")
+        entry = self._entries[key]
+        if entry.value is not _MISSING or entry.loading is not None:
+            return None  # in RAM, or on its way there: no second read
+        # Its buffers are the caller's once handed over: not counted after the read.
+        parts = await self._read_file(entry, spillfile.read_parts)
+        self._update()
+        self._sent_from_disk += 1
+        return parts
 
     def peek_in_memory(self, key: Hashable, default: Any = None) -> Any:
         """The value if it is in RAM now, else ``default``; no I/O and no LRU touch."""
@@ -374,6 +395,7 @@ class ChunkStore:
             "spill_writes": self._spill_writes,
             "spill_seconds": self._spill_seconds,
             "loads": self._loads,
+            "sent_from_disk": self._sent_from_disk,
             "spill_errors": self.spill_errors,
             "last_error": None if self.last_error is None else repr(self.last_error),
             "spill_disabled": self.spill_disabled,
@@ -472,7 +494,8 @@ class ChunkStore:
                 and self._pressure.excess(self._used) > self._writing_bytes):
             self._wake.set()  # the same conditions as _start_writers': no idle wake-ups
         self._pressure.update(self._used,
-                              spilling=not disabled and bool(self._evictable or self._writing),
+                              spilling=not disabled and bool(self._evictable or self._writing
+                                                             or self._reading),
                               pinned=not disabled and bool(self._pinned),
                               disabled_by=self._last_error if disabled else None)
 
@@ -608,28 +631,10 @@ class ChunkStore:
                        "there, chunks stay in memory", self.worker_name, self.directory, exc)
 
     async def _load(self, entry: _Entry) -> Any:
-        await self._pressure.wait_load()
-        path = entry.path
-        if not entry.live or path is None:
-            entry.loading = None
-            raise KeyError(entry.key)  # deleted while it waited
-        # Counted from the start: the buffers are allocated as the file is read, and a
-        # second load must see them.
-        self._used += entry.nbytes
-        self._update()
         try:
-            value = await self._run_io(spillfile.load, path)
-        except BaseException as exc:
-            self._used -= entry.nbytes
+            value = await self._read_file(entry, spillfile.load)
+        finally:
             entry.loading = None
-            if not isinstance(exc, Exception):
-                raise
-            failure = self._load_failed(entry, path, exc)
-            if failure is exc:
-                raise
-            raise failure from (None if isinstance(failure, KeyError) else exc)
-        self._used -= entry.nbytes
-        entry.loading = None
         self._loads += 1
         if entry.live and entry.value is _MISSING:
             entry.value = value
@@ -638,6 +643,35 @@ class ChunkStore:
             self._make_evictable(entry)
         self._update()
         return value
+
+    async def _read_file(self, entry: _Entry, read: Any) -> Any:
+        """``read(path)`` of the entry's file in the executor, once the load gate opens;
+        a file that fails drops the entry (see :meth:`_load_failed`). Call
+        :meth:`_update` afterwards.
+        """
+        await self._pressure.wait_load()
+        path = entry.path
+        if not entry.live or path is None:
+            raise KeyError(entry.key)  # deleted while it waited
+        # Counted from the start: the buffers are allocated as the file is read, and a
+        # second read must see them.
+        self._used += entry.nbytes
+        self._reading += 1
+        self._update()
+        try:
+            result = await self._run_io(read, path)
+        except BaseException as exc:
+            self._used -= entry.nbytes
+            self._reading -= 1
+            if not isinstance(exc, Exception):
+                raise
+            failure = self._load_failed(entry, path, exc)
+            if failure is exc:
+                raise
+            raise failure from (None if isinstance(failure, KeyError) else exc)
+        self._used -= entry.nbytes
+        self._reading -= 1
+        return result
 
     def _load_failed(self, entry: _Entry, path: Path, exc: Exception) -> Exception:
         """The exception for a getter, once the entry is dropped."""

@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 import types
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import cloudpickle
@@ -484,11 +484,15 @@ class WorkerProcess:
         buffers: list[Any] = []
         for key in header["ids"]:
             try:
-                value = await self.store.get(key)
+                # A spilled chunk goes out as its file's parts: the file is in the wire's
+                # format, so it is neither unpickled nor loaded back into the store.
+                chunk_parts: tuple[Any, Sequence[Any]] | None = await self.store.read_spilled(key)
+                if chunk_parts is None:
+                    chunk_parts = dumps_value(await self.store.get(key))
             except (KeyError, SpillCorruptedError):
                 missing.append(key)
                 continue
-            payload, parts = dumps_value(value)
+            payload, parts = chunk_parts
             items.append([key, 1 + len(parts)])
             buffers.append(payload)
             buffers.extend(parts)
