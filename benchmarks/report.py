@@ -67,6 +67,15 @@ def target_note(w: Workload, result: Result, by_system: dict[str, Result]) -> st
     return f"target {w.target_text}: {'met' if met else 'missed'}"
 
 
+def peak_rss_note(w: Workload, result: Result) -> str:
+    """'peak RSS ≤ 1.32 GiB in every repeat: met' where the workload bounds it."""
+    peaks = result.stages.get("peak RSS GiB")
+    if w.peak_rss_gib is None or not peaks:
+        return ""
+    met = max(peaks) <= w.peak_rss_gib
+    return f"peak RSS ≤ {w.peak_rss_gib:.2f} GiB in every repeat: {'met' if met else 'missed'}"
+
+
 def stages_note(result: Result) -> str:
     if not result.stages:
         return ""
@@ -92,7 +101,7 @@ def rows(results: Sequence[Result], reference: str) -> list[list[str]]:
             if len(r.samples) > 1
             else ""
         )
-        notes = [r.note, stages_note(r)]
+        notes = [r.note, stages_note(r), peak_rss_note(w, r)]
         if r.system == reference:
             notes.append(target_note(w, r, peers))
         out.append(

@@ -134,3 +134,5 @@ class AiodaggerPeer(Peer):
             "raw disk GB/s": self._raw_gb_s,
             "peak RSS GiB": peak[0] / 2**30,
         })
+
+    w6l = w6  # the same run with more chunks: w.n says how many
