@@ -2,8 +2,8 @@
 
 Memory counts as :mod:`.pressure` says: the chunks in RAM plus the unmanaged rest of
 the process's RSS. Above the spill threshold (60 % of the limit by default) a background
-task writes least-recently-used chunks to disk, one executor call per batch, until
-memory is back under it. Above the pause threshold (80 %) :meth:`ChunkStore.wait_admitted`
+task writes least-recently-used chunks to disk, one executor call per batch and two
+batches at a time, until memory is back under it. Above the pause threshold (80 %) :meth:`ChunkStore.wait_admitted`
 blocks, and so does reading a chunk back, while the spill makes room: a worker that
 calls it before each task takes no new work while the disk catches up. Without that
 a fast producer outruns an asynchronous spill (dask/distributed#4424).
