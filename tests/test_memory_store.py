@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def quiet_store(limit, base: Path, **kwargs) -> ChunkStore:
 async def test_a_gigabyte_through_256_mib(base):
     n, size = 64, 16 * MiB
     sums = {}
+    started = time.perf_counter()
     async with ChunkStore("256MiB", spill_dir=base) as store:
         assert store.directory.parent == base and store.directory.is_dir()
         for i in range(n):
@@ -73,6 +75,9 @@ async def test_a_gigabyte_through_256_mib(base):
         assert stats["spilled_bytes"] == store.spilled_bytes > 512 * MiB
         assert stats["chunks"] == n and stats["spill_errors"] == 0
         assert stats["process_memory"] > 0
+        # Seconds with a write in flight: no faster than 10 GiB/s, no longer than the test.
+        assert stats["spilled_bytes"] / (10 * 2**30) < stats["spill_seconds"]
+        assert stats["spill_seconds"] < time.perf_counter() - started
         directory = store.directory
     assert not directory.exists()
     assert store.state is StoreState.CLOSED

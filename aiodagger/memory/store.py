@@ -118,9 +118,8 @@ class ChunkStore:
         self._writing = 0  # entries in the batches being written
         self._writing_bytes = 0  # and their bytes, which are on their way out of RAM
         self._writers: set[asyncio.Task[None]] = set()
-        self._writers_busy = 0
+        self._busy_since = 0.0  # when the writers last went from none to some
         self._reading = 0  # files being read back: each becomes room (it has its file)
-        self._busy_since = 0.0
         self._file_seq = 0
         self._spilled_bytes = 0
         self._spilled_now = 0
@@ -535,6 +534,8 @@ class ChunkStore:
                 return
             batch = self._take_victims(excess)
             if batch:
+                if not self._writers:
+                    self._busy_since = time.perf_counter()
                 writer = asyncio.create_task(self._write_batch(batch), name="aiodagger-spill-write")
                 self._writers.add(writer)
                 writer.add_done_callback(self._writer_done)
@@ -543,6 +544,8 @@ class ChunkStore:
 
     def _writer_done(self, writer: asyncio.Task[None]) -> None:
         self._writers.discard(writer)
+        if not self._writers:  # time with any write in flight: rates stay per store
+            self._spill_seconds += time.perf_counter() - self._busy_since
         if not writer.cancelled() and writer.exception() is not None:
             logger.error("worker %s: a spill write failed unexpectedly", self.worker_name,
                          exc_info=writer.exception())
@@ -572,17 +575,11 @@ class ChunkStore:
         for entry in batch:
             self._file_seq += 1
             jobs.append((self.directory / f"{self._file_seq}.spill", entry.value))
-        if not self._writers_busy:
-            self._busy_since = time.perf_counter()
-        self._writers_busy += 1
         results: list[int | Exception | None]
         try:
             results = await self._run_io(spillfile.dump_many, jobs)
         except Exception as exc:  # MemoryError in the thread, say: a failed write all the same
             results = [exc, *[None] * (len(jobs) - 1)]
-        self._writers_busy -= 1
-        if not self._writers_busy:  # time with any write in flight: rates stay per store
-            self._spill_seconds += time.perf_counter() - self._busy_since
         self._writing -= len(batch)
         self._writing_bytes -= sum(entry.nbytes for entry in batch)
         # Put back what was not written in LRU order, oldest first.
