@@ -16,7 +16,7 @@ __all__ = ["LEAF_TYPES", "find_dependencies", "resolve_arguments"]
 _CONTAINERS = (list, tuple, dict)
 # Types that cannot hold a dependency: skipped without a function call, since most
 # arguments of small tasks are numbers and strings (this runs on every spawn).
-LEAF_TYPES = _LEAVES = frozenset((int, float, str, bytes, bool, type(None), complex))
+LEAF_TYPES = frozenset((int, float, str, bytes, bool, type(None), complex))
 
 
 def find_dependencies(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[DTask[Any]], bool]:
@@ -24,11 +24,11 @@ def find_dependencies(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[li
     deps: list[DTask[Any]] = []
     found = False
     for value in args:
-        if type(value) not in _LEAVES:
+        if type(value) not in LEAF_TYPES:
             found |= _scan(value, deps)
     if kwargs:
         for value in kwargs.values():
-            if type(value) not in _LEAVES:
+            if type(value) not in LEAF_TYPES:
                 found |= _scan(value, deps)
     if len(deps) > 1:
         deps = list(dict.fromkeys(deps))  # keyed by identity: DTask defines no __eq__
