@@ -3,6 +3,10 @@
 DTasks and Chunks count as dependencies anywhere in ``args``/``kwargs``, also nested
 inside lists, tuples and dicts (values, not keys). Other containers are left alone:
 walking arbitrary objects would cost every task and surprise users.
+
+A task receives the caller's own objects wherever no dependency sits, as it would
+with no dependencies at all: only a container holding one is rebuilt, with the values
+in place, and the caller's container keeps its DTasks.
 """
 
 from __future__ import annotations
@@ -61,38 +65,47 @@ def resolve_arguments(args: tuple[Any, ...], kwargs: dict[str, Any],
     ``inputs`` holds, by task id, the values of dependencies kept in a ChunkStore
     (loaded and pinned for this run) rather than on their DTask.
     """
-    if inputs is not None:
-        return (tuple([_resolve_with(v, inputs) for v in args]),
-                {k: _resolve_with(v, inputs) for k, v in kwargs.items()} if kwargs else kwargs)
-    return (tuple([_resolve(v) for v in args]),
-            {k: _resolve(v) for k, v in kwargs.items()} if kwargs else kwargs)
+    if inputs is None:
+        # A chain's links take their dependency as a plain argument: no call for that.
+        return (tuple([v._value if type(v) is DTask else _resolve(v, None) for v in args]),
+                {k: _resolve(v, None) for k, v in kwargs.items()} if kwargs else kwargs)
+    return (tuple([_resolve(v, inputs) for v in args]),
+            {k: _resolve(v, inputs) for k, v in kwargs.items()} if kwargs else kwargs)
 
 
-def _resolve(value: Any) -> Any:
+def _resolve(value: Any, inputs: dict[int, Any] | None) -> Any:
+    # Copied only once an item changes: no second pass to learn whether one will.
     kind = type(value)
-    if kind is DTask or kind is Chunk:
+    if kind is DTask:
+        return inputs[value.id] if inputs is not None and value.id in inputs else value._value
+    if kind is Chunk:
         return value._value
-    if kind is list:
-        return [_resolve(v) for v in value]
-    if kind is tuple:
-        return tuple([_resolve(v) for v in value])
+    if kind is list or kind is tuple:
+        items: list[Any] | None = None
+        for i, item in enumerate(value):
+            if type(item) in LEAF_TYPES:
+                continue
+            new = _resolve(item, inputs)
+            if new is not item:
+                if items is None:
+                    items = list(value)
+                items[i] = new
+        if items is None:
+            return value
+        return items if kind is list else tuple(items)
     if kind is dict:
-        return {k: _resolve(v) for k, v in value.items()}
-    if isinstance(value, (DTask, Chunk)):
-        return value._value
-    return value
-
-
-def _resolve_with(value: Any, inputs: dict[int, Any]) -> Any:
+        mapping: dict[Any, Any] | None = None
+        for key, item in value.items():
+            if type(item) in LEAF_TYPES:
+                continue
+            new = _resolve(item, inputs)
+            if new is not item:
+                if mapping is None:
+                    mapping = dict(value)
+                mapping[key] = new
+        return value if mapping is None else mapping
     if isinstance(value, DTask):
-        return inputs[value.id] if value.id in inputs else value._value
+        return inputs[value.id] if inputs is not None and value.id in inputs else value._value
     if isinstance(value, Chunk):
         return value._value
-    kind = type(value)
-    if kind is list:
-        return [_resolve_with(v, inputs) for v in value]
-    if kind is tuple:
-        return tuple([_resolve_with(v, inputs) for v in value])
-    if kind is dict:
-        return {k: _resolve_with(v, inputs) for k, v in value.items()}
     return value

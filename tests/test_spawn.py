@@ -40,6 +40,58 @@ async def test_dependencies_nested_in_containers_and_kwargs(cluster):
     assert await t == 1 + 2 + 1 + 2
 
 
+def received(*args, **kwargs):
+    return args, kwargs
+
+
+async def areceived(*args, **kwargs):
+    return args, kwargs
+
+
+def push(target, item):
+    target.append(item)
+
+
+async def apush(target, item):
+    target.append(item)
+
+
+# "store": worker 0 keeps results in a ChunkStore, and arguments are resolved from the
+# values it loaded for the run rather than from the DTasks.
+@pytest.fixture(params=["plain", "store"])
+async def any_cluster(request):
+    limit = "1 GiB" if request.param == "store" else None
+    async with dagger.Cluster(threads=2, memory_limit=limit) as c:
+        yield c
+
+
+@pytest.mark.parametrize("fn", [push, apush], ids=["thread", "async"])
+async def test_task_with_a_dependency_mutates_the_callers_list(any_cluster, fn):
+    without, with_dep = [], []
+    await dagger.spawn(fn, without, 1)
+    await dagger.spawn(fn, with_dep, dagger.spawn(int, 2))
+    assert (without, with_dep) == ([1], [2])
+
+
+@pytest.mark.parametrize("fn", [received, areceived], ids=["thread", "async"])
+async def test_only_containers_holding_a_dependency_are_rebuilt(any_cluster, fn):
+    lst, dct, inner = [1], {"k": 1}, [2]
+    tup = (inner, 3)
+    dep = dagger.spawn(inc, 1)
+    lst_dep, dct_dep, tup_dep = [lst, dep], {"d": dct, "v": dep}, (inner, [dep])
+    args, kwargs = await dagger.spawn(fn, lst, dct, tup, dep, lst_dep, dct_dep, tup_dep,
+                                      kl=lst, kd=dct, kt=tup, kdep=lst_dep)
+    assert args[0] is lst and args[1] is dct and args[2] is tup
+    assert args[3] == 2
+    assert args[4] == [[1], 2] and args[4] is not lst_dep and args[4][0] is lst
+    assert args[5] == {"d": {"k": 1}, "v": 2} and args[5] is not dct_dep and args[5]["d"] is dct
+    assert args[6] == ([2], [2]) and args[6][0] is inner
+    assert kwargs["kl"] is lst and kwargs["kd"] is dct and kwargs["kt"] is tup
+    assert kwargs["kdep"] == [[1], 2] and kwargs["kdep"][0] is lst
+    # The caller's containers still hold the DTask: rebuilding never writes into them.
+    assert lst_dep[1] is dep and dct_dep["v"] is dep and tup_dep[1][0] is dep
+
+
 async def test_same_dependency_twice_counts_once(cluster):
     a = dagger.spawn(inc, 1)
     assert await dagger.spawn(add, a, a) == 4
