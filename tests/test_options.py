@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 
 import pytest
 
 import aiodagger as dagger
+from aiodagger.worker.execute import callback_errors
 from tests.helpers import asleep_forever, inc, sleep_then
 
 
@@ -145,6 +147,68 @@ async def test_async_checkpoint_and_restore_to_disk(cluster, tmp_path):
     assert await opts.spawn(compute) == 7
     (tmp_path / "a").write_text("99")
     assert await opts.spawn(compute) == 99
+
+
+def disk_full(*_args):
+    raise OSError("disk full")
+
+
+async def adisk_full(*_args):
+    await asyncio.sleep(0)
+    raise OSError("disk full")
+
+
+def times_ten(x):
+    return x * 10
+
+
+async def atimes_ten(x):
+    await asyncio.sleep(0)
+    return x * 10
+
+
+def callback_warnings(caplog):
+    return [r.getMessage() for r in caplog.records
+            if r.name == "aiodagger.worker.execute" and r.levelno == logging.WARNING]
+
+
+# (task, callback): a thread task calls its callbacks on its thread; a coroutine task
+# calls plain ones too, and awaits async ones.
+CALLBACKS = [(times_ten, disk_full), (atimes_ten, disk_full), (atimes_ten, adisk_full)]
+CALLBACK_IDS = ["thread", "async-task", "async-callback"]
+
+
+@pytest.mark.parametrize(("fn", "failing"), CALLBACKS, ids=CALLBACK_IDS)
+async def test_failing_checkpoint_keeps_the_value_and_warns(cluster, caplog, fn, failing):
+    before = callback_errors()
+    assert await dagger.options(name="saved", checkpoint=failing).spawn(fn, 4) == 40
+    after = callback_errors()
+    assert after["checkpoint_errors"] - before["checkpoint_errors"] == 1
+    assert after["restore_errors"] == before["restore_errors"]
+    [message] = callback_warnings(caplog)
+    assert "'saved'" in message and "checkpoint" in message and failing.__name__ in message
+    assert "disk full" in message
+
+
+@pytest.mark.parametrize(("fn", "failing"), CALLBACKS, ids=CALLBACK_IDS)
+async def test_failing_restore_runs_the_task_and_warns(cluster, caplog, fn, failing):
+    saved = []
+    before = callback_errors()
+    t = dagger.options(name="restored", restore=failing, checkpoint=lambda _t, v: saved.append(v)).spawn(fn, 4)
+    assert await t == 40
+    assert saved == [40]  # ran as if nothing was saved, and checkpointed as usual
+    after = callback_errors()
+    assert after["restore_errors"] - before["restore_errors"] == 1
+    assert after["checkpoint_errors"] == before["checkpoint_errors"]
+    [message] = callback_warnings(caplog)
+    assert "'restored'" in message and "restore" in message and failing.__name__ in message
+
+
+async def test_failing_checkpoint_keeps_the_value_on_a_subprocess_worker():
+    async with dagger.Cluster(processes=1, threads=1):
+        on_worker = dagger.options(scope=dagger.scope(worker=1), checkpoint=disk_full)
+        assert await on_worker.spawn(times_ten, 4) == 40
+        assert await on_worker.spawn(atimes_ten, 5) == 50
 
 
 async def test_scope_with_no_processor_fails_at_once(cluster):

@@ -1,12 +1,19 @@
 """Running one task's body: arguments resolved, ``restore`` consulted, ``checkpoint`` called.
 
 Shared by every processor so that a task means the same thing wherever it runs.
+
+A ``restore`` or ``checkpoint`` callback that raises is logged as a warning and
+counted (``callback_errors()``), never the task's failure: a failed restore means
+nothing was saved, so the function runs; a failed checkpoint leaves the value unsaved
+but still the task's result. Saving is an optimisation the result must not depend on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
+import threading
 from typing import Any
 
 from .._args import resolve_arguments
@@ -14,7 +21,28 @@ from ..errors import TaskCancelledError
 from ..options import MISSING
 from ..task import DTask
 
-__all__ = ["run_async", "run_sync"]
+__all__ = ["callback_errors", "run_async", "run_sync"]
+
+logger = logging.getLogger(__name__)
+
+_errors_lock = threading.Lock()  # pool threads and the loop both count
+_errors = {"checkpoint_errors": 0, "restore_errors": 0}
+
+
+def callback_errors() -> dict[str, int]:
+    """How many ``checkpoint``/``restore`` calls raised in this process so far."""
+    with _errors_lock:
+        return dict(_errors)
+
+
+def _callback_failed(task: DTask[Any], which: str, callback: Any, exc: Exception) -> None:
+    with _errors_lock:
+        _errors[f"{which}_errors"] += 1
+    name = getattr(callback, "__qualname__", None) or repr(callback)
+    then = ("running the task as if nothing was saved" if which == "restore"
+            else "its value stands but was not saved")
+    logger.warning("%s: %s callback %s raised %s: %s; %s", task._describe(), which, name,
+                   type(exc).__name__, exc, then, exc_info=exc)
 
 
 def _prepare(task: DTask[Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
@@ -32,7 +60,11 @@ def run_sync(task: DTask[Any]) -> Any:
     fn, args, kwargs = _prepare(task)
     opts = task._opts
     if opts.restore is not None:
-        saved = opts.restore(task)
+        try:
+            saved = opts.restore(task)
+        except Exception as exc:  # noqa: BLE001
+            _callback_failed(task, "restore", opts.restore, exc)
+            saved = MISSING
         if saved is not MISSING:
             return saved
     value = fn(*args, **kwargs)
@@ -40,7 +72,10 @@ def run_sync(task: DTask[Any]) -> Any:
         # scope(thread=True) on a coroutine function: the caller asked for a thread.
         value = asyncio.run(value)
     if opts.checkpoint is not None:
-        opts.checkpoint(task, value)
+        try:
+            opts.checkpoint(task, value)
+        except Exception as exc:  # noqa: BLE001
+            _callback_failed(task, "checkpoint", opts.checkpoint, exc)
     return value
 
 
@@ -49,14 +84,21 @@ async def run_async(task: DTask[Any]) -> Any:
     fn, args, kwargs = _prepare(task)
     opts = task._opts
     if opts.restore is not None:
-        saved = opts.restore(task)
-        if inspect.isawaitable(saved):
-            saved = await saved
+        try:
+            saved = opts.restore(task)
+            if inspect.isawaitable(saved):
+                saved = await saved
+        except Exception as exc:  # noqa: BLE001
+            _callback_failed(task, "restore", opts.restore, exc)
+            saved = MISSING
         if saved is not MISSING:
             return saved
     value = await fn(*args, **kwargs)
     if opts.checkpoint is not None:
-        done = opts.checkpoint(task, value)
-        if inspect.isawaitable(done):
-            await done
+        try:
+            done = opts.checkpoint(task, value)
+            if inspect.isawaitable(done):
+                await done
+        except Exception as exc:  # noqa: BLE001
+            _callback_failed(task, "checkpoint", opts.checkpoint, exc)
     return value
