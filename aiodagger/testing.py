@@ -9,10 +9,11 @@ Installed with aiodagger, this plugin is loaded by pytest on its own (entry poin
     threads stopped) when the test ends.
 
 ``dagger_process_cluster``
-    A cluster of two subprocess workers, ``Cluster(processes=2)``, for tests of code
-    whose tasks must cross a process boundary (pickling, worker-to-worker data). It
-    needs subprocess workers, which this version of aiodagger does not have yet: until
-    then it fails with ``NotImplementedError``.
+    ``async with dagger.Cluster(processes=2)``: two subprocess workers besides the
+    test's own process (worker 0), for tests of code whose tasks must cross a process
+    boundary (pickling, worker-to-worker data). Tasks run in those two processes;
+    worker 0 runs only what is scoped to it (``scope(worker=0)``). The workers are
+    stopped when the test ends.
 
 Both are async fixtures, run by pytest-asyncio (``pip install pytest-asyncio``)::
 
@@ -62,8 +63,8 @@ async def dagger_cluster() -> AsyncIterator[Cluster]:
 async def dagger_process_cluster() -> AsyncIterator[Cluster]:
     """``dagger.Cluster(processes=2)``: two subprocess workers besides worker 0.
 
-    Needs subprocess workers; with a version of aiodagger that has none it fails with
-    ``NotImplementedError``.
+    Tasks run in those two processes, so their arguments and results must pickle
+    (cloudpickle, for lambdas and closures); the workers are stopped after the test.
     """
     from .cluster import Cluster
 
