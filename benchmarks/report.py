@@ -67,6 +67,18 @@ def target_note(w: Workload, result: Result, by_system: dict[str, Result]) -> st
     return f"target {w.target_text}: {'met' if met else 'missed'}"
 
 
+def relative_note(w: Workload, result: Result, by_workload: dict[str, dict[str, Result]]) -> str:
+    """'1.35× W6's median; goal within 1.2× of W6 on a subprocess worker: missed'."""
+    goal = w.relative
+    if goal is None or result.median is None:
+        return ""
+    other = by_workload.get(goal.key, {}).get(result.system)
+    if other is None or other.median is None or other.median <= 0 or result.median <= 0:
+        return f"goal {goal.text}: no {goal.key} figure in this run to compare"
+    cost = w.metric.cost_ratio(result.median, other.median)
+    return f"{_ratio(cost)} {goal.key}'s median; goal {goal.text}: {'met' if cost <= goal.within else 'missed'}"
+
+
 def peak_rss_note(w: Workload, result: Result) -> str:
     """'peak RSS ≤ 1.32 GiB in every repeat: met' where the workload bounds it."""
     peaks = result.stages.get("peak RSS GiB")
@@ -103,7 +115,7 @@ def rows(results: Sequence[Result], reference: str) -> list[list[str]]:
         )
         notes = [r.note, stages_note(r), peak_rss_note(w, r)]
         if r.system == reference:
-            notes.append(target_note(w, r, peers))
+            notes += [target_note(w, r, peers), relative_note(w, r, by_workload)]
         out.append(
             [
                 w.label,
@@ -192,6 +204,8 @@ def markdown_section(
     for key in dict.fromkeys(r.workload for r in results):
         w = WORKLOADS[key]
         target = f" Target for {reference}: {w.target_text}." if w.target is not None else ""
+        if w.relative is not None:
+            target += f" Goal for {reference}: {w.relative.text}, in the same run."
         lines.append(f"- **{key}**, {unit_cell(w.metric)}: {w.description}{target}")
     lines += ["", "Machine:", ""]
     lines += [f"- {label}: {value}" for label, value in machine.items()]

@@ -116,6 +116,20 @@ SECONDS = Metric("s", False, lambda s, n: s, digits=3)
 
 
 @dataclass(frozen=True)
+class Relative:
+    """A goal against another workload's figure for the same system in the same run:
+    this workload's cost at most ``within`` times that one's."""
+
+    key: str
+    within: float
+    what: str  # how the goal names the other workload: "W6 on a subprocess worker"
+
+    @property
+    def text(self) -> str:
+        return f"within {self.within:g}× of {self.what}"
+
+
+@dataclass(frozen=True)
 class Workload:
     key: str
     title: str
@@ -131,6 +145,8 @@ class Workload:
     # Every repeat's "peak RSS GiB" measurement must stay at or under this, for every
     # system that reports it (W6: the memory limit holds).
     peak_rss_gib: float | None = None
+    # aiodagger's goal against another of its own figures in the same run.
+    relative: Relative | None = None
 
     @property
     def label(self) -> str:
@@ -146,8 +162,9 @@ class Workload:
         return f"{op} {self.target:,g} {self.metric.unit}"
 
 
-# The setups, in the order a peer is started in them.
-SETUPS = ("cold", "local", "processes", "spill")
+# The setups, in the order a peer is started in them. spill-local: W6's memory limit
+# on the system in this process (aiodagger's worker 0).
+SETUPS = ("cold", "local", "processes", "spill", "spill-local")
 
 # Subprocess workers in the `processes` and `cold` setups.
 PROCESS_WORKERS = 2
@@ -264,6 +281,27 @@ WORKLOADS: dict[str, Workload] = {
             target="dask",
             scalable=False,
             peak_rss_gib=W6_PEAK_RSS_GIB,
+        ),
+        Workload(
+            key="W6-0",
+            title="spill on worker 0: 24 × 128 MiB through a 1 GiB in-process worker",
+            n=24,
+            metric=SECONDS,
+            description=(
+                "W6 on worker 0, the caller's own process, instead of a worker process: "
+                "`Cluster(threads=2, memory_limit=\"1GiB\")`, no `processes=`. The same 24 "
+                "chunks of 128 MiB, the same checks and the same measurements as W6. The peak "
+                "RSS is this process's: the caller is the worker, so the 1.32 GiB bound holds "
+                "the caller's own memory (interpreter, libraries, what the run keeps) and the "
+                "worker's together, as worker 0's memory limit counts the whole process. The "
+                "note also gives its median over W6's in the same run. aiodagger only: no "
+                "peer has a comparable in-process variant."
+            ),
+            expected=spill_expected,
+            setup="spill-local",
+            scalable=False,
+            peak_rss_gib=W6_PEAK_RSS_GIB,
+            relative=Relative("W6", 1.2, "W6 on a subprocess worker"),
         ),
         Workload(
             key="W6L",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -45,7 +47,8 @@ def load() -> Any:
 
 class AiodaggerPeer(Peer):
     """``async with dagger.Cluster()`` for the local workloads, ``Cluster(processes=2)``
-    for the processes workloads; W0 starts the latter in a fresh interpreter."""
+    for the processes workloads; W0 starts the latter in a fresh interpreter. W6 and
+    W6L run on one worker process with a memory limit, W6-0 on worker 0 with it."""
 
     name: ClassVar[str] = "aiodagger"
     notes: ClassVar[dict[str, str]] = {"W5": "pinned with scope(worker=...) to the two worker processes"}
@@ -69,6 +72,13 @@ class AiodaggerPeer(Peer):
             self._raw_gb_s = await raw_disk_gb_s(self._spill_dir)
             self._cluster = await self._stack.enter_async_context(
                 dagger.Cluster(processes=1, threads=2, memory_limit=W6_LIMIT, spill_dir=self._spill_dir)
+            )
+        elif setup == "spill-local":
+            # W6's worker, as worker 0: the same limit, threads and kind of spill directory.
+            self._spill_dir = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="w6-0-")))
+            self._raw_gb_s = await raw_disk_gb_s(self._spill_dir)
+            self._cluster = await self._stack.enter_async_context(
+                dagger.Cluster(threads=2, memory_limit=W6_LIMIT, spill_dir=self._spill_dir)
             )
 
     async def stop(self) -> None:
@@ -115,24 +125,50 @@ class AiodaggerPeer(Peer):
         return Timed(total, time.perf_counter() - t0)
 
     async def w6(self, w: Workload) -> Timed:
-        d, cluster = self._dagger, self._cluster
+        cluster = self._cluster
         (worker,) = [info for info in cluster.workers if info.id != 0]
-        before = (await cluster.worker_stats())[worker.id]
-        async with peak_rss(worker.pid) as peak:
+
+        async def stats() -> dict[str, Any]:
+            return (await cluster.worker_stats())[worker.id]
+
+        return await self._spill(w, worker.pid, stats)
+
+    w6l = w6  # the same run with more chunks: w.n says how many
+
+    async def w6_0(self, w: Workload) -> Timed:
+        # Worker 0 is this process: its RSS is the worker's, the caller's included.
+        return await self._spill(w, os.getpid(), self._worker0_stats)
+
+    async def _worker0_stats(self) -> dict[str, Any]:
+        """Worker 0's spill counters. worker_stats() has only workers in other
+        processes, so they come from worker 0's store; {} if it has none to show."""
+        stats = (await self._cluster.worker_stats()).get(0)
+        if stats is None:
+            store = getattr(getattr(self._cluster, "_local", None), "store", None)
+            stats = store.stats() if store is not None else {}
+        return dict(stats)
+
+    async def _spill(
+        self, w: Workload, pid: int, stats: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> Timed:
+        """W6's run: ``w.n`` chunks made and summed, every chunk kept referenced to the
+        end; ``pid`` is the worker's process, whose RSS is sampled."""
+        d = self._dagger
+        before = await stats()
+        async with peak_rss(pid) as peak:
             t0 = time.perf_counter()
             chunks = [d.spawn(make_chunk, i, W6_CHUNK) for i in range(w.n)]  # all kept referenced
             sums = [d.spawn(chunk_sum, c) for c in chunks]
             total = sum(await d.gather(*sums))
             seconds = time.perf_counter() - t0
-        after = (await cluster.worker_stats())[worker.id]
-        spilled = after["spilled_bytes"] - before["spilled_bytes"]
-        spill_time = after["spill_seconds"] - before["spill_seconds"]
+        after = await stats()
         del chunks, sums
-        return Timed(total, seconds, {
-            "GiB spilled": spilled / 2**30,
-            "spill GB/s": spilled / spill_time / 1e9 if spill_time else 0.0,
-            "raw disk GB/s": self._raw_gb_s,
-            "peak RSS GiB": peak[0] / 2**30,
-        })
-
-    w6l = w6  # the same run with more chunks: w.n says how many
+        measured: dict[str, float] = {}
+        if "spilled_bytes" in after and "spilled_bytes" in before:
+            spilled = after["spilled_bytes"] - before["spilled_bytes"]
+            spill_time = after["spill_seconds"] - before["spill_seconds"]
+            measured["GiB spilled"] = spilled / 2**30
+            measured["spill GB/s"] = spilled / spill_time / 1e9 if spill_time else 0.0
+        measured["raw disk GB/s"] = self._raw_gb_s
+        measured["peak RSS GiB"] = peak[0] / 2**30
+        return Timed(total, seconds, measured)

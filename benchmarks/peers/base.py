@@ -41,10 +41,11 @@ class Peer:
     A peer is started once per *setup* (see ``benchmarks.workloads``) and runs every
     selected workload of that setup before it is stopped, so start-up cost (a Ray
     cluster, a Dask scheduler, worker processes) stays out of the figures. A
-    workload is a coroutine method named after the workload's key in lower case
-    (``w1``...) that runs it once and returns the result (or a :class:`Timed`),
-    which the runner checks outside the timed region. ``not_applicable`` says why a
-    peer has no method for a workload; a workload with neither gets no row.
+    workload is a coroutine method named after the workload's key in lower case, a
+    hyphen as an underscore (``w1``, ``w6_0``...), that runs it once and returns the
+    result (or a :class:`Timed`), which the runner checks outside the timed region.
+    ``not_applicable`` says why a peer has no method for a workload; a workload with
+    neither gets no row.
     """
 
     name: ClassVar[str]
@@ -68,10 +69,15 @@ class Peer:
     def runner(self, workload: Workload) -> WorkloadRun | str | None:
         """The bound method that runs ``workload``, the reason it does not apply, or
         None when the peer has nothing to say about it (no row)."""
-        method = getattr(self, workload.key.lower(), None)
+        method = getattr(self, method_name(workload.key), None)
         if method is None:
             return self.not_applicable.get(workload.key)
         return method
+
+
+def method_name(key: str) -> str:
+    """The peer method that runs workload ``key``: ``W6L`` -> ``w6l``, ``W6-0`` -> ``w6_0``."""
+    return key.lower().replace("-", "_")
 
 
 def require(module: str, *, label: str | None = None) -> Any:

@@ -45,7 +45,10 @@ class DaskDistributedPeer(Peer):
     """
 
     name: ClassVar[str] = "dask"
-    not_applicable: ClassVar[dict[str, str]] = {"W3": _NO_ASYNC}
+    not_applicable: ClassVar[dict[str, str]] = {
+        "W3": _NO_ASYNC,
+        "W6-0": "n/a (aiodagger's worker 0 against its own W6; no comparable in-process variant)",
+    }
     notes: ClassVar[dict[str, str]] = {"W5": "pinned with submit(..., workers=[address])"}
 
     def __init__(self) -> None:
