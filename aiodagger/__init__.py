@@ -7,7 +7,8 @@
     print(await b)                    # or b.fetch() from synchronous code
 """
 
-from .api import as_completed, fetch, gather, put, spawn, tochunk, wait
+from ._version import __version__
+from .api import Options, as_completed, fetch, gather, options, put, spawn, tochunk, wait
 from .cluster import Cluster, WorkerInfo
 from .errors import (
     AuthenticationError,
@@ -21,12 +22,10 @@ from .errors import (
     WorkerLostError,
 )
 from .logs import Logs, disable_logging, enable_logging, fetch_logs
-from .options import MISSING, Options, Scope, options, scope
+from .options import MISSING, Scope, scope
 from .progress import progress
 from .task import Chunk, DTask
 from .taskgroup import TaskGroup
-
-__version__ = "0.1.0"
 
 __all__ = [
     "MISSING",

@@ -7,12 +7,24 @@ the client side.
 from __future__ import annotations
 
 import contextvars
+import enum
 import threading
 from typing import Any
 
-__all__ = ["current_cluster_var", "pool_thread"]
+__all__ = ["ClusterState", "current_cluster_var", "pool_thread"]
+
+
+class ClusterState(enum.Enum):
+    """A cluster's life. Here, not in ``cluster.py``: the stand-in cluster inside a
+    worker process reports RUNNING without importing the client side."""
+
+    NEW = "new"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
 
 # The cluster entered in this context (``async with`` / ``with``), or set for tasks.
 current_cluster_var: contextvars.ContextVar[Any] = contextvars.ContextVar("aiodagger_cluster", default=None)
-# ``pool_thread.cluster``: the cluster whose pool thread is calling.
+# ``pool_thread.cluster``: the cluster whose pool thread is calling; ``pool_thread.pool``:
+# that thread's pool (a ThreadProc), which a blocking fetch() tells it is waiting.
 pool_thread = threading.local()

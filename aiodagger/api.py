@@ -1,8 +1,9 @@
-"""The module-level futures API: spawn, fetch, wait, gather, as_completed, put."""
+"""The module-level futures API: spawn, options, fetch, wait, gather, as_completed, put."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import os
 from collections import deque
@@ -10,13 +11,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from types import FunctionType
 from typing import Any, Literal, TypeVar, overload
 
+from ._callables import spawn_callable_error
 from .cluster import current_cluster
 from .errors import NoProcessorError
-from .options import Scope, TaskOptions, current_options
-from .scheduler.core import spawn_callable_error
+from .options import Scope, TaskOptions, current_options, current_options_var, validate_options
 from .task import FINISHED, REMOTE, Chunk, DTask
 
-__all__ = ["as_completed", "fetch", "gather", "put", "spawn", "spawn_with_options", "tochunk", "wait"]
+__all__ = ["Options", "as_completed", "fetch", "gather", "options", "put", "spawn", "spawn_with_options",
+           "tochunk", "wait"]
 
 R = TypeVar("R")
 
@@ -225,3 +227,39 @@ async def put(obj: R, scope: Scope | None = None) -> Chunk[R]:
 tochunk = put
 
 _chunk_ids = itertools.count(1)
+
+
+class Options:
+    """``dagger.options(**opts)``: spawn with these options, or apply them to a block."""
+
+    __slots__ = ("_overrides", "_tokens")
+
+    def __init__(self, overrides: dict[str, Any]) -> None:
+        self._overrides = validate_options(overrides)
+        self._tokens: list[contextvars.Token[TaskOptions]] = []
+
+    def resolve(self) -> TaskOptions:
+        return current_options_var.get().merged(self._overrides)
+
+    def spawn(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> DTask[Any]:
+        return spawn_with_options(self.resolve(), fn, args, kwargs)
+
+    def __enter__(self) -> Options:
+        self._tokens.append(current_options_var.set(self.resolve()))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        current_options_var.reset(self._tokens.pop())
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self._overrides.items())
+        return f"dagger.options({inner})"
+
+
+def options(**opts: Any) -> Options:
+    """Task options, e.g. ``dagger.options(priority=5, retries=2)``.
+
+    Use ``.spawn(fn, *args)`` on the result, or ``with dagger.options(...):`` to apply
+    them to every spawn in the block. Unknown names raise ``TypeError`` at once.
+    """
+    return Options(opts)

@@ -14,30 +14,22 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextvars
-import enum
 import logging
 import os
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from ._context import current_cluster_var, pool_thread
+from ._context import ClusterState, current_cluster_var, pool_thread
 from ._loopthread import LoopThread
-from .memory import ChunkStore, parse_memory_limit
+from .launcher import WorkerLauncher
+from .memory import parse_memory_limit
 from .scheduler.core import Scheduler
-from .worker.launcher import WorkerLauncher
 from .worker.local import LocalWorker, WorkerInfo
 
 __all__ = ["Cluster", "WorkerInfo", "current_cluster", "on_cluster_start", "running_cluster"]
 
 logger = logging.getLogger(__name__)
-
-
-class ClusterState(enum.Enum):
-    NEW = "new"
-    RUNNING = "running"
-    CLOSING = "closing"
-    CLOSED = "closed"
 
 
 _current = current_cluster_var
@@ -130,16 +122,22 @@ class Cluster:
         return [self._local.info(), *remote]
 
     async def worker_stats(self) -> dict[int, dict[str, Any]]:
-        """Fresh counters of every worker in another process, by worker id: memory in
-        use, spill thresholds, bytes spilled and the time spent writing them, errors..."""
+        """Fresh counters of every worker, by worker id: memory in use, spill thresholds,
+        bytes spilled and the time spent writing them, errors... Worker 0 is listed when
+        it keeps a store of its own (a memory limit)."""
+        local = {}
+        if self._local is not None and self._local.store is not None:
+            stats = self._local.store.stats()
+            stats["memory_used"] = stats["used"]
+            local[0] = stats
         if self._launcher is None:
-            return {}
+            return local
         dist = self._launcher.dist
         if asyncio.get_running_loop() is self.loop:
             await dist.poll_stats()
         else:
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(dist.poll_stats(), self.loop))
-        return {w.id: dict(w.stats) for w in dist.workers.values()}
+        return {**local, **{w.id: dict(w.stats) for w in dist.workers.values()}}
 
     @property
     def address(self) -> str | None:
@@ -175,8 +173,12 @@ class Cluster:
         # spawner's options or whatever else the spawning request had set.
         task_context = contextvars.Context()
         task_context.run(_current.set, self)
-        self._local = LocalWorker(sched, self.threads, task_context, self._init_pool_thread)
-        sched.local = self._local
+        # Worker 0 keeps its results in a store of its own when it runs every task under
+        # a memory limit; with other workers the limit is theirs.
+        own_limit = self.memory_limit if not self.processes and self.listen is None else None
+        self._local = LocalWorker(sched, self.threads, task_context, self._init_pool_thread,
+                                  memory_limit=own_limit, spill_dir=self.spill_dir)
+        sched.attach_local(self._local)
         self._sched = sched
         self._closed_event = asyncio.Event()
         self._local.start()
@@ -201,11 +203,7 @@ class Cluster:
         """Start worker 0's store, or the listeners and subprocess workers."""
         assert self._sched is not None and self._local is not None
         if not self.processes and self.listen is None:
-            if self.memory_limit is not None:
-                # Worker 0 runs every task: its results go to a ChunkStore of its own.
-                store = ChunkStore(self.memory_limit, self.spill_dir, worker_name="w0")
-                await store.start()
-                self._sched.store = self._local.store = store
+            await self._local.start_store()
             return
         self._launcher = WorkerLauncher(
             self._sched, listen=self.listen, token=self._token, ssl=self._ssl,
@@ -292,8 +290,6 @@ class Cluster:
         if self._launcher is not None:
             await self._launcher.close()
         clean = await self._local.close(self.shutdown_timeout)
-        if self._sched.store is not None:
-            await self._sched.store.close()
         if not clean:
             logger.warning(
                 "cluster closed while tasks were still running user code in %s after %.1f s; "

@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
-import aiodagger as dagger
+from ._version import __version__
+from .api import gather, put, spawn
+from .cluster import Cluster
 
 __all__ = ["main", "run_demo"]
 
@@ -40,18 +42,18 @@ async def blocked_matmul(n: int, block: int, seed: int = 0) -> dict[str, Any]:
     b = rng.standard_normal((n, n))
     k = n // block
     start = time.perf_counter()
-    a_blocks = [[await dagger.put(a[i * block:(i + 1) * block, j * block:(j + 1) * block])
+    a_blocks = [[await put(a[i * block:(i + 1) * block, j * block:(j + 1) * block])
                  for j in range(k)] for i in range(k)]
-    b_blocks = [[await dagger.put(b[i * block:(i + 1) * block, j * block:(j + 1) * block])
+    b_blocks = [[await put(b[i * block:(i + 1) * block, j * block:(j + 1) * block])
                  for j in range(k)] for i in range(k)]
     c_blocks = []
     for i in range(k):
         row = []
         for j in range(k):
-            products = [dagger.spawn(_block_product, a_blocks[i][m], b_blocks[m][j]) for m in range(k)]
-            row.append(dagger.spawn(_sum_blocks, *products))
+            products = [spawn(_block_product, a_blocks[i][m], b_blocks[m][j]) for m in range(k)]
+            row.append(spawn(_sum_blocks, *products))
         c_blocks.append(row)
-    rows = await dagger.gather(*[dagger.spawn(np.hstack, row) for row in c_blocks])
+    rows = await gather(*[spawn(np.hstack, row) for row in c_blocks])
     c = np.vstack(rows)
     elapsed = time.perf_counter() - start
     start = time.perf_counter()
@@ -80,8 +82,8 @@ async def io_pipeline(requests: int, seed: int = 1) -> dict[str, Any]:
     rng = random.Random(seed)
     latencies = [rng.uniform(0.01, 0.05) for _ in range(requests)]
     start = time.perf_counter()
-    parsed = [dagger.spawn(_parse, dagger.spawn(_download, i, lat)) for i, lat in enumerate(latencies)]
-    total = await dagger.spawn(lambda *xs: sum(xs), *parsed)
+    parsed = [spawn(_parse, spawn(_download, i, lat)) for i, lat in enumerate(latencies)]
+    total = await spawn(lambda *xs: sum(xs), *parsed)
     elapsed = time.perf_counter() - start
     expected = 0
     for i in range(requests):
@@ -116,9 +118,9 @@ async def out_of_core(chunks: int, chunk_mib: int, limit: str) -> dict[str, Any]
     worker whose memory limit is a fraction of that: it spills and loses nothing."""
     nbytes = chunk_mib << 20
     start = time.perf_counter()
-    async with dagger.Cluster(processes=1, threads=2, memory_limit=limit) as cluster:
-        data = [dagger.spawn(_random_chunk, i, nbytes) for i in range(chunks)]
-        stats = dagger.spawn(_combine, *[dagger.spawn(_moments, d) for d in data])
+    async with Cluster(processes=1, threads=2, memory_limit=limit) as cluster:
+        data = [spawn(_random_chunk, i, nbytes) for i in range(chunks)]
+        stats = spawn(_combine, *[spawn(_moments, d) for d in data])
         mean, std = await stats
         again = await data[0]  # every chunk is still there (on disk): bring one back
         elapsed = time.perf_counter() - start
@@ -134,8 +136,8 @@ async def out_of_core(chunks: int, chunk_mib: int, limit: str) -> dict[str, Any]
 
 async def run_demo(n: int = 1024, block: int = 256, requests: int = 200,
                    ooc_chunks: int = 48, ooc_chunk_mib: int = 16, ooc_limit: str = "192MiB") -> bool:
-    print(f"aiodagger {dagger.__version__} demo: default cluster, "
-          f"{dagger.spawn(lambda: len(__import__('os').sched_getaffinity(0))).fetch()} CPUs usable")
+    print(f"aiodagger {__version__} demo: default cluster, "
+          f"{spawn(lambda: len(__import__('os').sched_getaffinity(0))).fetch()} CPUs usable")
     mm = await blocked_matmul(n, block)
     print(f"[1] blocked matmul {n}x{n}, blocks of {block}: {mm['tasks']} tasks in {mm['seconds']:.3f} s "
           f"(numpy in one call: {mm['numpy_seconds']:.3f} s); max |error| {mm['max_error']:.2e} -> "
@@ -145,7 +147,7 @@ async def run_demo(n: int = 1024, block: int = 256, requests: int = 200,
           f"{io['seconds']:.3f} s; the latencies alone add up to {io['serial_latency']:.2f} s -> "
           f"{'OK' if io['ok'] else 'WRONG'}")
     start = time.perf_counter()
-    await dagger.gather(*[dagger.spawn(int, i) for i in range(10_000)])
+    await gather(*[spawn(int, i) for i in range(10_000)])
     per_task = (time.perf_counter() - start) / 10_000 * 1e6
     print(f"[3] 10,000 tiny tasks spawned and gathered: {per_task:.1f} us per task")
     ooc = await out_of_core(ooc_chunks, ooc_chunk_mib, ooc_limit)

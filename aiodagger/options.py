@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .task import DTask
 
-__all__ = ["MISSING", "OPTION_NAMES", "Options", "Scope", "TaskOptions", "options", "scope"]
+__all__ = ["MISSING", "OPTION_NAMES", "Scope", "TaskOptions", "current_options", "current_options_var",
+           "scope", "validate_options"]
 
 
 class _Missing:
@@ -173,13 +174,13 @@ class TaskOptions:
 DEFAULT_OPTIONS = TaskOptions()
 OPTION_NAMES = frozenset(TaskOptions.__slots__)
 
-_current: contextvars.ContextVar[TaskOptions] = contextvars.ContextVar(
+current_options_var: contextvars.ContextVar[TaskOptions] = contextvars.ContextVar(
     "aiodagger_options", default=DEFAULT_OPTIONS
 )
 
 
 def current_options() -> TaskOptions:
-    return _current.get()
+    return current_options_var.get()
 
 
 def validate_options(opts: dict[str, Any]) -> dict[str, Any]:
@@ -209,41 +210,3 @@ def _validate_value(key: str, value: Any) -> None:
             raise ValueError(f"option timeout= takes seconds > 0 (or None), got {value!r}")
     elif key in ("checkpoint", "restore") and value is not None and not callable(value):
         raise TypeError(f"option {key}= takes a callable, got {value!r}")
-
-
-class Options:
-    """``dagger.options(**opts)``: spawn with these options, or apply them to a block."""
-
-    __slots__ = ("_overrides", "_tokens")
-
-    def __init__(self, overrides: dict[str, Any]) -> None:
-        self._overrides = validate_options(overrides)
-        self._tokens: list[contextvars.Token[TaskOptions]] = []
-
-    def resolve(self) -> TaskOptions:
-        return _current.get().merged(self._overrides)
-
-    def spawn(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> DTask[Any]:
-        from .api import spawn_with_options
-
-        return spawn_with_options(self.resolve(), fn, args, kwargs)
-
-    def __enter__(self) -> Options:
-        self._tokens.append(_current.set(self.resolve()))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _current.reset(self._tokens.pop())
-
-    def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self._overrides.items())
-        return f"dagger.options({inner})"
-
-
-def options(**opts: Any) -> Options:
-    """Task options, e.g. ``dagger.options(priority=5, retries=2)``.
-
-    Use ``.spawn(fn, *args)`` on the result, or ``with dagger.options(...):`` to apply
-    them to every spawn in the block. Unknown names raise ``TypeError`` at once.
-    """
-    return Options(opts)

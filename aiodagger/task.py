@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from .errors import TaskCancelledError
 
 if TYPE_CHECKING:
+    from .interfaces import TaskOwner
     from .options import TaskOptions
-    from .scheduler.core import Scheduler
 
 __all__ = ["CANCELLED", "DONE_STATES", "FAILED", "FINISHED", "PENDING", "NOWHERE", "READY", "REMOTE", "RUNNING",
            "Chunk", "DTask"]
@@ -118,7 +118,7 @@ class DTask(Generic[R]):
         "name",
     )
 
-    def __init__(self, sched: Scheduler, id: int, name: str, fn: Callable[..., Any],
+    def __init__(self, sched: TaskOwner, id: int, name: str, fn: Callable[..., Any] | None,
                  args: tuple[Any, ...], kwargs: dict[str, Any], opts: TaskOptions) -> None:
         self.id = id
         self.name = name

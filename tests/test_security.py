@@ -169,7 +169,7 @@ async def attack_pickle_raw(cluster, canary):
 
 
 async def attack_pickle_as_first_frame(cluster, canary):
-    frame = raw_frame({"op": "put", "id": -1}, [canary_pickle(canary)])
+    frame = raw_frame({"op": "put", "a": [-1]}, [canary_pickle(canary)])
     await send_raw_and_expect_close(cluster, frame)
 
 
@@ -190,7 +190,7 @@ async def attack_pickle_instead_of_auth(cluster, canary):
         comm.send_nowait(hello())
         challenge, _ = await asyncio.wait_for(comm.recv(), CLOSE_TIMEOUT)
         assert challenge["op"] == "challenge"
-        comm.transport.write(raw_frame({"op": "run", "tasks": [], "functions": [[b"h", 0]]},
+        comm.transport.write(raw_frame({"op": "functions", "a": [[[b"h"]]]},
                                        [canary_pickle(canary)]))
         await expect_closed(comm)
     finally:
@@ -198,8 +198,8 @@ async def attack_pickle_instead_of_auth(cluster, canary):
 
 
 async def attack_register_without_handshake(cluster, canary):
-    frame = raw_frame({"op": "register", "req": 1, "name": "intruder", "pid": 1, "threads": 1,
-                       "address": "tcp://127.0.0.1:9"})
+    frame = raw_frame({"op": "register", "req": 1,
+                       "a": ["intruder", 1, "host", 1, "tcp://127.0.0.1:9", None]})
     await send_raw_and_expect_close(cluster, frame)
 
 
@@ -258,7 +258,7 @@ def frame_unknown_op_with_pickle(canary) -> bytes:
 
 def frame_oversized(canary) -> bytes:
     # Only the announcement is sent: the limit must bite before anything is allocated.
-    head = msgpack.packb({"op": "put", "id": -1})
+    head = msgpack.packb({"op": "put", "a": [-1]})
     return PREFIX.pack(b"AG", 1, len(head)) + struct.pack("!Q", DEFAULT_MAX_FRAME + 1) + head
 
 
@@ -327,7 +327,7 @@ async def test_worker_hangs_up_on_a_scheduler_that_sends_a_bad_frame(tmp_path, w
     async def scheduler(comm, info):
         header, _ = await comm.recv()
         assert header["op"] == "register"
-        await comm.send({"op": "reply", "reply_to": header["req"], "worker_id": 1})
+        await comm.send({"op": "reply", "reply_to": header["req"], "a": [1]})
         await sessions.put(comm)
         await comm.closed_event.wait()
 

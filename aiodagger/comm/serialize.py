@@ -1,27 +1,222 @@
-"""Python objects as (pickle bytes, out-of-band buffers).
+"""The one serializer: values, task arguments, errors and functions as bytes.
 
-cloudpickle with pickle protocol 5: a numpy array's data (any contiguous buffer that
-supports out-of-band pickling) is handed back as a separate buffer instead of being
-copied into the pickle, so the wire and the spill files can write it as it is.
+Everything that crosses a process boundary or goes to a spill file is pickled here.
+
+* Values are (pickle bytes, out-of-band buffers), pickle protocol 5: a numpy array's
+  data (any contiguous buffer that supports out-of-band pickling) comes back as a
+  separate buffer instead of being copied into the pickle, so the wire and the spill
+  files write it as it is. The stdlib C pickler is tried first (a tiny result costs
+  ~1 µs), cloudpickle takes over for what it cannot do (lambdas, notebook classes).
+* Arguments are pickled once per task with pickle protocol 5: DTasks and Chunks
+  inside them become persistent references (their task/chunk id), and the worker
+  substitutes the values it holds or fetched when it unpickles. Large buffers (numpy
+  data) stay out of band. The stdlib C pickler is tried first (fast); cloudpickle
+  takes over for lambdas, closures and notebook code.
+* Functions are pickled (cloudpickle) once per function object and sent to a worker
+  once; later tasks name them by content hash.
+* A failure travels as its own exception, pickled with its traceback (tblib), so the
+  caller re-raises the original type with the remote frames.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
+from tblib import pickling_support
 
-__all__ = ["dumps", "loads"]
+from ..errors import SerializationError
+from ..task import Chunk, DTask
+
+__all__ = [
+    "FunctionCache",
+    "dumps",
+    "dumps_args",
+    "dumps_error",
+    "loads",
+    "loads_args",
+    "loads_error",
+]
+
+Buffers = list[memoryview]
 
 
-def dumps(obj: Any) -> tuple[bytes, list[memoryview]]:
-    """Serialize ``obj``; large contiguous buffers come back uncopied, as memoryviews."""
+def _ref_id(obj: Any, chunks: list[Any]) -> Any:
+    # A task's key is its id, a chunk's is minus its id: the two never collide.
+    kind = type(obj)
+    if kind is DTask:
+        return obj.id
+    if kind is Chunk:
+        chunks.append(obj)
+        return -obj.id
+    return None
+
+
+class _RefPickler(pickle.Pickler):
+    chunks: list[Any]
+
+    def persistent_id(self, obj: Any) -> Any:
+        return _ref_id(obj, self.chunks)
+
+
+class _CloudRefPickler(cloudpickle.Pickler):
+    chunks: list[Any]
+
+    def persistent_id(self, obj: Any) -> Any:
+        return _ref_id(obj, self.chunks)
+
+
+def _dump(pickler_cls: type, obj: Any, chunks: list[Any] | None = None) -> tuple[bytes, Buffers]:
+    out = io.BytesIO()
     buffers: list[pickle.PickleBuffer] = []
-    payload = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    pickler = pickler_cls(out, protocol=5, buffer_callback=buffers.append)
+    pickler.chunks = chunks if chunks is not None else []
+    pickler.dump(obj)
+    return out.getvalue(), [b.raw() for b in buffers]
+
+
+def dumps_args(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+               has_refs: bool = True) -> tuple[bytes, Buffers, list[Any]]:
+    """Pickle a task's arguments: (pickle, buffers, the Chunks referenced).
+
+    A failure raises SerializationError naming the argument that could not be pickled.
+    """
+    obj = (args, kwargs)
+    chunks: list[Any] = []
+    try:
+        if not has_refs:
+            payload, buffers = dumps(obj)
+            return payload, buffers, chunks
+        payload, buffers = _dump(_RefPickler, obj, chunks)
+        return payload, buffers, chunks
+    except Exception:  # noqa: BLE001 - lambdas, closures, local classes: cloudpickle's job
+        chunks.clear()
+    try:
+        payload, buffers = _dump(_CloudRefPickler, obj, chunks)
+        return payload, buffers, chunks
+    except Exception as exc:
+        raise SerializationError(_which_argument(task_name, args, kwargs, exc)) from exc
+
+
+def _which_argument(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception) -> str:
+    named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"keyword argument {k!r}", v)
+                                                                    for k, v in kwargs.items()]
+    for label, value in named:
+        try:
+            _dump(_CloudRefPickler, value)
+        except Exception as inner:  # noqa: BLE001
+            path = _attribute_path(value)
+            where = f" (at {path})" if path else ""
+            return (f"{label} of task {task_name!r} cannot be sent to a worker: {inner}{where}. "
+                    "Create such objects inside the task, or pass what is needed to build them")
+    return f"the arguments of task {task_name!r} cannot be sent to a worker: {exc}"
+
+
+def _attribute_path(value: Any, path: str = "", depth: int = 0) -> str:
+    """Find the attribute/item path to the first part of ``value`` that fails to pickle."""
+    if depth > 4:
+        return path
+    children: list[tuple[str, Any]] = []
+    if isinstance(value, dict):
+        children = [(f"{path}[{k!r}]", v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)):
+        children = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    elif hasattr(value, "__dict__"):
+        children = [(f"{path}.{k}", v) for k, v in vars(value).items()]
+    for child_path, child in children:
+        try:
+            cloudpickle.dumps(child)
+        except Exception:  # noqa: BLE001
+            return _attribute_path(child, child_path, depth + 1)
+    return path
+
+
+class _RefUnpickler(pickle.Unpickler):
+    def __init__(self, data: Any, buffers: Any, resolve: Callable[[int], Any]) -> None:
+        super().__init__(io.BytesIO(data), buffers=buffers)
+        self._resolve = resolve
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self._resolve(pid)
+
+
+def loads_args(payload: Any, buffers: Any, resolve: Callable[[int], Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Unpickle arguments, replacing each task/chunk reference by ``resolve(id)``
+    (None: the sender said there are no references)."""
+    if resolve is None:
+        args, kwargs = pickle.loads(payload, buffers=buffers)
+    else:
+        args, kwargs = _RefUnpickler(payload, buffers, resolve).load()
+    return args, kwargs
+
+
+def dumps(value: Any) -> tuple[bytes, Buffers]:
+    """Pickle a value: (pickle, out-of-band buffers), large buffers uncopied as memoryviews.
+
+    The C pickler's one-call path first, cloudpickle for what it cannot do."""
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        payload = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    except Exception:  # noqa: BLE001 - lambdas, local classes...
+        buffers.clear()
+        payload = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
     return payload, [b.raw() for b in buffers]
 
 
-def loads(payload: bytes | memoryview, buffers: list[Any] | tuple[Any, ...] = ()) -> Any:
-    """Rebuild an object from :func:`dumps` output (buffers are used in place, not copied)."""
+def loads(payload: Any, buffers: Any = ()) -> Any:
+    """Rebuild a value from :func:`dumps` output (buffers are used in place, not copied)."""
     return pickle.loads(payload, buffers=buffers)
+
+
+def dumps_error(exc: BaseException) -> bytes:
+    """Pickle an exception with its traceback; an unpicklable one becomes a RuntimeError."""
+    pickling_support.install(exc)
+    try:
+        return cloudpickle.dumps(exc)
+    except Exception:  # noqa: BLE001 - the error itself may hold unpicklable state
+        substitute = RuntimeError(f"{type(exc).__qualname__}: {exc}")
+        substitute.add_note(f"aiodagger: the original {type(exc).__qualname__} could not be pickled, "
+                            "so it is reported as a RuntimeError")
+        substitute.__traceback__ = exc.__traceback__
+        pickling_support.install(substitute)
+        try:
+            return cloudpickle.dumps(substitute)
+        except Exception:  # noqa: BLE001
+            return cloudpickle.dumps(RuntimeError(f"{type(exc).__qualname__}: {exc}"))
+
+
+def loads_error(payload: Any) -> BaseException:
+    exc = pickle.loads(payload)
+    if not isinstance(exc, BaseException):
+        raise SerializationError(f"a worker reported a failure that is not an exception: {exc!r}")
+    return exc
+
+
+class FunctionCache:
+    """Pickled functions by object (scheduler side): pickle once, name by content hash."""
+
+    _MAX = 1024
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[Any, bytes, bytes]] = {}
+
+    def get(self, fn: Any) -> tuple[bytes, bytes]:
+        """(hash, pickled function) for ``fn``."""
+        entry = self._by_id.get(id(fn))
+        if entry is not None and entry[0] is fn:
+            return entry[1], entry[2]
+        try:
+            data = cloudpickle.dumps(fn)
+        except Exception as exc:
+            name = getattr(fn, "__qualname__", repr(fn))
+            raise SerializationError(f"function {name} cannot be sent to a worker: {exc}") from exc
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        if len(self._by_id) >= self._MAX:
+            self._by_id.clear()
+        # the entry keeps fn alive, so id(fn) cannot be reused by another object meanwhile
+        self._by_id[id(fn)] = (fn, digest, data)
+        return digest, data

@@ -27,10 +27,10 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -41,6 +41,8 @@ from .sizes import parse_memory_limit, sizeof
 from .spillfile import SpillCorruptedError
 
 __all__ = ["ChunkStore", "StoreState"]
+
+K = TypeVar("K", bound=Hashable)
 
 logger = logging.getLogger(__name__)
 
@@ -304,6 +306,38 @@ class ChunkStore:
         entry = self._entries.get(key)
         if entry is not None:
             self._unpin(entry)
+
+    def unpin_all(self, keys: Iterable[Hashable]) -> None:
+        for key in keys:
+            self.unpin(key)
+
+    async def pin_and_load(self, keys: Iterable[K]) -> tuple[dict[K, Any], dict[K, Exception]]:
+        """Pin every key and load its value, for a task about to read them.
+
+        Returns ``(values, unavailable)``: ``unavailable`` maps the keys that are not
+        here, or whose spill file is damaged, to why. When any is unavailable nothing
+        stays pinned (the task cannot run now); otherwise every key stays pinned until
+        :meth:`unpin_all` of the values' keys after the task (each pinned once, however
+        often it was listed). Worker 0 and worker processes both start their tasks
+        through this.
+        """
+        values: dict[K, Any] = {}
+        unavailable: dict[K, Exception] = {}
+        for key in dict.fromkeys(keys):
+            try:
+                self.pin(key)
+            except KeyError as exc:
+                unavailable[key] = exc
+                continue
+            try:
+                values[key] = await self.get(key)
+            except (KeyError, SpillCorruptedError) as exc:
+                self.unpin(key)
+                unavailable[key] = exc
+        if unavailable:
+            self.unpin_all(values)
+            values = {}
+        return values, unavailable
 
     @contextlib.asynccontextmanager
     async def pinned(self, key: Hashable) -> AsyncIterator[Any]:

@@ -17,11 +17,18 @@ import logging
 import os
 import threading
 import types
-import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .._args import LEAF_TYPES, find_dependencies
+from .._bridge import (
+    Wakeup,
+    block_until_done,
+    call_soon_quietly,
+    run_on_loop_awaitable,
+    run_on_loop_blocking,
+)
+from .._callables import classify
 from ..errors import (
     NoProcessorError,
     SerializationError,
@@ -31,30 +38,31 @@ from ..errors import (
     WorkerLostError,
 )
 from ..options import ANY_SCOPE, Scope, TaskOptions
-from ..task import CANCELLED, FAILED, FINISHED, NOWHERE, PENDING, READY, REMOTE, RUNNING, DTask
+from ..task import CANCELLED, FAILED, FINISHED, PENDING, READY, REMOTE, RUNNING, DTask
 from .events import Instrument
 from .placement import RuntimeEstimates, function_key
 
 if TYPE_CHECKING:
-    from ..memory import ChunkStore
-    from ..worker.local import LocalWorker
-    from .remote import Distributor
+    from ..interfaces import LocalWorkerPort
+    from .registry import WorkerRegistry
 
 __all__ = ["Scheduler"]
 
 logger = logging.getLogger(__name__)
 
-_CO_COROUTINE = 0x80
-_CO_ASYNC_GENERATOR = 0x200
-
-
 class Scheduler:
-    """Owns every task of one cluster, on that cluster's loop."""
+    """Owns every task of one cluster, on that cluster's loop.
+
+    It is the :class:`~aiodagger.interfaces.TaskOwner` of its tasks and the
+    :class:`~aiodagger.interfaces.LocalWorkerOwner` of worker 0; it drives worker 0
+    through :class:`~aiodagger.interfaces.LocalWorkerPort` and workers in other
+    processes through its :class:`~.registry.WorkerRegistry`.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, loop_thread_id: int) -> None:
         self.loop = loop
         self.loop_thread_id = loop_thread_id
-        self.local: LocalWorker | None = None
+        self.local: LocalWorkerPort | None = None
         self.closed = False
         self.runtimes = RuntimeEstimates()
         self._ids = itertools.count(1)
@@ -66,17 +74,23 @@ class Scheduler:
         self._ready: list[tuple[int, int, int, DTask[Any]]] = []
         self._flush_pending = False
         self._inbox: deque[DTask[Any]] = deque()
-        self._inbox_pending = False
+        self._inbox_wakeup = Wakeup(loop, self._drain_inbox)
         self._live: set[DTask[Any]] = set()  # registered and not done
         self.instruments: list[Instrument] = []
-        self.dist: Distributor | None = None  # set when the cluster has workers in other processes
-        # Worker 0's ChunkStore, when the cluster has a memory limit and no other workers:
-        # results of local tasks live there (and spill), their DTasks hold REMOTE.
-        self.store: ChunkStore | None = None
-        self._store_pins: dict[int, list[int]] = {}
-        self._store_drops: deque[int] = deque()
-        self._store_drop_pending = False
+        self.dist: WorkerRegistry | None = None  # set when the cluster has workers in other processes
+        # Worker 0 keeps results in a store of its own (a memory limit): its DTasks hold REMOTE.
+        self._stored = False
         self._admission_waiting = False
+
+    def attach_local(self, local: LocalWorkerPort) -> None:
+        """Drive ``local`` as worker 0 (the cluster calls this once, before any spawn)."""
+        self.local = local
+        self._stored = local.keeps_results
+
+    @property
+    def timed(self) -> bool:
+        """Whether observers want runs timed (coroutines are timed only then)."""
+        return bool(self.instruments)
 
     # -- spawning (any thread) -----------------------------------------------------------
     def spawn(self, opts: TaskOptions, fn: Any, args: tuple[Any, ...],
@@ -84,7 +98,7 @@ class Scheduler:
         """A new task (``key``: an id given by a worker that spawned it)."""
         if self.closed:
             raise RuntimeError("this cluster is closed; spawn inside `async with dagger.Cluster()`")
-        kind = _classify(fn)
+        kind = classify(fn)
         name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
         task: DTask[Any] = DTask(self, next(self._ids) if key is None else key, name, fn, args, kwargs, opts)
         task._kind = kind
@@ -115,12 +129,10 @@ class Scheduler:
             self._register(task)
         else:
             self._inbox.append(task)
-            if not self._inbox_pending:
-                self._inbox_pending = True
-                self.loop.call_soon_threadsafe(self._drain_inbox)
+            if not self._inbox_wakeup.pending:
+                self._inbox_wakeup.request()
 
     def _drain_inbox(self) -> None:
-        self._inbox_pending = False
         inbox = self._inbox
         while inbox:
             self._register(inbox.popleft())
@@ -140,7 +152,7 @@ class Scheduler:
             return
         # Continuations read a finished input straight off its DTask: not possible when
         # inputs live in a ChunkStore (they are loaded and pinned on the loop first).
-        task._thread_ok = (task._kind == "thread" and opts.timeout is None and self.store is None
+        task._thread_ok = (task._kind == "thread" and opts.timeout is None and not self._stored
                            and not self._goes_remote(task))
         self._wait_for(task, task._deps or ())
 
@@ -186,8 +198,9 @@ class Scheduler:
     def _value_lost(self, task: DTask[Any]) -> bool:
         if task._value is not REMOTE:
             return False
-        if self.store is not None:
-            return task.id not in self.store
+        if self._stored:
+            assert self.local is not None
+            return not self.local.holds(task.id)
         dist = self.dist
         return dist is not None and not any(w in dist.workers for w in task._where)
 
@@ -218,8 +231,7 @@ class Scheduler:
         scope = task._opts.scope
         local = self.local
         assert local is not None
-        fits = (scope.admits_worker(local.id, os.getpid()) and not scope.gpu) or bool(
-            self.dist is not None and self.dist.candidates(task))
+        fits = local.admits(scope) or bool(self.dist is not None and self.dist.candidates(task))
         if fits and scope.thread and task._kind == "async":
             task._kind = "thread-async"
         if not fits:
@@ -231,7 +243,7 @@ class Scheduler:
         return fits
 
     @property
-    def _local_worker(self) -> LocalWorker:
+    def _local_worker(self) -> LocalWorkerPort:
         assert self.local is not None
         return self.local
 
@@ -245,7 +257,7 @@ class Scheduler:
     def _make_ready(self, task: DTask[Any], freed: bool = False) -> None:
         dist = self.dist
         if task._kind == "async" and (dist is None or not self._goes_remote(task)) and (
-                self.store is None or not task._resolve):
+                not self._stored or not task._resolve):
             # Coroutines have no capacity to wait for: start them at once.
             task._state = RUNNING
             if task._opts.timeout is not None:
@@ -279,7 +291,7 @@ class Scheduler:
                 if not self._flush_distributed(task):
                     break
                 continue
-            if self.store is not None:
+            if self._stored:
                 if not self._flush_stored(task):
                     break
                 continue
@@ -349,131 +361,43 @@ class Scheduler:
         self._arm_timeout(task)
         return True
 
-    # -- worker 0's ChunkStore ---------------------------------------------------------------
+    # -- worker 0 with a store of its own -------------------------------------------------
     def _flush_stored(self, task: DTask[Any]) -> bool:
-        """Place the heap's top task on worker 0 when results live in its ChunkStore."""
-        store = self.store
-        assert store is not None
-        proc = self._local_worker.thread_proc
-        if store.paused:  # back-pressure: nothing new starts until memory is back under
+        """Place the heap's top task on worker 0 when its results live in a store."""
+        local = self._local_worker
+        if local.paused:  # back-pressure: nothing new starts until memory is back under
             if not self._admission_waiting:
                 self._admission_waiting = True
-                asyncio.ensure_future(self._await_admission(store))
+                asyncio.ensure_future(self._await_admission())
             return False
-        if task._kind != "async" and not proc.has_room():
+        if task._kind != "async" and not local.thread_proc.has_room():
             return False
         heapq.heappop(self._ready)
         task._state = RUNNING
-        stored = [d for d in task._deps or () if d._value is REMOTE]
-        if stored:
-            asyncio.ensure_future(self._load_then_run(task, stored))
-        else:
-            self._submit_local(task)
+        if task._kind != "async":
+            task._est = self.runtimes.get(task._fnkey)
+        self._arm_timeout(task)
+        local.run(task, [d for d in task._deps or () if d._value is REMOTE])
         return True
 
-    async def _await_admission(self, store: ChunkStore) -> None:
+    async def _await_admission(self) -> None:
         try:
-            from ..memory import admit
-
-            await admit(store)
+            await self._local_worker.admitted()
         finally:
             self._admission_waiting = False
             self.request_flush()
 
-    def _submit_local(self, task: DTask[Any]) -> None:
-        if task._opts.timeout is not None:
-            self._arm_timeout(task)
-        if task._kind == "async":
-            self._local_worker.async_proc.submit(task)
-        else:
-            task._est = self.runtimes.get(task._fnkey)
-            self._local_worker.thread_proc.submit(task)
-
-    async def _load_then_run(self, task: DTask[Any], deps: list[DTask[Any]]) -> None:
-        """Load a task's stored inputs (pinned: not spilled while it runs), then run it."""
-        from ..memory import SpillCorruptedError
-
-        store = self.store
-        assert store is not None
-        inputs: dict[int, Any] = {}
-        pinned: list[int] = []
-        lost = None
-        for dep in deps:
-            try:
-                store.pin(dep.id)
-                pinned.append(dep.id)
-                inputs[dep.id] = await store.get(dep.id)
-            except (KeyError, SpillCorruptedError) as exc:
-                logger.warning("the result of %s is unreadable (%s): computing it again", dep._describe(), exc)
-                lost = dep
-                break
-        if lost is not None or task.done():
-            for key in pinned:
-                store.unpin(key)
-            if lost is not None and not task.done():
-                task._state = PENDING
-                linked = self._link(task, lost)  # recomputes it, and waits for it
-                if linked is not None:
-                    task._npending = linked
-                    if linked == 0:
-                        self._make_ready(task)
+    def input_lost(self, task: DTask[Any], dep: DTask[Any]) -> None:
+        """Worker 0 could not read ``dep``'s stored result for ``task``: compute it again."""
+        if task.done():
             return
-        task._inputs = inputs
-        self._store_pins[task.id] = pinned
-        self._submit_local(task)
-
-    def _keep_in_store(self, task: DTask[Any], value: Any) -> Any:
-        """Put a worker-0 result in the store; the DTask keeps REMOTE (and its lineage)."""
-        store = self.store
-        assert store is not None
-        store.put(task.id, value)
-        if task._where is NOWHERE:
-            task._where = set()
-        task._where.add(0)
-        if not task._tracked:
-            task._tracked = True
-            weakref.finalize(task, self._drop_stored_later, task.id)
-        return REMOTE
-
-    def _drop_stored_later(self, key: int) -> None:
-        """A stored result's handle was garbage collected (in any thread): free it."""
-        self._store_drops.append(key)
-        if not self._store_drop_pending:
-            self._store_drop_pending = True
-            try:
-                self.loop.call_soon_threadsafe(self._drop_stored)
-            except RuntimeError:
-                pass  # the loop is closed: the store went with it
-
-    def _drop_stored(self) -> None:
-        self._store_drop_pending = False
-        store = self.store
-        while self._store_drops:
-            key = self._store_drops.popleft()
-            if store is not None:
-                store.delete(key)
-
-    async def _bring_stored(self, task: DTask[Any]) -> None:
-        """Hand a stored result to the caller: it becomes the caller's memory."""
-        from ..memory import SpillCorruptedError
-
-        store = self.store
-        assert store is not None
-        for _ in range(3):
-            try:
-                value = await store.get(task.id)
-            except (KeyError, SpillCorruptedError):
-                if not self._recompute(task):
-                    raise WorkerLostError(f"the result of {task._describe()} was lost") from None
-                await task.wait()
-                if task._state is not FINISHED or task._value is not REMOTE:
-                    return
-                continue
-            task._value = value
-            store.delete(task.id)
-            task._where.discard(0)
-            return
-        raise WorkerLostError(f"the result of {task._describe()} kept being lost")
+        self._disarm_timeout(task)
+        task._state = PENDING
+        linked = self._link(task, dep)  # recomputes it, and waits for it
+        if linked is not None:
+            task._npending = linked
+            if linked == 0:
+                self._make_ready(task)
 
     async def _bring_then_run_locally(self, task: DTask[Any], deps: list[DTask[Any]]) -> None:
         try:
@@ -499,12 +423,6 @@ class Scheduler:
         if self.instruments and start:
             for instrument in self.instruments:
                 instrument.task_ran(task, proc.worker_id, repr(proc), start, start + seconds, ok)
-        if self._store_pins:
-            pins = self._store_pins.pop(task.id, None)
-            if pins is not None:
-                task._inputs = None
-                for key in pins:
-                    self.store.unpin(key)  # type: ignore[union-attr]
         if task._cancelled or task._attempts != attempt or task._state is FINISHED or task._state is FAILED:
             return  # cancelled, timed out, or a stale attempt: nobody waits for this run
         if ok:
@@ -514,8 +432,6 @@ class Scheduler:
                 assert self.local is not None
                 self.local.async_proc.submit(task, value)
                 return
-            if self.store is not None and proc.worker_id == 0:
-                value = self._keep_in_store(task, value)
             self._finish(task, value)
         elif isinstance(value, asyncio.CancelledError):
             self.cancel(task)
@@ -635,9 +551,7 @@ class Scheduler:
         def run() -> None:
             result.set_result(self.cancel(task))
 
-        try:
-            self.loop.call_soon_threadsafe(run)
-        except RuntimeError:
+        if not call_soon_quietly(self.loop, run):
             return False  # the loop is closed, and with it every task
         return result.result()
 
@@ -714,16 +628,13 @@ class Scheduler:
 
     async def _bring(self, objs: list[Any]) -> None:
         """Fetch the values of finished remote results into this process (on the loop)."""
-        if self.store is not None:
-            for obj in objs:
-                if type(obj) is DTask and obj._value is REMOTE:
-                    await self._bring_stored(obj)
-            return
-        dist = self.dist
-        assert dist is not None
         for _ in range(3):
             try:
-                await dist.fetch(objs)
+                if self._stored:
+                    await self._local_worker.bring(objs)
+                else:
+                    assert self.dist is not None
+                    await self.dist.fetch(objs)
                 return
             except LookupError as exc:
                 obj = exc.args[0]
@@ -756,105 +667,6 @@ class Scheduler:
         return len(live)
 
 
-def _classify(fn: Any) -> str:
-    """"async" for coroutine functions, "thread" for everything else callable."""
-    code = fn.__code__ if type(fn) is types.FunctionType else getattr(fn, "__code__", None)
-    if code is not None and not isinstance(fn, type):
-        flags = code.co_flags
-        if flags & _CO_COROUTINE:
-            return "async"
-        if flags & _CO_ASYNC_GENERATOR:
-            raise TypeError(
-                f"spawn() got the async generator function {fn.__qualname__}; a task returns "
-                "one value. Collect it inside an async def, e.g. "
-                "`async def collect(): return [v async for v in gen()]`"
-            )
-        return "thread"
-    import inspect
-
-    target = fn
-    while hasattr(target, "func"):  # functools.partial
-        target = target.func
-    if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
-        getattr(type(target), "__call__", None)  # noqa: B004 - an async __call__ method
-    ):
-        return "async"
-    return "thread"
-
-
-_PLAIN_CALLABLES = frozenset((types.FunctionType, types.BuiltinFunctionType, types.MethodType))
-
-
-def spawn_callable_error(fn: Any) -> TypeError | None:
-    """The error for something that is not a function to spawn, or None if it is fine."""
-    if type(fn) in _PLAIN_CALLABLES:
-        return None
-    import inspect
-
-    if inspect.iscoroutine(fn):
-        qual = getattr(fn, "__qualname__", "f")
-        fn.close()  # we will never run it: close it so Python does not warn it was never awaited
-        return TypeError(
-            f"spawn() got a coroutine object ({qual}(...) was already called). Pass the "
-            f"function and its arguments instead: dagger.spawn({qual}, *args)"
-        )
-    if inspect.isawaitable(fn):
-        return TypeError(
-            f"spawn() got an awaitable ({type(fn).__name__}), not a function. Await it "
-            "directly, or wrap it: `async def run(): return await thing` then dagger.spawn(run)"
-        )
-    if not callable(fn):
-        return TypeError(
-            f"spawn() needs a callable as its first argument, got {type(fn).__name__}: {fn!r}. "
-            "Write dagger.spawn(fn, *args), not dagger.spawn(fn(*args)); to place a value in "
-            "the cluster, use `await dagger.put(value)`"
-        )
-    return None
-
-
-
 def _pins_local(scope: Scope) -> bool:
     """Whether a scope asks for worker 0 (the scheduler's own process) by name."""
     return (scope.workers is not None and 0 in scope.workers) or scope.process == os.getpid()
-
-
-def block_until_done(task: DTask[Any], timeout: float | None, loop_thread_id: int) -> None:
-    """Block this thread until ``task`` is done; a pool thread hands its slot back meanwhile."""
-    if threading.get_ident() == loop_thread_id:
-        raise RuntimeError(
-            f"fetch() on {task!r} was called on the cluster's event loop thread, where "
-            "blocking would deadlock the loop that runs the task. Write `await task` "
-            "(or `await dagger.gather(...)`) here instead."
-        )
-    from ..worker.threads import current_pool
-
-    event = threading.Event()
-    task._on_done(lambda _t: event.set())
-    pool = current_pool()
-    if pool is not None:
-        with pool.blocked():
-            finished = event.wait(timeout)
-    else:
-        finished = event.wait(timeout)
-    if not finished:
-        raise TimeoutError(
-            f"{task._describe()} did not finish within {timeout} s; it keeps running "
-            "(fetch it again, or cancel it)"
-        )
-
-
-def run_on_loop_awaitable(coro: Any, loop: asyncio.AbstractEventLoop) -> Any:
-    """``coro`` run on ``loop``, as an awaitable for the caller's own loop."""
-    if asyncio.get_running_loop() is loop:
-        return coro
-    return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
-
-
-def run_on_loop_blocking(coro: Any, loop: asyncio.AbstractEventLoop, loop_thread_id: int,
-                         timeout: float | None) -> Any:
-    """Run ``coro`` on ``loop`` and block this (other) thread for its result."""
-    if threading.get_ident() == loop_thread_id:
-        coro.close()
-        raise RuntimeError("fetch() on the event loop thread that runs the tasks would deadlock "
-                           "it; write `await task` here instead")
-    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)

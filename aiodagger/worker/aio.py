@@ -17,7 +17,7 @@ from ..task import DTask
 from .execute import run_async
 
 if TYPE_CHECKING:
-    from ..scheduler.core import Scheduler
+    from ..interfaces import ProcessorOwner
 
 __all__ = ["AsyncProc"]
 
@@ -27,10 +27,10 @@ class AsyncProc:
 
     kind = "async"
 
-    def __init__(self, worker_id: int, sched: Scheduler, context: contextvars.Context) -> None:
+    def __init__(self, worker_id: int, owner: ProcessorOwner, context: contextvars.Context) -> None:
         self.worker_id = worker_id
-        self._sched = sched
-        self._loop = sched.loop
+        self._owner = owner
+        self._loop = owner.loop
         self._context = context
         # A counter rather than a set of handles: W3 (10,000 tiny coroutines) showed
         # set bookkeeping plus current_task() as a measurable share of a task's cost.
@@ -46,7 +46,7 @@ class AsyncProc:
 
     async def _run(self, task: DTask[Any], attempt: int, coro: Coroutine[Any, Any, Any] | None) -> None:
         # Timed only for observers: run times of coroutines are not learned (they overlap).
-        timed = bool(self._sched.instruments)
+        timed = self._owner.timed
         start = perf_counter() if timed else 0.0
         try:
             if coro is None:
@@ -64,7 +64,7 @@ class AsyncProc:
         self.running -= 1
         if self._idle is not None and self.running == 0 and not self._idle.done():
             self._idle.set_result(None)
-        self._sched.complete(task, attempt, ok, value, start, perf_counter() - start if timed else 0.0, self)
+        self._owner.complete(task, attempt, ok, value, start, perf_counter() - start if timed else 0.0, self)
 
     def cancel(self, handle: asyncio.Task[None]) -> None:
         """Cancel a task's coroutine. A wrapper cancelled before its first step never

@@ -2,9 +2,10 @@
 
 A task running in a subprocess or remote worker may call ``dagger.spawn`` and await
 or fetch the result, as it would in the cluster's own process. There, the cluster
-is a :class:`NestedCluster` whose scheduler is a :class:`SchedulerClient`: spawns
-are batched to the real scheduler, which runs the tasks like any other (anywhere in
-the cluster), and reports back on the handles this worker waits for.
+is a :class:`NestedCluster` whose scheduler is a :class:`SchedulerClient` (the
+:class:`~aiodagger.interfaces.TaskOwner` of the handles made here): spawns are batched
+to the real scheduler, which runs the tasks like any other (anywhere in the cluster),
+and reports back on the handles this worker waits for.
 """
 
 from __future__ import annotations
@@ -12,15 +13,23 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
 from .._args import find_dependencies
+from .._bridge import (
+    block_until_done,
+    call_soon_quietly,
+    run_on_loop_awaitable,
+    run_on_loop_blocking,
+)
+from .._context import ClusterState
+from ..comm import protocol as P
 from ..errors import TaskCancelledError
 from ..options import TaskOptions
 from ..task import CANCELLED, FAILED, FINISHED, REMOTE, DTask
-from .wire import FunctionCache, dumps_args, loads_error, loads_value
 
 if TYPE_CHECKING:
     from .process import WorkerProcess
@@ -33,7 +42,7 @@ ID_SPACE = 1 << 40
 
 
 class SchedulerClient:
-    """Stands in for the scheduler inside a worker process (the parts tasks use)."""
+    """Stands in for the scheduler inside a worker process: the TaskOwner of its handles."""
 
     closed = False
 
@@ -42,10 +51,8 @@ class SchedulerClient:
         self.loop = worker.loop
         self.loop_thread_id = worker.loop_thread_id
         self._ids = itertools.count(1)
-        self._fn_cache = FunctionCache()
-        self._outbox: list[list[Any]] = []
-        self._buffers: list[Any] = []
-        self._watch: list[int] = []
+        self._fn_cache = P.FunctionCache()
+        self._spawns = P.Batch(P.Spawn)
         self._lock = threading.Lock()  # spawns come from pool threads and the loop
         self._scheduled = False
         self.handles: weakref.WeakValueDictionary[int, DTask[Any]] = weakref.WeakValueDictionary()
@@ -56,74 +63,70 @@ class SchedulerClient:
             raise RuntimeError("this worker is not connected to a cluster right now")
         key = self.worker.worker_id * ID_SPACE + next(self._ids)
         name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
-        task: DTask[Any] = DTask(self, key, name, fn, args, kwargs, opts)  # type: ignore[arg-type]
+        task: DTask[Any] = DTask(self, key, name, fn, args, kwargs, opts)
         deps, found = find_dependencies(args, kwargs)
         fn_hash, fn_bytes = self._fn_cache.get(fn)
-        payload, parts, _ = dumps_args(name, args, kwargs, found)
+        payload, parts, _ = P.dumps_args(name, args, kwargs, found)
         opts_bytes = cloudpickle.dumps(opts)
         self.handles[key] = task
         weakref.finalize(task, self._forget, key)
         with self._lock:
-            base = len(self._buffers)
-            self._buffers.extend([fn_bytes, opts_bytes, payload, *parts])
-            self._outbox.append([key, fn_hash, base, 3 + len(parts), found])
-            self._watch.append(key)
-        self._schedule()
-        return task
-
-    def _schedule(self) -> None:
-        with self._lock:
+            self._spawns.add(P.SpawnTask(key, fn_hash, 3 + len(parts), found),
+                             (fn_bytes, opts_bytes, payload, *parts))
             if self._scheduled:
-                return
+                return task
             self._scheduled = True
-        try:
-            self.loop.call_soon_threadsafe(self._flush)
-        except RuntimeError:
-            pass
+        if not call_soon_quietly(self.loop, self._flush):
+            with self._lock:
+                self._scheduled = False
+        return task
 
     def _flush(self) -> None:
         with self._lock:
             self._scheduled = False
-            tasks, buffers, self._outbox, self._buffers = self._outbox, self._buffers, [], []
-        rpc = self.worker._rpc
-        if rpc is None:
-            for key, *_ in tasks:
-                self._settle_cancelled(key, "the worker lost its scheduler connection")
-            return
+            frames = self._spawns.take()
+        endpoint = self.worker.endpoint
         try:
-            rpc.send_nowait({"op": "spawn", "tasks": tasks}, buffers)
+            if endpoint is None:
+                raise ConnectionResetError
+            for msg, buffers in frames:
+                endpoint.send_nowait(msg, buffers)
         except ConnectionError:
-            for key, *_ in tasks:
-                self._settle_cancelled(key, "the worker lost its scheduler connection")
+            for msg, _ in frames:
+                for rec in msg.tasks:
+                    self._settle_cancelled(rec.key, "the worker lost its scheduler connection")
 
     def _forget(self, key: int) -> None:
-        rpc = self.worker._rpc
-        if rpc is not None:
-            try:
-                self.loop.call_soon_threadsafe(_send_quietly, rpc, {"op": "forget", "ids": [key]})
-            except RuntimeError:
-                pass
+        call_soon_quietly(self.loop, self._send_quietly, P.Forget([key]))
+
+    def _send_quietly(self, msg: Any) -> None:
+        endpoint = self.worker.endpoint
+        if endpoint is None:
+            return
+        try:
+            endpoint.send_nowait(msg)
+        except ConnectionError:
+            pass
 
     # -- what the scheduler reports -------------------------------------------------------
-    def on_task_done(self, header: dict[str, Any], buffers: list[bytearray]) -> None:
-        task = self.handles.get(header["id"])
+    def on_task_done(self, msg: P.TaskDone, buffers: list[Any]) -> None:
+        task = self.handles.get(msg.key)
         if task is None or task.done():
             return
-        status = header["status"]
-        if status == "finished":
+        if msg.status == "finished":
             if buffers:
-                task._value = loads_value(buffers[0], buffers[1:])
+                task._value = P.loads(buffers[0], buffers[1:])
             else:
                 task._value = REMOTE
-                task._where = {wid for wid, _ in header["holders"]}
-                task._handle = header["holders"]  # where to fetch it from
+                task._where = {h.worker for h in msg.holders}
+                task._handle = msg.holders  # where to fetch it from
             task._state = FINISHED
-        elif status == "failed":
-            task._exc = loads_error(buffers[0])
+        elif msg.status == "failed":
+            task._exc = P.loads_error(buffers[0])
             task._tb = task._exc.__traceback__
             task._state = FAILED
         else:
-            self._settle_cancelled(task.id, header.get("reason", "cancelled"))
+            self._settle_cancelled(task.id, msg.reason or "cancelled")
             return
         task._notify()
 
@@ -135,17 +138,13 @@ class SchedulerClient:
             task._exc = TaskCancelledError(f"{task._describe()} was cancelled: {reason}")
             task._notify()
 
-    # -- the parts of the Scheduler interface handles use ----------------------------------
+    # -- TaskOwner -----------------------------------------------------------------------
     def cancel_threadsafe(self, task: DTask[Any]) -> bool:
-        rpc = self.worker._rpc
-        if rpc is None:
+        if self.worker.endpoint is None:
             return False
-        self.loop.call_soon_threadsafe(_send_quietly, rpc, {"op": "cancel-task", "ids": [task.id]})
-        return True
+        return call_soon_quietly(self.loop, self._send_quietly, P.CancelSpawned([task.id]))
 
     def wait_blocking(self, task: DTask[Any], timeout: float | None) -> None:
-        from ..scheduler.core import block_until_done
-
         block_until_done(task, timeout, self.loop_thread_id)
 
     async def _bring(self, objs: list[Any]) -> None:
@@ -155,32 +154,17 @@ class SchedulerClient:
                 await self.worker._fetch(key, obj._handle)
                 obj._value = await self.worker.store.get(key)
 
-    def bring_here(self, objs: list[Any]) -> Any:
-        from ..scheduler.core import run_on_loop_awaitable
-
+    def bring_here(self, objs: list[Any]) -> Awaitable[None]:
         return run_on_loop_awaitable(self._bring(objs), self.loop)
 
     def bring_blocking(self, objs: list[Any], timeout: float | None) -> None:
-        from ..scheduler.core import run_on_loop_blocking
-
         run_on_loop_blocking(self._bring(objs), self.loop, self.loop_thread_id, timeout)
-
-
-def _send_quietly(rpc: Any, header: dict[str, Any]) -> None:
-    try:
-        rpc.send_nowait(header)
-    except ConnectionError:
-        pass
 
 
 class NestedCluster:
     """What ``current_cluster()`` returns inside a worker process's tasks."""
 
+    _state = ClusterState.RUNNING
+
     def __init__(self, client: SchedulerClient) -> None:
         self._scheduler = client
-
-    @property
-    def _state(self) -> Any:
-        from ..cluster import ClusterState  # only when a task spawns: not at worker start
-
-        return ClusterState.RUNNING

@@ -1,10 +1,13 @@
 """A worker in a process of its own: subprocess workers and ``aiodagger worker`` alike.
 
 It connects to the scheduler, authenticates, registers, then runs what it is sent on
-the same processors as worker 0 (a ThreadProc and an AsyncProc), keeping each result
-in its own memory. Results leave only when asked: the scheduler asks when a caller
-awaits one; another worker asks, through this worker's data server, when a task there
-needs it. Completions go back in one message per loop iteration.
+the same processors as worker 0 (a ThreadProc and an AsyncProc, to which it is the
+:class:`~aiodagger.interfaces.ProcessorOwner`), keeping each result in its own
+ChunkStore. Results leave only when asked: the scheduler asks when a caller awaits
+one; another worker asks, through this worker's data server, when a task there needs
+it. Completions go back in one "done" batch per loop iteration, with the store's
+counters. Messages are those of :mod:`aiodagger.comm.protocol`, each handled by the
+method its handler table names.
 """
 
 from __future__ import annotations
@@ -16,25 +19,25 @@ import os
 import socket
 import threading
 import types
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import cloudpickle
 
 from .._context import current_cluster_var as _current_cluster
 from .._context import pool_thread as _pool_thread
+from ..comm import protocol as P
 from ..comm.framing import Comm, open_comm
 from ..comm.handshake import client_handshake
-from ..comm.rpc import Rpc
 from ..comm.server import Listener, parse_address
 from ..errors import ProtocolError, TaskCancelledError
 from ..memory import ChunkStore, SpillCorruptedError, admit
 from ..options import TaskOptions
 from ..task import DTask
 from .aio import AsyncProc
+from .execute import callback_errors
 from .nested import NestedCluster, SchedulerClient
 from .threads import ThreadProc
-from .wire import dumps_error, dumps_value, loads_args, loads_value
 
 __all__ = ["INLINE_LIMIT", "WorkerProcess"]
 
@@ -79,17 +82,16 @@ class WorkerProcess:
         # Results and inputs by key (task id, or -chunk id), spilled to disk past the
         # memory limit. Running tasks pin what they read.
         self.store: ChunkStore = self._new_store()
-        self._pins: dict[int, list[int]] = {}
+        self._pins: dict[int, list[Any]] = {}
         self.functions: dict[bytes, Any] = {}
         self.running: dict[int, DTask[Any]] = {}
         self.loop: asyncio.AbstractEventLoop
         self.loop_thread_id = 0
-        self._rpc: Rpc | None = None
-        self._peers: dict[str, Rpc] = {}
+        self.endpoint: P.Endpoint | None = None
+        self._peers: dict[str, P.Endpoint] = {}
         self._peer_tasks: set[asyncio.Task[None]] = set()
         self._fetching: dict[int, asyncio.Future[None]] = {}
-        self._records: list[list[Any]] = []
-        self._record_buffers: list[Any] = []
+        self._done = P.Batch(self._done_message)
         self._holding: list[int] = []
         self._flush_scheduled = False
         self._stopping = False
@@ -100,8 +102,8 @@ class WorkerProcess:
     def _new_store(self) -> ChunkStore:
         return ChunkStore(self.memory_limit, self.spill_dir, worker_name=self.name)
 
-    # -- processor interface (what ThreadProc/AsyncProc call) ----------------------------
-    instruments: list[Any] = []  # observers live with the scheduler, not here
+    # -- ProcessorOwner: what ThreadProc / AsyncProc report to ---------------------------
+    timed = False  # observers live with the scheduler; coroutines are not timed here
 
     def request_flush(self) -> None:
         """Nothing waits here for capacity: the scheduler meters what it sends."""
@@ -113,14 +115,15 @@ class WorkerProcess:
             return
         self.running.pop(task.id, None)
         task._fn = task._args = task._kwargs = None
-        for key in self._pins.pop(task.id, ()):
-            self.store.unpin(key)
+        pins = self._pins.pop(task.id, None)
+        if pins is not None:
+            self.store.unpin_all(pins)
         if task._cancelled:
-            self._record([task.id, attempt, "cancelled", 0, start, seconds, 0])
+            self._record(P.Finished(task.id, attempt, "cancelled", 0, start, seconds, 0, []))
             return
         if ok:
             try:
-                payload, buffers = dumps_value(value)
+                payload, buffers = P.dumps(value)
             except Exception as exc:  # noqa: BLE001 - an unpicklable result cannot be fetched
                 exc.add_note(f"aiodagger: the result of {task._describe()} cannot be pickled")
                 ok, value = False, exc
@@ -128,32 +131,46 @@ class WorkerProcess:
                 size = len(payload) + sum(b.nbytes for b in buffers)
                 self.store.put(task.id, value, nbytes=size)
                 if size <= INLINE_LIMIT:
-                    self._record([task.id, attempt, "ok", size, start, seconds, 1 + len(buffers)],
+                    self._record(P.Finished(task.id, attempt, "ok", size, start, seconds,
+                                            1 + len(buffers), []),
                                  [payload, *[bytes(b) for b in buffers]])
                 else:
-                    self._record([task.id, attempt, "ok", size, start, seconds, 0])
+                    self._record(P.Finished(task.id, attempt, "ok", size, start, seconds, 0, []))
                 return
         error = value if isinstance(value, BaseException) else RuntimeError(repr(value))
         error.add_note(f"aiodagger: raised by {task._describe()} on worker {self.worker_id} "
-                     f"(pid {os.getpid()}, {socket.gethostname()}), attempt {attempt + 1}")
-        self._record([task.id, attempt, "error", 0, start, seconds, 1], [dumps_error(error)])
+                       f"(pid {os.getpid()}, {socket.gethostname()}), attempt {attempt + 1}")
+        self._record(P.Finished(task.id, attempt, "error", 0, start, seconds, 1, []),
+                     [P.dumps_error(error)])
 
-    def _record(self, record: list[Any], buffers: list[Any] = ()) -> None:  # type: ignore[assignment]
-        self._records.append(record)
-        self._record_buffers.extend(buffers)
+    def _record(self, rec: P.Finished, buffers: Sequence[Any] = ()) -> None:
+        self._done.add(rec, buffers)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush_records)
 
+    def _memory(self) -> P.Memory:
+        store = self.store
+        return P.Memory(store.used, store.spilled_bytes, store.spill_errors, len(self.running))
+
+    def _done_message(self, results: list[P.Finished]) -> P.Done:
+        return P.Done(results, self._memory())
+
     def _flush_records(self) -> None:
         self._flush_scheduled = False
-        rpc = self._rpc
-        records, buffers, holding = self._records, self._record_buffers, self._holding
-        self._records, self._record_buffers, self._holding = [], [], []
-        if rpc is None or rpc.comm.closed:
+        frames = self._done.take()
+        holding, self._holding = self._holding, []
+        endpoint = self.endpoint
+        if endpoint is None or endpoint.closed:
             return
         try:
-            rpc.send_nowait({"op": "done", "results": records, "holding": holding}, buffers)
+            for msg, buffers in frames:
+                endpoint.send_nowait(msg, buffers)
+            if holding:
+                endpoint.send_nowait(P.Holding(holding))
         except ConnectionError:
             pass
 
@@ -170,8 +187,8 @@ class WorkerProcess:
         def thread_init() -> None:
             _pool_thread.cluster = nested
 
-        self.thread_proc = ThreadProc(0, self.threads, self, thread_init)  # type: ignore[arg-type]
-        self.async_proc = AsyncProc(0, self, task_context)  # type: ignore[arg-type]
+        self.thread_proc = ThreadProc(0, self.threads, self, thread_init)
+        self.async_proc = AsyncProc(0, self, task_context)
         self.thread_proc.start()
         await self.store.start()
         self._listener = Listener(self._serve_peer, self.token, ssl=self.ssl_server)
@@ -192,6 +209,23 @@ class WorkerProcess:
         finally:
             await self._shutdown()
 
+    def _handlers(self) -> dict[type, Any]:
+        """What the scheduler may send, and who handles it."""
+        return {
+            P.Functions: self._on_functions,
+            P.Values: self._on_values,
+            P.Run: self._on_run,
+            P.Get: self._serve_get,
+            P.Release: self._on_release,
+            P.Cancel: self._on_cancel,
+            P.Put: self._on_put,
+            P.Stats: self._on_stats,
+            P.TaskDone: self.client.on_task_done,
+            P.Replicate: self._replicate,
+            P.Shutdown: self._on_shutdown,
+            P.Heartbeat: self._on_heartbeat,
+        }
+
     async def _session(self) -> None:
         comm = await open_comm(self.scheduler_host, self.scheduler_port, ssl=self.ssl_client)
         await client_handshake(comm, self.token, {"role": "worker"})
@@ -201,19 +235,17 @@ class WorkerProcess:
             await self.store.close()
             self.store = self._new_store()
             await self.store.start()
-        rpc = Rpc(comm, self._on_scheduler_frame)
-        self._rpc = rpc
-        serving = asyncio.ensure_future(rpc.serve())
-        heartbeat = asyncio.ensure_future(self._heartbeat(rpc))
+        endpoint = P.Endpoint(comm, self._handlers())
+        self.endpoint = endpoint
+        serving = asyncio.ensure_future(endpoint.serve())
+        heartbeat = asyncio.ensure_future(self._heartbeat(endpoint))
         try:
             assert self._listener is not None
             host = comm.transport.get_extra_info("sockname")[0] if comm.transport else "127.0.0.1"
-            reply, _ = await rpc.request({
-                "op": "register", "name": self.name, "pid": os.getpid(), "host": socket.gethostname(),
-                "threads": self.threads, "address": f"tcp://{host}:{self._listener.port}",
-                "memory_limit": self.memory_limit,
-            }, timeout=30)
-            self.worker_id = reply["worker_id"]
+            reply, _ = await endpoint.request(P.Register(
+                self.name, os.getpid(), socket.gethostname(), self.threads,
+                f"tcp://{host}:{self._listener.port}", self.memory_limit), timeout=30)
+            self.worker_id = reply.worker_id
             self._backoff = 0.1
             logger.info("worker %s registered as worker %d", self.name, self.worker_id)
             self._last_seen = self.loop.time()
@@ -222,20 +254,20 @@ class WorkerProcess:
             heartbeat.cancel()
             serving.cancel()
             await asyncio.gather(heartbeat, serving, return_exceptions=True)
-            self._rpc = None
-            await rpc.close()
+            self.endpoint = None
+            await endpoint.close()
             self._cancel_all()
 
-    async def _heartbeat(self, rpc: Rpc) -> None:
+    async def _heartbeat(self, endpoint: P.Endpoint) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             if self.loop.time() - self._last_seen > self.heartbeat_timeout:
                 logger.warning("worker %s: no word from the scheduler for %.0f s; reconnecting",
                                self.name, self.heartbeat_timeout)
-                rpc.comm.close()
+                endpoint.comm.close()
                 return
             try:
-                rpc.send_nowait({"op": "heartbeat", **self._stats()})
+                endpoint.send_nowait(P.Heartbeat(self._stats()))
             except ConnectionError:
                 return
 
@@ -243,6 +275,7 @@ class WorkerProcess:
         stats = self.store.stats()
         stats["memory_used"] = stats["used"]
         stats["running"] = len(self.running)
+        stats.update(callback_errors())
         return stats
 
     def _cancel_all(self) -> None:
@@ -255,8 +288,8 @@ class WorkerProcess:
     async def _shutdown(self) -> None:
         self._stopping = True
         self._cancel_all()
-        for rpc in list(self._peers.values()):
-            await rpc.close()
+        for endpoint in list(self._peers.values()):
+            await endpoint.close()
         for task in list(self._peer_tasks):
             task.cancel()
         if self._listener is not None:
@@ -266,87 +299,84 @@ class WorkerProcess:
         await self.store.close()
 
     # -- messages from the scheduler -----------------------------------------------------
-    def _on_scheduler_frame(self, header: dict[str, Any], buffers: list[bytearray]) -> Awaitable[None] | None:
+    def _on_heartbeat(self, msg: P.Heartbeat, buffers: list[Any]) -> None:
         self._last_seen = self.loop.time()
-        op = header["op"]
-        if op == "run":
-            self._on_run(header, buffers)
-        elif op == "get":
-            assert self._rpc is not None
-            return self._serve_get(self._rpc, header)
-        elif op == "release":
-            for key in header["ids"]:
-                self.store.delete(key)
-        elif op == "cancel":
-            for key in header["ids"]:
-                task = self.running.get(key)
-                if task is not None:
-                    task._cancelled = True
-                    if task._handle is not None:
-                        self.async_proc.cancel(task._handle)
-        elif op == "put":
-            self.store.put(header["id"], loads_value(buffers[0], buffers[1:]))
-        elif op == "stats":
-            assert self._rpc is not None
-            return self._rpc.reply(header, self._stats())
-        elif op == "task-done":
-            self.client.on_task_done(header, buffers)
-        elif op == "replicate":
-            return self._replicate(header)
-        elif op == "shutdown":
-            self._stopping = True
-            if self._rpc is not None:
-                self._rpc.comm.close()
-        elif op != "heartbeat":
-            # ends this session (the worker reconnects), as DESIGN.md section 3 asks
-            raise ProtocolError(f"unknown op {op!r} from the scheduler")
-        return None
 
-    def _on_run(self, header: dict[str, Any], buffers: list[bytearray]) -> None:
+    def _on_release(self, msg: P.Release, buffers: list[Any]) -> None:
+        self._last_seen = self.loop.time()
+        for key in msg.keys:
+            self.store.delete(key)
+
+    def _on_cancel(self, msg: P.Cancel, buffers: list[Any]) -> None:
+        for key in msg.ids:
+            task = self.running.get(key)
+            if task is not None:
+                task._cancelled = True
+                if task._handle is not None:
+                    self.async_proc.cancel(task._handle)
+
+    def _on_put(self, msg: P.Put, buffers: list[Any]) -> None:
+        self.store.put(msg.key, P.loads(buffers[0], buffers[1:]))
+
+    def _on_stats(self, msg: P.Stats, buffers: list[Any]) -> tuple[P.StatsReply, Sequence[Any]]:
+        return P.StatsReply(self._stats()), ()
+
+    def _on_shutdown(self, msg: P.Shutdown, buffers: list[Any]) -> None:
+        self._stopping = True
+        if self.endpoint is not None:
+            self.endpoint.comm.close()
+
+    def _on_functions(self, msg: P.Functions, buffers: list[Any]) -> None:
         # Anything that fails to load fails the tasks that need it, never the worker:
         # e.g. a function whose module this machine cannot import.
-        broken: dict[bytes, BaseException] = {}
-        for fn_hash, index in header.get("functions", ()):
+        for fdef, data in zip(msg.defs, buffers, strict=True):
             try:
-                self.functions[fn_hash] = cloudpickle.loads(buffers[index])
+                self.functions[fdef.hash] = cloudpickle.loads(data)
             except Exception as exc:  # noqa: BLE001
-                broken[fn_hash] = exc
-        for key, index, nparts in header.get("values", ()):
+                self.functions[fdef.hash] = _Unloadable(exc)
+
+    def _on_values(self, msg: P.Values, buffers: list[Any]) -> None:
+        for vdef, parts in P.split_parts(msg.defs, buffers):
             try:
-                self.store.put(key, loads_value(buffers[index], buffers[index + 1:index + nparts]))
+                self.store.put(vdef.key, P.loads(parts[0], parts[1:]))
             except Exception as exc:  # noqa: BLE001 - the tasks needing it report it missing
-                logger.error("worker %s: cannot load input %d: %s", self.name, key, exc)
-        for entry in header["tasks"]:
-            key, name, fn_hash, kind, attempt, index, nparts, deps, opts_index, refs, keys = entry
-            args_parts = buffers[index:index + nparts]
-            task: DTask[Any] = DTask(self, key, name, None, (), {}, _PLAIN)  # type: ignore[arg-type]
-            task._kind = kind
-            task._attempts = attempt
-            task._resolve = refs  # here: whether the arguments hold references to resolve
-            self.running[key] = task
+                logger.error("worker %s: cannot load input %d: %s", self.name, vdef.key, exc)
+
+    def _on_run(self, msg: P.Run, buffers: list[Any]) -> None:
+        self._last_seen = self.loop.time()
+        for rec, parts in P.split_parts(msg.tasks, buffers):
+            task: DTask[Any] = DTask(self.client, rec.key, rec.name, None, (), {}, _PLAIN)
+            task._kind = rec.kind
+            task._attempts = rec.attempt
+            task._resolve = rec.refs  # here: whether the arguments hold references to resolve
+            self.running[rec.key] = task
             try:
-                if fn_hash in broken:
-                    raise broken[fn_hash]
-                task._fn = self.functions[fn_hash]
-                if opts_index >= 0:
-                    restore, checkpoint = cloudpickle.loads(buffers[opts_index])
-                    task._opts = TaskOptions(name=name, restore=restore, checkpoint=checkpoint)
+                fn = self.functions.get(rec.fn_hash)
+                if fn is None:
+                    raise ProtocolError(f"task {rec.key} names a function that was never sent")
+                if type(fn) is _Unloadable:
+                    raise fn.error
+                task._fn = fn
+                if rec.callbacks:
+                    restore, checkpoint = cloudpickle.loads(parts[0])
+                    task._opts = TaskOptions(name=rec.name, restore=restore, checkpoint=checkpoint)
+                    parts = parts[1:]
             except Exception as exc:  # noqa: BLE001
                 exc.add_note(f"aiodagger: {task._describe()} could not be loaded on worker {self.worker_id}")
-                self.complete(task, attempt, False, exc, 0.0, 0.0, None)
+                self.complete(task, rec.attempt, False, exc, 0.0, 0.0, None)
                 continue
-            missing = [d for d in deps if d[0] not in self.store]
-            if missing or (keys and self.store.memory_limit is not None) or self.store.paused:
-                asyncio.ensure_future(self._prepare_then_start(task, args_parts, missing, keys))
+            missing = [d for d in rec.deps if d.key not in self.store]
+            if missing or (rec.inputs and self.store.memory_limit is not None) or self.store.paused:
+                asyncio.ensure_future(self._prepare_then_start(task, parts, missing, rec.inputs))
             else:  # everything is in RAM and nothing can be spilled: start at once
-                self._start(task, args_parts, self.store.peek_in_memory)
+                self._start(task, parts, self.store.peek_in_memory)
 
-    def _start(self, task: DTask[Any], parts: list[bytearray], lookup: Any) -> None:
+    def _start(self, task: DTask[Any], parts: Sequence[Any], lookup: Any) -> None:
         if task._cancelled:
             self.complete(task, task._attempts, False, TaskCancelledError(task._describe()), 0.0, 0.0, None)
             return
         try:
-            task._args, task._kwargs = loads_args(parts[0], parts[1:], lookup if task._resolve else None)
+            task._args, task._kwargs = P.loads_args(parts[0], parts[1:], lookup if task._resolve else None)
             task._resolve = False  # the values are in place
         except Exception as exc:  # noqa: BLE001 - e.g. a class this worker cannot import
             exc.add_note(f"aiodagger: the arguments of {task._describe()} could not be loaded on "
@@ -358,46 +388,37 @@ class WorkerProcess:
         else:
             self.thread_proc.submit(task)
 
-    async def _prepare_then_start(self, task: DTask[Any], parts: list[bytearray],
-                                  missing: list[Any], keys: list[int]) -> None:
+    async def _prepare_then_start(self, task: DTask[Any], parts: Sequence[Any],
+                                  missing: list[P.Dep], keys: list[int]) -> None:
         """Fetch missing inputs, wait for admission, load and pin inputs, then start."""
         bad: dict[int, list[int]] = {}
-        for key, holders in missing:
+        for dep in missing:
             try:
-                await self._fetch(key, holders)
+                await self._fetch(dep.key, dep.holders)
             except MissingDependency as exc:
-                bad[key] = exc.holders
+                bad[dep.key] = exc.holders
         store = self.store
         # Back-pressure: above the pause threshold nothing new starts until spilling
         # (or finishing tasks) brings memory down; see ChunkStore.wait_admitted.
         await admit(store)
-        values: dict[int, Any] = {}
-        pinned: list[int] = []
-        for key in keys:
-            if key in bad:
-                continue
-            try:
-                store.pin(key)
-                pinned.append(key)
-                values[key] = await store.get(key)
-            except (KeyError, SpillCorruptedError) as exc:
-                logger.warning("worker %s: input %d of %s is unavailable here: %s",
-                               self.name, key, task._describe(), exc)
-                bad[key] = [self.worker_id]
+        values, unavailable = await store.pin_and_load([k for k in keys if k not in bad])
+        for key, why in unavailable.items():
+            logger.warning("worker %s: input %d of %s is unavailable here: %s",
+                           self.name, key, task._describe(), why)
+            bad[key] = [self.worker_id]
         if bad or task._cancelled:
-            for key in pinned:
-                store.unpin(key)
+            store.unpin_all(values)
             self.running.pop(task.id, None)
             if bad:
-                self._record([task.id, task._attempts, "missing", 0, 0.0, 0.0, 0,
-                              [[k, h] for k, h in bad.items()]])
+                self._record(P.Finished(task.id, task._attempts, "missing", 0, 0.0, 0.0, 0,
+                                        [P.Missing(k, h) for k, h in bad.items()]))
             else:
-                self._record([task.id, task._attempts, "cancelled", 0, 0.0, 0.0, 0])
+                self._record(P.Finished(task.id, task._attempts, "cancelled", 0, 0.0, 0.0, 0, []))
             return
-        self._pins[task.id] = pinned
+        self._pins[task.id] = list(values)
         self._start(task, parts, values.__getitem__)
 
-    async def _fetch(self, key: int, holders: list[list[Any]]) -> None:
+    async def _fetch(self, key: int, holders: list[P.Holder]) -> None:
         """Bring chunk ``key`` here from one of its holders (each fetched once at a time)."""
         pending = self._fetching.get(key)
         without: list[int] = []
@@ -414,87 +435,82 @@ class WorkerProcess:
         if key not in self.store:
             raise MissingDependency(key, without)
 
-    async def _fetch_from(self, key: int, holders: list[list[Any]]) -> list[int]:
+    async def _fetch_from(self, key: int, holders: list[P.Holder]) -> list[int]:
         """Try the holders in turn; return the ids of those that answered without it."""
         without = []
-        for wid, address in holders:
+        for holder in holders:
             try:
-                rpc = await self._peer(address)
-                reply, buffers = await rpc.request({"op": "get", "ids": [key]}, timeout=300)
+                peer = await self._peer(holder.address)
+                reply, buffers = await peer.request(P.Get([key]), timeout=300)
             except (ConnectionError, OSError, TimeoutError) as exc:
-                logger.info("worker %s: fetching %d from %s failed: %s", self.name, key, address, exc)
+                logger.info("worker %s: fetching %d from %s failed: %s", self.name, key, holder.address, exc)
                 continue
-            if reply["items"]:
-                self.store.put(key, loads_value(buffers[0], buffers[1:]))
+            if reply.items:
+                self.store.put(key, P.loads(buffers[0], buffers[1:]))
                 self._holding.append(key)
                 return []
-            without.append(wid)
+            without.append(holder.worker)
         return without
 
-    async def _peer(self, address: str) -> Rpc:
-        rpc = self._peers.get(address)
-        if rpc is not None and not rpc.comm.closed:
-            return rpc
+    async def _peer(self, address: str) -> P.Endpoint:
+        endpoint = self._peers.get(address)
+        if endpoint is not None and not endpoint.closed:
+            return endpoint
         host, port = parse_address(address)
         comm = await open_comm(host, port, ssl=self.ssl_client)
         await client_handshake(comm, self.token, {"role": "peer", "worker": self.worker_id})
-        rpc = Rpc(comm, lambda h, b: None)
-        self._peers[address] = rpc
-        task = asyncio.ensure_future(rpc.serve())
+        endpoint = P.Endpoint(comm)  # this end only asks: nothing is handled
+        self._peers[address] = endpoint
+        task = asyncio.ensure_future(endpoint.serve())
         self._peer_tasks.add(task)
         task.add_done_callback(self._peer_done)
-        return rpc
+        return endpoint
 
     def _peer_done(self, task: asyncio.Task[None]) -> None:
         self._peer_tasks.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: a peer going away is expected
 
-    async def _replicate(self, header: dict[str, Any]) -> None:
-        for key, holders in header["items"]:
+    async def _replicate(self, msg: P.Replicate, buffers: list[Any]) -> tuple[P.Ack, Sequence[Any]]:
+        for dep in msg.items:
             try:
-                await self._fetch(key, holders)
+                await self._fetch(dep.key, dep.holders)
             except MissingDependency:
                 pass
-        self._record_holding_now()
-        assert self._rpc is not None
-        await self._rpc.reply(header, {"ok": True})
-
-    def _record_holding_now(self) -> None:
-        if self._holding and not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush_records)
+        if self._holding:
+            self._schedule_flush()
+        return P.Ack(), ()
 
     # -- data server (peers and the scheduler ask for chunks) ----------------------------
     async def _serve_peer(self, comm: Comm, info: dict[str, Any]) -> None:
-        rpc: Rpc
+        # A peer may only ask for chunks; anything else ends its connection.
+        await P.Endpoint(comm, {P.Get: self._serve_get}).serve()
 
-        def handle(header: dict[str, Any], buffers: list[bytearray]) -> Awaitable[None] | None:
-            if header["op"] == "get":
-                return self._serve_get(rpc, header)
-            # ends this connection only; the listener logs it
-            raise ProtocolError(f"unknown op {header['op']!r} from a peer")
-
-        rpc = Rpc(comm, handle)
-        await rpc.serve()
-
-    async def _serve_get(self, rpc: Rpc, header: dict[str, Any]) -> None:
-        items: list[list[int]] = []
+    async def _serve_get(self, msg: P.Get, buffers: list[Any]) -> tuple[P.Items, list[Any]]:
+        items: list[P.Item] = []
         missing: list[int] = []
-        buffers: list[Any] = []
-        for key in header["ids"]:
+        out: list[Any] = []
+        for key in msg.keys:
             try:
                 # A spilled chunk goes out as its file's parts: the file is in the wire's
                 # format, so it is neither unpickled nor loaded back into the store.
                 chunk_parts: tuple[Any, Sequence[Any]] | None = await self.store.read_spilled(key)
                 if chunk_parts is None:
-                    chunk_parts = dumps_value(await self.store.get(key))
+                    chunk_parts = P.dumps(await self.store.get(key))
             except (KeyError, SpillCorruptedError):
                 missing.append(key)
                 continue
             payload, parts = chunk_parts
-            items.append([key, 1 + len(parts)])
-            buffers.append(payload)
-            buffers.extend(parts)
-        await rpc.reply(header, {"items": items, "missing": missing}, buffers)
+            items.append(P.Item(key, 1 + len(parts)))
+            out.append(payload)
+            out.extend(parts)
+        return P.Items(items, missing), out
 
+
+class _Unloadable:
+    """A function that was sent but cannot be loaded here: its tasks fail with ``error``."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error

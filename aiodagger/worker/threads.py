@@ -28,11 +28,13 @@ from queue import SimpleQueue
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from .._bridge import Wakeup, call_soon_quietly
+from .._context import pool_thread
 from ..task import PENDING, RUNNING, DTask
 from .execute import run_sync
 
 if TYPE_CHECKING:
-    from ..scheduler.core import Scheduler
+    from ..interfaces import ProcessorOwner
 
 __all__ = ["ThreadProc", "current_pool"]
 
@@ -42,15 +44,13 @@ logger = logging.getLogger(__name__)
 # ready tasks wait in the scheduler's heap, where priority still orders them.
 QUEUE_HORIZON_S = 2e-3
 
-_local = threading.local()
-
 # A completion record: (task, attempt, ok, value, start, seconds, dispatched)
 Record = tuple[DTask[Any], int, bool, Any, float, float, bool]
 
 
 def current_pool() -> ThreadProc | None:
     """The ThreadProc whose thread is calling, if any."""
-    return getattr(_local, "pool", None)
+    return getattr(pool_thread, "pool", None)
 
 
 class ThreadProc:
@@ -58,18 +58,18 @@ class ThreadProc:
 
     kind = "thread"
 
-    def __init__(self, worker_id: int, nthreads: int, sched: Scheduler,
+    def __init__(self, worker_id: int, nthreads: int, owner: ProcessorOwner,
                  thread_init: Callable[[], None]) -> None:
         if nthreads < 1:
             raise ValueError(f"a thread pool needs at least 1 thread, got threads={nthreads}")
         self.worker_id = worker_id
         self.nthreads = nthreads
-        self._sched = sched
-        self._loop = sched.loop
+        self._owner = owner
+        self._loop = owner.loop
         self._thread_init = thread_init
         self._queue: SimpleQueue[DTask[Any] | None] = SimpleQueue()
         self._done: deque[Record] = deque()
-        self._wake_pending = False
+        self._wakeup = Wakeup(owner.loop, self._drain)
         # Loop-side accounting of what sits in the pool (touched only on the loop).
         self.queued = 0
         self.backlog_s = 0.0
@@ -100,16 +100,15 @@ class ThreadProc:
         self._queue.put(task)
 
     def _drain(self) -> None:
-        self._wake_pending = False
         done = self._done
-        complete = self._sched.complete
+        complete = self._owner.complete
         while done:
             task, attempt, ok, value, start, seconds, dispatched = done.popleft()
             if dispatched:
                 self.queued -= 1
                 self.backlog_s = self.backlog_s - task._est if self.queued else 0.0
             complete(task, attempt, ok, value, start, seconds, self)
-        self._sched.request_flush()
+        self._owner.request_flush()
 
     async def close(self, timeout: float) -> bool:
         """Stop the threads once they finish what they run; False if some did not in time."""
@@ -136,7 +135,7 @@ class ThreadProc:
         thread.start()
 
     def _thread_main(self) -> None:
-        _local.pool = self
+        pool_thread.pool = self
         self._thread_init()
         get = self._queue.get
         try:
@@ -155,7 +154,7 @@ class ThreadProc:
                 self._live -= 1
                 last = self._live == 0
             if last:
-                self._call_loop(self._set_exited)
+                call_soon_quietly(self._loop, self._set_exited)
 
     def _surplus(self) -> bool:
         with self._lock:
@@ -189,15 +188,8 @@ class ThreadProc:
 
     def _post(self, record: Record) -> None:
         self._done.append(record)
-        if not self._wake_pending:
-            self._wake_pending = True
-            self._call_loop(self._drain)
-
-    def _call_loop(self, fn: Callable[[], None]) -> None:
-        try:
-            self._loop.call_soon_threadsafe(fn)
-        except RuntimeError:
-            pass  # the loop is closed; the cluster is gone
+        if not self._wakeup.pending:
+            self._wakeup.request()
 
     @contextmanager
     def blocked(self) -> Iterator[None]:
@@ -206,7 +198,7 @@ class ThreadProc:
             self._blocked += 1
             if self._live < self.nthreads + self._blocked:
                 self._start_thread_locked()
-        self._call_loop(self._sched.request_flush)
+        call_soon_quietly(self._loop, self._owner.request_flush)
         try:
             yield
         finally:

@@ -1,4 +1,8 @@
-"""The cluster's side of workers in other processes: listeners, subprocess workers, scale.
+"""Starting workers in other processes: listeners, subprocess workers, scale.
+
+The cluster's side of its workers: :class:`~aiodagger.cluster.Cluster` owns one
+launcher when it has workers beyond its own process, and hands their connections to
+the scheduler's :class:`~aiodagger.scheduler.registry.WorkerRegistry`.
 
 Subprocess workers are started with ``python -m aiodagger.worker``; their token travels
 in the environment (never on the command line, where ``ps`` would show it) and they
@@ -16,11 +20,11 @@ import subprocess
 import sys
 from typing import Any
 
-from ..comm.handshake import new_token
-from ..comm.server import Listener, is_loopback, parse_address
-from ..scheduler.core import Scheduler
-from ..scheduler.remote import Distributor, RemoteWorker
-from .local import WorkerInfo
+from .comm.handshake import new_token
+from .comm.server import Listener, is_loopback, parse_address
+from .scheduler.core import Scheduler
+from .scheduler.registry import RemoteWorker, WorkerRegistry
+from .worker.local import WorkerInfo
 
 __all__ = ["WorkerLauncher"]
 
@@ -44,7 +48,7 @@ class WorkerLauncher:
         self.threads = threads
         self.memory_limit = memory_limit
         self.spill_dir = spill_dir
-        self.dist = Distributor(sched, heartbeat_interval, heartbeat_timeout)
+        self.dist = WorkerRegistry(sched, heartbeat_interval, heartbeat_timeout)
         self._internal: Listener | None = None
         self._public: Listener | None = None
         self._procs: dict[str, asyncio.subprocess.Process] = {}
@@ -137,13 +141,13 @@ class WorkerLauncher:
     def infos(self) -> list[WorkerInfo]:
         out = []
         for w in self.dist.workers.values():
-            stats = w.stats
+            memory = w.memory  # as of its last completion or heartbeat
             out.append(WorkerInfo(
-                id=w.id, address=w.address, host=w.host, pid=w.pid, status=w.status,
+                id=w.id, address=w.address, host=w.host, pid=w.pid, status=w.status.value,
                 processors=(repr(w.async_view), repr(w.thread_view)),
-                memory_used=int(stats.get("memory_used", 0)), memory_limit=w.memory_limit,
-                spilled_bytes=int(stats.get("spilled_bytes", 0)),
-                spill_errors=int(stats.get("spill_errors", 0)), tasks_running=len(w.running),
+                memory_used=memory.used, memory_limit=w.memory_limit,
+                spilled_bytes=memory.spilled_bytes, spill_errors=memory.spill_errors,
+                tasks_running=len(w.running),
             ))
         return out
 

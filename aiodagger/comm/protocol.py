@@ -1,0 +1,653 @@
+"""The wire protocol: every op and every record, defined once. This docstring is its reference.
+
+A message is one frame (:mod:`.framing`): a msgpack header and raw buffers. The header
+is a map ``{"op": OP, "a": [field, ...]}``, plus ``"req": N`` on a request and
+``"reply_to": N`` (with ``"op": "reply"``) on its reply. ``"a"`` holds the message's
+fields in order, as a msgpack array: no field names travel. Records inside a message
+(a task to run, a completion...) are arrays too. Each message and record below is a
+``NamedTuple``; ``encode`` / ``decode`` are the only translation between them and
+headers, and ``decode`` checks a whole message (field count, every type, buffer counts)
+before any handler sees it: a malformed one is a :class:`ProtocolError`, which closes
+that connection only.
+
+Buffers: a record that carries data says how many buffers it takes (``nparts``); a
+message's buffers are its records' parts, in record order.
+
+=================  ====================  ==============================================
+op                 direction             fields (records in CamelCase)
+=================  ====================  ==============================================
+``register``       worker -> scheduler   name, pid, host, threads, address,
+                   (request)             memory_limit; reply ``Registered(worker_id)``
+``heartbeat``      both ways             stats (a map; empty from the scheduler)
+``functions``      scheduler -> worker   defs [FunctionDef(hash)], one buffer each (the
+                                         cloudpickled function), before their tasks
+``values``         scheduler -> worker   defs [ValueDef(key, nparts)]: inputs that live
+                                         in the scheduler's process, before their tasks
+``run``            scheduler -> worker   tasks [RunTask]: key, name, fn_hash, kind,
+                                         attempt, nparts, deps [Dep(key, holders
+                                         [Holder(worker, address)])], callbacks, refs,
+                                         inputs. Parts: the pickled (restore,
+                                         checkpoint) pair if ``callbacks``, then the
+                                         arguments' pickle and its buffers
+``done``           worker -> scheduler   results [Finished]: key, attempt, status
+                                         (ok | error | missing | cancelled), size,
+                                         start, seconds, nparts, missing [Missing(key,
+                                         holders)]; memory: Memory(used, spilled_bytes,
+                                         spill_errors, running), current as of this batch
+``holding``        worker -> scheduler   keys this worker fetched or was handed, and holds
+``cancel``         scheduler -> worker   ids of tasks to cancel
+``release``        scheduler -> worker   keys whose results nobody needs any more
+``put``            scheduler -> worker   key; the value's pickle and buffers
+``get``            any -> worker         ids; reply ``Items(items [Item(key, nparts)],
+                   (request)             missing)``, the values' parts in item order
+``stats``          scheduler -> worker   reply ``StatsReply(stats)`` (a map)
+                   (request)
+``replicate``      scheduler -> worker   items [Dep]: fetch these from their holders;
+                   (request)             reply ``Ack()``
+``shutdown``       scheduler -> worker   (none): finish and exit
+``spawn``          worker -> scheduler   tasks [SpawnTask(key, fn_hash, nparts, refs)]
+                                         spawned by tasks on the worker; parts: the
+                                         function, the options, the arguments
+``task-done``      scheduler -> worker   key, status (finished | failed | cancelled),
+                                         holders [Holder], reason: a spawned task ended;
+                                         parts: its value or its error, if sent
+``forget``         worker -> scheduler   ids of spawned tasks the worker dropped
+``cancel-spawned`` worker -> scheduler   ids of spawned tasks to cancel
+=================  ====================  ==============================================
+
+Keys: a task's key is its id, a chunk's is minus its id. Tasks spawned on worker N
+have ids from ``N << 40`` up.
+
+A batch of records for one peer (tasks placed in one loop iteration, completions of
+one iteration) goes through :class:`Batch`, the one place where a batch is split into
+frames that stay within the frame's limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from ..errors import ProtocolError
+from .framing import MAX_BUFFERS, Comm
+from .serialize import FunctionCache, dumps, dumps_args, dumps_error, loads, loads_args, loads_error
+
+__all__ = [
+    "Ack", "Batch", "Cancel", "CancelSpawned", "Dep", "Done", "Endpoint", "Finished",
+    "Forget", "FunctionDef", "Functions", "Get", "Heartbeat", "Holder", "Holding", "Item",
+    "Items", "Memory", "Missing", "Put", "Register", "Registered", "Release", "Replicate",
+    "Run", "RunTask", "Shutdown", "Spawn", "SpawnTask", "Stats", "StatsReply", "TaskDone",
+    "ValueDef", "Values", "decode", "encode", "message_types", "split_parts",
+    # the one serializer (comm/serialize.py), for the payloads messages carry
+    "Comm", "FunctionCache", "dumps", "dumps_args", "dumps_error", "loads", "loads_args",
+    "loads_error",
+]
+
+logger = logging.getLogger(__name__)
+
+# Field types. A tuple of Python types is checked by exact type (msgpack gives exactly
+# these; ``bool`` is not taken for ``int``); COUNT is an int >= 0; a list ``[X]`` is a
+# list of X; a record class is decoded as that record.
+INT = (int,)
+OPT_INT = (int, type(None))
+FLOAT = (float, int)
+STR = (str,)
+BYTES = (bytes,)
+BOOL = (bool,)
+MAP = (dict,)
+COUNT = "count"
+IDS = [INT]
+
+# A frame past this many bytes of buffers is sealed before the next record is added:
+# the receiver allocates and parses a frame at once, and a huge one delays every
+# message queued behind it.
+BATCH_BYTES = 64 << 20
+
+
+def _decoder(cls: type, types: Sequence[Any]) -> Callable[[Any], Any]:
+    """Compile the checker of one record or message: a list of fields -> the NamedTuple.
+
+    Generated once per class as straight-line code: a done or run record is decoded
+    for every task, and a loop over fields with a check function each costs ~3x more.
+    """
+    fields = cls._fields  # type: ignore[attr-defined]
+    env: dict[str, Any] = {"_cls": cls, "_new": tuple.__new__, "_bad": _bad, "_list": list}
+    lines = ["def decode(raw):",
+             f"    if type(raw) is not _list or len(raw) != {len(fields)}:",
+             "        _bad(_cls, None, raw)"]
+    names = ", ".join(f"f{i}" for i in range(len(fields))) + ("," if len(fields) == 1 else "")
+    if fields:
+        lines.append(f"    {names} = raw")
+    for i, (field, kind) in enumerate(zip(fields, types, strict=True)):
+        lines += _check_lines(f"f{i}", repr(field), kind, env, f"t{i}", "    ")
+    lines.append(f"    return _new(_cls, ({names}))" if fields else "    return _new(_cls, ())")
+    exec("\n".join(lines), env)  # noqa: S102 - code built from the class's own field table
+    return env["decode"]
+
+
+def _check_lines(var: str, field: str, kind: Any, env: dict[str, Any], tag: str,
+                 indent: str) -> list[str]:
+    if kind == COUNT:
+        return [f"{indent}if type({var}) is not int or {var} < 0:",
+                f"{indent}    _bad(_cls, {field}, {var})"]
+    if isinstance(kind, tuple):
+        env[tag] = kind
+        test = f"type({var}) is not {kind[0].__name__}" if len(kind) == 1 else f"type({var}) not in {tag}"
+        if len(kind) == 1:
+            env[kind[0].__name__] = kind[0]
+        return [f"{indent}if {test}:", f"{indent}    _bad(_cls, {field}, {var})"]
+    if isinstance(kind, list):
+        (item,) = kind
+        lines = [f"{indent}if type({var}) is not _list:", f"{indent}    _bad(_cls, {field}, {var})"]
+        if isinstance(item, type) and hasattr(item, "_decode"):
+            env[tag] = item._decode
+            return lines + [f"{indent}{var} = [{tag}(x) for x in {var}]"]
+        lines.append(f"{indent}for x_{tag} in {var}:")
+        return lines + _check_lines(f"x_{tag}", field, item, env, tag + "i", indent + "    ")
+    if isinstance(kind, type) and hasattr(kind, "_decode"):
+        env[tag] = kind._decode
+        return [f"{indent}{var} = {tag}({var})"]
+    raise TypeError(f"unknown field type {kind!r}")
+
+
+def _bad(cls: type, field: str | None, value: Any) -> None:
+    if field is None:
+        raise ProtocolError(f"malformed {cls.__name__}: expected {len(cls._fields)} fields "  # type: ignore[attr-defined]
+                            f"in a list, got {_brief(value)}")
+    raise ProtocolError(f"malformed {cls.__name__}: field {field} is {_brief(value)}")
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def record(*types: Any) -> Callable[[type], type]:
+    """Attach a compiled decoder (``cls._decode(raw)``) to a NamedTuple record."""
+    def attach(cls: type) -> type:
+        cls._decode = staticmethod(_decoder(cls, types))  # type: ignore[attr-defined]
+        return cls
+    return attach
+
+
+_MESSAGES: dict[str, type] = {}
+
+
+def message(op: str, *types: Any, reply: type | None = None,
+            buffers: Callable[[Any], int | None] | None = None) -> Callable[[type], type]:
+    """Register a message class under ``op``.
+
+    ``buffers(msg)`` says how many buffers the message must come with (None: at least
+    one, the sender's choice); without it, none.
+    """
+    def attach(cls: type) -> type:
+        if op in _MESSAGES:
+            raise ValueError(f"op {op!r} is defined twice")
+        cls.OP = op  # type: ignore[attr-defined]
+        cls.REPLY = reply  # type: ignore[attr-defined]
+        cls._decode = staticmethod(_decoder(cls, types))  # type: ignore[attr-defined]
+        cls._nbuffers = staticmethod(buffers or (lambda msg: 0))  # type: ignore[attr-defined]
+        _MESSAGES[op] = cls
+        return cls
+    return attach
+
+
+def _sum_parts(records: Iterable[Any]) -> int:
+    return sum(r.nparts for r in records)
+
+
+# -- records ---------------------------------------------------------------------------
+@record(INT, STR)
+class Holder(NamedTuple):
+    """A worker holding a chunk, and its data server's address."""
+    worker: int
+    address: str
+
+
+@record(INT, [Holder])
+class Dep(NamedTuple):
+    """An input a worker must fetch: its key and who holds it."""
+    key: int
+    holders: list[Holder]
+
+
+@record(BYTES)
+class FunctionDef(NamedTuple):
+    """A function sent once per worker, named by its content hash from then on (1 part)."""
+    hash: bytes
+
+
+@record(INT, COUNT)
+class ValueDef(NamedTuple):
+    """An input value that lives in the scheduler's process, sent along with its task."""
+    key: int
+    nparts: int
+
+
+@record(INT, STR, BYTES, STR, INT, COUNT, [Dep], BOOL, BOOL, IDS)
+class RunTask(NamedTuple):
+    """One task for a worker to run."""
+    key: int
+    name: str
+    fn_hash: bytes
+    kind: str          # "thread", "async", "thread-async"
+    attempt: int
+    nparts: int        # (callbacks pickle if callbacks), arguments pickle, its buffers
+    deps: list[Dep]    # inputs the worker lacks, with their holders
+    callbacks: bool    # restore / checkpoint callbacks come first in the parts
+    refs: bool         # the arguments hold task/chunk references to substitute
+    inputs: list[int]  # every input key the task reads (to load and pin)
+
+
+@record(INT, [INT])
+class Missing(NamedTuple):
+    """An input no holder could provide; ``holders``: those that said they lack it."""
+    key: int
+    holders: list[int]
+
+
+FINISHED_STATUSES = frozenset(("ok", "error", "missing", "cancelled"))
+
+
+@record(INT, INT, STR, COUNT, FLOAT, FLOAT, COUNT, [Missing])
+class Finished(NamedTuple):
+    """One run of a task ended on a worker."""
+    key: int
+    attempt: int
+    status: str            # "ok" (1 + buffers parts if inline), "error" (1 part), "missing", "cancelled"
+    size: int              # bytes of the result
+    start: float           # perf_counter on the worker
+    seconds: float
+    nparts: int
+    missing: list[Missing]  # status "missing" only
+
+
+@record(COUNT, COUNT, COUNT, COUNT)
+class Memory(NamedTuple):
+    """A worker's memory counters, as ``cluster.workers`` shows them."""
+    used: int
+    spilled_bytes: int
+    spill_errors: int
+    running: int
+
+
+@record(INT, COUNT)
+class Item(NamedTuple):
+    """A value in a ``get`` reply."""
+    key: int
+    nparts: int
+
+
+@record(INT, BYTES, COUNT, BOOL)
+class SpawnTask(NamedTuple):
+    """A task spawned by a task on a worker: parts are function, options, arguments."""
+    key: int
+    fn_hash: bytes
+    nparts: int
+    refs: bool
+
+
+# -- messages --------------------------------------------------------------------------
+@message("registered", INT)
+class Registered(NamedTuple):
+    worker_id: int
+
+
+@message("register", STR, INT, STR, INT, STR, OPT_INT, reply=Registered)
+class Register(NamedTuple):
+    name: str
+    pid: int
+    host: str
+    threads: int
+    address: str
+    memory_limit: int | None
+
+
+@message("heartbeat", MAP)
+class Heartbeat(NamedTuple):
+    stats: dict[str, Any]
+
+
+@message("functions", [FunctionDef], buffers=lambda m: len(m.defs))
+class Functions(NamedTuple):
+    defs: list[FunctionDef]
+
+
+@message("values", [ValueDef], buffers=lambda m: _sum_parts(m.defs))
+class Values(NamedTuple):
+    defs: list[ValueDef]
+
+
+@message("run", [RunTask], buffers=lambda m: _sum_parts(m.tasks))
+class Run(NamedTuple):
+    tasks: list[RunTask]
+
+
+@message("done", [Finished], Memory, buffers=lambda m: _sum_parts(m.results))
+class Done(NamedTuple):
+    results: list[Finished]
+    memory: Memory
+
+
+@message("holding", IDS)
+class Holding(NamedTuple):
+    keys: list[int]
+
+
+@message("cancel", IDS)
+class Cancel(NamedTuple):
+    ids: list[int]
+
+
+@message("release", IDS)
+class Release(NamedTuple):
+    keys: list[int]
+
+
+@message("put", INT, buffers=lambda m: None)
+class Put(NamedTuple):
+    key: int
+
+
+@message("items", [Item], IDS, buffers=lambda m: _sum_parts(m.items))
+class Items(NamedTuple):
+    items: list[Item]
+    missing: list[int]
+
+
+@message("get", IDS, reply=Items)
+class Get(NamedTuple):
+    keys: list[int]
+
+
+@message("stats-reply", MAP)
+class StatsReply(NamedTuple):
+    stats: dict[str, Any]
+
+
+@message("stats", reply=StatsReply)
+class Stats(NamedTuple):
+    pass
+
+
+@message("ack")
+class Ack(NamedTuple):
+    pass
+
+
+@message("replicate", [Dep], reply=Ack)
+class Replicate(NamedTuple):
+    items: list[Dep]
+
+
+@message("shutdown")
+class Shutdown(NamedTuple):
+    pass
+
+
+@message("spawn", [SpawnTask], buffers=lambda m: _sum_parts(m.tasks))
+class Spawn(NamedTuple):
+    tasks: list[SpawnTask]
+
+
+TASK_DONE_STATUSES = frozenset(("finished", "failed", "cancelled"))
+
+
+@message("task-done", INT, STR, [Holder], STR,
+         buffers=lambda m: 0 if m.status == "cancelled" or m.holders else None)
+class TaskDone(NamedTuple):
+    key: int
+    status: str              # "finished": parts are the value, or none and holders say where
+    holders: list[Holder]    # "failed": one part, the error; "cancelled": none
+    reason: str
+
+
+@message("forget", IDS)
+class Forget(NamedTuple):
+    ids: list[int]
+
+
+@message("cancel-spawned", IDS)
+class CancelSpawned(NamedTuple):
+    ids: list[int]
+
+
+def message_types() -> dict[str, type]:
+    """Every message class, by op."""
+    return dict(_MESSAGES)
+
+
+# -- translation -----------------------------------------------------------------------
+def encode(msg: Any) -> dict[str, Any]:
+    """The frame header of a message."""
+    return {"op": msg.OP, "a": msg}
+
+
+def decode(header: Mapping[str, Any], nbuffers: int, cls: type | None = None) -> Any:
+    """The message in a frame header, checked whole; ``cls``: the type expected (a reply).
+
+    Raises ProtocolError for an unknown op, a malformed message, or buffers that do not
+    match what its records announce.
+    """
+    op = header.get("op")
+    if cls is None:
+        cls = _MESSAGES.get(op)  # type: ignore[arg-type]
+        if cls is None:
+            raise ProtocolError(f"unknown op {op!r}")
+    msg = cls._decode(header.get("a", ()))  # type: ignore[attr-defined]
+    _check_values(msg)
+    expected = cls._nbuffers(msg)  # type: ignore[attr-defined]
+    if expected is None:
+        if nbuffers < 1:
+            raise ProtocolError(f"{op} came without the buffers it carries")
+    elif expected != nbuffers:
+        raise ProtocolError(f"{op} announces {expected} buffer(s) and came with {nbuffers}")
+    return msg
+
+
+def _check_values(msg: Any) -> None:
+    """Checks beyond types: statuses that exist, parts that make a whole record."""
+    if type(msg) is Done:
+        for r in msg.results:
+            if r.status not in FINISHED_STATUSES:
+                raise ProtocolError(f"malformed Finished: unknown status {r.status!r}")
+            if (r.status == "error" and r.nparts != 1) or (r.status in ("missing", "cancelled") and r.nparts):
+                raise ProtocolError(f"malformed Finished: status {r.status!r} with {r.nparts} part(s)")
+    elif type(msg) is Run:
+        for t in msg.tasks:
+            if t.nparts < 1 + t.callbacks:
+                raise ProtocolError(f"malformed RunTask: {t.nparts} part(s) cannot hold its arguments")
+    elif type(msg) is Spawn:
+        for s in msg.tasks:
+            if s.nparts < 3:
+                raise ProtocolError(f"malformed SpawnTask: {s.nparts} part(s), at least 3 needed")
+    elif type(msg) is Values or type(msg) is Items:
+        values: list[Any] = msg.defs if type(msg) is Values else msg.items  # type: ignore[union-attr]
+        for v in values:
+            if v.nparts < 1:
+                raise ProtocolError(f"malformed {type(v).__name__}: a value takes at least one part")
+    elif type(msg) is TaskDone and msg.status not in TASK_DONE_STATUSES:
+        raise ProtocolError(f"malformed TaskDone: unknown status {msg.status!r}")
+
+
+def split_parts(records: Iterable[Any], buffers: Sequence[Any]) -> Iterable[tuple[Any, Sequence[Any]]]:
+    """Each record with its own buffers (the message was checked: they add up)."""
+    index = 0
+    for rec in records:
+        n = rec.nparts
+        yield rec, buffers[index:index + n]
+        index += n
+
+
+class Batch:
+    """Records for one peer, gathered over a loop iteration and sent as few frames.
+
+    ``add`` appends a record and its buffers; ``take`` hands back the messages to send,
+    in order: a new frame is started whenever the next record would take the current
+    one past the frame's buffer limit or past ``BATCH_BYTES``. A record is never split.
+    """
+
+    __slots__ = ("_build", "_frames", "_records", "_buffers", "_bytes")
+
+    def __init__(self, build: Callable[[list[Any]], Any]) -> None:
+        self._build = build
+        self._frames: list[tuple[list[Any], list[Any]]] = []
+        self._records: list[Any] = []
+        self._buffers: list[Any] = []
+        self._bytes = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._records or self._frames)
+
+    def add(self, rec: Any, parts: Sequence[Any] = ()) -> None:
+        if parts:
+            size = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+            if self._records and (len(self._buffers) + len(parts) > MAX_BUFFERS
+                                  or self._bytes + size > BATCH_BYTES):
+                self._seal()
+            if len(parts) > MAX_BUFFERS:
+                raise ValueError(f"one record with {len(parts)} buffers cannot fit in a frame "
+                                 f"(at most {MAX_BUFFERS})")
+            self._buffers.extend(parts)
+            self._bytes += size
+        self._records.append(rec)
+
+    def _seal(self) -> None:
+        self._frames.append((self._records, self._buffers))
+        self._records, self._buffers, self._bytes = [], [], 0
+
+    def take(self) -> list[tuple[Any, list[Any]]]:
+        """The messages gathered so far, with their buffers; the batch is empty after."""
+        if self._records:
+            self._seal()
+        frames, self._frames = self._frames, []
+        return [(self._build(records), buffers) for records, buffers in frames]
+
+
+# -- a connection that speaks the protocol ---------------------------------------------
+Handler = Callable[[Any, list[Any]], Any]
+
+
+class Endpoint:
+    """One connection, speaking in messages: sends, requests with replies, a handler table.
+
+    Each incoming message goes to ``handlers[type(msg)]``, in order. A type missing from
+    the table is a ProtocolError that ends this connection only (the table may change
+    with the connection's state: a worker must register before anything else). For a
+    request the handler's result (or its awaited result) is the reply: ``(message,
+    buffers)``. A handler that returns an awaitable for a one-way message runs as a task,
+    so a slow one (a big chunk being sent) never holds up the messages after it.
+    """
+
+    def __init__(self, comm: Comm, handlers: Mapping[type, Handler] | None = None) -> None:
+        self.comm = comm
+        self.handlers: Mapping[type, Handler] = handlers or {}
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future[Any], type]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def peer(self) -> str:
+        return self.comm.peer
+
+    @property
+    def closed(self) -> bool:
+        return self.comm.closed
+
+    @property
+    def bytes_received(self) -> int:
+        return self.comm.parser.bytes_received
+
+    async def serve(self) -> None:
+        """Read messages until the connection ends (then raise what ended it)."""
+        comm = self.comm
+        try:
+            while True:
+                header, buffers = await comm.recv()
+                reply_to = header.get("reply_to")
+                if reply_to is not None:
+                    self._settle(reply_to, header, buffers)
+                    continue
+                msg = decode(header, len(buffers))
+                handler = self.handlers.get(type(msg))
+                if handler is None:
+                    raise ProtocolError(f"{self.peer} sent {msg.OP!r}, which is not taken here now")
+                result = handler(msg, buffers)
+                req = header.get("req")
+                if req is not None:
+                    self._spawn(self._answer(req, result))
+                elif result is not None:
+                    self._spawn(result)
+        finally:
+            err = ConnectionResetError(f"connection to {comm.peer} lost")
+            for fut, _ in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(err)
+            self._pending.clear()
+
+    def _settle(self, reply_to: Any, header: Mapping[str, Any], buffers: list[Any]) -> None:
+        entry = self._pending.pop(reply_to, None)
+        if entry is None:
+            return
+        fut, cls = entry
+        if fut.done():
+            return
+        try:
+            fut.set_result((decode(header, len(buffers), cls), buffers))
+        except ProtocolError as exc:
+            fut.set_exception(exc)
+            raise
+
+    async def _answer(self, req: int, result: Any) -> None:
+        if isinstance(result, Awaitable):
+            result = await result
+        reply, buffers = result
+        await self.comm.send({"op": "reply", "reply_to": req, "a": reply}, buffers)
+
+    def _spawn(self, aw: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(aw)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if isinstance(exc, ConnectionError):
+                logger.info("handler on %s: %s", self.peer, exc)
+            else:
+                logger.error("handler on %s failed", self.peer, exc_info=exc)
+
+    def send_nowait(self, msg: Any, buffers: Sequence[Any] = ()) -> None:
+        """Queue a message without waiting for the transport (small messages)."""
+        self.comm.send_nowait({"op": msg.OP, "a": msg}, buffers)
+
+    async def send(self, msg: Any, buffers: Sequence[Any] = ()) -> None:
+        """Send a message; large buffers go out as the transport drains."""
+        await self.comm.send({"op": msg.OP, "a": msg}, buffers)
+
+    async def send_batch(self, batch: Batch) -> None:
+        for msg, buffers in batch.take():
+            await self.send(msg, buffers)
+
+    async def request(self, msg: Any, buffers: Sequence[Any] = (),
+                      timeout: float | None = None) -> tuple[Any, list[Any]]:
+        """Send a request and wait for its reply: ``(reply message, buffers)``."""
+        rid = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = (fut, msg.REPLY)
+        try:
+            await self.comm.send({"op": msg.OP, "a": msg, "req": rid}, buffers)
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.pop(rid, None)
+
+    async def close(self) -> None:
+        self.comm.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
