@@ -153,3 +153,18 @@ def test_memory_limit_arguments_say_what_to_write():
         dagger.Cluster(memory_limit="1GiB", listen="tcp://127.0.0.1:0")
     with pytest.raises(ValueError, match="not understood"):
         dagger.Cluster(processes=1, memory_limit="lots")
+
+
+async def test_cluster_workers_is_current_as_of_the_last_completion():
+    """Completions carry the worker's memory counters: no heartbeat (and no worker_stats()
+    call) is needed for cluster.workers to show what a graph spilled."""
+    with private_dir() as base:
+        async with dagger.Cluster(processes=1, memory_limit="64MiB", spill_dir=base,
+                                  heartbeat_interval=30, heartbeat_timeout=60) as c:
+            chunks = [dagger.spawn(make, i) for i in range(8)]  # 128 MiB, all kept referenced
+            await asyncio.wait_for(dagger.wait(chunks), 60)
+            marker = dagger.spawn(total, chunks[0])  # completes after the writes above
+            assert await asyncio.wait_for(marker, 60) == expected(0)
+            (worker,) = c.workers[1:]
+            assert worker.spilled_bytes >= CHUNK
+            assert 0 < worker.memory_used <= 64 << 20
