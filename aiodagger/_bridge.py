@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -25,10 +26,11 @@ __all__ = ["Wakeup", "block_until_done", "call_soon_quietly", "run_on_loop_await
            "run_on_loop_blocking"]
 
 
-def call_soon_quietly(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:
+def call_soon_quietly(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any,
+                      context: contextvars.Context | None = None) -> bool:
     """``loop.call_soon_threadsafe(fn, *args)``; False if the loop has closed."""
     try:
-        loop.call_soon_threadsafe(fn, *args)
+        loop.call_soon_threadsafe(fn, *args, context=context)
     except RuntimeError:
         return False
     return True

@@ -22,6 +22,7 @@ import contextvars
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from ._bridge import call_soon_quietly
 from .errors import TaskCancelledError
 
 if TYPE_CHECKING:
@@ -58,13 +59,6 @@ def _set_future(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-def _call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:
-        pass  # that loop is closed: nobody is left to wake
-
-
 class _UserCallback:
     """A callback from ``add_done_callback``, run as asyncio runs them: via call_soon."""
 
@@ -77,10 +71,7 @@ class _UserCallback:
         self.context = context
 
     def __call__(self, task: DTask[Any]) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.fn, task, context=self.context)
-        except RuntimeError:
-            pass
+        call_soon_quietly(self.loop, self.fn, task, context=self.context)
 
 
 class DTask(Generic[R]):
@@ -134,7 +125,7 @@ class DTask(Generic[R]):
         self._tb: Any = None
         self._dependents: list[DTask[Any]] | None = None
         self._npending = -1  # -1 until the scheduler has registered the task
-        self._waiters: list[Callable[[DTask[Any]], None]] | None = []
+        self._waiters: list[Callable[[DTask[Any]], object]] | None = []
         self._deps: list[DTask[Any]] | None = None
         self._resolve = False
         self._attempts = 0
@@ -243,7 +234,7 @@ class DTask(Generic[R]):
         return self.result()
 
     # -- waiters -------------------------------------------------------------------------
-    def _on_done(self, cb: Callable[[DTask[Any]], None]) -> None:
+    def _on_done(self, cb: Callable[[DTask[Any]], object]) -> None:
         """Run ``cb(self)`` exactly once when done, on whichever thread completes it."""
         waiters = self._waiters
         if waiters is None or self.done():
@@ -257,12 +248,12 @@ class DTask(Generic[R]):
                 return  # completion popped it and runs it
             cb(self)
 
-    def _on_done_in(self, loop: asyncio.AbstractEventLoop, fn: Callable[[DTask[Any]], None]) -> None:
+    def _on_done_in(self, loop: asyncio.AbstractEventLoop, fn: Callable[[DTask[Any]], object]) -> None:
         """Run ``fn(self)`` on ``loop``'s thread once done (directly when that is the cluster's)."""
         if loop is self._sched.loop:
             self._on_done(fn)
         else:
-            self._on_done(lambda t: _call_in_loop(loop, fn, t))
+            self._on_done(lambda t: call_soon_quietly(loop, fn, t))
 
     def _notify(self) -> None:
         """Deliver every waiter; called by the scheduler once the task is done."""

@@ -103,6 +103,8 @@ async def test_remote_error_keeps_type_notes_and_traceback(procs):
         await t
     notes = "\n".join(info.value.__notes__)
     assert "worker 1" in notes and f"pid {procs.workers[1].pid}" in notes
+    raised_by = [n for n in info.value.__notes__ if "raised by" in n]
+    assert len(raised_by) == 1, raised_by  # said once, by the worker where it raised
     frames = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
     assert "raises_in_worker" in frames
     downstream = dagger.spawn(inc, t)

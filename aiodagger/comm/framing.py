@@ -325,9 +325,6 @@ class Comm:
                 self._reader = None
         return frames.popleft()
 
-    def recv_nowait(self) -> Frame | None:
-        return self.parser.frames.popleft() if self.parser.frames else None
-
     def closed_error(self) -> Exception:
         """Why sending is impossible: the peer's bad frame if that is what closed it."""
         if isinstance(self._error, ProtocolError):

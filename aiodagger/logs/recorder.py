@@ -19,6 +19,7 @@ import weakref
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from .._bridge import call_soon_quietly
 from ..cluster import Cluster, on_cluster_start, running_cluster
 from ..scheduler.events import Instrument
 from .records import Done, Event, Logs, Ran, Spawned
@@ -137,8 +138,6 @@ async def _snapshot_on_loop(cluster: Cluster, log: EventLog, clear: bool) -> lis
     def take() -> None:
         result.set_result(log.snapshot(clear))
 
-    try:
-        sched.loop.call_soon_threadsafe(take)
-    except RuntimeError:  # the loop closed meanwhile: nothing appends any more
+    if not call_soon_quietly(sched.loop, take):  # the loop closed: nothing appends any more
         return log.snapshot(clear)
     return await asyncio.wrap_future(result)

@@ -1,6 +1,11 @@
-"""Graph bookkeeping, dispatch and placement (internal)."""
+"""The scheduler (internal): the task graph, dispatch and placement, on the cluster's loop.
 
-from .core import Scheduler
-from .placement import Candidate, choose_processor, estimated_finish
+* :mod:`.core` - :class:`~.core.Scheduler`: tasks, the ready heap, retries, failure
+  propagation, cancellation, lineage; worker 0 through its named interface.
+* :mod:`.registry` - :class:`~.registry.WorkerRegistry`: workers in other processes,
+  reached only through :mod:`aiodagger.comm.protocol`.
+* :mod:`.placement` - the cost model, pure functions.
+* :mod:`.events` - the :class:`~.events.Instrument` event stream observers read.
 
-__all__ = ["Candidate", "Scheduler", "choose_processor", "estimated_finish"]
+It imports neither ``worker/`` nor ``memory/``: the cluster wires it to its workers.
+"""

@@ -436,7 +436,8 @@ class Scheduler:
         elif isinstance(value, asyncio.CancelledError):
             self.cancel(task)
         else:
-            self._failed_run(task, value)
+            # A worker in another process has already said where it raised.
+            self._failed_run(task, value, annotate=proc.worker_id == self._local_worker.id)
 
     def _finish(self, task: DTask[Any], value: Any) -> None:
         task._value = value
@@ -452,7 +453,7 @@ class Scheduler:
                     self._make_ready(dep, freed=True)
         task._notify()
 
-    def _failed_run(self, task: DTask[Any], exc: BaseException) -> None:
+    def _failed_run(self, task: DTask[Any], exc: BaseException, annotate: bool) -> None:
         if task._attempts < task._opts.retries:
             task._attempts += 1
             logger.info("retrying %s (attempt %d) after %r", task._describe(), task._attempts + 1, exc)
@@ -460,7 +461,7 @@ class Scheduler:
             self._disarm_timeout(task)
             self._make_ready(task)
             return
-        self._fail(task, exc, annotate=True)
+        self._fail(task, exc, annotate=annotate)
 
     def _fail(self, task: DTask[Any], exc: BaseException, annotate: bool) -> None:
         if annotate:
@@ -576,7 +577,7 @@ class Scheduler:
             task._handle = None
         self._failed_run(task, TaskTimeoutError(
             f"{task._describe()} did not finish within its timeout of {task._opts.timeout} s"
-        ))
+        ), annotate=False)
 
     # -- waiting from other threads ------------------------------------------------------
     def wait_blocking(self, task: DTask[Any], timeout: float | None) -> None:
