@@ -9,6 +9,7 @@ and for the handles of tasks spawned inside them, instead of posing as a schedul
   :class:`~aiodagger.task.Chunk` asks of whoever owns it: the cluster's scheduler, or
   the client of the scheduler inside a worker process.
 * :class:`ProcessorOwner` - what a processor (a thread pool, an event loop) reports to.
+* :class:`WorkerStatus` - a worker's life, the same for worker 0 and worker processes.
 * :class:`ThreadProcessor`, :class:`AsyncProcessor`, :class:`LocalWorkerPort` - what the scheduler asks of worker 0,
   the cluster's own process, and of its processors; :class:`LocalWorkerOwner` - what
   worker 0 reports back.
@@ -17,6 +18,7 @@ and for the handles of tasks spawned inside them, instead of posing as a schedul
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -25,7 +27,18 @@ if TYPE_CHECKING:
     from .task import DTask
 
 __all__ = ["AsyncProcessor", "LocalWorkerOwner", "LocalWorkerPort", "ProcessorOwner", "TaskOwner",
-           "ThreadProcessor"]
+           "ThreadProcessor", "WorkerStatus"]
+
+
+class WorkerStatus(enum.Enum):
+    """Where a worker is in its life; ``WorkerInfo.status`` shows the value."""
+
+    NEW = "new"
+    RUNNING = "running"
+    RETIRING = "retiring"
+    CLOSING = "closing"
+    CLOSED = "closed"
+    LOST = "lost"
 
 
 class TaskOwner(Protocol):

@@ -72,7 +72,7 @@ class Scheduler:
         # (W6: each chunk summed before it is spilled, not read back from disk later),
         # the depth-first order Dask and Dagger.jl also prefer.
         self._ready: list[tuple[int, int, int, DTask[Any]]] = []
-        self._flush_pending = False
+        self._flush_wakeup = Wakeup(loop, self._flush, threadsafe=False)
         self._inbox: deque[DTask[Any]] = deque()
         self._inbox_wakeup = Wakeup(loop, self._drain_inbox)
         self._live: set[DTask[Any]] = set()  # registered and not done
@@ -266,18 +266,15 @@ class Scheduler:
             return
         task._state = READY
         heapq.heappush(self._ready, (-task._opts.priority, 0 if freed else 1, task.id, task))
-        if not self._flush_pending:
-            self._flush_pending = True
-            self.loop.call_soon(self._flush)
+        if not self._flush_wakeup.pending:
+            self._flush_wakeup.request()
 
     def request_flush(self) -> None:
-        if self._ready and not self._flush_pending:
-            self._flush_pending = True
-            self.loop.call_soon(self._flush)
+        if self._ready and not self._flush_wakeup.pending:
+            self._flush_wakeup.request()
 
     def _flush(self) -> None:
         """Hand ready tasks to the thread pool while it has room, highest priority first."""
-        self._flush_pending = False
         ready = self._ready
         assert self.local is not None
         proc = self.local.thread_proc

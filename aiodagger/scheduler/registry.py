@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import enum
 import functools
 import itertools
 import logging
@@ -31,6 +30,7 @@ import cloudpickle
 from .._bridge import Wakeup
 from ..comm import protocol as P
 from ..errors import SerializationError
+from ..interfaces import WorkerStatus
 from ..options import ANY_SCOPE
 from ..task import FINISHED, NOWHERE, REMOTE, Chunk, DTask
 from .placement import DEFAULT_BANDWIDTH, Candidate, choose_processor
@@ -44,15 +44,6 @@ logger = logging.getLogger(__name__)
 
 # Estimated work (seconds) queued per worker thread beyond which tasks wait in the heap.
 REMOTE_HORIZON_S = 5e-3
-
-
-class WorkerStatus(enum.Enum):
-    """A remote worker's life; ``WorkerInfo.status`` shows the value."""
-
-    RUNNING = "running"
-    RETIRING = "retiring"
-    CLOSING = "closing"
-    LOST = "lost"
 
 
 class ProcView:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import enum
 import logging
 import os
 import socket
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._bridge import Wakeup
+from ..interfaces import WorkerStatus
 from ..memory import ChunkStore, SpillCorruptedError, admit
 from ..task import NOWHERE, REMOTE, DTask
 from .aio import AsyncProc
@@ -37,17 +37,6 @@ if TYPE_CHECKING:
 __all__ = ["LocalWorker", "WorkerInfo", "WorkerStatus"]
 
 logger = logging.getLogger(__name__)
-
-
-class WorkerStatus(enum.Enum):
-    """Where a worker is in its life, as ``WorkerInfo.status`` shows it (its value)."""
-
-    NEW = "new"
-    RUNNING = "running"
-    RETIRING = "retiring"
-    CLOSING = "closing"
-    CLOSED = "closed"
-    LOST = "lost"
 
 
 @dataclass(frozen=True)

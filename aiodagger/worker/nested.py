@@ -20,6 +20,7 @@ import cloudpickle
 
 from .._args import find_dependencies
 from .._bridge import (
+    Wakeup,
     block_until_done,
     call_soon_quietly,
     run_on_loop_awaitable,
@@ -54,7 +55,7 @@ class SchedulerClient:
         self._fn_cache = P.FunctionCache()
         self._spawns = P.Batch(P.Spawn)
         self._lock = threading.Lock()  # spawns come from pool threads and the loop
-        self._scheduled = False
+        self._wakeup = Wakeup(self.loop, self._flush)
         self.handles: weakref.WeakValueDictionary[int, DTask[Any]] = weakref.WeakValueDictionary()
 
     # -- spawning (any thread of the worker) ------------------------------------------------
@@ -73,17 +74,12 @@ class SchedulerClient:
         with self._lock:
             self._spawns.add(P.SpawnTask(key, fn_hash, 3 + len(parts), found),
                              (fn_bytes, opts_bytes, payload, *parts))
-            if self._scheduled:
-                return task
-            self._scheduled = True
-        if not call_soon_quietly(self.loop, self._flush):
-            with self._lock:
-                self._scheduled = False
+        if not self._wakeup.pending:
+            self._wakeup.request()
         return task
 
     def _flush(self) -> None:
         with self._lock:
-            self._scheduled = False
             frames = self._spawns.take()
         endpoint = self.worker.endpoint
         try:

@@ -24,6 +24,7 @@ from typing import Any
 
 import cloudpickle
 
+from .._bridge import Wakeup
 from .._context import current_cluster_var as _current_cluster
 from .._context import pool_thread as _pool_thread
 from ..comm import protocol as P
@@ -93,7 +94,7 @@ class WorkerProcess:
         self._fetching: dict[int, asyncio.Future[None]] = {}
         self._done = P.Batch(self._done_message)
         self._holding: list[int] = []
-        self._flush_scheduled = False
+        self._flush_wakeup: Wakeup | None = None  # made with the loop, in run()
         self._stopping = False
         self._listener: Listener | None = None
         self._last_seen = 0.0
@@ -148,9 +149,9 @@ class WorkerProcess:
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush_records)
+        wakeup = self._flush_wakeup
+        if wakeup is not None and not wakeup.pending:
+            wakeup.request()
 
     def _memory(self) -> P.Memory:
         store = self.store
@@ -160,7 +161,6 @@ class WorkerProcess:
         return P.Done(results, self._memory())
 
     def _flush_records(self) -> None:
-        self._flush_scheduled = False
         frames = self._done.take()
         holding, self._holding = self._holding, []
         endpoint = self.endpoint
@@ -177,6 +177,7 @@ class WorkerProcess:
     # -- lifecycle -----------------------------------------------------------------------
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self._flush_wakeup = Wakeup(self.loop, self._flush_records, threadsafe=False)
         self.loop_thread_id = threading.get_ident()
         # Tasks here spawn nested tasks through a client of the scheduler.
         self.client = SchedulerClient(self)
