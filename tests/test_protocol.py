@@ -1,0 +1,431 @@
+"""The wire protocol: every message and record round-trips through a real frame, and
+every malformed one is a ProtocolError naming what is wrong."""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgpack
+import pytest
+
+from aiodagger.comm import protocol as P
+from aiodagger.comm.framing import PREFIX, FrameParser, encode_frame
+from aiodagger.comm.protocol import (
+    Ack,
+    Cancel,
+    CancelSpawned,
+    Dep,
+    Done,
+    Finished,
+    Forget,
+    FunctionDef,
+    Functions,
+    Get,
+    Heartbeat,
+    Holder,
+    Holding,
+    Item,
+    Items,
+    Memory,
+    Missing,
+    Put,
+    Register,
+    Registered,
+    Release,
+    Replicate,
+    Run,
+    RunTask,
+    Shutdown,
+    Spawn,
+    SpawnTask,
+    Stats,
+    StatsReply,
+    TaskDone,
+    ValueDef,
+    Values,
+    decode,
+    encode,
+    message_types,
+    split_parts,
+)
+from aiodagger.errors import ProtocolError
+
+# -- realistic values ------------------------------------------------------------------
+FN = hashlib.sha256(b"def f(x): return x + 1").digest()
+ADDR = "tcp://127.0.0.1:40123"
+ADDR6 = "tcp://[::1]:8786"
+NAME = "tâche-名前-🚀"
+BIG = 2**64 - 1          # the largest msgpack unsigned int
+NEG = -(2**63)           # the smallest msgpack signed int
+SPAWNED = (3 << 40) + 17  # a task spawned on worker 3
+
+
+def parts(*sizes: int) -> list[bytes]:
+    return [bytes([n % 251]) * n for n in sizes]
+
+
+# One or more realistic instances of every message, with the buffers it travels with.
+SAMPLES: list[tuple[object, list[bytes]]] = [
+    (Register(NAME, 4242, "höst.example", 8, ADDR, 16 << 30), []),
+    (Register("w", 1, "h", 1, ADDR6, None), []),
+    (Registered(0), []),
+    (Registered(2**31), []),
+    (Heartbeat({}), []),
+    (Heartbeat({"memory_used": 123, "spilled_bytes": BIG, "ratio": 0.5, "name": NAME,
+                "tags": [1, "x", None, True, -2.5], 7: b"\x00\xff", "nested": {"a": []}}), []),
+    (Functions([FunctionDef(FN), FunctionDef(b"")]), parts(10, 3)),
+    (Functions([]), []),
+    (Values([ValueDef(-5, 2), ValueDef(NEG, 1)]), parts(1, 2, 3)),
+    (Values([]), []),
+    (Run([RunTask(SPAWNED, NAME, FN, "thread", 0, 3,
+                  [Dep(-7, [Holder(1, ADDR), Holder(2, ADDR6)]), Dep(8, [])],
+                  True, True, [-7, 8, BIG]),
+          RunTask(1, "", b"", "async", 2**40, 1, [], False, False, [])]), parts(5, 6, 7, 8)),
+    (Run([]), []),
+    (Done([Finished(1, 0, "ok", BIG, 12345.678, 0.25, 2, []),
+           Finished(2, 1, "error", 0, 0, 0.0, 1, []),
+           Finished(-3, 0, "missing", 0, 1.5, 2, 0, [Missing(-9, [1, 2]), Missing(NEG, [])]),
+           Finished(4, 0, "cancelled", 0, 0.0, 0.0, 0, []),
+           Finished(5, 0, "ok", 24, 1e-9, 1e9, 0, [])],
+          Memory(2**40, BIG, 3, 5)), parts(9, 1, 40)),
+    (Done([], Memory(0, 0, 0, 0)), []),
+    (Holding([-1, 2, NEG, BIG]), []),
+    (Holding([]), []),
+    (Cancel([SPAWNED, 1]), []),
+    (Release([BIG, NEG]), []),
+    (Put(-4), parts(5, 100_000)),  # the second is read in place by the parser
+    (Put(SPAWNED), parts(0)),
+    (Get([1, -2, BIG]), []),
+    (Get([]), []),
+    (Items([Item(1, 2), Item(-2, 1)], [BIG]), parts(3, 4, 5)),
+    (Items([], [1, 2]), []),
+    (Stats(), []),
+    (StatsReply({"rss": 1 << 30, "workers": {"a": [1, 2]}, "名前": None}), []),
+    (Ack(), []),
+    (Replicate([Dep(-1, [Holder(0, ADDR)]), Dep(NEG, [])]), []),
+    (Replicate([]), []),
+    (Shutdown(), []),
+    (Spawn([SpawnTask(SPAWNED, FN, 3, False), SpawnTask(SPAWNED + 1, FN, 5, True)]),
+     parts(*range(1, 9))),
+    (Spawn([]), []),
+    (TaskDone(SPAWNED, "finished", [], ""), parts(7, 8)),
+    (TaskDone(SPAWNED, "finished", [Holder(3, ADDR), Holder(4, ADDR6)], ""), []),
+    (TaskDone(1, "failed", [], "ZeroDivisionError: ✗"), parts(40)),
+    (TaskDone(2, "cancelled", [], "cancelled by the caller"), []),
+    (Forget([SPAWNED]), []),
+    (CancelSpawned([]), []),
+]
+
+RECORD_TYPES = {Holder, Dep, FunctionDef, ValueDef, RunTask, Missing, Finished, Memory, Item,
+                SpawnTask}
+
+
+def sample_id(sample) -> str:
+    msg, buffers = sample
+    return f"{type(msg).__name__}-{SAMPLES.index(sample)}"
+
+
+def takes_any_buffers(msg) -> bool:
+    """The messages whose buffer count is the sender's choice (at least one): a value's
+    pickle and its buffers, sent by itself."""
+    return type(msg) is Put or (type(msg) is TaskDone and msg.status == "finished"
+                                and not msg.holders)
+
+
+# -- the wire ----------------------------------------------------------------------------
+def over_the_wire(header: dict, buffers=()) -> tuple[dict, list]:
+    """One frame through the real encoder and parser: what the peer's decode() sees."""
+    parser = FrameParser()
+    data = b"".join(bytes(p) for p in encode_frame(header, buffers))
+    pos = 0
+    while pos < len(data):
+        target = parser.get_buffer()
+        n = min(len(target), len(data) - pos)
+        target[:n] = data[pos:pos + n]
+        parser.advance(n)
+        pos += n
+    (frame,) = parser.frames
+    return frame
+
+
+def wire_decode(header: dict, nbuffers: int = 0):
+    """decode() of a header as it arrives: msgpack lists where tuples were sent."""
+    got, _ = over_the_wire(header)
+    return decode(got, nbuffers)
+
+
+def assert_same(got, want, path="msg") -> None:
+    """Equal, and of the same types all the way down: records come back as records."""
+    assert type(got) is type(want), f"{path}: {type(got).__name__}, not {type(want).__name__}"
+    if isinstance(want, tuple):
+        assert len(got) == len(want), path
+        names = getattr(want, "_fields", range(len(want)))
+        for name, g, w in zip(names, got, want, strict=True):
+            assert_same(g, w, f"{path}.{name}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_same(g, w, f"{path}[{i}]")
+    elif isinstance(want, dict):
+        assert list(got) == list(want), path
+        for key in want:
+            assert_same(got[key], want[key], f"{path}[{key!r}]")
+    else:
+        assert got == want, path
+
+
+def record_types_in(value) -> set[type]:
+    found: set[type] = set()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        if type(value) not in message_types().values():
+            found.add(type(value))
+    if isinstance(value, list | tuple):
+        for item in value:
+            found |= record_types_in(item)
+    return found
+
+
+# -- round trips -----------------------------------------------------------------------
+def test_every_message_type_has_a_round_trip_sample():
+    """A new op without a sample here fails: every message type is round-tripped below."""
+    types = message_types()
+    assert all(cls.OP == op for op, cls in types.items())
+    assert {type(msg) for msg, _ in SAMPLES} == set(types.values())
+
+
+def test_every_record_type_has_a_round_trip_sample():
+    """Every record class of the protocol module appears, nested, in some sample."""
+    declared = {obj for obj in vars(P).values()
+                if isinstance(obj, type) and issubclass(obj, tuple) and hasattr(obj, "_fields")
+                and obj not in message_types().values()}
+    assert declared == RECORD_TYPES
+    assert set().union(*(record_types_in(msg) for msg, _ in SAMPLES)) == RECORD_TYPES
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=sample_id)
+def test_message_round_trips_through_a_frame(sample):
+    """encode -> frame bytes -> parser -> decode gives back the message, typed all the way down."""
+    msg, buffers = sample
+    header, got = over_the_wire(encode(msg), buffers)
+    assert header["op"] == msg.OP and set(header) == {"op", "a"}
+    assert_same(decode(header, len(got)), msg)
+    assert [bytes(b) for b in got] == buffers
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=sample_id)
+def test_message_round_trips_through_msgpack(sample):
+    """The header alone through msgpack, packed and unpacked exactly as the wire does."""
+    msg, buffers = sample
+    raw = msgpack.packb(encode(msg), use_bin_type=True)
+    header = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    assert_same(decode(header, len(buffers)), msg)
+
+
+@pytest.mark.parametrize("reply", [Registered(7), Items([Item(-1, 1)], [2]),
+                                   StatsReply({"a": 1}), Ack()], ids=lambda m: type(m).__name__)
+def test_reply_decodes_as_the_type_its_request_expects(reply):
+    """A reply's header says op "reply": decode(header, n, cls) checks it as ``cls``."""
+    nbuffers = sum(i.nparts for i in reply.items) if type(reply) is Items else 0
+    header, _ = over_the_wire({"op": "reply", "reply_to": 3, "a": reply})
+    assert_same(decode(header, nbuffers, type(reply)), reply)
+
+
+def test_requests_name_their_reply_types():
+    """Each request says what its reply decodes as; one-way messages have none."""
+    replies = {cls: cls.REPLY for cls in message_types().values() if cls.REPLY is not None}
+    assert replies == {Register: Registered, Get: Items, Stats: StatsReply, Replicate: Ack}
+
+
+def test_split_parts_gives_each_record_its_own_buffers():
+    """Each record gets the next ``nparts`` buffers, in order; a record with none gets none."""
+    (done, buffers), = [s for s in SAMPLES if type(s[0]) is Done and s[0].results]
+    header, got = over_the_wire(encode(done), buffers)
+    msg = decode(header, len(got))
+    split = [(rec.key, [bytes(b) for b in bufs]) for rec, bufs in split_parts(msg.results, got)]
+    assert split == [(1, buffers[0:2]), (2, buffers[2:3]), (-3, []), (4, []), (5, [])]
+    (run, run_buffers), = [s for s in SAMPLES if type(s[0]) is Run and s[0].tasks]
+    assert [(t.key, list(b)) for t, b in split_parts(run.tasks, run_buffers)] == [
+        (SPAWNED, run_buffers[:3]), (1, run_buffers[3:])]
+    assert list(split_parts([], [])) == []
+
+
+# -- malformed messages ------------------------------------------------------------------
+RUN_TASK = [5, "f", b"h", "thread", 0, 1, [], False, False, []]
+FINISHED = [5, 0, "ok", 10, 1.0, 0.5, 0, []]
+MEMORY = [0, 0, 0, 0]
+HOLDER = [1, ADDR]
+
+
+def run(*tasks, nbuffers=1):
+    return {"op": "run", "a": [list(tasks)]}, nbuffers
+
+
+def done(*results, memory=MEMORY, nbuffers=0):
+    return {"op": "done", "a": [list(results), memory]}, nbuffers
+
+
+def with_field(base: list, i: int, value) -> list:
+    out = list(base)
+    out[i] = value
+    return out
+
+
+# A value of a wrong type for each field of RunTask and Finished.
+WRONG_RUN_TASK = ["5", b"f", "h", None, 1.5, "1", {}, 1, None, [1, "2"]]
+WRONG_FINISHED = [None, "0", b"ok", -1, "1.0", None, 1.5, {}]
+
+MALFORMED = [
+    # wrong field count, of a message and of its records
+    ("RunTask 9 fields", *run(RUN_TASK[:-1]), r"malformed RunTask: expected 10 fields"),
+    ("RunTask 11 fields", *run([*RUN_TASK, 0]), r"malformed RunTask: expected 10 fields"),
+    ("Finished 7 fields", *done(FINISHED[:-1]), r"malformed Finished: expected 8 fields"),
+    ("Memory 3 fields", *done(memory=[0, 0, 0]), r"malformed Memory: expected 4 fields"),
+    ("Get no fields", {"op": "get", "a": []}, 0, r"malformed Get: expected 1 fields"),
+    ("Get 2 fields", {"op": "get", "a": [[1], [2]]}, 0, r"malformed Get: expected 1 fields"),
+    ("Stats a field", {"op": "stats", "a": [1]}, 0, r"malformed Stats: expected 0 fields"),
+    ("Done 1 field", {"op": "done", "a": [[]]}, 0, r"malformed Done: expected 2 fields"),
+    # a wrong type in each field of RunTask and Finished
+    *[(f"RunTask.{field}", *run(with_field(RUN_TASK, i, WRONG_RUN_TASK[i])),
+       rf"malformed RunTask: field {field} is")
+      for i, field in enumerate(RunTask._fields)],
+    *[(f"Finished.{field}", *done(with_field(FINISHED, i, WRONG_FINISHED[i])),
+       rf"malformed Finished: field {field} is")
+      for i, field in enumerate(Finished._fields)],
+    # bool is not taken for an int, a count or a float
+    ("RunTask.key bool", *run(with_field(RUN_TASK, 0, True)), r"RunTask: field key is bool True"),
+    ("RunTask.nparts bool", *run(with_field(RUN_TASK, 5, True)), r"RunTask: field nparts is bool"),
+    ("Finished.size bool", *done(with_field(FINISHED, 3, False)), r"Finished: field size is bool"),
+    ("Finished.start bool", *done(with_field(FINISHED, 4, True)), r"Finished: field start is bool"),
+    ("Holder.worker bool", *run(with_field(RUN_TASK, 6, [[1, [[True, ADDR]]]])),
+     r"malformed Holder: field worker is bool"),
+    ("Get keys bool", {"op": "get", "a": [[1, True]]}, 0, r"malformed Get: field keys is bool"),
+    ("Registered bool", {"op": "registered", "a": [False]}, 0,
+     r"malformed Registered: field worker_id is bool"),
+    ("Register.memory_limit bool", {"op": "register", "a": ["w", 1, "h", 1, ADDR, False]}, 0,
+     r"malformed Register: field memory_limit is bool"),
+    ("Register.memory_limit str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, "16G"]}, 0,
+     r"malformed Register: field memory_limit is str"),
+    # negative counts
+    ("RunTask.nparts -1", *run(with_field(RUN_TASK, 5, -1)), r"RunTask: field nparts is int -1"),
+    ("Finished.nparts -1", *done(with_field(FINISHED, 6, -1)), r"Finished: field nparts is int -1"),
+    ("ValueDef.nparts -1", {"op": "values", "a": [[[1, -1]]]}, 0, r"ValueDef: field nparts is int"),
+    ("Item.nparts -1", {"op": "items", "a": [[[1, -1]], []]}, 0, r"Item: field nparts is int"),
+    ("SpawnTask.nparts -1", {"op": "spawn", "a": [[[1, b"h", -1, False]]]}, 0,
+     r"SpawnTask: field nparts is int"),
+    ("Memory.running -1", *done(memory=[0, 0, 0, -1]), r"Memory: field running is int -1"),
+    # statuses that do not exist
+    ("Finished status", *done(with_field(FINISHED, 2, "weird")),
+     r"malformed Finished: unknown status 'weird'"),
+    ("TaskDone status", {"op": "task-done", "a": [1, "done", [], ""]}, 0,
+     r"malformed TaskDone: unknown status 'done'"),
+    # parts that cannot make a whole record
+    ("RunTask no parts", *run(with_field(RUN_TASK, 5, 0), nbuffers=0), r"malformed RunTask: 0 part"),
+    ("RunTask callbacks, 1 part", *run(with_field(RUN_TASK, 7, True)), r"malformed RunTask: 1 part"),
+    ("SpawnTask 2 parts", {"op": "spawn", "a": [[[1, b"h", 2, False]]]}, 2,
+     r"malformed SpawnTask: 2 part"),
+    ("ValueDef no parts", {"op": "values", "a": [[[1, 0]]]}, 0, r"malformed ValueDef"),
+    ("Item no parts", {"op": "items", "a": [[[1, 0]], []]}, 0, r"malformed Item"),
+    ("Finished error 0 parts", *done(with_field(FINISHED, 2, "error")),
+     r"malformed Finished: status 'error' with 0 part"),
+    ("Finished missing 1 part", *done(with_field(FINISHED, 2, "missing")[:6] + [1, []], nbuffers=1),
+     r"malformed Finished: status 'missing' with 1 part"),
+    ("Finished cancelled 2 parts",
+     *done(with_field(FINISHED, 2, "cancelled")[:6] + [2, []], nbuffers=2),
+     r"malformed Finished: status 'cancelled' with 2 part"),
+    # buffers that do not match what the records announce
+    ("run 2 parts, 1 buffer", *run(with_field(RUN_TASK, 5, 2), nbuffers=1),
+     r"run announces 2 buffer\(s\) and came with 1"),
+    ("run 1 part, 2 buffers", *run(RUN_TASK, nbuffers=2), r"run announces 1 buffer\(s\) and came with 2"),
+    ("functions 2 defs, 3 buffers", {"op": "functions", "a": [[[b"a"], [b"b"]]]}, 3,
+     r"functions announces 2 buffer"),
+    ("done ok 2 parts, 0 buffers", *done(with_field(FINISHED, 6, 2)), r"done announces 2 buffer"),
+    ("items 1 part, 0 buffers", {"op": "items", "a": [[[1, 1]], []]}, 0, r"items announces 1"),
+    ("put without buffers", {"op": "put", "a": [1]}, 0, r"put came without the buffers"),
+    ("get with a buffer", {"op": "get", "a": [[1]]}, 1, r"get announces 0 buffer\(s\) and came with 1"),
+    ("ack with a buffer", {"op": "ack", "a": []}, 1, r"ack announces 0 buffer"),
+    ("task-done cancelled, 1 buffer", {"op": "task-done", "a": [1, "cancelled", [], ""]}, 1,
+     r"task-done announces 0 buffer"),
+    ("task-done finished remotely, 1 buffer", {"op": "task-done", "a": [1, "finished", [HOLDER], ""]},
+     1, r"task-done announces 0 buffer"),
+    ("task-done finished, no value", {"op": "task-done", "a": [1, "finished", [], ""]}, 0,
+     r"task-done came without the buffers"),
+    ("task-done failed, no error", {"op": "task-done", "a": [1, "failed", [], ""]}, 0,
+     r"task-done (came without the buffers|announces 1 buffer)"),
+    # "failed" carries exactly one part, its error, whatever the holders say
+    ("task-done failed with holders, no error", {"op": "task-done", "a": [1, "failed", [HOLDER], ""]},
+     0, r"task-done (came without the buffers|announces 1 buffer)"),
+    ("task-done failed, 2 buffers", {"op": "task-done", "a": [1, "failed", [], ""]}, 2,
+     r"task-done announces 1 buffer\(s\) and came with 2"),
+    # ops that do not exist
+    ("unknown op", {"op": "nope", "a": []}, 0, r"unknown op 'nope'"),
+    ("empty op", {"op": "", "a": []}, 0, r"unknown op ''"),
+    ("a reply without its type", {"op": "reply", "reply_to": 1, "a": []}, 0, r"unknown op 'reply'"),
+    # "a" missing, or not a list
+    ("get without a", {"op": "get"}, 0, r"malformed Get: expected 1 fields in a list, got tuple"),
+    ("stats without a", {"op": "stats"}, 0, r"malformed Stats: expected 0 fields in a list"),
+    ("a is a map", {"op": "get", "a": {"keys": [1]}}, 0, r"malformed Get: .* got dict"),
+    ("a is a str", {"op": "holding", "a": "1"}, 0, r"malformed Holding: .* got str"),
+    ("a is nil", {"op": "shutdown", "a": None}, 0, r"malformed Shutdown: .* got NoneType"),
+    ("a is an int", {"op": "cancel", "a": 5}, 0, r"malformed Cancel: .* got int"),
+    ("a is bytes", {"op": "release", "a": b"\x91\x01"}, 0, r"malformed Release: .* got bytes"),
+    # nested records malformed
+    ("Run.tasks a map", {"op": "run", "a": [{"x": 1}]}, 0, r"malformed Run: field tasks is dict"),
+    ("RunTask not a list", {"op": "run", "a": [[5]]}, 0, r"malformed RunTask: expected 10 fields"),
+    ("Dep.holders a str", *run(with_field(RUN_TASK, 6, [[1, "x"]])), r"malformed Dep: field holders"),
+    ("Dep 1 field", *run(with_field(RUN_TASK, 6, [[1]])), r"malformed Dep: expected 2 fields"),
+    ("Holder 1 field", *run(with_field(RUN_TASK, 6, [[1, [[1]]]])), r"malformed Holder: expected 2"),
+    ("Holder.address int", *run(with_field(RUN_TASK, 6, [[1, [[1, 2]]]])),
+     r"malformed Holder: field address is int 2"),
+    ("Done.memory nil", *done(memory=None), r"malformed Memory: expected 4 fields .* got NoneType"),
+    ("Missing.holders str", *done(FINISHED[:2] + ["missing"] + FINISHED[3:7] + [[[1, ["1"]]]]),
+     r"malformed Missing: field holders is str '1'"),
+    ("Replicate Holder 3 fields", {"op": "replicate", "a": [[[1, [[1, ADDR, 3]]]]]}, 0,
+     r"malformed Holder: expected 2 fields"),
+    ("Items.items not records", {"op": "items", "a": [[1], []]}, 0, r"malformed Item: expected 2"),
+    ("Items.missing a str", {"op": "items", "a": [[], "12"]}, 0, r"malformed Items: field missing"),
+    ("SpawnTask.refs int", {"op": "spawn", "a": [[[1, b"h", 3, 1]]]}, 3,
+     r"malformed SpawnTask: field refs is int 1"),
+    ("FunctionDef.hash str", {"op": "functions", "a": [[["h"]]]}, 1,
+     r"malformed FunctionDef: field hash is str"),
+    ("ValueDef 1 field", {"op": "values", "a": [[[1]]]}, 1, r"malformed ValueDef: expected 2"),
+    ("Heartbeat.stats a list", {"op": "heartbeat", "a": [[1, 2]]}, 0,
+     r"malformed Heartbeat: field stats is list"),
+    ("TaskDone.holders records", {"op": "task-done", "a": [1, "cancelled", [[1, b"a"]], ""]}, 0,
+     r"malformed Holder: field address is bytes"),
+]
+
+
+@pytest.mark.parametrize("header, nbuffers, match", [m[1:] for m in MALFORMED],
+                         ids=[m[0] for m in MALFORMED])
+def test_malformed_message_is_a_protocol_error(header, nbuffers, match):
+    """Each malformed message raises ProtocolError naming the record and field, nothing else."""
+    with pytest.raises(ProtocolError, match=match):
+        wire_decode(header, nbuffers)
+
+
+def nested(depth: int) -> bytes:
+    """A msgpack array nested ``depth`` deep around an empty one, built by hand: msgpack's
+    packer refuses such depth, a hostile peer's bytes need not."""
+    return b"\x91" * depth + b"\x90"
+
+
+@pytest.mark.parametrize("op", ["get", "run", "heartbeat"])
+def test_deeply_nested_field_is_a_protocol_error(op):
+    """A field nested as deep as msgpack allows is reported as ProtocolError, not RecursionError."""
+    head = b"\x82" + msgpack.packb("op") + msgpack.packb(op) + msgpack.packb("a") + nested(1020)
+    frame = PREFIX.pack(b"AG", 0, len(head)) + head
+    parser = FrameParser()
+    parser.get_buffer()[:len(frame)] = frame
+    parser.advance(len(frame))
+    (header, _), = parser.frames
+    with pytest.raises(ProtocolError, match=r"malformed (Get|RunTask|Heartbeat)"):
+        decode(header, 0)
+
+
+def test_valid_edge_values_are_taken():
+    """The edges of each type are valid: nil memory limit, zero counts, an int for a float."""
+    assert wire_decode({"op": "register", "a": ["", 0, "", 0, "", None]}).memory_limit is None
+    msg = wire_decode({"op": "done", "a": [[[0, 0, "ok", 0, 0, 0, 0, []]], MEMORY]})
+    assert msg.results[0].start == 0 and type(msg.results[0]) is Finished
+    task = wire_decode({"op": "run", "a": [[[5, "f", b"h", "thread", 0, 2, [], True, False, []]]]}, 2)
+    assert task.tasks[0].callbacks is True and task.tasks[0].nparts == 2
