@@ -1,15 +1,19 @@
 """The wire protocol: every message and record round-trips through a real frame, and
-every malformed one is a ProtocolError naming what is wrong."""
+every malformed one (fuzzed too) is a ProtocolError naming what is wrong."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import warnings
 
 import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from aiodagger.comm import protocol as P
-from aiodagger.comm.framing import PREFIX, FrameParser, encode_frame
+from aiodagger.comm.framing import MAX_BUFFERS, PREFIX, FrameParser, encode_frame
 from aiodagger.comm.protocol import (
     Ack,
     Cancel,
@@ -49,6 +53,14 @@ from aiodagger.comm.protocol import (
     split_parts,
 )
 from aiodagger.errors import ProtocolError
+
+# When a hypothesis test fails, hypothesis imports libcst to suggest a patch, and that
+# import warns (DeprecationWarning, from mypy_extensions); with warnings as errors the
+# report of the failure itself is lost. Imported once here, that warning ignored.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    with contextlib.suppress(ImportError):
+        import hypothesis.extra._patching  # noqa: F401
 
 # -- realistic values ------------------------------------------------------------------
 FN = hashlib.sha256(b"def f(x): return x + 1").digest()
@@ -429,3 +441,121 @@ def test_valid_edge_values_are_taken():
     assert msg.results[0].start == 0 and type(msg.results[0]) is Finished
     task = wire_decode({"op": "run", "a": [[[5, "f", b"h", "thread", 0, 2, [], True, False, []]]]}, 2)
     assert task.tasks[0].callbacks is True and task.tasks[0].nparts == 2
+
+
+# -- fuzzing the record decoders ---------------------------------------------------------
+def fuzz(examples: int, deadline_ms: int = 1000) -> settings:
+    return settings(max_examples=examples, deadline=deadline_ms, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.integers(-3, 3)
+           | st.floats(allow_nan=False) | st.text(max_size=8) | st.binary(max_size=16)
+           | st.sampled_from(["ok", "error", "missing", "cancelled", "finished", "failed",
+                              "thread", ""]))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                      | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=8)
+OPS = sorted(message_types())
+
+
+def field_lists(op: str):
+    """Values for "a": sometimes anything, often a list of the message's field count."""
+    n = len(message_types()[op]._fields)
+    return st.lists(values, min_size=n, max_size=n) | values
+
+
+def decodes_or_refuses(header: dict, nbuffers: int):
+    """The property: decode() returns a message of the header's op, or raises ProtocolError."""
+    try:
+        got, _ = over_the_wire(header)
+    except ProtocolError:
+        return None  # not a frame the peer's parser accepts (e.g. a header past its limit)
+    try:
+        msg = decode(got, nbuffers)
+    except ProtocolError:
+        return None
+    assert type(msg) is message_types()[header["op"]]
+    # what was taken is well formed: it survives a round trip unchanged
+    assert_same(wire_decode(encode(msg), nbuffers), msg)
+    return msg
+
+
+@fuzz(300)
+@given(data=st.data(), nbuffers=st.integers(0, 4))
+def test_random_fields_for_every_op(data, nbuffers):
+    """Random msgpack values as "a" of every known op: a message of that op, or ProtocolError."""
+    op = data.draw(st.sampled_from(OPS), label="op")
+    decodes_or_refuses({"op": op, "a": data.draw(field_lists(op), label="a")}, nbuffers)
+
+
+def node_paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, list):
+        for i, child in enumerate(node):
+            yield from node_paths(child, (*prefix, i))
+
+
+def node_at(a, path):
+    for i in path:
+        a = a[i]
+    return a
+
+
+def mutate(data, a):
+    """One edit of a message's field list: a node replaced by a random value or wrapped in
+    a list, an element dropped from or appended to a list."""
+    path = data.draw(st.sampled_from(list(node_paths(a))), label="path")
+    kind = data.draw(st.sampled_from(["replace", "wrap", "drop", "append"]), label="kind")
+    if kind in ("drop", "append"):
+        target = node_at(a, path if isinstance(node_at(a, path), list) else path[:-1])
+        if not isinstance(target, list):
+            return a
+        if kind == "append":
+            target.append(data.draw(values, label="value"))
+        elif target:
+            del target[data.draw(st.integers(0, len(target) - 1), label="index")]
+        return a
+    new = data.draw(values, label="value") if kind == "replace" else [node_at(a, path)]
+    if not path:
+        return new
+    node_at(a, path[:-1])[path[-1]] = new
+    return a
+
+
+@fuzz(400)
+@given(data=st.data())
+def test_mutated_valid_messages(data):
+    """Valid messages of every type with their field lists edited: the message, or ProtocolError."""
+    msg, buffers = data.draw(st.sampled_from(SAMPLES), label="sample")
+    header, _ = over_the_wire(encode(msg))  # plain lists, as they come off the wire
+    a = header["a"]
+    for _ in range(data.draw(st.integers(1, 3), label="edits")):
+        a = mutate(data, a)
+    decodes_or_refuses({"op": msg.OP, "a": a}, len(buffers))
+
+
+def check_buffer_count(msg, nbuffers: int, sent: int) -> None:
+    """decode() takes ``msg`` with ``nbuffers`` buffers only if that is what it announces."""
+    header, _ = over_the_wire(encode(msg))
+    if nbuffers == sent or (takes_any_buffers(msg) and nbuffers >= 1):
+        assert_same(decode(header, nbuffers), msg)
+    else:
+        with pytest.raises(ProtocolError, match=r"buffer"):
+            decode(header, nbuffers)
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=sample_id)
+def test_buffer_counts_next_to_the_announced_one(sample):
+    """One buffer less or more than announced, none, or a frame's worth: ProtocolError."""
+    msg, buffers = sample
+    for nbuffers in {-1, 0, 1, len(buffers) - 1, len(buffers), len(buffers) + 1, MAX_BUFFERS}:
+        check_buffer_count(msg, nbuffers, len(buffers))
+
+
+@fuzz(200)
+@given(sample=st.sampled_from(SAMPLES),
+       nbuffers=st.integers(-(2**63), 2**63) | st.integers(0, 2 * MAX_BUFFERS))
+def test_random_buffer_counts(sample, nbuffers):
+    """A valid message is taken only with the buffers its records announce."""
+    msg, buffers = sample
+    check_buffer_count(msg, nbuffers, len(buffers))
