@@ -1,5 +1,6 @@
-"""The wire protocol: every message and record round-trips through a real frame, and
-every malformed one (fuzzed too) is a ProtocolError naming what is wrong."""
+"""The wire protocol: every message and record round-trips through a real frame, every
+malformed one is a ProtocolError naming what is wrong, and Batch splits within a
+frame's limits."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from aiodagger.comm import protocol as P
 from aiodagger.comm.framing import MAX_BUFFERS, PREFIX, FrameParser, encode_frame
 from aiodagger.comm.protocol import (
     Ack,
+    Batch,
     Cancel,
     CancelSpawned,
     Dep,
@@ -559,3 +561,92 @@ def test_random_buffer_counts(sample, nbuffers):
     """A valid message is taken only with the buffers its records announce."""
     msg, buffers = sample
     check_buffer_count(msg, nbuffers, len(buffers))
+
+
+# -- Batch -------------------------------------------------------------------------------
+def task(key: int, nparts: int = 1) -> RunTask:
+    return RunTask(key, f"t{key}", FN, "thread", 0, nparts, [], False, False, [])
+
+
+def sent(batch: Batch) -> list[tuple[object, list]]:
+    """The batch's messages as the peer decodes them."""
+    out = []
+    for msg, buffers in batch.take():
+        header, got = over_the_wire(encode(msg), buffers)
+        out.append((decode(header, len(got)), got))
+    return out
+
+
+def test_batch_splits_at_the_frame_buffer_limit():
+    """5,000 one-part records: two frames within MAX_BUFFERS, in order, each decodable."""
+    batch = Batch(Run)
+    for key in range(5000):
+        batch.add(task(key), [key.to_bytes(2, "big")])
+    frames = sent(batch)
+    assert [len(msg.tasks) for msg, _ in frames] == [MAX_BUFFERS, 5000 - MAX_BUFFERS]
+    assert all(len(buffers) <= MAX_BUFFERS for _, buffers in frames)
+    pairs = [(t.key, bytes(b[0])) for msg, buffers in frames for t, b in split_parts(msg.tasks, buffers)]
+    assert pairs == [(key, key.to_bytes(2, "big")) for key in range(5000)]
+
+
+def test_batch_never_splits_a_record():
+    """Records of several parts fill a frame up to the limit; the one that would pass it starts the next."""
+    batch = Batch(Run)
+    for key in range(4):
+        batch.add(task(key, 1500), [b"x"] * 1500)
+    frames = sent(batch)
+    assert [[t.key for t in msg.tasks] for msg, _ in frames] == [[0, 1], [2, 3]]
+    assert [len(b) for _, b in frames] == [3000, 3000]
+    batch.add(task(9, MAX_BUFFERS), [b"y"] * MAX_BUFFERS)  # exactly a frame's worth fits
+    assert [len(b) for _, b in sent(batch)] == [MAX_BUFFERS]
+
+
+def test_batch_splits_at_batch_bytes(monkeypatch):
+    """Past BATCH_BYTES the frame is sealed; a record bigger than that goes alone, whole."""
+    monkeypatch.setattr(P, "BATCH_BYTES", 100)
+    batch = Batch(Run)
+    batch.add(task(1), [b"a" * 40])
+    batch.add(task(2), [memoryview(b"b" * 60)])           # 100: still within
+    batch.add(task(3), [b"c" * 1])                        # 101: a new frame
+    batch.add(task(4, 2), [b"d" * 150, bytearray(10)])    # alone, never split
+    batch.add(task(5), [b"e" * 5])
+    frames = sent(batch)
+    assert [[t.key for t in msg.tasks] for msg, _ in frames] == [[1, 2], [3], [4], [5]]
+    assert [[len(b) for b in bufs] for _, bufs in frames] == [[40, 60], [1], [150, 10], [5]]
+
+
+def test_batch_records_without_parts_stay_in_the_current_frame():
+    """Records with no parts never seal a frame, and keep their place among the others."""
+    batch = Batch(lambda results: Done(results, Memory(1, 2, 3, 4)))
+    batch.add(Finished(1, 0, "cancelled", 0, 0.0, 0.0, 0, []))
+    batch.add(Finished(2, 0, "ok", 3, 0.0, 0.0, 1, []), [b"abc"])
+    batch.add(Finished(3, 0, "missing", 0, 0.0, 0.0, 0, [Missing(-1, [2])]))
+    ((msg, buffers),) = sent(batch)
+    assert [r.key for r in msg.results] == [1, 2, 3] and msg.memory == Memory(1, 2, 3, 4)
+    assert [bytes(b) for b in buffers] == [b"abc"]
+
+
+def test_take_empties_the_batch():
+    """take() hands everything over once: the batch is false and empty after."""
+    batch = Batch(Holding)
+    assert not batch and batch.take() == []
+    batch.add(1)
+    batch.add(2)
+    assert batch
+    assert batch.take() == [(Holding([1, 2]), [])]
+    assert not batch and batch.take() == []
+    batch.add(3)
+    assert batch.take() == [(Holding([3]), [])]
+
+
+def test_one_record_past_the_buffer_limit_is_a_value_error():
+    """A record of more than MAX_BUFFERS parts cannot be sent: ValueError, nothing lost."""
+    batch = Batch(Run)
+    batch.add(task(1), [b"a"])
+    too_many = rf"one record with {MAX_BUFFERS + 1} buffers cannot fit in a frame \(at most {MAX_BUFFERS}\)"
+    with pytest.raises(ValueError, match=too_many):
+        batch.add(task(2, MAX_BUFFERS + 1), [b"b"] * (MAX_BUFFERS + 1))
+    batch.add(task(3), [b"c"])
+    frames = sent(batch)
+    assert [t.key for msg, _ in frames for t in msg.tasks] == [1, 3]
+    assert [bytes(b) for _, bufs in frames for b in bufs] == [b"a", b"c"]
