@@ -1,11 +1,14 @@
 """The wire protocol: every message and record round-trips through a real frame, every
-malformed one is a ProtocolError naming what is wrong, and Batch splits within a
-frame's limits."""
+malformed one is a ProtocolError naming what is wrong, Batch splits within a frame's
+limits, and an Endpoint over a real connection dispatches, replies and ends only the
+connection that sent something it does not take."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
+import re
 import warnings
 
 import msgpack
@@ -14,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aiodagger.comm import protocol as P
-from aiodagger.comm.framing import MAX_BUFFERS, PREFIX, FrameParser, encode_frame
+from aiodagger.comm.framing import MAX_BUFFERS, PREFIX, FrameParser, encode_frame, open_comm
+from aiodagger.comm.handshake import client_handshake, new_token
 from aiodagger.comm.protocol import (
     Ack,
     Batch,
@@ -22,6 +26,7 @@ from aiodagger.comm.protocol import (
     CancelSpawned,
     Dep,
     Done,
+    Endpoint,
     Finished,
     Forget,
     FunctionDef,
@@ -54,6 +59,7 @@ from aiodagger.comm.protocol import (
     message_types,
     split_parts,
 )
+from aiodagger.comm.server import Listener
 from aiodagger.errors import ProtocolError
 
 # When a hypothesis test fails, hypothesis imports libcst to suggest a patch, and that
@@ -650,3 +656,256 @@ def test_one_record_past_the_buffer_limit_is_a_value_error():
     frames = sent(batch)
     assert [t.key for msg, _ in frames for t in msg.tasks] == [1, 3]
     assert [bytes(b) for _, bufs in frames for b in bufs] == [b"a", b"c"]
+
+
+# -- Endpoint over a real connection -----------------------------------------------------
+class Server:
+    """A Listener whose connections are Endpoints; ``tables(endpoint)`` is each one's handlers."""
+
+    def __init__(self, tables) -> None:
+        self.tables = tables
+        self.token = new_token()
+        self.listener = Listener(self._handle, self.token)
+        self.ended: asyncio.Queue[BaseException] = asyncio.Queue()  # what ended each connection
+
+    async def _handle(self, comm, info) -> None:
+        endpoint = Endpoint(comm)
+        endpoint.handlers = self.tables(endpoint)
+        try:
+            await endpoint.serve()
+        except BaseException as exc:
+            self.ended.put_nowait(exc)
+            raise
+        finally:
+            await endpoint.close()
+
+    async def next_end(self) -> BaseException:
+        return await asyncio.wait_for(self.ended.get(), 10)
+
+    @contextlib.asynccontextmanager
+    async def connect(self, handlers=None):
+        """A client Endpoint, served in the background: (endpoint, its serve() task)."""
+        comm = await open_comm("127.0.0.1", self.listener.port)
+        await asyncio.wait_for(client_handshake(comm, self.token, {}), 10)
+        endpoint = Endpoint(comm, handlers)
+        serving = asyncio.ensure_future(endpoint.serve())
+        try:
+            yield endpoint, serving
+        finally:
+            await endpoint.close()
+            await asyncio.gather(serving, return_exceptions=True)
+
+
+@pytest.fixture
+async def start_server():
+    servers: list[Server] = []
+
+    async def start(tables) -> Server:
+        server = Server(tables)
+        await server.listener.start("127.0.0.1", 0)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.listener.close()
+
+
+STORE = {1: [b"pickle-1", b"buffer"], -2: [b"p", bytes(200_000)], 3: [b"three"]}
+
+
+def serve_get(msg: Get, buffers):
+    """A data server's get: the values it holds, their parts in item order."""
+    items, out = [], []
+    for key in msg.keys:
+        if key in STORE:
+            items.append(Item(key, len(STORE[key])))
+            out += STORE[key]
+    return Items(items, [k for k in msg.keys if k not in STORE]), out
+
+
+async def test_request_gets_its_typed_reply_with_buffers(start_server):
+    """Get -> Items over loopback: the reply is an Items with each item's parts."""
+    server = await start_server(lambda ep: {Get: serve_get})
+    async with server.connect() as (client, _):
+        reply, buffers = await client.request(Get([1, 99, -2, 3]), timeout=10)
+        assert type(reply) is Items and all(type(i) is Item for i in reply.items)
+        assert reply == Items([Item(1, 2), Item(-2, 2), Item(3, 1)], [99])
+        got = {item.key: [bytes(b) for b in bufs] for item, bufs in split_parts(reply.items, buffers)}
+        assert got == STORE
+        reply, buffers = await client.request(Get([]), timeout=10)
+        assert reply == Items([], []) and buffers == []
+
+
+async def test_awaitable_reply_is_awaited_while_serving_goes_on(start_server):
+    """A request handler may return an awaitable; messages after it are handled meanwhile."""
+    pending: list[asyncio.Future] = []
+
+    async def slow_stats(msg, buffers):
+        await asyncio.sleep(0.01)
+        return StatsReply({"slow": True}), ()
+
+    def get_later(msg, buffers):
+        pending.append(asyncio.get_running_loop().create_future())
+        return pending[-1]  # settled by the release that follows
+
+    def release(msg, buffers):
+        pending.pop(0).set_result((Items([Item(k, 1) for k in msg.keys], []), [b"v"] * len(msg.keys)))
+
+    server = await start_server(lambda ep: {Stats: slow_stats, Get: get_later, Release: release})
+    async with server.connect() as (client, _):
+        assert await client.request(Stats(), timeout=10) == (StatsReply({"slow": True}), [])
+        waiting = asyncio.ensure_future(client.request(Get([5]), timeout=10))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        await client.send(Release([5]))
+        reply, buffers = await asyncio.wait_for(waiting, 10)
+        assert reply == Items([Item(5, 1)], []) and [bytes(b) for b in buffers] == [b"v"]
+
+
+async def test_one_way_messages_reach_their_handler_in_order(start_server):
+    """One-way messages are handled in the order sent, each with its buffers."""
+    seen: list[tuple] = []
+    finished = asyncio.Event()
+
+    def on_holding(msg, buffers):
+        seen.append(("holding", msg.keys))
+
+    def on_put(msg, buffers):
+        seen.append(("put", msg.key, [bytes(b) for b in buffers]))
+
+    server = await start_server(lambda ep: {Holding: on_holding, Put: on_put,
+                                            Shutdown: lambda m, b: finished.set()})
+    async with server.connect() as (client, _):
+        for i in range(200):
+            client.send_nowait(Holding([i, -i]))
+            if i % 50 == 0:
+                await client.send(Put(i), [b"value", bytes(i)])
+        client.send_nowait(Shutdown())
+        await asyncio.wait_for(finished.wait(), 10)
+    want = []
+    for i in range(200):
+        want.append(("holding", [i, -i]))
+        if i % 50 == 0:
+            want.append(("put", i, [b"value", bytes(i)]))
+    assert seen == want
+
+
+async def test_slow_one_way_handler_does_not_hold_up_the_next(start_server):
+    """A one-way handler's awaitable runs as a task: the next message is handled meanwhile."""
+    second = asyncio.Event()
+    first_done = asyncio.Event()
+
+    async def wait_for_second():
+        await second.wait()
+        first_done.set()
+
+    server = await start_server(lambda ep: {Put: lambda m, b: wait_for_second(),
+                                            Holding: lambda m, b: second.set()})
+    async with server.connect() as (client, _):
+        await client.send(Put(1), [b"big value"])
+        await client.send(Holding([1]))
+        await asyncio.wait_for(first_done.wait(), 10)
+
+
+async def assert_only_that_connection_ends(server: Server, other, send_bad) -> BaseException:
+    """Sends something bad on a new connection: it alone ends; ``other`` and new ones work."""
+    async with server.connect() as (bad, bad_serving):
+        await send_bad(bad)
+        ended = await server.next_end()
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(bad_serving, 10)
+        assert bad.closed
+    reply, _ = await other.request(Get([3]), timeout=10)
+    assert reply == Items([Item(3, 1)], [])
+    async with server.connect() as (fresh, _):
+        assert (await fresh.request(Get([1]), timeout=10))[0].items == [Item(1, 2)]
+    return ended
+
+
+async def test_message_not_in_the_table_ends_only_that_connection(start_server):
+    """A message type the table lacks is a ProtocolError for that connection alone."""
+    server = await start_server(lambda ep: {Get: serve_get})
+    async with server.connect() as (other, _):
+        ended = await assert_only_that_connection_ends(
+            server, other, lambda bad: bad.send(Heartbeat({"memory_used": 1})))
+        assert isinstance(ended, ProtocolError)
+        assert "'heartbeat', which is not taken here" in str(ended)
+
+
+@pytest.mark.parametrize("header, nbuffers, match", [
+    ({"op": "get", "a": [["x"]]}, 0, r"malformed Get: field keys is str 'x'"),
+    ({"op": "get", "a": [[1]], "req": 1}, 1, r"get announces 0 buffer"),
+    ({"op": "run", "a": [[[1, "f"]]]}, 0, r"malformed RunTask: expected 10 fields"),
+    ({"op": "no-such-op", "a": []}, 0, r"unknown op 'no-such-op'"),
+], ids=["bad-field", "bad-buffers", "bad-record", "unknown-op"])
+async def test_malformed_message_ends_only_that_connection(start_server, header, nbuffers, match):
+    """A valid frame holding a malformed message ends that connection alone, with ProtocolError."""
+    server = await start_server(lambda ep: {Get: serve_get})
+    async with server.connect() as (other, _):
+        ended = await assert_only_that_connection_ends(
+            server, other, lambda bad: bad.comm.send(header, [b"x"] * nbuffers))
+    assert isinstance(ended, ProtocolError), repr(ended)
+    assert re.search(match, str(ended)), str(ended)
+
+
+async def test_handler_table_change_takes_effect_mid_connection(start_server):
+    """A connection must register first; registering swaps the table for the next message."""
+    registered = []
+
+    def tables(endpoint):
+        def register(msg, buffers):
+            registered.append(msg.name)
+            endpoint.handlers = {Get: serve_get}  # from now on: no second registration
+            return Registered(len(registered)), ()
+        return {Register: register}
+
+    server = await start_server(tables)
+    async with server.connect() as (early, _):
+        with pytest.raises(ConnectionError):
+            await early.request(Get([1]), timeout=10)  # before registering: not taken
+        assert "'get', which is not taken here" in str(await server.next_end())
+    async with server.connect() as (client, _):
+        reply, _ = await client.request(Register(NAME, 1, "h", 1, ADDR, None), timeout=10)
+        assert reply == Registered(1) and registered == [NAME]
+        assert (await client.request(Get([3]), timeout=10))[0] == Items([Item(3, 1)], [])
+        with pytest.raises(ConnectionError):
+            await client.request(Register("again", 1, "h", 1, ADDR, None), timeout=10)
+        assert "'register', which is not taken here" in str(await server.next_end())
+    assert registered == [NAME]
+
+
+async def test_request_without_req_is_a_protocol_error(start_server):
+    """A request op sent without "req" cannot be answered: ProtocolError, that connection only."""
+    server = await start_server(lambda ep: {Get: serve_get})
+    async with server.connect() as (other, _):
+        ended = await assert_only_that_connection_ends(
+            server, other, lambda bad: bad.comm.send({"op": "get", "a": [[1]]}))
+    assert isinstance(ended, ProtocolError), repr(ended)
+
+
+async def test_one_way_message_sent_as_a_request_is_a_protocol_error(start_server):
+    """A one-way op carrying "req" has no reply to give: ProtocolError, that connection only."""
+    server = await start_server(lambda ep: {Get: serve_get, Holding: lambda m, b: None})
+    async with server.connect() as (bad, _):
+        await bad.comm.send({"op": "holding", "a": [[1]], "req": 1000})
+        with pytest.raises(ConnectionError):
+            await bad.request(Get([1]), timeout=10)  # the connection must not go on
+        ended = await server.next_end()
+    assert isinstance(ended, ProtocolError), repr(ended)
+
+
+async def test_reply_to_that_is_not_a_request_id_is_a_protocol_error(start_server):
+    """A reply whose reply_to is no request id (a list) ends the connection with ProtocolError."""
+    def tables(endpoint):
+        def bad_get(msg, buffers):
+            endpoint.comm.send_nowait({"op": "reply", "reply_to": [1], "a": []})
+            return Items([], []), ()
+        return {Get: bad_get}
+
+    server = await start_server(tables)
+    async with server.connect() as (client, serving):
+        with pytest.raises(ConnectionError):
+            await client.request(Get([1]), timeout=10)  # pending while the bad reply comes
+        with pytest.raises(ProtocolError):
+            await asyncio.wait_for(serving, 10)
