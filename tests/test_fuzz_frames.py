@@ -2,7 +2,9 @@
 cut, inserted or appended, arriving in random pieces. Whatever comes, the parser raises
 ProtocolError or waits for more; it never raises anything else, never asks for a
 zero-length write (a hang, on a real transport), and never allocates more than the
-bytes it was given plus its limits allow. Valid frames in any pieces come out intact."""
+bytes it was given plus its limits allow. Valid frames in any pieces come out intact.
+Every frame that comes out goes on to the protocol's decoder, which returns a message of
+the frame's op or raises ProtocolError."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aiodagger.comm.framing import FrameParser, encode_frame
+from aiodagger.comm.protocol import decode, encode, message_types
 from aiodagger.errors import ProtocolError
+from tests.test_protocol import SAMPLES
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,9 +35,11 @@ scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
            | st.floats(allow_nan=False) | st.text(max_size=16) | st.binary(max_size=32))
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                       | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=6)
+OPS = sorted(message_types())
 headers = st.fixed_dictionaries(
-    {"op": st.text(min_size=1, max_size=12)},
-    optional={"req": st.integers(0, 2**32), "value": values, "nonce": st.binary(min_size=16, max_size=64)},
+    {"op": st.text(min_size=1, max_size=12) | st.sampled_from(OPS)},
+    optional={"req": st.integers(0, 2**32), "value": values, "nonce": st.binary(min_size=16, max_size=64),
+              "a": values | st.lists(values, max_size=3)},
 )
 small_buffers = st.lists(st.binary(max_size=700), max_size=4)  # sometimes past MAX_FRAME in all
 
@@ -120,6 +126,16 @@ def feed_hostile(data: bytes, pieces: list[int]) -> None:
     for header, buffers in parser.frames:
         assert isinstance(header, dict) and isinstance(header.get("op"), str)
         assert len(buffers) <= MAX_BUFFERS and sum(len(b) for b in buffers) <= MAX_FRAME
+        decode_or_refuse(header, buffers)
+
+
+def decode_or_refuse(header, buffers) -> None:
+    """A frame that came out: the protocol's decoder makes it a message of its op, or refuses it."""
+    try:
+        msg = decode(header, len(buffers))
+    except ProtocolError:
+        return  # the connection would be closed here
+    assert type(msg) is message_types()[header["op"]]
 
 
 @fuzz(100)
@@ -160,3 +176,28 @@ def test_valid_frames_in_any_pieces_come_out_intact(stream, pieces):
     got = list(parser.frames)
     assert [h for h, _ in got] == [h for h, _ in stream]
     assert [[bytes(x) for x in b] for _, b in got] == [list(b) for _, b in stream]
+
+
+# Every message of the protocol, as the bytes of its frame (those within the small limits).
+protocol_frames = st.sampled_from([
+    frame_bytes(encode(msg), buffers) for msg, buffers in SAMPLES
+    if len(buffers) <= MAX_BUFFERS and sum(len(b) for b in buffers) <= MAX_FRAME])
+
+
+@fuzz(200)
+@given(stream=st.lists(st.tuples(protocol_frames, st.lists(mutations, max_size=3)), min_size=1, max_size=3),
+       pieces=splits)
+def test_mutated_protocol_messages(stream, pieces):
+    """Valid messages of every op with bytes flipped, cut or inserted: parsed, then decoded."""
+    feed_hostile(b"".join(mutate(frame, ops) for frame, ops in stream), pieces)
+
+
+@fuzz(60)
+@given(stream=st.lists(protocol_frames, min_size=1, max_size=4), pieces=splits)
+def test_protocol_messages_in_any_pieces_decode(stream, pieces):
+    """Unmutated, every message of the protocol comes out of the parser and decodes as its op."""
+    parser = small_parser()
+    feed(parser, b"".join(stream), pieces)
+    assert len(parser.frames) == len(stream)
+    for header, buffers in parser.frames:
+        assert type(decode(header, len(buffers))) is message_types()[header["op"]]
