@@ -632,6 +632,16 @@ def test_batch_records_without_parts_stay_in_the_current_frame():
     assert [bytes(b) for b in buffers] == [b"abc"]
 
 
+def test_batch_seals_a_frame_at_batch_records(monkeypatch):
+    """Records without parts count toward BATCH_RECORDS, so no header outgrows its limit."""
+    monkeypatch.setattr(P, "BATCH_RECORDS", 3)
+    batch = Batch(lambda results: Done(results, Memory(0, 0, 0, 0)))
+    for key in range(7):
+        batch.add(Finished(key, 0, "ok", 8, 0.0, 0.0, 0, []))
+    frames = sent(batch)
+    assert [[r.key for r in msg.results] for msg, _ in frames] == [[0, 1, 2], [3, 4, 5], [6]]
+
+
 def test_take_empties_the_batch():
     """take() hands everything over once: the batch is false and empty after."""
     batch = Batch(Holding)

@@ -68,6 +68,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import reprlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -105,6 +106,9 @@ IDS = [INT]
 # the receiver allocates and parses a frame at once, and a huge one delays every
 # message queued behind it.
 BATCH_BYTES = 64 << 20
+# Records without buffers count too: this many keep a header (~50 bytes a record)
+# far below the frame's header limit.
+BATCH_RECORDS = 16384
 
 
 def _decoder(cls: type, types: Sequence[Any]) -> Callable[[Any], Any]:
@@ -160,9 +164,15 @@ def _bad(cls: type, field: str | None, value: Any) -> None:
     raise ProtocolError(f"malformed {cls.__name__}: field {field} is {_brief(value)}")
 
 
+# Bounded in depth and length: a hostile value may nest as deep as msgpack allows (past
+# the recursion limit of a plain repr) or be a header's worth of items.
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = _REPR.maxother = 60
+
+
 def _brief(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+    return f"{type(value).__name__} {_REPR.repr(value)}"
 
 
 def record(*types: Any) -> Callable[[type], type]:
@@ -397,7 +407,8 @@ TASK_DONE_STATUSES = frozenset(("finished", "failed", "cancelled"))
 
 
 @message("task-done", INT, STR, [Holder], STR,
-         buffers=lambda m: 0 if m.status == "cancelled" or m.holders else None)
+         buffers=lambda m: 1 if m.status == "failed" else 0 if m.status == "cancelled" or m.holders
+         else None)
 class TaskDone(NamedTuple):
     key: int
     status: str              # "finished": parts are the value, or none and holders say where
@@ -487,7 +498,8 @@ class Batch:
 
     ``add`` appends a record and its buffers; ``take`` hands back the messages to send,
     in order: a new frame is started whenever the next record would take the current
-    one past the frame's buffer limit or past ``BATCH_BYTES``. A record is never split.
+    one past the frame's buffer limit, past ``BATCH_BYTES``, or past ``BATCH_RECORDS``
+    records. A record is never split.
     """
 
     __slots__ = ("_build", "_frames", "_records", "_buffers", "_bytes")
@@ -503,6 +515,8 @@ class Batch:
         return bool(self._records or self._frames)
 
     def add(self, rec: Any, parts: Sequence[Any] = ()) -> None:
+        if len(self._records) >= BATCH_RECORDS:
+            self._seal()
         if parts:
             size = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
             if self._records and (len(self._buffers) + len(parts) > MAX_BUFFERS
@@ -572,11 +586,15 @@ class Endpoint:
                     self._settle(reply_to, header, buffers)
                     continue
                 msg = decode(header, len(buffers))
+                req = header.get("req")
+                if (req is None) != (msg.REPLY is None) or (req is not None and type(req) is not int):
+                    raise ProtocolError(f"{self.peer} sent {msg.OP!r} with req {_brief(req)}: "
+                                        f"{'a request needs' if msg.REPLY else 'a one-way message takes no'} "
+                                        "request id")
                 handler = self.handlers.get(type(msg))
                 if handler is None:
                     raise ProtocolError(f"{self.peer} sent {msg.OP!r}, which is not taken here now")
                 result = handler(msg, buffers)
-                req = header.get("req")
                 if req is not None:
                     self._spawn(self._answer(req, result))
                 elif result is not None:
@@ -589,6 +607,8 @@ class Endpoint:
             self._pending.clear()
 
     def _settle(self, reply_to: Any, header: Mapping[str, Any], buffers: list[Any]) -> None:
+        if type(reply_to) is not int:
+            raise ProtocolError(f"{self.peer} sent a reply to {_brief(reply_to)}, not a request id")
         entry = self._pending.pop(reply_to, None)
         if entry is None:
             return
