@@ -148,7 +148,8 @@ def _check_lines(var: str, field: str, kind: Any, env: dict[str, Any], tag: str,
         lines = [f"{indent}if type({var}) is not _list:", f"{indent}    _bad(_cls, {field}, {var})"]
         if isinstance(item, type) and hasattr(item, "_decode"):
             env[tag] = item._decode
-            return lines + [f"{indent}{var} = [{tag}(x) for x in {var}]"]
+            # most such lists are empty (a task's missing inputs): no comprehension then
+            return lines + [f"{indent}if {var}:", f"{indent}    {var} = [{tag}(x) for x in {var}]"]
         lines.append(f"{indent}for x_{tag} in {var}:")
         return lines + _check_lines(f"x_{tag}", field, item, env, tag + "i", indent + "    ")
     if isinstance(kind, type) and hasattr(kind, "_decode"):
@@ -515,19 +516,26 @@ class Batch:
         return bool(self._records or self._frames)
 
     def add(self, rec: Any, parts: Sequence[Any] = ()) -> None:
-        if len(self._records) >= BATCH_RECORDS:
-            self._seal()
+        # Once per task on both sides of the wire (W4): no generator, one test per limit.
+        records = self._records
         if parts:
-            size = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
-            if self._records and (len(self._buffers) + len(parts) > MAX_BUFFERS
-                                  or self._bytes + size > BATCH_BYTES):
-                self._seal()
-            if len(parts) > MAX_BUFFERS:
-                raise ValueError(f"one record with {len(parts)} buffers cannot fit in a frame "
+            nparts = len(parts)
+            if nparts > MAX_BUFFERS:
+                raise ValueError(f"one record with {nparts} buffers cannot fit in a frame "
                                  f"(at most {MAX_BUFFERS})")
+            size = 0
+            for part in parts:
+                size += part.nbytes if type(part) is memoryview else len(part)
+            if records and (len(self._buffers) + nparts > MAX_BUFFERS or len(records) >= BATCH_RECORDS
+                            or self._bytes + size > BATCH_BYTES):
+                self._seal()
+                records = self._records
             self._buffers.extend(parts)
             self._bytes += size
-        self._records.append(rec)
+        elif len(records) >= BATCH_RECORDS:
+            self._seal()
+            records = self._records
+        records.append(rec)
 
     def _seal(self) -> None:
         self._frames.append((self._records, self._buffers))

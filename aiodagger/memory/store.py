@@ -522,6 +522,8 @@ class ChunkStore:
             return
         if self._dropped >= _TRIM_AFTER and not self._trimming:
             self._trim()
+        if self.memory_limit is None:
+            return  # no thresholds, no gates: twice per task in a worker without a limit (W4)
         disabled = self._spill_disabled
         if (not disabled and self._evictable and len(self._writers) < _WRITERS
                 and self._pressure.excess(self._used) > self._writing_bytes):

@@ -145,9 +145,11 @@ class WorkerRegistry:
         self._monitor: asyncio.Task[None] | None = None
         self.endpoints: set[P.Endpoint] = set()
         # Results and chunks that live on workers, by key, for when a worker reports on
-        # them or is lost. Weak: a handle dropped is forgotten.
-        self.objects: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
-        self._tracked_chunks: set[int] = set()
+        # them or is lost: one weak reference per handle (DTask or Chunk), whose death
+        # releases the copies. Not a WeakValueDictionary plus weakref.finalize: those
+        # made two references and a registry entry per result, 4 % of W4's profile.
+        self._refs: dict[int, weakref.ref[Any]] = {}
+        self._handles: dict[weakref.ref[Any], tuple[int, set[int]]] = {}
         # Tasks spawned by tasks running in workers: id -> (task, spawning worker id),
         # kept until that worker drops its handle.
         self.nested: dict[int, tuple[DTask[Any], int]] = {}
@@ -303,33 +305,35 @@ class WorkerRegistry:
         fn_hash, fn_bytes = self.fn_cache.get(task._fn)
         payload, parts, chunks = P.dumps_args(task.name, task._args, task._kwargs, task._resolve)
         opts = task._opts
-        callbacks: list[bytes] = []
         if opts.restore is not None or opts.checkpoint is not None:
             try:
-                callbacks.append(cloudpickle.dumps((opts.restore, opts.checkpoint)))
+                sent: list[Any] = [cloudpickle.dumps((opts.restore, opts.checkpoint)), payload, *parts]
             except Exception as exc:
                 raise SerializationError(f"the restore/checkpoint callbacks of {task._describe()} "
                                          f"cannot be sent to a worker: {exc}") from exc
+            callbacks = True
+        else:
+            sent = [payload, *parts] if parts else [payload]
+            callbacks = False
         if fn_hash not in worker.functions:
             worker.functions.add(fn_hash)
             worker.function_defs.add(P.FunctionDef(fn_hash), (fn_bytes,))
         deps: list[P.Dep] = []
-        inputs = [dep.id for dep in task._deps or ()]
-        for dep in [*(task._deps or ()), *chunks]:
-            key = _key(dep)
-            if worker.id in dep._where:
-                continue
-            if dep._value is not REMOTE:  # the value is in this process: send it along once
-                p, b = P.dumps(dep._value)
-                worker.value_defs.add(P.ValueDef(key, 1 + len(b)), (p, *b))
-                self._note_holder(dep, key, worker)
-            else:
-                deps.append(P.Dep(key, self._holders(dep)))
-        inputs.extend(-c.id for c in chunks)
+        inputs: list[int] = []
+        if task._deps or chunks:  # most tiny tasks have no inputs: no lists to walk
+            for dep in [*(task._deps or ()), *chunks]:
+                key = _key(dep)
+                inputs.append(key)
+                if worker.id in dep._where:
+                    continue
+                if dep._value is not REMOTE:  # the value is in this process: send it along once
+                    p, b = P.dumps(dep._value)
+                    worker.value_defs.add(P.ValueDef(key, 1 + len(b)), (p, *b))
+                    self._note_holder(dep, key, worker)
+                else:
+                    deps.append(P.Dep(key, self._holders(dep)))
         worker.runs.add(P.RunTask(task.id, task.name, fn_hash, task._kind, task._attempts,
-                                  len(callbacks) + 1 + len(parts), deps, bool(callbacks),
-                                  task._resolve, inputs),
-                        (*callbacks, payload, *parts))
+                                  len(sent), deps, callbacks, task._resolve, inputs), sent)
         task._est = est = self.sched.runtimes.get(task._fnkey)
         if task._kind != "async":
             worker.queued += 1
@@ -345,20 +349,23 @@ class WorkerRegistry:
             obj._where = set()
         obj._where.add(worker.id)
         worker.holds.add(key)
-        self.objects[key] = obj
-        self._track(obj, key)
+        if key not in self._refs:
+            # Free the copies on workers once the handle is garbage.
+            ref = weakref.ref(obj, self._handle_died)
+            self._refs[key] = ref
+            self._handles[ref] = (key, obj._where)
 
-    def _track(self, obj: Any, key: int) -> None:
-        """Free the copies on workers once the handle (DTask or Chunk) is garbage."""
-        if type(obj) is DTask:
-            if obj._tracked:
-                return
-            obj._tracked = True
-        elif key in self._tracked_chunks:
-            return
-        else:
-            self._tracked_chunks.add(key)
-        weakref.finalize(obj, self._release_later, key, obj._where)
+    def object(self, key: int) -> Any:
+        """The live handle of a result or chunk held on workers, or None."""
+        ref = self._refs.get(key)
+        return None if ref is None else ref()
+
+    def _handle_died(self, ref: weakref.ref[Any]) -> None:
+        """A tracked handle was garbage collected (in any thread): free its copies."""
+        entry = self._handles.pop(ref, None)
+        if entry is not None:
+            self._refs.pop(entry[0], None)
+            self._release_later(*entry)
 
     def _send(self) -> None:
         dirty, self._dirty = self._dirty, set()
@@ -388,7 +395,11 @@ class WorkerRegistry:
     def _on_done(self, worker: RemoteWorker, msg: P.Done, buffers: list[Any]) -> None:
         sched = self.sched
         worker.memory = msg.memory
-        for rec, parts in P.split_parts(msg.results, buffers):
+        index = 0
+        for rec in msg.results:  # split_parts, inlined: this loop runs once per task
+            nparts = rec.nparts
+            parts: Sequence[Any] = buffers[index:index + nparts] if nparts else ()
+            index += nparts
             task = worker.running.pop(rec.key, None)
             if task is None:
                 continue  # cancelled or re-run meanwhile
@@ -419,7 +430,7 @@ class WorkerRegistry:
 
     def _missing(self, missing: P.Missing) -> Any:
         """An input that its holders said they lack (or hold corrupted): forget those copies."""
-        obj = self.objects.get(missing.key)
+        obj = self.object(missing.key)
         if obj is not None:
             obj._where.difference_update(missing.holders)
             for wid in missing.holders:
@@ -430,7 +441,7 @@ class WorkerRegistry:
 
     def _on_holding(self, worker: RemoteWorker, msg: P.Holding, buffers: list[Any]) -> None:
         for key in msg.keys:
-            obj = self.objects.get(key)
+            obj = self.object(key)
             if obj is not None:
                 self._note_holder(obj, key, worker)
 
@@ -489,7 +500,6 @@ class WorkerRegistry:
             pass
 
     def _release_later(self, key: int, where: set[int]) -> None:
-        """A remote result's handle was garbage collected (any thread): free its copies."""
         self._releases.append((key, where))
         if not self._release_wakeup.pending:
             self._release_wakeup.request()
@@ -498,7 +508,6 @@ class WorkerRegistry:
         by_worker: dict[int, list[int]] = {}
         while self._releases:
             key, where = self._releases.popleft()
-            self._tracked_chunks.discard(key)
             for wid in where:
                 by_worker.setdefault(wid, []).append(key)
         for wid, keys in by_worker.items():
@@ -546,7 +555,7 @@ class WorkerRegistry:
         for key in [k for k, (_, wid) in self.nested.items() if wid == worker.id]:
             del self.nested[key]  # nobody there waits for these any more
         for key in worker.holds:
-            obj = self.objects.get(key)
+            obj = self.object(key)
             if obj is not None:
                 obj._where.discard(worker.id)
         for task in running:
@@ -562,7 +571,7 @@ class WorkerRegistry:
         if others:
             items = []
             for key in list(worker.holds):
-                obj = self.objects.get(key)
+                obj = self.object(key)
                 if obj is not None and obj._where == {worker.id}:
                     items.append(P.Dep(key, [P.Holder(worker.id, worker.address)]))
             target_of: dict[int, list[P.Dep]] = {}

@@ -146,7 +146,9 @@ class WorkerProcess:
 
     def _record(self, rec: P.Finished, buffers: Sequence[Any] = ()) -> None:
         self._done.add(rec, buffers)
-        self._schedule_flush()
+        wakeup = self._flush_wakeup
+        if wakeup is not None and not wakeup.pending:
+            wakeup.request()
 
     def _schedule_flush(self) -> None:
         wakeup = self._flush_wakeup
@@ -345,32 +347,37 @@ class WorkerProcess:
 
     def _on_run(self, msg: P.Run, buffers: list[Any]) -> None:
         self._last_seen = self.loop.time()
-        for rec, parts in P.split_parts(msg.tasks, buffers):
-            task: DTask[Any] = DTask(self.client, rec.key, rec.name, None, (), {}, _PLAIN)
-            task._kind = rec.kind
-            task._attempts = rec.attempt
-            task._resolve = rec.refs  # here: whether the arguments hold references to resolve
-            self.running[rec.key] = task
+        store = self.store
+        index = 0
+        for rec in msg.tasks:  # once per task: split_parts inlined, fields unpacked at once
+            key, name, fn_hash, kind, attempt, nparts, deps, callbacks, refs, inputs = rec
+            parts: Sequence[Any] = buffers[index:index + nparts]
+            index += nparts
+            task: DTask[Any] = DTask(self.client, key, name, None, (), {}, _PLAIN)
+            task._kind = kind
+            task._attempts = attempt
+            task._resolve = refs  # here: whether the arguments hold references to resolve
+            self.running[key] = task
             try:
-                fn = self.functions.get(rec.fn_hash)
+                fn = self.functions.get(fn_hash)
                 if fn is None:
-                    raise ProtocolError(f"task {rec.key} names a function that was never sent")
+                    raise ProtocolError(f"task {key} names a function that was never sent")
                 if type(fn) is _Unloadable:
                     raise fn.error
                 task._fn = fn
-                if rec.callbacks:
+                if callbacks:
                     restore, checkpoint = cloudpickle.loads(parts[0])
-                    task._opts = TaskOptions(name=rec.name, restore=restore, checkpoint=checkpoint)
+                    task._opts = TaskOptions(name=name, restore=restore, checkpoint=checkpoint)
                     parts = parts[1:]
             except Exception as exc:  # noqa: BLE001
                 exc.add_note(f"aiodagger: {task._describe()} could not be loaded on worker {self.worker_id}")
-                self.complete(task, rec.attempt, False, exc, 0.0, 0.0, None)
+                self.complete(task, attempt, False, exc, 0.0, 0.0, None)
                 continue
-            missing = [d for d in rec.deps if d.key not in self.store]
-            if missing or (rec.inputs and self.store.memory_limit is not None) or self.store.paused:
-                asyncio.ensure_future(self._prepare_then_start(task, parts, missing, rec.inputs))
+            missing = [d for d in deps if d.key not in store] if deps else deps
+            if missing or (inputs and store.memory_limit is not None) or store.paused:
+                asyncio.ensure_future(self._prepare_then_start(task, parts, missing, inputs))
             else:  # everything is in RAM and nothing can be spilled: start at once
-                self._start(task, parts, self.store.peek_in_memory)
+                self._start(task, parts, store.peek_in_memory)
 
     def _start(self, task: DTask[Any], parts: Sequence[Any], lookup: Any) -> None:
         if task._cancelled:
