@@ -147,14 +147,15 @@ def _check_lines(var: str, field: str, kind: Any, env: dict[str, Any], tag: str,
         (item,) = kind
         lines = [f"{indent}if type({var}) is not _list:", f"{indent}    _bad(_cls, {field}, {var})"]
         if isinstance(item, type) and hasattr(item, "_decode"):
-            env[tag] = item._decode
+            env[tag] = item  # its decoder looked up when called: it may not be compiled yet
             # most such lists are empty (a task's missing inputs): no comprehension then
-            return lines + [f"{indent}if {var}:", f"{indent}    {var} = [{tag}(x) for x in {var}]"]
+            return lines + [f"{indent}if {var}:",
+                            f"{indent}    {var} = [{tag}._decode(x) for x in {var}]"]
         lines.append(f"{indent}for x_{tag} in {var}:")
         return lines + _check_lines(f"x_{tag}", field, item, env, tag + "i", indent + "    ")
     if isinstance(kind, type) and hasattr(kind, "_decode"):
-        env[tag] = kind._decode
-        return [f"{indent}{var} = {tag}({var})"]
+        env[tag] = kind
+        return [f"{indent}{var} = {tag}._decode({var})"]
     raise TypeError(f"unknown field type {kind!r}")
 
 
@@ -176,10 +177,20 @@ def _brief(value: Any) -> str:
     return f"{type(value).__name__} {_REPR.repr(value)}"
 
 
+def _lazy_decoder(cls: type, types: Sequence[Any]) -> Callable[[Any], Any]:
+    """A decoder compiled on its first call: compiling every one at import cost a worker
+    process 8 ms of its start (W0), and most processes use a few."""
+    def decode(raw: Any) -> Any:
+        compiled = _decoder(cls, types)
+        cls._decode = staticmethod(compiled)  # type: ignore[attr-defined]
+        return compiled(raw)
+    return decode
+
+
 def record(*types: Any) -> Callable[[type], type]:
-    """Attach a compiled decoder (``cls._decode(raw)``) to a NamedTuple record."""
+    """Attach a decoder (``cls._decode(raw)``) to a NamedTuple record."""
     def attach(cls: type) -> type:
-        cls._decode = staticmethod(_decoder(cls, types))  # type: ignore[attr-defined]
+        cls._decode = staticmethod(_lazy_decoder(cls, types))  # type: ignore[attr-defined]
         return cls
     return attach
 
@@ -199,7 +210,7 @@ def message(op: str, *types: Any, reply: type | None = None,
             raise ValueError(f"op {op!r} is defined twice")
         cls.OP = op  # type: ignore[attr-defined]
         cls.REPLY = reply  # type: ignore[attr-defined]
-        cls._decode = staticmethod(_decoder(cls, types))  # type: ignore[attr-defined]
+        cls._decode = staticmethod(_lazy_decoder(cls, types))  # type: ignore[attr-defined]
         cls._nbuffers = staticmethod(buffers or (lambda msg: 0))  # type: ignore[attr-defined]
         _MESSAGES[op] = cls
         return cls
