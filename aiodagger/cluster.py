@@ -18,14 +18,17 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._context import ClusterState, current_cluster_var, pool_thread
 from ._loopthread import LoopThread
-from .launcher import WorkerLauncher
+from .comm.server import check_listen
 from .memory import parse_memory_limit
 from .scheduler.core import Scheduler
 from .worker.local import LocalWorker, WorkerInfo
+
+if TYPE_CHECKING:
+    from .launcher import WorkerLauncher
 
 __all__ = ["Cluster", "WorkerInfo", "current_cluster", "on_cluster_start", "running_cluster"]
 
@@ -96,7 +99,7 @@ class Cluster:
         self._worker_threads = threads or max(1, cpus // max(processes, 1))
         self._launcher: WorkerLauncher | None = None
         if listen is not None:  # check the address and token now, not at start
-            WorkerLauncher._check_listen(listen, token)
+            check_listen(listen, token)
         self._state = ClusterState.NEW
         self._sched: Scheduler | None = None
         self._local: LocalWorker | None = None
@@ -205,6 +208,10 @@ class Cluster:
         if not self.processes and self.listen is None:
             await self._local.start_store()
             return
+        # Imported here: an in-process cluster, and every worker process (which imports
+        # this package too), never loads the registry of remote workers.
+        from .launcher import WorkerLauncher
+
         self._launcher = WorkerLauncher(
             self._sched, listen=self.listen, token=self._token, ssl=self._ssl,
             threads=self._worker_threads, heartbeat_interval=self._heartbeat[0],

@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 from .comm.handshake import new_token
-from .comm.server import Listener, is_loopback, parse_address
+from .comm.server import Listener, check_listen, parse_address
 from .scheduler.core import Scheduler
 from .scheduler.registry import RemoteWorker, WorkerRegistry
 from .worker.local import WorkerInfo
@@ -40,7 +40,7 @@ class WorkerLauncher:
                  threads: int, heartbeat_interval: float, heartbeat_timeout: float,
                  memory_limit: int | None = None, spill_dir: str | None = None) -> None:
         if listen is not None:
-            self._check_listen(listen, token)
+            check_listen(listen, token)
         self.sched = sched
         self.listen = listen
         self.token = token or new_token()
@@ -53,15 +53,6 @@ class WorkerLauncher:
         self._public: Listener | None = None
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._serial = itertools.count(1)
-
-    @staticmethod
-    def _check_listen(listen: str, token: str | None) -> None:
-        host, _ = parse_address(listen)
-        if not is_loopback(host) and not token:
-            raise ValueError(
-                f"Cluster(listen={listen!r}) accepts workers from the network, so it needs "
-                "token=... (a shared secret workers prove they know); pass one, or listen on "
-                "127.0.0.1")
 
     @property
     def address(self) -> str | None:

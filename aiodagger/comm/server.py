@@ -1,4 +1,4 @@
-"""Listening for authenticated connections, and parsing tcp:// addresses."""
+"""Listening for authenticated connections, and parsing and checking tcp:// addresses."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ..errors import AuthenticationError, ProtocolError
 from .framing import DEFAULT_MAX_FRAME, Comm
 from .handshake import server_handshake
 
-__all__ = ["Listener", "is_loopback", "parse_address"]
+__all__ = ["Listener", "check_listen", "is_loopback", "parse_address"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,16 @@ def parse_address(address: str) -> tuple[str, int]:
         raise ValueError(f"address {address!r} needs a port: tcp://HOST:PORT")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
+
+
+def check_listen(listen: str, token: str | None) -> None:
+    """Refuse to accept workers from the network without a token (ValueError)."""
+    host, _ = parse_address(listen)
+    if not is_loopback(host) and not token:
+        raise ValueError(
+            f"Cluster(listen={listen!r}) accepts workers from the network, so it needs "
+            "token=... (a shared secret workers prove they know); pass one, or listen on "
+            "127.0.0.1")
 
 
 def is_loopback(host: str) -> bool:
