@@ -7,9 +7,9 @@
     print(await b)                    # or b.fetch() from synchronous code
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .api import Options, as_completed, fetch, gather, options, put, spawn, tochunk, wait
-from .cluster import Cluster, WorkerInfo
 from .errors import (
     AuthenticationError,
     DaggerError,
@@ -21,11 +21,42 @@ from .errors import (
     UpstreamError,
     WorkerLostError,
 )
-from .logs import Logs, disable_logging, enable_logging, fetch_logs
-from .options import MISSING, Scope, scope
 from .progress import progress
 from .task import Chunk, DTask
-from .taskgroup import TaskGroup
+from .taskoptions import MISSING, Scope, scope
+
+if TYPE_CHECKING:
+    from .api import Options, as_completed, fetch, gather, options, put, spawn, tochunk, wait
+    from .cluster import Cluster, WorkerInfo
+    from .logs import Logs, disable_logging, enable_logging, fetch_logs
+    from .taskgroup import TaskGroup
+
+# Loaded on first use. A worker process imports this package too, and never needs the
+# cluster, the scheduler or the logs: importing them there cost each worker's start
+# (W0) the compilation and import of about a third of the package.
+_LAZY = {
+    "Options": "api", "as_completed": "api", "fetch": "api", "gather": "api",
+    "options": "api", "put": "api", "spawn": "api", "tochunk": "api", "wait": "api",
+    "Cluster": "cluster", "WorkerInfo": "cluster",
+    "Logs": "logs", "disable_logging": "logs", "enable_logging": "logs", "fetch_logs": "logs",
+    "TaskGroup": "taskgroup",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aiodagger' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "MISSING",

@@ -14,8 +14,8 @@ from typing import Any, Literal, TypeVar, overload
 from ._callables import spawn_callable_error
 from .cluster import current_cluster
 from .errors import NoProcessorError
-from .options import Scope, TaskOptions, current_options, current_options_var, validate_options
 from .task import FINISHED, REMOTE, Chunk, DTask
+from .taskoptions import Scope, TaskOptions, current_options, current_options_var, validate_options
 
 __all__ = ["Options", "as_completed", "fetch", "gather", "options", "put", "spawn", "spawn_with_options",
            "tochunk", "wait"]

@@ -23,8 +23,8 @@ from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from .options import Scope
     from .task import DTask
+    from .taskoptions import Scope
 
 __all__ = ["AsyncProcessor", "LocalWorkerOwner", "LocalWorkerPort", "ProcessorOwner", "TaskOwner",
            "ThreadProcessor", "WorkerStatus"]

@@ -27,7 +27,7 @@ from .errors import TaskCancelledError
 
 if TYPE_CHECKING:
     from .interfaces import TaskOwner
-    from .options import TaskOptions
+    from .taskoptions import TaskOptions
 
 __all__ = ["CANCELLED", "DONE_STATES", "FAILED", "FINISHED", "PENDING", "NOWHERE", "READY", "REMOTE", "RUNNING",
            "Chunk", "DTask"]

@@ -9,8 +9,8 @@ from typing import Any
 
 from .api import spawn_with_options
 from .errors import TaskCancelledError, UpstreamError
-from .options import current_options
 from .task import FAILED, DTask
+from .taskoptions import current_options
 
 __all__ = ["TaskGroup"]
 

@@ -21,3 +21,28 @@ def test_dtask_methods_of_the_contract():
     for name in ("fetch", "wait", "done", "cancelled", "cancel", "exception", "result",
                  "add_done_callback", "state", "__await__"):
         assert hasattr(aiodagger.DTask, name), name
+
+
+def test_public_names_win_over_submodules_of_the_same_name():
+    """``aiodagger.options`` and ``aiodagger.progress`` stay the functions, whichever
+    modules were imported first (submodules bind their names on the package)."""
+    import aiodagger.progress  # noqa: F401
+    import aiodagger.taskoptions  # noqa: F401
+
+    assert callable(aiodagger.options) and aiodagger.options.__module__ == "aiodagger.api"
+    assert aiodagger.progress.__module__ == "aiodagger.progress" and isinstance(aiodagger.progress, type)
+    assert set(aiodagger.__all__) <= set(dir(aiodagger))
+
+
+def test_a_worker_process_does_not_load_the_cluster_side():
+    """Worker processes import this package too; the scheduler, the cluster, the API
+    and the logs load on first use, so a worker starts without them (W0)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, aiodagger.worker.cli; "
+            "print(sorted(m for m in sys.modules if m.startswith(('aiodagger.scheduler', "
+            "'aiodagger.cluster', 'aiodagger.api', 'aiodagger.logs', 'aiodagger.launcher'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout

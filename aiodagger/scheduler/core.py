@@ -37,8 +37,8 @@ from ..errors import (
     UpstreamError,
     WorkerLostError,
 )
-from ..options import ANY_SCOPE, Scope, TaskOptions
 from ..task import CANCELLED, FAILED, FINISHED, PENDING, READY, REMOTE, RUNNING, DTask
+from ..taskoptions import ANY_SCOPE, Scope, TaskOptions
 from .events import Instrument
 from .placement import RuntimeEstimates, function_key
 

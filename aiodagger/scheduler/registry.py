@@ -31,8 +31,8 @@ from .._bridge import Wakeup
 from ..comm import protocol as P
 from ..errors import SerializationError
 from ..interfaces import WorkerStatus
-from ..options import ANY_SCOPE
 from ..task import FINISHED, NOWHERE, REMOTE, Chunk, DTask
+from ..taskoptions import ANY_SCOPE
 from .placement import DEFAULT_BANDWIDTH, Candidate, choose_processor
 
 if TYPE_CHECKING:

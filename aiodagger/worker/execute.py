@@ -18,8 +18,8 @@ from typing import Any
 
 from .._args import resolve_arguments
 from ..errors import TaskCancelledError
-from ..options import MISSING
 from ..task import DTask
+from ..taskoptions import MISSING
 
 __all__ = ["callback_errors", "run_async", "run_sync"]
 

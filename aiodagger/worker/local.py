@@ -32,7 +32,7 @@ from .threads import ThreadProc
 
 if TYPE_CHECKING:
     from ..interfaces import LocalWorkerOwner
-    from ..options import Scope
+    from ..taskoptions import Scope
 
 __all__ = ["LocalWorker", "WorkerInfo", "WorkerStatus"]
 

@@ -29,8 +29,8 @@ from .._bridge import (
 from .._context import ClusterState
 from ..comm import protocol as P
 from ..errors import TaskCancelledError
-from ..options import TaskOptions
 from ..task import CANCELLED, FAILED, FINISHED, REMOTE, DTask
+from ..taskoptions import TaskOptions
 
 if TYPE_CHECKING:
     from .process import WorkerProcess

@@ -33,8 +33,8 @@ from ..comm.handshake import client_handshake
 from ..comm.server import Listener, parse_address
 from ..errors import ProtocolError, TaskCancelledError
 from ..memory import ChunkStore, SpillCorruptedError, admit
-from ..options import TaskOptions
 from ..task import DTask
+from ..taskoptions import TaskOptions
 from .aio import AsyncProc
 from .execute import callback_errors
 from .nested import NestedCluster, SchedulerClient

@@ -1,8 +1,11 @@
-"""Task options and scopes: ``dagger.options(...)`` and ``dagger.scope(...)``.
+"""Task options and scopes: :class:`TaskOptions`, ``dagger.scope(...)``, and the options
+in effect.
 
-``options(...)`` is both a spawner (``options(name="x").spawn(f)``) and a context
-manager whose options apply to every spawn inside it. The context is a ContextVar, so
-it follows asyncio tasks and does not leak between concurrent requests of a server.
+``dagger.options(...)`` (in :mod:`aiodagger.api`, next to ``spawn``) is both a spawner
+and a context manager whose options apply to every spawn inside it; the options in
+effect live in a ContextVar here, so they follow asyncio tasks and do not leak between
+concurrent requests of a server. (Named ``taskoptions``, not ``options``: the package
+attribute ``aiodagger.options`` is the function.)
 """
 
 from __future__ import annotations
