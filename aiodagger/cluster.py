@@ -1,5 +1,10 @@
 """Cluster: one scheduler bound to one event loop, and the workers it drives.
 
+The cluster wires the parts together: the scheduler drives worker 0 (this process)
+through :class:`~aiodagger.interfaces.LocalWorkerPort`, and workers in other processes
+through the registry that a :class:`~aiodagger.launcher.WorkerLauncher` feeds (loaded
+only when there are such workers).
+
 ``async with Cluster()`` binds to the running loop; plain ``with Cluster()`` (and the
 default cluster that the first ``spawn`` outside any cluster starts) run on a private
 uvloop thread, so synchronous scripts can spawn and ``fetch``.

@@ -13,6 +13,10 @@ that connection only.
 Buffers: a record that carries data says how many buffers it takes (``nparts``); a
 message's buffers are its records' parts, in record order.
 
+Requests (``register``, ``get``, ``stats``, ``replicate``) carry an integer ``req`` and
+are answered by exactly their reply type; every other message carries none. Either
+rule broken is a ProtocolError.
+
 =================  ====================  ==============================================
 op                 direction             fields (records in CamelCase)
 =================  ====================  ==============================================
