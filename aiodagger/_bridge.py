@@ -53,14 +53,17 @@ class Wakeup:
         self._threadsafe = threadsafe
         self.pending = False
 
-    def request(self) -> None:
+    def request(self) -> bool:
+        """Schedule the callback unless it is pending; False if the loop has closed."""
         if self.pending:
-            return
+            return True
         self.pending = True
         if not self._threadsafe:
             self._loop.call_soon(self._run)
         elif not call_soon_quietly(self._loop, self._run):
             self.pending = False
+            return False
+        return True
 
     def _run(self) -> None:
         self.pending = False

@@ -91,6 +91,10 @@ class ProcessorOwner(Protocol):
 class LocalWorkerOwner(ProcessorOwner, Protocol):
     """What worker 0 reports to: its processors' completions, and inputs it lost."""
 
+    def starting(self, task: DTask[Any]) -> None:
+        """``task``'s inputs are loaded and it starts now (its timeout runs from here)."""
+        ...
+
     def input_lost(self, task: DTask[Any], dep: DTask[Any]) -> None:
         """``dep``'s stored result turned out unreadable before ``task`` could run:
         compute it again, then run ``task``."""

@@ -159,3 +159,19 @@ async def test_exit_right_after_spawning_coroutines_does_not_hang():
         tasks = [dagger.spawn(asleep_forever) for _ in range(100)]  # created, never started
     assert all(t.cancelled() for t in tasks)
     assert c.state == "closed"
+
+
+def test_spawning_into_a_cluster_whose_loop_closed_raises():
+    """From another thread, a spawn into a closed loop raises at once instead of handing
+    back a task that never runs."""
+    import asyncio
+    import threading
+
+    from aiodagger.scheduler.core import Scheduler
+    from aiodagger.taskoptions import TaskOptions
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    sched = Scheduler(loop, threading.get_ident() + 1)  # this thread is not its loop's
+    with pytest.raises(RuntimeError, match="event loop has closed"):
+        sched.spawn(TaskOptions(), int, (3,), {})

@@ -159,3 +159,48 @@ def test_addresses():
     with pytest.raises(ValueError):
         parse_address("udp://host:1")
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
+
+
+async def test_small_frames_wait_for_a_big_frame_being_sent_in_slices():
+    """send_nowait() while send() is between the slices of a big frame queues the small
+    frames behind it, in order: written at once, they would land inside the big one."""
+    token = new_token()
+    got: asyncio.Queue = asyncio.Queue()
+
+    async def collect(comm, info):
+        while True:
+            await got.put(await comm.recv())
+
+    listener = Listener(collect, token)
+    await listener.start("127.0.0.1", 0)
+    try:
+        comm = await _client(listener, token)
+        big = np.arange(8_000_000, dtype=np.float64)  # 64 MB: many slices, the socket fills
+        sending = asyncio.ensure_future(comm.send({"op": "big"}, [big]))
+        for _ in range(200):
+            if comm._midframe:
+                break
+            await asyncio.sleep(0)
+        assert comm._midframe, "the big frame went out without waiting: nothing to test"
+        for n in range(5):
+            comm.send_nowait({"op": "small", "n": n})
+        await asyncio.wait_for(sending, 30)
+        header, buffers = await asyncio.wait_for(got.get(), 30)
+        assert header == {"op": "big"} and np.array_equal(np.frombuffer(buffers[0], np.float64), big)
+        smalls = [(await asyncio.wait_for(got.get(), 10))[0] for _ in range(5)]
+        assert smalls == [{"op": "small", "n": n} for n in range(5)]
+        comm.close()
+    finally:
+        await listener.close()
+
+
+def test_a_value_travels_with_a_bounded_number_of_buffers():
+    """Past MAX_OUT_OF_BAND buffers a value's arrays go in band: any value fits one frame."""
+    from aiodagger.comm.serialize import MAX_OUT_OF_BAND, dumps_args
+
+    value = [np.full(3, i) for i in range(5000)]
+    payload, buffers = dumps(value)
+    assert len(buffers) == MAX_OUT_OF_BAND
+    assert all(np.array_equal(a, b) for a, b in zip(loads(payload, buffers), value, strict=True))
+    payload, buffers, _ = dumps_args("t", (value,), {})
+    assert len(buffers) == MAX_OUT_OF_BAND

@@ -9,6 +9,7 @@ import sys
 import threading
 import traceback
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -238,3 +239,52 @@ async def test_nested_spawn_inside_worker_processes(procs):
     pids, big_sum = await asyncio.wait_for(dagger.spawn(nested_async, 6), 30)
     assert set(pids) <= {w.pid for w in procs.workers[1:]}
     assert big_sum == (1 << 20) / 8
+
+
+def _describe(a):
+    return "None!" if a is None else f"array of {a.nbytes} bytes"
+
+
+async def test_a_task_never_overtakes_the_values_it_reads():
+    """Batches for one worker go out whole and in order: a later batch's "run" frame
+    waits for an earlier batch's "values" frames, which carry the inputs it reads."""
+    async with dagger.Cluster(processes=1, threads=4):
+        await dagger.spawn(_describe, np.ones(4))  # the function is on the worker already
+        for delay in (0.001, 0.003, 0.006, 0.01):
+            x = await dagger.put(np.ones(6_000_000))  # 48 MB each: sent in slices
+            y = await dagger.put(np.ones(6_000_000))
+            first = [dagger.spawn(_describe, x), dagger.spawn(_describe, y)]
+            await asyncio.sleep(delay)  # while x is still going out
+            late = dagger.spawn(_describe, y)
+            assert await asyncio.wait_for(late, 60) == "array of 48000000 bytes", delay
+            await asyncio.wait_for(dagger.gather(*first), 60)
+
+
+async def test_a_spawned_task_whose_value_is_gone_is_reported_failed():
+    """A nested task that finished but whose every copy is lost is reported to the
+    spawning worker as failed with WorkerLostError (a "finished" report needs a holder)."""
+    from aiodagger.comm import protocol as P
+    from aiodagger.scheduler.registry import RemoteWorker, WorkerRegistry
+    from aiodagger.task import FINISHED, REMOTE, DTask
+
+    sent = []
+
+    class Recording:
+        async def send(self, msg, buffers=()):
+            sent.append((msg, list(buffers)))
+
+    class Owner:
+        loop = asyncio.get_running_loop()
+
+    registry = WorkerRegistry(Owner())  # type: ignore[arg-type]
+    worker = RemoteWorker(1, Recording(), P.Register("w", 1, "h", 1, "tcp://127.0.0.1:9", None))
+    registry.workers[1] = worker
+    task = DTask(Owner(), 5, "made", None, (), {}, dagger.options().resolve())
+    task._state, task._value, task._where = FINISHED, REMOTE, {7}  # worker 7 is gone
+    registry._report(1, task)
+    await asyncio.sleep(0.01)
+    ((msg, buffers),) = sent
+    assert msg.status == "failed" and len(buffers) == 1
+    header = msgpack.unpackb(msgpack.packb(P.encode(msg)), strict_map_key=False)
+    assert P.decode(header, len(buffers)) == msg  # what the spawning worker accepts
+    assert isinstance(P.loads_error(buffers[0]), dagger.WorkerLostError)

@@ -168,3 +168,34 @@ async def test_cluster_workers_is_current_as_of_the_last_completion():
             (worker,) = c.workers[1:]
             assert worker.spilled_bytes >= CHUNK
             assert 0 < worker.memory_used <= 64 << 20
+
+
+async def test_a_timeout_on_worker_0_runs_from_when_the_inputs_are_loaded(monkeypatch):
+    """With a memory limit on worker 0, a task's timeout starts once its inputs are loaded
+    (as everywhere else): a slow read-back neither times it out nor runs it twice, and
+    every pin is released."""
+    from aiodagger.memory.store import ChunkStore
+
+    runs = []
+    original_get = ChunkStore.get
+    slow = {"first": True}
+
+    async def slow_get(self, key):
+        if slow["first"]:
+            slow["first"] = False
+            await asyncio.sleep(0.5)  # e.g. read back from a busy disk
+        return await original_get(self, key)
+
+    def consume(x):
+        runs.append(1)
+        return sum(x)
+
+    monkeypatch.setattr(ChunkStore, "get", slow_get)
+    async with dagger.Cluster(memory_limit="1GiB", threads=2) as c:
+        a = dagger.spawn(list, range(10))
+        await a.wait()
+        b = dagger.options(timeout=0.3, retries=1).spawn(consume, a)
+        assert await asyncio.wait_for(b, 30) == 45
+        await asyncio.sleep(0.1)
+        assert len(runs) == 1
+        assert all(entry.pins == 0 for entry in c._local.store._entries.values())

@@ -54,12 +54,22 @@ Frame = tuple[dict[str, Any], list[Any]]  # buffers: bytearray or numpy uint8 ar
 def encode_frame(header: dict[str, Any], buffers: Sequence[Any] = ()) -> list[Any]:
     """The parts of one frame, in order, ready for ``writelines`` (buffers are not copied)."""
     head = msgpack.packb(header, use_bin_type=True)
-    views = [b if isinstance(b, memoryview) else memoryview(b) for b in buffers]
+    views = [_bytes_view(b) for b in buffers]
     lengths = [v.nbytes for v in views]
     prefix = PREFIX.pack(MAGIC, len(views), len(head))
     if lengths:
         prefix += struct.pack(f"!{len(lengths)}Q", *lengths)
     return [prefix, head, *views]
+
+
+def _bytes_view(buf: Any) -> memoryview:
+    """A flat view of ``buf`` in bytes. A view of float64 items would be measured and
+    sliced in items: asyncio resumes a partial write at ``view[sent:]``, which then
+    skips 8 bytes for each one sent, and the peer waits forever for the rest."""
+    view = buf if isinstance(buf, memoryview) else memoryview(buf)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
 
 
 class FrameParser:
@@ -262,6 +272,11 @@ class Comm:
         self._writable = asyncio.Event()
         self._writable.set()
         self._send_lock = asyncio.Lock()
+        # True while send() is between the slices of a big frame: a small frame written
+        # then would land inside it. Such frames wait in the backlog, in order.
+        self._midframe = False
+        self._backlog: collections.deque[list[Any]] = collections.deque()
+        self._drainer: asyncio.Task[None] | None = None
         self.closed_event = asyncio.Event()
 
     def authenticated(self) -> None:
@@ -332,12 +347,30 @@ class Comm:
         return ConnectionResetError(f"connection to {self.peer} is closed")
 
     def send_nowait(self, header: dict[str, Any], buffers: Sequence[Any] = ()) -> None:
-        """Queue a small frame without waiting for the transport to drain."""
+        """Queue a small frame without waiting for the transport to drain.
+
+        Written at once, unless a big frame is being sent in slices: then after it, in
+        the order of the calls.
+        """
         if self._closed or self.transport is None:
             raise ConnectionResetError(f"connection to {self.peer} is closed")
         parts = encode_frame(header, buffers)
         self.bytes_sent += sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+        if self._midframe or self._backlog:
+            self._backlog.append(parts)
+            if self._drainer is None:
+                self._drainer = asyncio.get_running_loop().create_task(self._drain_backlog())
+            return
         self.transport.writelines(parts)
+
+    async def _drain_backlog(self) -> None:
+        try:
+            async with self._send_lock:  # the frame being sliced holds it until it is whole
+                while self._backlog and not self._closed and self.transport is not None:
+                    self.transport.writelines(self._backlog.popleft())
+        finally:
+            self._backlog.clear()
+            self._drainer = None
 
     async def send(self, header: dict[str, Any], buffers: Sequence[Any] = ()) -> None:
         """Send one frame; large buffers go out in slices as the transport drains."""
@@ -345,33 +378,39 @@ class Comm:
             if self._closed or self.transport is None:
                 raise ConnectionResetError(f"connection to {self.peer} is closed")
             parts = encode_frame(header, buffers)
-            transport = self.transport
-            # Small parts go out together (one syscall for a batch of a thousand tasks,
-            # where a write() each cost a send() each); big ones alone and unjoined.
-            small: list[Any] = []
-            for part in parts:
-                size = len(part) if isinstance(part, bytes) else part.nbytes
-                self.bytes_sent += size
-                if size < COALESCE_BELOW:
-                    small.append(part)
-                    continue
-                if small:
-                    transport.writelines(small)
-                    small = []
-                if size <= WRITE_SLICE:
-                    transport.write(part)
-                    continue
-                view = part if isinstance(part, memoryview) else memoryview(part)
-                for offset in range(0, size, WRITE_SLICE):
-                    await self._writable.wait()
-                    if self._closed:
-                        raise ConnectionResetError(f"connection to {self.peer} closed while sending")
-                    transport.write(view[offset:offset + WRITE_SLICE])
-            if small:
-                transport.writelines(small)
+            self._midframe = True
+            try:
+                await self._write_parts(parts, self.transport)
+            finally:
+                self._midframe = False
             await self._writable.wait()
             if self._closed:
                 raise ConnectionResetError(f"connection to {self.peer} closed while sending")
+
+    async def _write_parts(self, parts: list[Any], transport: asyncio.Transport) -> None:
+        # Small parts go out together (one syscall for a batch of a thousand tasks,
+        # where a write() each cost a send() each); big ones alone and unjoined.
+        small: list[Any] = []
+        for part in parts:
+            size = len(part) if isinstance(part, bytes) else part.nbytes
+            self.bytes_sent += size
+            if size < COALESCE_BELOW:
+                small.append(part)
+                continue
+            if small:
+                transport.writelines(small)
+                small = []
+            if size <= WRITE_SLICE:
+                transport.write(part)
+                continue
+            view = part if isinstance(part, memoryview) else memoryview(part)
+            for offset in range(0, size, WRITE_SLICE):
+                await self._writable.wait()
+                if self._closed:
+                    raise ConnectionResetError(f"connection to {self.peer} closed while sending")
+                transport.write(view[offset:offset + WRITE_SLICE])
+        if small:
+            transport.writelines(small)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -20,7 +20,7 @@ from .framing import Comm
 
 __all__ = ["PROTOCOL_VERSION", "client_handshake", "new_token", "server_handshake"]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the messages of comm/protocol.py
 HANDSHAKE_TIMEOUT = 10.0
 
 

@@ -43,7 +43,9 @@ op                 direction             fields (records in CamelCase)
 ``release``        scheduler -> worker   keys whose results nobody needs any more
 ``put``            scheduler -> worker   key; the value's pickle and buffers
 ``get``            any -> worker         ids; reply ``Items(items [Item(key, nparts)],
-                   (request)             missing)``, the values' parts in item order
+                   (request)             missing, later)``, the values' parts in item
+                                         order; ``later``: held, but past one frame's
+                                         limits (ask for them again)
 ``stats``          scheduler -> worker   reply ``StatsReply(stats)`` (a map)
                    (request)
 ``replicate``      scheduler -> worker   items [Dep]: fetch these from their holders;
@@ -78,7 +80,16 @@ from typing import Any, NamedTuple
 
 from ..errors import ProtocolError
 from .framing import MAX_BUFFERS, Comm
-from .serialize import FunctionCache, dumps, dumps_args, dumps_error, loads, loads_args, loads_error
+from .serialize import (
+    MAX_OUT_OF_BAND,
+    FunctionCache,
+    dumps,
+    dumps_args,
+    dumps_error,
+    loads,
+    loads_args,
+    loads_error,
+)
 
 __all__ = [
     "Ack", "Batch", "Cancel", "CancelSpawned", "Dep", "Done", "Endpoint", "Finished",
@@ -87,6 +98,7 @@ __all__ = [
     "Run", "RunTask", "Shutdown", "Spawn", "SpawnTask", "Stats", "StatsReply", "TaskDone",
     "ValueDef", "Values", "decode", "encode", "message_types", "split_parts",
     # the one serializer (comm/serialize.py), for the payloads messages carry
+    "BATCH_BYTES", "BATCH_RECORDS", "MAX_BUFFERS", "MAX_OUT_OF_BAND", "ProtocolError",
     "Comm", "FunctionCache", "dumps", "dumps_args", "dumps_error", "loads", "loads_args",
     "loads_error",
 ]
@@ -378,10 +390,11 @@ class Put(NamedTuple):
     key: int
 
 
-@message("items", [Item], IDS, buffers=lambda m: _sum_parts(m.items))
+@message("items", [Item], IDS, IDS, buffers=lambda m: _sum_parts(m.items))
 class Items(NamedTuple):
     items: list[Item]
     missing: list[int]
+    later: list[int]  # held, but past what one frame carries: ask again
 
 
 @message("get", IDS, reply=Items)
@@ -461,7 +474,9 @@ def decode(header: Mapping[str, Any], nbuffers: int, cls: type | None = None) ->
     """
     op = header.get("op")
     if cls is None:
-        cls = _MESSAGES.get(op)  # type: ignore[arg-type]
+        if type(op) is not str:
+            raise ProtocolError(f"a message's op must be a string, got {_brief(op)}")
+        cls = _MESSAGES.get(op)
         if cls is None:
             raise ProtocolError(f"unknown op {op!r}")
     msg = cls._decode(header.get("a", ()))  # type: ignore[attr-defined]
@@ -585,6 +600,7 @@ class Endpoint:
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future[Any], type]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.last_seen = 0.0  # loop time of the last message received (set by serve)
 
     @property
     def peer(self) -> str:
@@ -601,9 +617,12 @@ class Endpoint:
     async def serve(self) -> None:
         """Read messages until the connection ends (then raise what ended it)."""
         comm = self.comm
+        loop = asyncio.get_running_loop()
+        self.last_seen = loop.time()
         try:
             while True:
                 header, buffers = await comm.recv()
+                self.last_seen = loop.time()
                 reply_to = header.get("reply_to")
                 if reply_to is not None:
                     self._settle(reply_to, header, buffers)
@@ -671,10 +690,6 @@ class Endpoint:
     async def send(self, msg: Any, buffers: Sequence[Any] = ()) -> None:
         """Send a message; large buffers go out as the transport drains."""
         await self.comm.send({"op": msg.OP, "a": msg}, buffers)
-
-    async def send_batch(self, batch: Batch) -> None:
-        for msg, buffers in batch.take():
-            await self.send(msg, buffers)
 
     async def request(self, msg: Any, buffers: Sequence[Any] = (),
                       timeout: float | None = None) -> tuple[Any, list[Any]]:

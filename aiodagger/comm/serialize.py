@@ -70,13 +70,37 @@ class _CloudRefPickler(cloudpickle.Pickler):
         return _ref_id(obj, self.chunks)
 
 
+# At most this many buffers of one value travel out of band; the rest are copied into
+# the pickle. A message holds at most 4,096 buffers (comm/framing.py), and a value (or a
+# task's arguments) must always fit in one: a list of 5,000 small arrays is one part more.
+MAX_OUT_OF_BAND = 1024
+
+
+class _Collector:
+    """A pickle ``buffer_callback``: the first MAX_OUT_OF_BAND buffers out of band."""
+
+    __slots__ = ("buffers",)
+
+    def __init__(self) -> None:
+        self.buffers: list[pickle.PickleBuffer] = []
+
+    def __call__(self, buf: pickle.PickleBuffer) -> bool:
+        if len(self.buffers) >= MAX_OUT_OF_BAND:
+            return True  # true: pickled in band
+        self.buffers.append(buf)
+        return False
+
+    def views(self) -> Buffers:
+        return [b.raw() for b in self.buffers]
+
+
 def _dump(pickler_cls: type, obj: Any, chunks: list[Any] | None = None) -> tuple[bytes, Buffers]:
     out = io.BytesIO()
-    buffers: list[pickle.PickleBuffer] = []
-    pickler = pickler_cls(out, protocol=5, buffer_callback=buffers.append)
+    collect = _Collector()
+    pickler = pickler_cls(out, protocol=5, buffer_callback=collect)
     pickler.chunks = chunks if chunks is not None else []
     pickler.dump(obj)
-    return out.getvalue(), [b.raw() for b in buffers]
+    return out.getvalue(), collect.views()
 
 
 def dumps_args(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -158,13 +182,13 @@ def dumps(value: Any) -> tuple[bytes, Buffers]:
     """Pickle a value: (pickle, out-of-band buffers), large buffers uncopied as memoryviews.
 
     The C pickler's one-call path first, cloudpickle for what it cannot do."""
-    buffers: list[pickle.PickleBuffer] = []
+    collect = _Collector()
     try:
-        payload = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+        payload = pickle.dumps(value, protocol=5, buffer_callback=collect)
     except Exception:  # noqa: BLE001 - lambdas, local classes...
-        buffers.clear()
-        payload = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
-    return payload, [b.raw() for b in buffers]
+        collect = _Collector()
+        payload = cloudpickle.dumps(value, protocol=5, buffer_callback=collect)
+    return payload, collect.views()
 
 
 def loads(payload: Any, buffers: Any = ()) -> Any:

@@ -129,8 +129,9 @@ class Scheduler:
             self._register(task)
         else:
             self._inbox.append(task)
-            if not self._inbox_wakeup.pending:
-                self._inbox_wakeup.request()
+            if not self._inbox_wakeup.pending and not self._inbox_wakeup.request():
+                raise RuntimeError("this cluster's event loop has closed: the task cannot run. "
+                                   "Spawn inside `async with dagger.Cluster()` / `with dagger.Cluster()`")
 
     def _drain_inbox(self) -> None:
         inbox = self._inbox
@@ -212,7 +213,7 @@ class Scheduler:
         task._state = PENDING
         task._value = None
         if task._where:
-            task._where.clear()  # the same set object lives on in the release finalizer
+            task._where.clear()  # the same set lives on in the release's record
         task._waiters = []
         self._live.add(task)
         self._wait_for(task, task._deps or ())  # a failure there is told to its waiters
@@ -373,8 +374,7 @@ class Scheduler:
         task._state = RUNNING
         if task._kind != "async":
             task._est = self.runtimes.get(task._fnkey)
-        self._arm_timeout(task)
-        local.run(task, [d for d in task._deps or () if d._value is REMOTE])
+        local.run(task, [d for d in task._deps or () if d._value is REMOTE])  # calls starting()
         return True
 
     async def _await_admission(self) -> None:
@@ -383,6 +383,10 @@ class Scheduler:
         finally:
             self._admission_waiting = False
             self.request_flush()
+
+    def starting(self, task: DTask[Any]) -> None:
+        """Worker 0 has ``task``'s inputs in place and runs it now: its timeout starts."""
+        self._arm_timeout(task)
 
     def input_lost(self, task: DTask[Any], dep: DTask[Any]) -> None:
         """Worker 0 could not read ``dep``'s stored result for ``task``: compute it again."""

@@ -29,7 +29,7 @@ import cloudpickle
 
 from .._bridge import Wakeup
 from ..comm import protocol as P
-from ..errors import SerializationError
+from ..errors import SerializationError, WorkerLostError
 from ..interfaces import WorkerStatus
 from ..task import FINISHED, NOWHERE, REMOTE, Chunk, DTask
 from ..taskoptions import ANY_SCOPE
@@ -87,6 +87,9 @@ class RemoteWorker:
         self.function_defs = P.Batch(P.Functions)
         self.value_defs = P.Batch(P.Values)
         self.runs = P.Batch(P.Run)
+        # One batch's frames go out before the next batch's: a task's "run" must not
+        # overtake the "values" frame carrying its input.
+        self.sending = asyncio.Lock()
         self.thread_view = ProcView("thread", wid, self.threads)
         self.async_view = ProcView("async", wid)
 
@@ -376,8 +379,9 @@ class WorkerRegistry:
 
     async def _send_frames(self, worker: RemoteWorker, frames: list[tuple[Any, list[Any]]]) -> None:
         try:
-            for msg, buffers in frames:
-                await worker.endpoint.send(msg, buffers)
+            async with worker.sending:
+                for msg, buffers in frames:
+                    await worker.endpoint.send(msg, buffers)
         except ConnectionError as exc:
             self.lost(worker, str(exc))
 
@@ -409,7 +413,7 @@ class WorkerRegistry:
             status = rec.status
             if status == "ok":
                 if task._where:
-                    task._where.clear()  # the same set object lives on in the finalizer
+                    task._where.clear()  # the same set lives on in the release's record
                 task._nbytes = rec.size
                 self._note_holder(task, rec.key, worker)
                 value = REMOTE
@@ -475,7 +479,7 @@ class WorkerRegistry:
         holders: list[P.Holder] = []
         if task._cancelled:
             status = "cancelled"
-        elif task._state == FINISHED:
+        elif task._state == FINISHED and (task._value is not REMOTE or self._holders(task)):
             status = "finished"
             if task._value is REMOTE:
                 holders = self._holders(task)
@@ -484,8 +488,10 @@ class WorkerRegistry:
                 buffers = [payload, *parts]
         else:
             status = "failed"
-            assert task._exc is not None
-            buffers = [P.dumps_error(task._exc)]
+            exc = task._exc
+            if exc is None:  # finished, but every copy of its value is gone
+                exc = WorkerLostError(f"the result of {task._describe()} was lost with its worker")
+            buffers = [P.dumps_error(exc)]
         asyncio.ensure_future(self._send_quietly(worker, P.TaskDone(task.id, status, holders, ""), buffers))
 
     def _report_failure(self, worker: RemoteWorker, key: int, exc: BaseException) -> None:
@@ -529,13 +535,17 @@ class WorkerRegistry:
         await asyncio.gather(*(self._fetch_from(self.workers[wid], items) for wid, items in by_worker.items()))
 
     async def _fetch_from(self, worker: RemoteWorker, objs: list[Any]) -> None:
-        keys = [_key(o) for o in objs]
-        reply, buffers = await worker.endpoint.request(P.Get(keys))
-        found = {item.key: P.loads(parts[0], parts[1:])
-                 for item, parts in P.split_parts(reply.items, buffers)}
-        for obj, key in zip(objs, keys, strict=True):
-            if key in found and obj._value is REMOTE:
-                obj._value = found[key]
+        by_key = {_key(o): o for o in objs}
+        keys = list(by_key)
+        while keys:  # a reply carries what fits in one frame, and names the rest "later"
+            reply, buffers = await worker.endpoint.request(P.Get(keys))
+            for item, parts in P.split_parts(reply.items, buffers):
+                obj = by_key.get(item.key)
+                if obj is not None and obj._value is REMOTE:
+                    obj._value = P.loads(parts[0], parts[1:])
+            if len(reply.later) >= len(keys):
+                raise P.ProtocolError(f"worker {worker.id} answered a get with nothing but 'later'")
+            keys = reply.later
 
     async def put(self, chunk: Chunk[Any], worker: RemoteWorker) -> None:
         payload, parts = P.dumps(chunk._value)

@@ -125,6 +125,7 @@ class LocalWorker:
             self._submit(task)
 
     def _submit(self, task: DTask[Any]) -> None:
+        self._owner.starting(task)
         if task._kind == "async":
             self.async_proc.submit(task)
         else:
@@ -134,15 +135,16 @@ class LocalWorker:
         """Load a task's stored inputs (pinned: not spilled while it runs), then run it."""
         store = self.store
         assert store is not None
+        attempt = task._attempts
         values, unavailable = await store.pin_and_load([dep.id for dep in deps])
+        if task.done() or task._attempts != attempt:  # cancelled, or failed meanwhile
+            store.unpin_all(values)
+            return
         if unavailable:
             lost = next(dep for dep in deps if dep.id in unavailable)
             logger.warning("the result of %s is unreadable (%s): computing it again",
                            lost._describe(), unavailable[lost.id])
             self._owner.input_lost(task, lost)
-            return
-        if task.done():
-            store.unpin_all(values)
             return
         task._inputs = values
         self._pins[task.id] = list(values)

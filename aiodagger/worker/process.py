@@ -97,7 +97,6 @@ class WorkerProcess:
         self._flush_wakeup: Wakeup | None = None  # made with the loop, in run()
         self._stopping = False
         self._listener: Listener | None = None
-        self._last_seen = 0.0
         self._backoff = 0.1
 
     def _new_store(self) -> ChunkStore:
@@ -146,9 +145,7 @@ class WorkerProcess:
 
     def _record(self, rec: P.Finished, buffers: Sequence[Any] = ()) -> None:
         self._done.add(rec, buffers)
-        wakeup = self._flush_wakeup
-        if wakeup is not None and not wakeup.pending:
-            wakeup.request()
+        self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         wakeup = self._flush_wakeup
@@ -251,7 +248,6 @@ class WorkerProcess:
             self.worker_id = reply.worker_id
             self._backoff = 0.1
             logger.info("worker %s registered as worker %d", self.name, self.worker_id)
-            self._last_seen = self.loop.time()
             await serving
         finally:
             heartbeat.cancel()
@@ -264,7 +260,7 @@ class WorkerProcess:
     async def _heartbeat(self, endpoint: P.Endpoint) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            if self.loop.time() - self._last_seen > self.heartbeat_timeout:
+            if self.loop.time() - endpoint.last_seen > self.heartbeat_timeout:
                 logger.warning("worker %s: no word from the scheduler for %.0f s; reconnecting",
                                self.name, self.heartbeat_timeout)
                 endpoint.comm.close()
@@ -303,10 +299,9 @@ class WorkerProcess:
 
     # -- messages from the scheduler -----------------------------------------------------
     def _on_heartbeat(self, msg: P.Heartbeat, buffers: list[Any]) -> None:
-        self._last_seen = self.loop.time()
+        """The scheduler is alive (the endpoint notes the time of every message)."""
 
     def _on_release(self, msg: P.Release, buffers: list[Any]) -> None:
-        self._last_seen = self.loop.time()
         for key in msg.keys:
             self.store.delete(key)
 
@@ -346,7 +341,6 @@ class WorkerProcess:
                 logger.error("worker %s: cannot load input %d: %s", self.name, vdef.key, exc)
 
     def _on_run(self, msg: P.Run, buffers: list[Any]) -> None:
-        self._last_seen = self.loop.time()
         store = self.store
         index = 0
         for rec in msg.tasks:  # once per task: split_parts inlined, fields unpacked at once
@@ -497,8 +491,13 @@ class WorkerProcess:
     async def _serve_get(self, msg: P.Get, buffers: list[Any]) -> tuple[P.Items, list[Any]]:
         items: list[P.Item] = []
         missing: list[int] = []
+        later: list[int] = []
         out: list[Any] = []
-        for key in msg.keys:
+        size = 0
+        for index, key in enumerate(msg.keys):
+            if items and (len(out) + 1 + P.MAX_OUT_OF_BAND > P.MAX_BUFFERS or size > P.BATCH_BYTES):
+                later = msg.keys[index:]  # one reply is one frame: the rest on the next ask
+                break
             try:
                 # A spilled chunk goes out as its file's parts: the file is in the wire's
                 # format, so it is neither unpickled nor loaded back into the store.
@@ -512,7 +511,8 @@ class WorkerProcess:
             items.append(P.Item(key, 1 + len(parts)))
             out.append(payload)
             out.extend(parts)
-        return P.Items(items, missing), out
+            size += len(payload) + sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+        return P.Items(items, missing, later), out
 
 
 class _Unloadable:
