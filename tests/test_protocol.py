@@ -450,8 +450,11 @@ def test_deeply_nested_field_is_a_protocol_error(op):
 
 
 def test_valid_edge_values_are_taken():
-    """The edges of each type are valid: nil memory limit, zero counts, an int for a float."""
-    assert wire_decode({"op": "register", "a": ["", 0, "", 0, "", None]}).memory_limit is None
+    """The edges of each type are valid: nil memory limit, zero counts, an int for a float
+    (a worker's thread count is the exception: at least one)."""
+    assert wire_decode({"op": "register", "a": ["", 0, "", 1, "", None]}).memory_limit is None
+    with pytest.raises(ProtocolError, match="threads >= 1"):
+        wire_decode({"op": "register", "a": ["", 0, "", 0, "", None]})
     msg = wire_decode({"op": "done", "a": [[[0, 0, "ok", 0, 0, 0, 0, []]], MEMORY]})
     assert msg.results[0].start == 0 and type(msg.results[0]) is Finished
     task = wire_decode({"op": "run", "a": [[[5, "f", b"h", "thread", 0, 2, [], True, False, []]]]}, 2)

@@ -513,6 +513,8 @@ def _check_values(msg: Any) -> None:
                 raise ProtocolError(f"malformed {type(v).__name__}: a value takes at least one part")
     elif type(msg) is TaskDone and msg.status not in TASK_DONE_STATUSES:
         raise ProtocolError(f"malformed TaskDone: unknown status {msg.status!r}")
+    elif type(msg) is Register and msg.threads < 1:
+        raise ProtocolError(f"malformed Register: a worker needs threads >= 1, got {msg.threads}")
 
 
 def split_parts(records: Iterable[Any], buffers: Sequence[Any]) -> Iterable[tuple[Any, Sequence[Any]]]:

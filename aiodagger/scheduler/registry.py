@@ -72,7 +72,7 @@ class RemoteWorker:
         self.pid = info.pid
         self.host = info.host
         self.address = info.address
-        self.threads = max(1, info.threads)
+        self.threads = info.threads  # >= 1: checked when the message was decoded
         self.memory_limit = info.memory_limit
         self.status = WorkerStatus.RUNNING
         self.last_seen = 0.0
@@ -404,9 +404,10 @@ class WorkerRegistry:
             nparts = rec.nparts
             parts: Sequence[Any] = buffers[index:index + nparts] if nparts else ()
             index += nparts
-            task = worker.running.pop(rec.key, None)
-            if task is None:
-                continue  # cancelled or re-run meanwhile
+            task = worker.running.get(rec.key)
+            if task is None or task._attempts != rec.attempt:
+                continue  # cancelled, or a record of an attempt that is not the one running
+            del worker.running[rec.key]
             self._account_done(worker, task)
             task._handle = None
             proc = worker.async_view if task._kind == "async" else worker.thread_view

@@ -1,0 +1,165 @@
+"""An authenticated but buggy worker: every record it sends is checked whole before the
+scheduler changes any state. A bad one closes that connection (ProtocolError); the
+tasks placed there fail with WorkerLostError (or run again within their retries); the
+cluster goes on. A record of an older attempt is ignored, never applied to the current."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import msgpack
+import pytest
+
+import aiodagger as dagger
+from aiodagger.comm import protocol as P
+from aiodagger.comm.framing import encode_frame, open_comm
+from aiodagger.comm.handshake import client_handshake, new_token
+from aiodagger.comm.server import parse_address
+
+WAIT = 20
+
+
+def double(x):
+    return 2 * x
+
+
+class FakeWorker:
+    """A worker process as a test writes it: it registers, then answers as told."""
+
+    def __init__(self, cluster: dagger.Cluster) -> None:
+        self.cluster = cluster
+        self.runs: asyncio.Queue = asyncio.Queue()
+        self.endpoint: P.Endpoint | None = None
+        self.serving: asyncio.Future | None = None
+        self.id = -1
+
+    async def connect(self, threads: int = 1) -> None:
+        host, port = parse_address(self.cluster.address)
+        comm = await open_comm(host, port)
+        await client_handshake(comm, self.cluster.token, {"role": "worker"})
+        self.endpoint = P.Endpoint(comm, {
+            P.Functions: lambda msg, buffers: None,
+            P.Values: lambda msg, buffers: None,
+            P.Run: lambda msg, buffers: self.runs.put_nowait(msg),
+            P.Heartbeat: lambda msg, buffers: None,
+            P.Release: lambda msg, buffers: None,
+            P.Cancel: lambda msg, buffers: None,
+            P.Shutdown: lambda msg, buffers: None,
+        })
+        self.serving = asyncio.ensure_future(self.endpoint.serve())
+        reply, _ = await self.endpoint.request(
+            P.Register("fake", os.getpid(), socket.gethostname(), threads,
+                       "tcp://127.0.0.1:9", None), timeout=WAIT)
+        self.id = reply.worker_id
+
+    def send_raw(self, header: dict, buffers: list = ()) -> None:
+        """A frame as the peer chooses to write it, checked by nobody on this side."""
+        assert self.endpoint is not None
+        self.endpoint.comm.transport.writelines(encode_frame(header, buffers))
+
+    async def closed_by_the_cluster(self) -> bool:
+        assert self.serving is not None
+        await asyncio.wait_for(asyncio.gather(self.serving, return_exceptions=True), WAIT)
+        return True
+
+    async def close(self) -> None:
+        if self.endpoint is not None:
+            await self.endpoint.close()
+        if self.serving is not None:
+            self.serving.cancel()
+            await asyncio.gather(self.serving, return_exceptions=True)
+
+
+def done_header(results: list, memory=(0, 0, 0, 0)) -> dict:
+    return {"op": "done", "a": [results, list(memory)]}
+
+
+@pytest.fixture
+async def cluster():
+    async with dagger.Cluster(threads=1, listen="tcp://127.0.0.1:0", token=new_token()) as c:
+        yield c
+
+
+@pytest.fixture
+async def fake(cluster):
+    worker = FakeWorker(cluster)
+    await worker.connect()
+    yield worker
+    await worker.close()
+
+
+async def placed_on(fake: FakeWorker, retries: int = 0):
+    task = dagger.options(scope=dagger.scope(worker=fake.id), retries=retries).spawn(double, 21)
+    run = await asyncio.wait_for(fake.runs.get(), WAIT)
+    (record,) = run.tasks
+    return task, record
+
+
+BAD_DONE = {
+    "unknown status": lambda r: ([[r.key, r.attempt, "weird", 0, 0.0, 0.0, 0, []]], []),
+    "a buffer missing": lambda r: ([[r.key, r.attempt, "ok", 8, 0.0, 0.0, 1, []]], []),
+    "a string for seconds": lambda r: ([[r.key, r.attempt, "ok", 8, 0.0, "0.1", 0, []]], []),
+    "an error without its part": lambda r: ([[r.key, r.attempt, "error", 0, 0.0, 0.0, 0, []]], []),
+    "more buffers than parts": lambda r: ([[r.key, r.attempt, "ok", 8, 0.0, 0.0, 1, []]],
+                                          [b"x", b"y"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DONE))
+async def test_a_bad_completion_closes_the_connection_and_fails_the_task(cluster, fake, case):
+    """The record is refused whole: the task is neither finished with garbage nor left
+    running; it fails with WorkerLostError, and the cluster goes on."""
+    task, record = await placed_on(fake)
+    results, buffers = BAD_DONE[case](record)
+    fake.send_raw(done_header(results), buffers)
+    assert await fake.closed_by_the_cluster()
+    with pytest.raises(dagger.WorkerLostError):
+        await asyncio.wait_for(task, WAIT)
+    assert await asyncio.wait_for(dagger.spawn(double, 4), WAIT) == 8
+    assert [w.id for w in cluster.workers] == [0]
+
+
+async def test_a_completion_of_another_attempt_is_not_applied(cluster, fake):
+    """A record naming an attempt that is not the one running is ignored; the right one,
+    sent after it, still finishes the task."""
+    task, record = await placed_on(fake)
+    value, parts = P.dumps(42)
+    stale = P.Finished(record.key, record.attempt + 7, "ok", 8, 0.0, 0.0, 1 + len(parts), [])
+    fake.endpoint.send_nowait(P.Done([stale], P.Memory(0, 0, 0, 0)), [value, *parts])
+    await asyncio.sleep(0.2)
+    assert not task.done()
+    right = P.Finished(record.key, record.attempt, "ok", 8, 0.0, 0.0, 1 + len(parts), [])
+    fake.endpoint.send_nowait(P.Done([right], P.Memory(0, 0, 0, 0)), [value, *parts])
+    assert await asyncio.wait_for(task, WAIT) == 42
+
+
+async def test_registering_twice_on_one_connection_is_refused(cluster, fake):
+    """A second register on a connection is a ProtocolError: one connection, one worker."""
+    fake.send_raw({"op": "register", "req": 99,
+                   "a": ["again", os.getpid(), "h", 1, "tcp://127.0.0.1:9", None]})
+    assert await fake.closed_by_the_cluster()
+    await asyncio.sleep(0.1)
+    assert [w.id for w in cluster.workers] == [0]
+
+
+async def test_a_worker_with_no_threads_is_refused(cluster):
+    """threads=0 would divide the scheduler's load estimate by zero: refused at register."""
+    worker = FakeWorker(cluster)
+    try:
+        with pytest.raises((ConnectionError, asyncio.TimeoutError)):
+            await worker.connect(threads=0)
+        assert [w.id for w in cluster.workers] == [0]
+        assert await asyncio.wait_for(dagger.spawn(double, 5), WAIT) == 10
+    finally:
+        await worker.close()
+
+
+def test_the_bad_records_are_well_formed_frames():
+    """The cases above reach the protocol's checks, not the frame parser's: each is a
+    valid msgpack header."""
+    for make in BAD_DONE.values():
+        results, _ = make(P.RunTask(1, "f", b"h", "thread", 0, 1, [], False, False, []))
+        header = msgpack.unpackb(msgpack.packb(done_header(results)), strict_map_key=False)
+        assert header["op"] == "done"
