@@ -221,7 +221,7 @@ class Cluster:
             self._sched, listen=self.listen, token=self._token, ssl=self._ssl,
             threads=self._worker_threads, heartbeat_interval=self._heartbeat[0],
             heartbeat_timeout=self._heartbeat[1], memory_limit=self.memory_limit,
-            spill_dir=self.spill_dir)
+            spill_dir=self.spill_dir, shutdown_timeout=self.shutdown_timeout)
         await self._launcher.start(self.processes)
 
     async def __aexit__(self, *exc: object) -> None:

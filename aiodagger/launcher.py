@@ -38,10 +38,12 @@ _ONE_THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 class WorkerLauncher:
     def __init__(self, sched: Scheduler, *, listen: str | None, token: str | None, ssl: Any,
                  threads: int, heartbeat_interval: float, heartbeat_timeout: float,
-                 memory_limit: int | None = None, spill_dir: str | None = None) -> None:
+                 memory_limit: int | None = None, spill_dir: str | None = None,
+                 shutdown_timeout: float = 10.0) -> None:
         if listen is not None:
             check_listen(listen, token)
         self.sched = sched
+        self.shutdown_timeout = shutdown_timeout
         self.listen = listen
         self.token = token or new_token()
         self.ssl = ssl
@@ -87,7 +89,8 @@ class WorkerLauncher:
             name = f"proc-{next(self._serial)}"
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "aiodagger.worker", self._internal.address,
-                "--threads", str(self.threads), "--name", name, "--subprocess", *extra,
+                "--threads", str(self.threads), "--name", name, "--subprocess",
+                "--shutdown-timeout", str(self.shutdown_timeout), *extra,
                 env=env, stdin=subprocess.DEVNULL,
             )
             self._procs[name] = proc
@@ -118,7 +121,11 @@ class WorkerLauncher:
             await self.dist.retire(worker)
             await self._reap(worker.name)
 
-    async def _reap(self, name: str, timeout: float = 10.0) -> None:
+    async def _reap(self, name: str, timeout: float | None = None) -> None:
+        """Wait for a worker process to exit: its own shutdown timeout and a second for
+        its interpreter to end, then kill it."""
+        if timeout is None:
+            timeout = self.shutdown_timeout + 1.0
         proc = self._procs.pop(name, None)
         if proc is None:
             return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 from collections.abc import Coroutine
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from ..interfaces import ProcessorOwner
 
 __all__ = ["AsyncProc"]
+
+logger = logging.getLogger(__name__)
 
 
 class AsyncProc:
@@ -78,8 +81,18 @@ class AsyncProc:
             if self._idle is not None and self.running == 0 and not self._idle.done():
                 self._idle.set_result(None)
 
-    async def close(self) -> None:
-        """Wait for running coroutines to unwind (the scheduler has cancelled them)."""
-        if self.running:
-            self._idle = self._loop.create_future()
-            await self._idle
+    async def close(self, timeout: float | None = None) -> bool:
+        """Wait for running coroutines to unwind (their tasks were cancelled), at most
+        ``timeout`` seconds; False, with a warning, if some did not: a coroutine that
+        swallows CancelledError must not keep the cluster from closing."""
+        if not self.running:
+            return True
+        self._idle = self._loop.create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._idle), timeout)
+        except TimeoutError:
+            logger.warning("%r: %d coroutine task(s) still running %s s after being cancelled "
+                           "(do they swallow CancelledError?); left behind", self, self.running,
+                           timeout)
+            return False
+        return True

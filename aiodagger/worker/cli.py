@@ -36,6 +36,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", help="CA certificates (PEM) to verify the cluster and peers")
     parser.add_argument("--heartbeat-timeout", type=float, default=10.0,
                         help="seconds without word from the scheduler before reconnecting")
+    parser.add_argument("--shutdown-timeout", type=float, default=10.0,
+                        help="seconds running tasks get to finish when the worker stops")
     parser.add_argument("--subprocess", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -97,6 +99,7 @@ def run_worker(args: argparse.Namespace) -> int:
         name=args.name or f"{os.uname().nodename}-{os.getpid()}",
         reconnect=not args.subprocess, ssl_client=client_ssl, ssl_server=server_ssl,
         heartbeat_timeout=args.heartbeat_timeout, memory_limit=memory_limit, spill_dir=args.spill_dir,
+        shutdown_timeout=args.shutdown_timeout,
     )
 
     async def main() -> None:

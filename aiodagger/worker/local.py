@@ -95,8 +95,9 @@ class LocalWorker:
         """Stop both processors, then the store; False if some thread was still in user
         code at the timeout."""
         self.status = WorkerStatus.CLOSING
-        await self.async_proc.close()
-        clean = await self.thread_proc.close(timeout)
+        deadline = self.loop.time() + timeout
+        clean = await self.async_proc.close(timeout)
+        clean = await self.thread_proc.close(max(0.0, deadline - self.loop.time())) and clean
         if self.store is not None:
             await self.store.close()
         self.status = WorkerStatus.CLOSED

@@ -67,8 +67,10 @@ class WorkerProcess:
     def __init__(self, scheduler: str, token: str, *, threads: int, name: str,
                  reconnect: bool = False, ssl_client: Any = None, ssl_server: Any = None,
                  heartbeat_interval: float = 1.0, heartbeat_timeout: float = 10.0,
-                 memory_limit: int | None = None, spill_dir: str | None = None) -> None:
+                 memory_limit: int | None = None, spill_dir: str | None = None,
+                 shutdown_timeout: float = 10.0) -> None:
         self.scheduler_host, self.scheduler_port = parse_address(scheduler)
+        self.shutdown_timeout = shutdown_timeout
         self.token = token
         self.threads = threads
         self.name = name
@@ -293,8 +295,9 @@ class WorkerProcess:
             task.cancel()
         if self._listener is not None:
             await self._listener.close()
-        await self.async_proc.close()
-        await self.thread_proc.close(5.0)
+        deadline = self.loop.time() + self.shutdown_timeout
+        await self.async_proc.close(self.shutdown_timeout)
+        await self.thread_proc.close(max(0.0, deadline - self.loop.time()))
         await self.store.close()
 
     # -- messages from the scheduler -----------------------------------------------------
