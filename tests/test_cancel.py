@@ -116,3 +116,25 @@ async def test_cluster_exit_cancels_unfinished_tasks():
         t = dagger.spawn(asleep_forever)
         await asyncio.sleep(0)
     assert t.cancelled()
+
+
+def _block(seconds):
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+async def test_a_cancelled_sync_task_keeps_its_slot_until_its_thread_is_free():
+    """A running sync task cannot be stopped: after cancel() its worker's thread stays busy
+    until the function returns, so new work goes to a free worker instead of queueing
+    behind it."""
+    async with dagger.Cluster(processes=2, threads=1) as cluster:
+        first, second = sorted(w.id for w in cluster.workers if w.id != 0)
+        await dagger.spawn(_block, 0.3)  # learn that _block takes a while
+        blocked = dagger.options(scope=dagger.scope(worker=first)).spawn(_block, 3.0)
+        await asyncio.sleep(0.3)
+        blocked.cancel()
+        started = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(dagger.spawn(_block, 0.01), 10) == 0.01
+        assert asyncio.get_running_loop().time() - started < 1.5, "it queued behind the cancelled run"

@@ -80,6 +80,9 @@ class RemoteWorker:
         # Memory counters as of the worker's last completion (or heartbeat).
         self.memory = P.Memory(0, 0, 0, 0)
         self.running: dict[int, DTask[Any]] = {}
+        # Cancelled thread runs whose thread still runs them, (key, attempt) -> estimate:
+        # their slots stay taken until the worker reports the run ended.
+        self.ending: dict[tuple[int, int], float] = {}
         self.holds: set[int] = set()
         self.functions: set[bytes] = set()
         self.backlog_s = 0.0
@@ -387,13 +390,18 @@ class WorkerRegistry:
 
     def cancel(self, task: DTask[Any], worker: RemoteWorker) -> None:
         if worker.running.pop(task.id, None) is not None:
-            self._account_done(worker, task)
+            if task._kind != "async":  # a thread cannot be stopped: it stays busy until it returns
+                worker.ending[(task.id, task._attempts)] = task._est
             worker.send_quietly(P.Cancel([task.id]))
 
     def _account_done(self, worker: RemoteWorker, task: DTask[Any]) -> None:
         if task._kind != "async":
-            worker.queued -= 1
-            worker.backlog_s = worker.backlog_s - task._est if worker.queued else 0.0
+            self._free_slot(worker, task._est)
+
+    @staticmethod
+    def _free_slot(worker: RemoteWorker, est: float) -> None:
+        worker.queued -= 1
+        worker.backlog_s = worker.backlog_s - est if worker.queued else 0.0
 
     # -- results ---------------------------------------------------------------------------
     def _on_done(self, worker: RemoteWorker, msg: P.Done, buffers: list[Any]) -> None:
@@ -404,6 +412,11 @@ class WorkerRegistry:
             nparts = rec.nparts
             parts: Sequence[Any] = buffers[index:index + nparts] if nparts else ()
             index += nparts
+            if worker.ending:
+                est = worker.ending.pop((rec.key, rec.attempt), None)
+                if est is not None:  # a cancelled run is over: its thread is free again
+                    self._free_slot(worker, est)
+                    continue
             task = worker.running.get(rec.key)
             if task is None or task._attempts != rec.attempt:
                 continue  # cancelled, or a record of an attempt that is not the one running
