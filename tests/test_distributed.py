@@ -288,3 +288,25 @@ async def test_a_spawned_task_whose_value_is_gone_is_reported_failed():
     header = msgpack.unpackb(msgpack.packb(P.encode(msg)), strict_map_key=False)
     assert P.decode(header, len(buffers)) == msg  # what the spawning worker accepts
     assert isinstance(P.loads_error(buffers[0]), dagger.WorkerLostError)
+
+
+def _big(i):
+    return np.full(100_000, float(i))  # 800 kB: stays on its worker until asked for
+
+
+async def test_a_holder_dying_during_a_fetch_means_the_value_is_computed_again():
+    """The caller is fetching a result when its only holder dies: the result is computed
+    again on another worker, never a raw ConnectionResetError."""
+    async with dagger.Cluster(processes=2, threads=1) as cluster:
+        task = dagger.spawn(_big, 7)
+        await asyncio.wait_for(task.wait(), 30)
+        (holder,) = task._where
+        pid = next(w.pid for w in cluster.workers if w.id == holder)
+        os.kill(pid, signal.SIGSTOP)  # the "get" request goes out, and waits
+        fetching = asyncio.ensure_future(dagger.gather(task))
+        await asyncio.sleep(0.3)
+        assert not fetching.done()
+        os.kill(pid, signal.SIGKILL)
+        (value,) = await asyncio.wait_for(fetching, 30)
+        assert value.shape == (100_000,) and float(value[0]) == 7.0
+        assert holder not in task._where

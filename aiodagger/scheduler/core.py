@@ -639,12 +639,14 @@ class Scheduler:
                     await self.dist.fetch(objs)
                 return
             except LookupError as exc:
-                obj = exc.args[0]
-                if type(obj) is not DTask or not self._recompute(obj):
-                    raise WorkerLostError(f"{obj!r} was lost with its worker") from None
-                await obj.wait()
-                if obj._state is not FINISHED:
-                    return  # it failed this time: awaiting it raises that
+                lost = list(exc.args)
+                for obj in lost:
+                    if type(obj) is not DTask or (obj._state is FINISHED and not self._recompute(obj)):
+                        raise WorkerLostError(f"{obj!r} was lost with its worker") from None
+                for obj in lost:
+                    await obj.wait()
+                    if obj._state is not FINISHED:
+                        return  # it failed this time: awaiting it raises that
         raise WorkerLostError(f"values of {objs!r} kept being lost with their workers")
 
     def bring_here(self, objs: list[Any]) -> Any:

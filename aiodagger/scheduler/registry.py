@@ -537,16 +537,34 @@ class WorkerRegistry:
                 worker.send_quietly(P.Release(keys))
 
     async def fetch(self, objs: list[Any]) -> None:
-        """Bring the values of finished remote results into this process."""
+        """Bring the values of finished remote results into this process.
+
+        LookupError(*objs) names those no holder could give: none is left, or the
+        connection to the one asked broke (it is then no holder any more).
+        """
         by_worker: dict[int, list[Any]] = {}
+        lost = []
         for obj in objs:
             if obj._value is not REMOTE:
                 continue
             alive = [wid for wid in obj._where if wid in self.workers]
             if not alive:
-                raise LookupError(obj)
+                lost.append(obj)
+                continue
             by_worker.setdefault(alive[0], []).append(obj)
-        await asyncio.gather(*(self._fetch_from(self.workers[wid], items) for wid, items in by_worker.items()))
+        outcomes = await asyncio.gather(*(self._fetch_from(self.workers[wid], items)
+                                          for wid, items in by_worker.items()), return_exceptions=True)
+        for (wid, items), outcome in zip(by_worker.items(), outcomes, strict=True):
+            if isinstance(outcome, (ConnectionError, P.ProtocolError)):
+                # The holder went away mid-fetch: like a lost value, not the caller's error.
+                logger.info("fetching from worker %d failed (%s): its copies count as lost", wid, outcome)
+                for obj in items:
+                    obj._where.discard(wid)
+                lost.extend(items)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        if lost:
+            raise LookupError(*lost)
 
     async def _fetch_from(self, worker: RemoteWorker, objs: list[Any]) -> None:
         by_key = {_key(o): o for o in objs}
