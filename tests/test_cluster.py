@@ -175,3 +175,22 @@ def test_spawning_into_a_cluster_whose_loop_closed_raises():
     sched = Scheduler(loop, threading.get_ident() + 1)  # this thread is not its loop's
     with pytest.raises(RuntimeError, match="event loop has closed"):
         sched.spawn(TaskOptions(), int, (3,), {})
+
+
+def _slow(i):
+    import time
+
+    time.sleep(0.5)
+    return i
+
+
+async def test_scaling_down_lets_the_retiring_worker_finish_its_tasks():
+    """Tasks running on a worker that scale() retires finish there, and their results
+    move to the workers that stay: nothing is left running forever."""
+    async with dagger.Cluster(processes=2, threads=1) as cluster:
+        second = max(w.id for w in cluster.workers)
+        tasks = [dagger.options(scope=dagger.scope(worker=second)).spawn(_slow, i) for i in range(2)]
+        await asyncio.sleep(0.2)
+        await asyncio.wait_for(cluster.scale(1), 30)
+        assert await asyncio.wait_for(dagger.gather(*tasks), 30) == [0, 1]
+        assert second not in [w.id for w in cluster.workers]

@@ -606,10 +606,21 @@ class WorkerRegistry:
         self.sched.request_flush()
 
     async def retire(self, worker: RemoteWorker, timeout: float = 60.0) -> None:
-        """Move what only ``worker`` holds to other workers, then let it go."""
+        """Let ``worker`` finish what it runs (it takes nothing new), move what only it
+        holds to other workers, then let it go."""
         others = [w for w in self.workers.values()
                   if w is not worker and w.status is WorkerStatus.RUNNING]
         worker.status = WorkerStatus.RETIRING
+        loop = self.sched.loop
+        deadline = loop.time() + timeout
+        while worker.running and worker.id in self.workers and loop.time() < deadline:
+            await asyncio.sleep(0.02)  # a cold path: polled rather than an event per completion
+        if worker.id not in self.workers:
+            return  # lost meanwhile: lost() has taken care of its tasks
+        if worker.running:  # what still runs there is run again elsewhere (within retries)
+            self.lost(worker, f"retired with tasks still running after {timeout:.0f} s")
+            worker.send_quietly(P.Shutdown())
+            return
         if others:
             items = []
             for key in list(worker.holds):
