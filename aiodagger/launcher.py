@@ -13,6 +13,7 @@ public listener for ``aiodagger worker`` processes on other machines.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
@@ -29,6 +30,9 @@ from .worker.local import WorkerInfo
 __all__ = ["WorkerLauncher"]
 
 logger = logging.getLogger(__name__)
+
+# Subprocess workers restarted per minute at most, after that the cluster goes on without.
+MAX_RESTARTS = 5
 
 # Each worker process runs `threads` tasks at once; BLAS libraries starting a thread
 # per core inside each of them would oversubscribe the machine (see the demo).
@@ -55,6 +59,10 @@ class WorkerLauncher:
         self._public: Listener | None = None
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._serial = itertools.count(1)
+        self._leaving: set[str] = set()  # retired or closing: their exit is expected
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._restarts: collections.deque[float] = collections.deque()
+        self._closing = False
 
     @property
     def address(self) -> str | None:
@@ -71,6 +79,7 @@ class WorkerLauncher:
             self._public = Listener(self.dist.handle_connection, self.token, ssl=self.ssl)
             await self._public.start(host, port)
             logger.info("cluster listening for workers on %s", self._public.address)
+        self.dist.expects_workers = processes > 0
         if processes:
             await self._start_processes(processes)
 
@@ -95,6 +104,9 @@ class WorkerLauncher:
             )
             self._procs[name] = proc
             names.add(name)
+            watcher = asyncio.ensure_future(self._watch(name, proc))
+            self._watchers.add(watcher)
+            watcher.add_done_callback(self._watchers.discard)
         waiting = asyncio.ensure_future(self.dist.wait_for_workers(names, timeout))
         exits = [asyncio.ensure_future(self._procs[name].wait()) for name in names]
         try:
@@ -110,14 +122,50 @@ class WorkerLauncher:
                 fut.cancel()
             await asyncio.gather(waiting, *exits, return_exceptions=True)
 
+    async def _watch(self, name: str, proc: asyncio.subprocess.Process) -> None:
+        """Start a new worker in place of one that died (as Dask's nanny does), at most
+        MAX_RESTARTS a minute: a task that kills every worker it runs on must not make
+        the cluster fork forever."""
+        code = await proc.wait()
+        if self._closing or name in self._leaving or self._procs.get(name) is not proc:
+            return
+        del self._procs[name]
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._restarts and now - self._restarts[0] > 60.0:
+            self._restarts.popleft()
+        if len(self._restarts) >= MAX_RESTARTS:
+            logger.error("subprocess worker %s exited (code %s); not restarted: %d restarts in the "
+                         "last minute", name, code, len(self._restarts))
+            self._give_up(f"its worker processes kept dying: {len(self._restarts)} restarts "
+                          "in a minute")
+            return
+        self._restarts.append(now)
+        logger.warning("subprocess worker %s exited (code %s); starting another", name, code)
+        try:
+            await self._start_processes(1)
+        except Exception as exc:  # noqa: BLE001 - the cluster goes on with the workers it has
+            logger.error("could not restart a subprocess worker: %s", exc)
+            self._give_up(f"a worker process could not be restarted: {exc}")
+
+    def _give_up(self, why: str) -> None:
+        """No more restarts: tasks waiting for a worker process fail, saying why."""
+        if not self._procs:
+            self.dist.gave_up = why
+            self.sched.request_flush()
+
     def subprocess_workers(self) -> list[RemoteWorker]:
         return [w for w in self.dist.workers.values() if w.name in self._procs]
 
     async def scale(self, n: int) -> None:
         current = self.subprocess_workers()
+        self.dist.expects_workers = n > 0
+        if n > 0:
+            self.dist.gave_up = None
         if n > len(current):
             await self._start_processes(n - len(current))
         for worker in current[n:]:
+            self._leaving.add(worker.name)
             await self.dist.retire(worker)
             await self._reap(worker.name)
 
@@ -150,7 +198,15 @@ class WorkerLauncher:
         return out
 
     async def close(self) -> None:
-        await self.dist.close()
+        self._closing = True
+        for watcher in list(self._watchers):  # no restart from now on
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        registered = {w.name for w in self.dist.workers.values()}
+        await self.dist.close()  # asks every registered worker to stop
+        for name, proc in self._procs.items():
+            if name not in registered and proc.returncode is None:
+                proc.terminate()  # started, not yet joined: nobody asked it to stop
         await asyncio.gather(*(self._reap(name) for name in list(self._procs)))
         for listener in (self._public, self._internal):
             if listener is not None:

@@ -148,9 +148,9 @@ async def test_kill_9_mid_task_with_and_without_retries(procs, tmp_path):
     with pytest.raises(dagger.WorkerLostError, match="lost"):
         await asyncio.wait_for(u, 20)
     assert victim.pid in (ran_on, survivor) or True
-    # the cluster keeps working: worker 0 takes over once no subprocess is left
-    await _wait_for(lambda: len(procs.workers) == 1)
-    assert await dagger.spawn(inc, 1) == 2
+    # the cluster keeps working, in replacement worker processes, never in this one
+    assert await asyncio.wait_for(dagger.spawn(inc, 1), 30) == 2
+    assert await asyncio.wait_for(dagger.spawn(pid), 30) not in (os.getpid(), ran_on, survivor)
 
 
 async def test_result_whose_only_copy_died_is_recomputed(procs):
@@ -159,7 +159,7 @@ async def test_result_whose_only_copy_died_is_recomputed(procs):
     assert a.state == "finished"
     (holder,) = a._where
     os.kill(next(w.pid for w in procs.workers if w.id == holder), signal.SIGKILL)
-    await _wait_for(lambda: len(procs.workers) == 2)
+    await _wait_for(lambda: holder not in [w.id for w in procs.workers])
     b = dagger.spawn(checksum, a)  # needs a, whose only copy is gone
     assert await asyncio.wait_for(b, 20) == (2.0 * (1 << 20) / 8, 1 << 20)
 

@@ -222,7 +222,7 @@ class Scheduler:
     def _goes_remote(self, task: DTask[Any]) -> bool:
         """Whether the task runs on workers in other processes rather than worker 0."""
         dist = self.dist
-        if dist is None or not dist.workers:
+        if dist is None or not (dist.workers or dist.expects_workers):
             return False
         scope = task._opts.scope
         return scope is ANY_SCOPE or not _pins_local(scope)
@@ -285,7 +285,8 @@ class Scheduler:
             if task._cancelled or task._state is not READY:
                 heapq.heappop(ready)
                 continue
-            if self.dist is not None and (self.dist.workers or task._resolve):
+            if self.dist is not None and (self.dist.workers or self.dist.expects_workers
+                                          or task._resolve):
                 if not self._flush_distributed(task):
                     break
                 continue
@@ -340,11 +341,15 @@ class Scheduler:
             proc.submit(task)
             return True
         candidates = dist.candidates(task)
+        if not candidates and dist.expects_workers and not dist.workers and dist.gave_up is None:
+            return False  # every worker process is gone and one is being started: wait
         if not candidates:
             heapq.heappop(self._ready)
+            why = f" ({dist.gave_up})" if dist.gave_up is not None and not dist.workers else ""
             self._fail(task, NoProcessorError(
                 f"{task._describe()} has {task._opts.scope!r}, which no processor of this cluster "
-                f"satisfies any more. The cluster has: {self.describe_processors()}"), annotate=False)
+                f"satisfies any more{why}. The cluster has: {self.describe_processors()}"),
+                annotate=False)
             return True
         worker = dist.place(task, candidates)
         if worker is None:

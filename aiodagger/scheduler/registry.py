@@ -137,6 +137,10 @@ class WorkerRegistry:
                  heartbeat_timeout: float = 10.0) -> None:
         self.sched = sched
         self.workers: dict[int, RemoteWorker] = {}
+        # True while the cluster keeps worker processes of its own (processes=N): tasks
+        # that do not name worker 0 wait for one rather than run in the caller's process.
+        self.expects_workers = False
+        self.gave_up: str | None = None  # why no worker process will be started again
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.fn_cache = P.FunctionCache()
