@@ -81,6 +81,7 @@ class DTask(Generic[R]):
         "__weakref__",
         "_args",
         "_attempts",
+        "_misses",
         "_cancelled",
         "_deps",
         "_dependents",
@@ -129,6 +130,7 @@ class DTask(Generic[R]):
         self._deps: list[DTask[Any]] | None = None
         self._resolve = False
         self._attempts = 0
+        self._misses = 0  # times a worker could not get this task's inputs
         self._handle: Any = None
         self._inputs: dict[int, Any] | None = None  # input values loaded for one run
         self._est = 0.0

@@ -163,3 +163,37 @@ def test_the_bad_records_are_well_formed_frames():
         results, _ = make(P.RunTask(1, "f", b"h", "thread", 0, 1, [], False, False, []))
         header = msgpack.unpackb(msgpack.packb(done_header(results)), strict_map_key=False)
         assert header["op"] == "done"
+
+
+def _checksum(a):
+    return float(a.sum())
+
+
+async def test_an_input_nobody_can_reach_fails_its_task_after_bounded_tries():
+    """A holder that claims a result but cannot be reached (its data server address is
+    dead): the worker that needs it says so, the result is computed again, and after a
+    bounded number of tries the task fails with WorkerLostError; it is not sent back to
+    the same worker thousands of times a second."""
+    async with dagger.Cluster(processes=1, threads=1, listen="tcp://127.0.0.1:0",
+                              token=new_token()) as cluster:
+        (real,) = [w.id for w in cluster.workers if w.id != 0]
+        fake = FakeWorker(cluster)
+        produced = []
+
+        def answer(msg, buffers):
+            for record in msg.tasks:  # "done, and I keep it": a value nobody can fetch
+                produced.append(record.key)
+                fake.endpoint.send_nowait(P.Done(
+                    [P.Finished(record.key, record.attempt, "ok", 1 << 20, 0.0, 0.0, 0, [])],
+                    P.Memory(0, 0, 0, 0)))
+
+        await fake.connect()
+        fake.endpoint.handlers = {**fake.endpoint.handlers, P.Run: answer}
+        try:
+            source = dagger.options(scope=dagger.scope(worker=fake.id)).spawn(double, 1)
+            user = dagger.options(scope=dagger.scope(worker=real)).spawn(_checksum, source)
+            with pytest.raises(dagger.WorkerLostError, match="could not get its input"):
+                await asyncio.wait_for(user, 60)
+            assert 2 <= len(produced) <= 7  # recomputed a bounded number of times
+        finally:
+            await fake.close()

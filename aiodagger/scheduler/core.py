@@ -50,6 +50,9 @@ __all__ = ["Scheduler"]
 
 logger = logging.getLogger(__name__)
 
+# Times a task may find its inputs unobtainable (and have them recomputed) before it fails.
+MAX_INPUT_MISSES = 5
+
 class Scheduler:
     """Owns every task of one cluster, on that cluster's loop.
 
@@ -623,7 +626,12 @@ class Scheduler:
             f"({reason}); its retries ({task._opts.retries}) are spent"), annotate=False)
 
     def dependencies_lost(self, task: DTask[Any], deps: list[Any]) -> None:
-        """A worker could not fetch ``deps`` for ``task``: recompute them, then run it."""
+        """A worker could not fetch ``deps`` for ``task``: recompute them, then run it.
+
+        Its holders no longer count as holding them (lost, unreachable or corrupted
+        copies). Each new try waits longer; after MAX_INPUT_MISSES the task fails, instead
+        of being sent to the same worker thousands of times a second.
+        """
         if task.done():
             return
         task._state = PENDING
@@ -631,7 +639,18 @@ class Scheduler:
             self._fail(task, WorkerLostError(
                 f"an input of {task._describe()} was lost with its worker"), annotate=False)
             return
-        self._wait_for(task, deps)
+        task._misses += 1
+        if task._misses > MAX_INPUT_MISSES:
+            names = ", ".join(dep._describe() for dep in deps)
+            self._fail(task, WorkerLostError(
+                f"{task._describe()} could not get its input(s) {names} from any holder in "
+                f"{MAX_INPUT_MISSES} tries (lost or unreachable workers)"), annotate=False)
+            return
+        self.loop.call_later(min(1.0, 0.01 * 2 ** task._misses), self._try_again, task, deps)
+
+    def _try_again(self, task: DTask[Any], deps: list[Any]) -> None:
+        if not task.done() and task._state is PENDING:
+            self._wait_for(task, deps)
 
     async def _bring(self, objs: list[Any]) -> None:
         """Fetch the values of finished remote results into this process (on the loop)."""

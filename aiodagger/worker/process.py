@@ -447,8 +447,11 @@ class WorkerProcess:
             try:
                 peer = await self._peer(holder.address)
                 reply, buffers = await peer.request(P.Get([key]), timeout=300)
-            except (ConnectionError, OSError, TimeoutError) as exc:
+            except (ConnectionError, OSError, TimeoutError, ProtocolError) as exc:
+                # Unreachable from here counts as not holding it: the scheduler gets it
+                # elsewhere or computes it again, rather than sending this task back here.
                 logger.info("worker %s: fetching %d from %s failed: %s", self.name, key, holder.address, exc)
+                without.append(holder.worker)
                 continue
             if reply.items:
                 self.store.put(key, P.loads(buffers[0], buffers[1:]))
