@@ -199,3 +199,20 @@ async def test_a_timeout_on_worker_0_runs_from_when_the_inputs_are_loaded(monkey
         await asyncio.sleep(0.1)
         assert len(runs) == 1
         assert all(entry.pins == 0 for entry in c._local.store._entries.values())
+
+
+async def test_a_deleted_spill_directory_means_the_values_are_computed_again():
+    """The spill files of a worker process vanish (the directory was deleted): awaiting a
+    spilled result computes it again from lineage instead of failing forever."""
+    import shutil
+
+    with private_dir() as base:
+        async with dagger.Cluster(processes=1, memory_limit="64MiB", spill_dir=base) as c:
+            chunks = [dagger.spawn(make, i) for i in range(8)]  # 128 MiB: most are spilled
+            await asyncio.wait_for(dagger.wait(chunks), 60)
+            await asyncio.sleep(0.3)
+            assert (await c.worker_stats())[c.workers[1].id]["spilled_bytes"] >= CHUNK
+            for directory in spill_dirs(base):
+                shutil.rmtree(directory)
+            values = await asyncio.wait_for(dagger.gather(*chunks[:3]), 60)
+            assert [float(v[0]) for v in values] == [0.0, 1.0, 2.0]

@@ -567,21 +567,32 @@ class WorkerRegistry:
                 lost.extend(items)
             elif isinstance(outcome, BaseException):
                 raise outcome
+            elif outcome:  # the holder answered that it lacks them (e.g. spill files gone)
+                holder = self.workers.get(wid)
+                for obj in outcome:
+                    obj._where.discard(wid)
+                    if holder is not None:
+                        holder.holds.discard(_key(obj))
+                lost.extend(outcome)
         if lost:
             raise LookupError(*lost)
 
-    async def _fetch_from(self, worker: RemoteWorker, objs: list[Any]) -> None:
+    async def _fetch_from(self, worker: RemoteWorker, objs: list[Any]) -> list[Any]:
+        """Fetch ``objs`` from ``worker``; return those it answered it does not hold."""
         by_key = {_key(o): o for o in objs}
         keys = list(by_key)
+        missing: list[Any] = []
         while keys:  # a reply carries what fits in one frame, and names the rest "later"
             reply, buffers = await worker.endpoint.request(P.Get(keys))
             for item, parts in P.split_parts(reply.items, buffers):
                 obj = by_key.get(item.key)
                 if obj is not None and obj._value is REMOTE:
                     obj._value = P.loads(parts[0], parts[1:])
+            missing.extend(by_key[k] for k in reply.missing if k in by_key)
             if len(reply.later) >= len(keys):
                 raise P.ProtocolError(f"worker {worker.id} answered a get with nothing but 'later'")
             keys = reply.later
+        return missing
 
     async def put(self, chunk: Chunk[Any], worker: RemoteWorker) -> None:
         payload, parts = P.dumps(chunk._value)
