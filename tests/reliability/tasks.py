@@ -1,0 +1,48 @@
+"""Task bodies for the chaos scenarios, found by reference in worker processes.
+
+Each body appends ``<key> <pid>`` to a run log before it works: the scenarios read the
+log to count how often each body ran, and where (an O_APPEND write of one short line is
+atomic, so lines from concurrent workers never interleave).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+WIDTH = 256  # int64 items per value: 2 KiB, sent out of band, so values live on workers
+
+
+def note(log: str, key: str) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{key} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def leaf(i: int, log: str, pause: float) -> np.ndarray:
+    note(log, f"L{i}")
+    time.sleep(pause)
+    return np.full(WIDTH, i, dtype=np.int64)
+
+
+def combine(a: np.ndarray, b: np.ndarray, key: str, log: str, pause: float) -> np.ndarray:
+    note(log, key)
+    time.sleep(pause)
+    return a + b
+
+
+def runs(log: str) -> dict[str, list[int]]:
+    """Each key in the run log, with the pids that ran it, in order."""
+    found: dict[str, list[int]] = {}
+    try:
+        with open(log) as f:
+            for line in f:
+                key, pid = line.split()
+                found.setdefault(key, []).append(int(pid))
+    except FileNotFoundError:
+        pass
+    return found
