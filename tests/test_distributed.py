@@ -310,3 +310,40 @@ async def test_a_holder_dying_during_a_fetch_means_the_value_is_computed_again()
         (value,) = await asyncio.wait_for(fetching, 30)
         assert value.shape == (100_000,) and float(value[0]) == 7.0
         assert holder not in task._where
+
+
+def _logged_array(log, i):
+    with open(log, "a") as f:
+        f.write(f"{i}\n")
+    return np.full(16384, i, dtype=np.float64)  # 128 KiB: stays on its worker
+
+
+async def test_a_worker_that_reconnects_offers_what_it_still_holds(tmp_path):
+    """Stopped past the heartbeat timeout, a remote worker is declared lost; woken, it
+    reconnects as a new worker, and the values it kept are used, not computed again."""
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token")
+    log = str(tmp_path / "runs")
+    async with dagger.Cluster(listen="tcp://127.0.0.1:0", token="s3cret-token",
+                              heartbeat_interval=0.1, heartbeat_timeout=0.6) as c:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "aiodagger", "worker", c.address, "--token-file", str(token_file),
+            "--threads", "1", "--heartbeat-timeout", "0.6")
+        try:
+            await _wait_for(lambda: len(c.workers) == 2, timeout=30)
+            first_id = c.workers[1].id
+            kept = [dagger.spawn(_logged_array, log, i) for i in range(4)]
+            await asyncio.wait_for(dagger.wait(kept), 20)
+            os.kill(proc.pid, signal.SIGSTOP)
+            await _wait_for(lambda: len(c.workers) == 1, timeout=10)
+            os.kill(proc.pid, signal.SIGCONT)
+            await _wait_for(lambda: [w.pid for w in c.workers[1:]] == [proc.pid], timeout=20)
+            assert c.workers[1].id != first_id
+            sums = await asyncio.wait_for(dagger.gather(*[dagger.spawn(checksum, t) for t in kept]), 20)
+            assert [s for s, _ in sums] == [16384.0 * i for i in range(4)]
+            with open(log) as f:
+                assert sorted(f.read().split()) == ["0", "1", "2", "3"], "kept values were computed again"
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 10)

@@ -334,7 +334,7 @@ class Registered(NamedTuple):
     worker_id: int
 
 
-@message("register", STR, INT, STR, INT, STR, OPT_INT, reply=Registered)
+@message("register", STR, INT, STR, INT, STR, OPT_INT, IDS, reply=Registered)
 class Register(NamedTuple):
     name: str
     pid: int
@@ -342,6 +342,9 @@ class Register(NamedTuple):
     threads: int
     address: str
     memory_limit: int | None
+    # Keys a reconnecting worker still holds from before: the scheduler keeps those it
+    # still needs (no recomputation) and releases the rest.
+    holds: list[int] = []
 
 
 @message("heartbeat", MAP)

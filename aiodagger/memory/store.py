@@ -298,6 +298,9 @@ class ChunkStore:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def keys(self) -> list[Hashable]:
+        return list(self._entries)
+
     def pin(self, key: Hashable) -> None:
         """Keep ``key`` in RAM (once it is there) until as many :meth:`unpin` calls."""
         self._pin(self._entries[key])

@@ -214,9 +214,29 @@ class WorkerRegistry:
         self.workers[worker.id] = worker
         endpoint.handlers = self._handlers(worker)
         logger.info("worker %d joined: %s", worker.id, worker.describe())
+        if msg.holds:
+            self._adopt(worker, msg.holds)
         asyncio.ensure_future(self._notify_registered())
         self.sched.request_flush()
         return P.Registered(worker.id), ()
+
+    def _adopt(self, worker: RemoteWorker, keys: list[int]) -> None:
+        """A worker that comes back (its connection was lost, and with it the worker the
+        scheduler knew) still holds ``keys``: count it as a holder of each finished result
+        or chunk that is still wanted, so that nothing it kept is computed again; tell it
+        to free the rest. A result being computed again is not adopted: its new run is
+        the one its waiters get."""
+        unwanted = []
+        for key in keys:
+            obj = self.object(key)
+            if obj is not None and (type(obj) is not DTask or obj._value is REMOTE):
+                self._note_holder(obj, key, worker)
+            else:
+                unwanted.append(key)
+        logger.info("worker %d came back holding %d values still wanted, %d no longer",
+                    worker.id, len(keys) - len(unwanted), len(unwanted))
+        if unwanted:
+            worker.send_quietly(P.Release(unwanted))
 
     async def _notify_registered(self) -> None:
         async with self._registered:

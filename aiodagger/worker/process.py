@@ -231,12 +231,9 @@ class WorkerProcess:
     async def _session(self) -> None:
         comm = await open_comm(self.scheduler_host, self.scheduler_port, ssl=self.ssl_client)
         await client_handshake(comm, self.token, {"role": "worker"})
-        # A new session is a new worker for the scheduler: what we held belongs to the
-        # worker it has already declared lost.
-        if len(self.store):
-            await self.store.close()
-            self.store = self._new_store()
-            await self.store.start()
+        # A new session is a new worker for the scheduler; what this one still holds is
+        # offered with the registration (Register.holds), and the scheduler releases
+        # what it no longer wants.
         endpoint = P.Endpoint(comm, self._handlers())
         self.endpoint = endpoint
         serving = asyncio.ensure_future(endpoint.serve())
@@ -246,7 +243,9 @@ class WorkerProcess:
             host = comm.transport.get_extra_info("sockname")[0] if comm.transport else "127.0.0.1"
             reply, _ = await endpoint.request(P.Register(
                 self.name, os.getpid(), socket.gethostname(), self.threads,
-                f"tcp://{host}:{self._listener.port}", self.memory_limit), timeout=30)
+                f"tcp://{host}:{self._listener.port}", self.memory_limit,
+                [k for k in self.store.keys() if type(k) is int]),
+                timeout=30)
             self.worker_id = reply.worker_id
             self._backoff = 0.1
             logger.info("worker %s registered as worker %d", self.name, self.worker_id)

@@ -46,3 +46,14 @@ def runs(log: str) -> dict[str, list[int]]:
     except FileNotFoundError:
         pass
     return found
+
+
+def block(i: int, log: str, nbytes: int, pause: float = 0.0) -> np.ndarray:
+    """A value larger than what travels with a completion: it stays on its worker."""
+    note(log, f"B{i}")
+    time.sleep(pause)
+    return np.full(nbytes // 8, i, dtype=np.int64)
+
+
+def first(a: np.ndarray) -> int:
+    return int(a[0])
