@@ -347,3 +347,12 @@ async def test_a_worker_that_reconnects_offers_what_it_still_holds(tmp_path):
             os.kill(proc.pid, signal.SIGCONT)
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 10)
+
+
+async def test_tasks_waiting_on_tasks_they_spawned_do_not_starve_the_cluster(procs):
+    """More tasks blocked in fetch() than the workers have threads: each wait hands its
+    slot back to the scheduler, so the children they wait for still get to run."""
+    await asyncio.wait_for(dagger.spawn(nested_sum, 3), 30)  # its run time is known now
+    parents = [dagger.spawn(nested_sum, 3) for _ in range(12)]
+    results = await asyncio.wait_for(dagger.gather(*parents), 60)
+    assert [total for total, _ in results] == [6] * 12

@@ -22,6 +22,7 @@ from aiodagger.comm.handshake import client_handshake, new_token
 from aiodagger.comm.protocol import (
     Ack,
     Batch,
+    Blocked,
     Cancel,
     CancelSpawned,
     Dep,
@@ -90,6 +91,8 @@ SAMPLES: list[tuple[object, list[bytes]]] = [
     (Register("w", 1, "h", 1, ADDR6, None), []),
     (Register("w", 1, "h", 1, ADDR, None, [3, -4, 2**40]), []),
     (Registered(0), []),
+    (Blocked(0), []),
+    (Blocked(3), []),
     (Registered(2**31), []),
     (Heartbeat({}), []),
     (Heartbeat({"memory_used": 123, "spilled_bytes": BIG, "ratio": 0.5, "name": NAME,
@@ -326,6 +329,7 @@ MALFORMED = [
      r"malformed Register: field memory_limit is bool"),
     ("Register.memory_limit str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, "16G", []]}, 0,
      r"malformed Register: field memory_limit is str"),
+    ("Blocked negative", {"op": "blocked", "a": [-1]}, 0, r"malformed Blocked: -1 threads"),
     ("Register.holds str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, None, ["7"]]}, 0,
      r"malformed Register: field holds"),
     # negative counts

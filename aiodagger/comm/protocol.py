@@ -93,7 +93,7 @@ from .serialize import (
 
 __all__ = [
     "Ack", "Batch", "Cancel", "CancelSpawned", "Dep", "Done", "Endpoint", "Finished",
-    "Forget", "FunctionDef", "Functions", "Get", "Heartbeat", "Holder", "Holding", "Item",
+    "Blocked", "Forget", "FunctionDef", "Functions", "Get", "Heartbeat", "Holder", "Holding", "Item",
     "Items", "Memory", "Missing", "Put", "Register", "Registered", "Release", "Replicate",
     "Run", "RunTask", "Shutdown", "Spawn", "SpawnTask", "Stats", "StatsReply", "TaskDone",
     "ValueDef", "Values", "decode", "encode", "message_types", "split_parts",
@@ -352,6 +352,14 @@ class Heartbeat(NamedTuple):
     stats: dict[str, Any]
 
 
+@message("blocked", INT)
+class Blocked(NamedTuple):
+    """How many of the worker's threads now wait in ``fetch()`` inside a task. Each hands
+    its slot back: the scheduler may send that many more tasks, else a graph whose tasks
+    wait on tasks they spawned deadlocks once every slot waits."""
+    threads: int
+
+
 @message("functions", [FunctionDef], buffers=lambda m: len(m.defs))
 class Functions(NamedTuple):
     defs: list[FunctionDef]
@@ -516,6 +524,8 @@ def _check_values(msg: Any) -> None:
                 raise ProtocolError(f"malformed {type(v).__name__}: a value takes at least one part")
     elif type(msg) is TaskDone and msg.status not in TASK_DONE_STATUSES:
         raise ProtocolError(f"malformed TaskDone: unknown status {msg.status!r}")
+    elif type(msg) is Blocked and msg.threads < 0:
+        raise ProtocolError(f"malformed Blocked: {msg.threads} threads")
     elif type(msg) is Register and msg.threads < 1:
         raise ProtocolError(f"malformed Register: a worker needs threads >= 1, got {msg.threads}")
 

@@ -84,6 +84,7 @@ class RemoteWorker:
         # their slots stay taken until the worker reports the run ended.
         self.ending: dict[tuple[int, int], float] = {}
         self.holds: set[int] = set()
+        self.blocked = 0  # threads waiting in fetch() inside a task: slots handed back
         self.functions: set[bytes] = set()
         self.backlog_s = 0.0
         self.queued = 0
@@ -99,7 +100,7 @@ class RemoteWorker:
     def has_room(self, kind: str) -> bool:
         if kind == "async":
             return True
-        return self.queued < self.threads or self.backlog_s < REMOTE_HORIZON_S * self.threads
+        return self.queued < self.threads + self.blocked or self.backlog_s < REMOTE_HORIZON_S * self.threads
 
     def send_quietly(self, msg: Any) -> None:
         """Send a small message; a closed connection is noticed (and handled) elsewhere."""
@@ -201,6 +202,7 @@ class WorkerRegistry:
             P.Done: functools.partial(self._on_done, worker),
             P.Holding: functools.partial(self._on_holding, worker),
             P.Heartbeat: functools.partial(self._on_heartbeat, worker),
+            P.Blocked: functools.partial(self._on_blocked, worker),
             P.Spawn: functools.partial(self._on_spawn, worker),
             P.Forget: self._on_forget,
             P.CancelSpawned: self._on_cancel_spawned,
@@ -250,6 +252,12 @@ class WorkerRegistry:
                                      int(stats["spill_errors"]), int(stats["running"]))
         except (KeyError, TypeError, ValueError):
             pass  # an older or other worker: its completions still carry the counters
+
+    def _on_blocked(self, worker: RemoteWorker, msg: P.Blocked, buffers: list[Any]) -> None:
+        more = msg.threads > worker.blocked
+        worker.blocked = msg.threads
+        if more:
+            self.sched.request_flush()
 
     def _on_forget(self, msg: P.Forget, buffers: list[Any]) -> None:
         for key in msg.ids:

@@ -91,6 +91,7 @@ class WorkerProcess:
         self.loop: asyncio.AbstractEventLoop
         self.loop_thread_id = 0
         self.endpoint: P.Endpoint | None = None
+        self._blocked_sent = 0  # the scheduler's count of our threads waiting in fetch()
         self._peers: dict[str, P.Endpoint] = {}
         self._peer_tasks: set[asyncio.Task[None]] = set()
         self._fetching: dict[int, asyncio.Future[None]] = {}
@@ -108,7 +109,15 @@ class WorkerProcess:
     timed = False  # observers live with the scheduler; coroutines are not timed here
 
     def request_flush(self) -> None:
-        """Nothing waits here for capacity: the scheduler meters what it sends."""
+        """A pool thread began or ended waiting in ``fetch()``: tell the scheduler, which
+        meters what it sends by free slots (see protocol.Blocked)."""
+        blocked = self.thread_proc.blocked_threads
+        if blocked != self._blocked_sent and self.endpoint is not None:
+            self._blocked_sent = blocked
+            try:
+                self.endpoint.send_nowait(P.Blocked(blocked))
+            except ConnectionError:
+                pass  # the session is ending; the next one starts from none blocked
 
     def complete(self, task: DTask[Any], attempt: int, ok: bool, value: Any,
                  start: float, seconds: float, proc: Any) -> None:
@@ -236,6 +245,7 @@ class WorkerProcess:
         # what it no longer wants.
         endpoint = P.Endpoint(comm, self._handlers())
         self.endpoint = endpoint
+        self._blocked_sent = 0
         serving = asyncio.ensure_future(endpoint.serve())
         heartbeat = asyncio.ensure_future(self._heartbeat(endpoint))
         try:

@@ -204,6 +204,11 @@ class ThreadProc:
         finally:
             with self._lock:
                 self._blocked -= 1
+            call_soon_quietly(self._loop, self._owner.request_flush)
+
+    @property
+    def blocked_threads(self) -> int:
+        return self._blocked
 
 
 def _claim_continuation(task: DTask[Any]) -> DTask[Any] | None:
