@@ -57,3 +57,40 @@ def block(i: int, log: str, nbytes: int, pause: float = 0.0) -> np.ndarray:
 
 def first(a: np.ndarray) -> int:
     return int(a[0])
+
+
+# -- the soak's graph: every value is a function of its key and its inputs' values --------
+PRIME = 1_000_000_007
+
+
+def value_of(x: object) -> int:
+    return int(x[0]) if isinstance(x, np.ndarray) else int(x)  # type: ignore[index, call-overload]
+
+
+def mix(key: int, inputs: tuple) -> int:
+    return (key * 2654435761 + sum(value_of(x) for x in inputs)) % PRIME
+
+
+def soak_sync(key: int, pause: float, *inputs: object) -> int:
+    time.sleep(pause)
+    return mix(key, inputs)
+
+
+async def soak_async(key: int, pause: float, *inputs: object) -> int:
+    import asyncio
+
+    await asyncio.sleep(pause)
+    return mix(key, inputs)
+
+
+def soak_big(key: int, nbytes: int, *inputs: object) -> np.ndarray:
+    """Over the inline limit: it stays on its worker, and with a memory limit, spills."""
+    return np.full(nbytes // 8, mix(key, inputs), dtype=np.int64)
+
+
+def soak_nested(key: int, pause: float, *inputs: object) -> int:
+    """Spawns two tasks into the cluster from inside a worker and waits for them."""
+    import aiodagger as dagger
+
+    kids = [dagger.spawn(soak_sync, key * 4 + j, pause) for j in range(2)]
+    return (mix(key, inputs) + sum(k.fetch(timeout=120) for k in kids)) % PRIME
