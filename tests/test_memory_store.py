@@ -609,3 +609,27 @@ async def test_two_writes_are_in_flight_at_once(base):
                 assert await store.get("a") == 7 and await store.get("b") == 7
     finally:
         release.set()
+
+
+async def test_a_chunk_replaced_while_pinned_keeps_its_pins_apart(base):
+    """A task pinned a chunk; the chunk is put again (a recomputed value), or deleted and
+    put again, while the task runs: the task's unpin at its end is the old chunk's, never
+    an error, and the new chunk counts as pinned only by its own pins."""
+    async with quiet_store("64MiB", base) as store:
+        store.put("k", np.zeros(1000), nbytes=8000)
+        first, unavailable = await store.pin_and_load(["k"])
+        assert not unavailable
+        store.put("k", np.ones(1000), nbytes=8000)  # replaced under the running task
+        assert store.stats()["pinned"] == 0
+        second, _ = await store.pin_and_load(["k"])  # a second task pins the new chunk
+        assert store.stats()["pinned"] == 1
+        store.unpin_all(first)
+        store.unpin_all(second)
+        assert store.stats()["pinned"] == 0
+
+        store.pin("k")
+        store.delete("k")  # released while pinned
+        store.put("k", np.ones(10), nbytes=80)
+        store.unpin("k")  # the deleted chunk's pin
+        assert store.stats()["pinned"] == 0
+        assert (await store.get("k")).sum() == 10

@@ -117,6 +117,7 @@ class ChunkStore:
         self._used = 0
         self._in_memory = 0
         self._pinned = 0  # entries with pins > 0
+        self._orphan_pins: dict[Hashable, int] = {}  # pins of entries deleted while pinned
         self._writing = 0  # entries in the batches being written
         self._writing_bytes = 0  # and their bytes, which are on their way out of RAM
         self._writers: set[asyncio.Task[None]] = set()
@@ -284,6 +285,9 @@ class ChunkStore:
         entry.live = False
         if entry.pins:
             self._pinned -= 1
+            # Tasks that pinned it unpin by key when they end: those unpins are its, not
+            # those of a chunk put under the same key meanwhile (a recomputed value).
+            self._orphan_pins[key] = self._orphan_pins.get(key, 0) + entry.pins
         if entry.value is not _MISSING:
             self._evictable.pop(key, None)
             self._drop_value(entry)
@@ -306,6 +310,13 @@ class ChunkStore:
         self._pin(self._entries[key])
 
     def unpin(self, key: Hashable) -> None:
+        orphans = self._orphan_pins.get(key)
+        if orphans:  # a pin of a chunk deleted or replaced since
+            if orphans == 1:
+                del self._orphan_pins[key]
+            else:
+                self._orphan_pins[key] = orphans - 1
+            return
         entry = self._entries.get(key)
         if entry is not None:
             self._unpin(entry)

@@ -485,8 +485,11 @@ class WorkerRegistry:
             obj._where.difference_update(missing.holders)
             for wid in missing.holders:
                 holder = self.workers.get(wid)
-                if holder is not None:
+                if holder is not None and missing.key in holder.holds:
                     holder.holds.discard(missing.key)
+                    # An unreachable holder may still have its copy: free it, so that
+                    # what the scheduler counts is what the worker keeps.
+                    holder.send_quietly(P.Release([missing.key]))
         return obj
 
     def _on_holding(self, worker: RemoteWorker, msg: P.Holding, buffers: list[Any]) -> None:
