@@ -356,3 +356,38 @@ async def test_tasks_waiting_on_tasks_they_spawned_do_not_starve_the_cluster(pro
     parents = [dagger.spawn(nested_sum, 3) for _ in range(12)]
     results = await asyncio.wait_for(dagger.gather(*parents), 60)
     assert [total for total, _ in results] == [6] * 12
+
+
+def _slow_array(seconds):
+    import time
+
+    time.sleep(seconds)
+    return np.ones(1 << 17)  # 1 MiB: stays on its worker
+
+
+async def test_a_ready_task_waits_for_an_input_being_computed_again():
+    """A task is ready (its input finished) but waits for room; the input's only copy is
+    lost and its recomputation starts: the task must wait for that run, not be sent off
+    with the empty value the input has meanwhile."""
+    async with dagger.Cluster(processes=2, threads=1) as c:
+        w1, w2 = c.workers[1:]
+        with on(w2.id):
+            await asyncio.wait_for(dagger.spawn(slow_pid, 0.2), 20)  # its run time is known now
+            blocker = dagger.spawn(slow_pid, 2.5)
+        await asyncio.sleep(0.3)
+        value = dagger.spawn(_slow_array, 1.0)  # worker 2 is busy: it runs on worker 1
+        await asyncio.wait_for(dagger.wait([value]), 20)
+        with on(w2.id), dagger.options(priority=1):
+            gate = dagger.spawn(slow_pid, 0.1)  # first in line for worker 2: the line stops here
+        with on(w2.id):
+            reader = dagger.spawn(checksum, value)  # ready, in line behind it
+        os.kill(w1.pid, signal.SIGKILL)
+        await _wait_for(lambda: w1.pid not in {w.pid for w in c.workers}, 10)
+        again = asyncio.ensure_future(_await(value))  # its value is computed again
+        assert await asyncio.wait_for(reader, 30) == (float(1 << 17), 1 << 20)
+        assert (await asyncio.wait_for(again, 30)).sum() == 1 << 17
+        await asyncio.wait_for(dagger.gather(blocker, gate), 10)
+
+
+async def _await(task):
+    return await task

@@ -310,15 +310,9 @@ class Scheduler:
         """Place the heap's top task in a cluster with other workers; False: no room now."""
         dist = self.dist
         assert dist is not None
-        lost = dist.lost_dependency(task)
-        if lost is not None:  # wait for it to be computed again (_link starts that)
-            heapq.heappop(self._ready)
-            task._state = PENDING
-            linked = self._link(task, lost)
-            if linked is not None:
-                task._npending = linked
-                if linked == 0:
-                    self._make_ready(task)
+        lost = _recomputing(task) or dist.lost_dependency(task)
+        if lost is not None:
+            self._wait_again(task, lost)
             return True
         if not self._goes_remote(task):
             # worker 0 runs it: bring remote inputs here first
@@ -368,9 +362,24 @@ class Scheduler:
         return True
 
     # -- worker 0 with a store of its own -------------------------------------------------
+    def _wait_again(self, task: DTask[Any], dep: DTask[Any]) -> None:
+        """Take the heap's top task back to waiting for ``dep`` (lost: _link starts
+        computing it again; or being computed again already)."""
+        heapq.heappop(self._ready)
+        task._state = PENDING
+        linked = self._link(task, dep)
+        if linked is not None:
+            task._npending = linked
+            if linked == 0:
+                self._make_ready(task)
+
     def _flush_stored(self, task: DTask[Any]) -> bool:
         """Place the heap's top task on worker 0 when its results live in a store."""
         local = self._local_worker
+        recomputing = _recomputing(task)
+        if recomputing is not None:
+            self._wait_again(task, recomputing)
+            return True
         if local.paused:  # back-pressure: nothing new starts until memory is back under
             if not self._admission_waiting:
                 self._admission_waiting = True
@@ -693,6 +702,16 @@ class Scheduler:
             if not task.done():
                 self._cancel_from(task, None)
         return len(live)
+
+
+def _recomputing(task: DTask[Any]) -> DTask[Any] | None:
+    """A dependency of the ready ``task`` that is being computed again (another task
+    found its value lost after ``task`` became ready), if any: ``task`` must wait for
+    that run, not start with the empty value the dependency has meanwhile."""
+    for dep in task._deps or ():
+        if type(dep) is DTask and dep._state is not FINISHED:
+            return dep
+    return None
 
 
 def _pins_local(scope: Scope) -> bool:
