@@ -137,6 +137,7 @@ class ChunkStore:
         self._trimming = False
 
         self._executor: ThreadPoolExecutor | None = None
+        self._owner_lock: int | None = None  # held while the spill directory is ours
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._io: set[asyncio.Future[Any]] = set()
@@ -158,12 +159,13 @@ class ChunkStore:
         self._executor = ThreadPoolExecutor(_WRITERS + 2,
                                             thread_name_prefix=f"aiodagger-spill-{self.worker_name}")
         try:
-            await self._run_io(spilldir.create, self.directory)
+            await self._run_io(self._create_directory)
         except OSError as exc:
             self._spill_errors += 1
             self._disable_spilling(exc)
         except BaseException:
-            self._executor.shutdown(wait=True)
+            self._executor.shutdown(wait=True)  # a cancelled start: the directory may be made
+            spilldir.remove(self.directory, self._owner_lock)
             spilldir.release(self.directory)
             raise
         self.state = StoreState.RUNNING
@@ -172,6 +174,10 @@ class ChunkStore:
         if self._monitor_interval is not None:
             self._pressure.sample(self._used)
             self._tasks.append(asyncio.create_task(self._monitor(), name="aiodagger-memory-monitor"))
+
+    def _create_directory(self) -> None:
+        # Kept here, not returned: a start cancelled meanwhile still finds it to remove.
+        self._owner_lock = spilldir.create(self.directory)
 
     async def close(self) -> None:
         """Finish the write in flight, drop every chunk and remove the spill directory.
@@ -201,7 +207,8 @@ class ChunkStore:
         self._entries.clear()
         self._evictable.clear()
         self._used = self._in_memory = self._spilled_now = 0
-        await self._run_io(spilldir.remove, self.directory)
+        await self._run_io(spilldir.remove, self.directory, self._owner_lock)
+        self._owner_lock = None
         assert self._executor is not None
         self._executor.shutdown(wait=True)  # idle by now: every job was awaited above
         spilldir.release(self.directory)
