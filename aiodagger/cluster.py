@@ -30,6 +30,7 @@ from ._loopthread import LoopThread
 from .comm.server import check_listen
 from .memory import parse_memory_limit
 from .scheduler.core import Scheduler
+from .worker.aio import HURRY_GRACE
 from .worker.local import LocalWorker, WorkerInfo
 
 if TYPE_CHECKING:
@@ -224,9 +225,9 @@ class Cluster:
             spill_dir=self.spill_dir, shutdown_timeout=self.shutdown_timeout)
         await self._launcher.start(self.processes)
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         try:
-            await self.close()
+            await self._close(hurry=_interrupted(exc))
         finally:
             self._leave()
 
@@ -235,9 +236,9 @@ class Cluster:
         self._enter()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         try:
-            self._close_background()
+            self._close_background(hurry=_interrupted(exc))
         finally:
             self._leave()
 
@@ -274,20 +275,28 @@ class Cluster:
             self._loop_thread = None
             raise
 
-    def _close_background(self) -> None:
+    def _close_background(self, hurry: bool = False) -> None:
         loop_thread = self._loop_thread
         if loop_thread is None:
             return
         if threading.get_ident() == loop_thread.thread_id:
             raise RuntimeError("a background Cluster cannot be closed from its own loop thread")
         try:
-            loop_thread.run(self.close())
+            loop_thread.run(self._close(hurry))
         finally:
             loop_thread.stop()
             self._loop_thread = None
 
     async def close(self) -> None:
-        """Cancel unfinished tasks, stop the workers, and wait until they have stopped."""
+        """Cancel unfinished tasks, stop the workers, and wait until they have stopped.
+
+        Running tasks get ``shutdown_timeout`` to end. Leaving ``with`` or ``async with``
+        on Ctrl-C or cancellation gives them HURRY_GRACE only, and subprocess workers
+        are signalled to stop at once: who interrupts waits for no task.
+        """
+        await self._close(hurry=False)
+
+    async def _close(self, hurry: bool) -> None:
         if self._state is ClusterState.NEW:
             self._state = ClusterState.CLOSED
             return
@@ -300,8 +309,9 @@ class Cluster:
         if cancelled:
             logger.info("cluster closing: cancelled %d unfinished task(s)", cancelled)
         if self._launcher is not None:
-            await self._launcher.close()
-        clean = await self._local.close(self.shutdown_timeout)
+            await self._launcher.close(hurry)
+        clean = await self._local.close(min(self.shutdown_timeout, HURRY_GRACE) if hurry
+                                        else self.shutdown_timeout)
         if not clean:
             logger.warning(
                 "cluster closed while tasks were still running user code in %s after %.1f s; "
@@ -326,6 +336,11 @@ class Cluster:
             await self._start_workers()
             return
         await self._launcher.scale(n)
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    """Ctrl-C, or the cancellation that ``asyncio.run`` makes of it."""
+    return isinstance(exc, KeyboardInterrupt | asyncio.CancelledError)
 
 
 def _chosen_cluster() -> Cluster | None:

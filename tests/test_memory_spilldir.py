@@ -9,7 +9,6 @@ namespace) writing to the same ``--spill-dir`` names its own.
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 
 from aiodagger.memory import ChunkStore, spilldir
 from tests.memory_disks import private_dir
+from tests.workers import read_line
 
 OTHER_HOST = "0badc0de"
 
@@ -51,15 +51,6 @@ def dead_pid() -> int:
     proc.wait(timeout=30)  # reaped: the PID names no process now
     assert not psutil.pid_exists(proc.pid)
     return proc.pid
-
-
-def read_line(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> bytes:
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        if not selector.select(timeout):
-            raise TimeoutError(f"process {proc.pid} said nothing within {timeout} s")
-    return proc.stdout.readline()
 
 
 def end(proc: subprocess.Popen[bytes], sig: int | None = None) -> None:
