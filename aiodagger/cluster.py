@@ -21,6 +21,7 @@ import atexit
 import contextvars
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -310,12 +311,11 @@ class Cluster:
             logger.info("cluster closing: cancelled %d unfinished task(s)", cancelled)
         if self._launcher is not None:
             await self._launcher.close(hurry)
-        clean = await self._local.close(min(self.shutdown_timeout, HURRY_GRACE) if hurry
-                                        else self.shutdown_timeout)
-        if not clean:
+        timeout = min(self.shutdown_timeout, HURRY_GRACE) if hurry else self.shutdown_timeout
+        if not await self._local.close(timeout):
             logger.warning(
                 "cluster closed while tasks were still running user code in %s after %.1f s; "
-                "those threads are left to finish on their own", self._local.thread_proc, self.shutdown_timeout,
+                "those threads are left to finish on their own", self._local.thread_proc, timeout,
             )
         self._state = ClusterState.CLOSED
         self._closed_event.set()
@@ -384,15 +384,21 @@ def _default_cluster() -> Cluster:
             cluster._start_background()
             _default = cluster
             if not _atexit_registered:
-                atexit.register(shutdown_default_cluster)
+                atexit.register(_shutdown_default_cluster_at_exit)
                 _atexit_registered = True
         return _default
 
 
-def shutdown_default_cluster() -> None:
+def shutdown_default_cluster(hurry: bool = False) -> None:
     """Close the default cluster if one was started (also run at interpreter exit)."""
     global _default
     with _default_lock:
         cluster, _default = _default, None
     if cluster is not None:
-        cluster._close_background()
+        cluster._close_background(hurry)
+
+
+def _shutdown_default_cluster_at_exit() -> None:
+    # A script that Ctrl-C ended (the interpreter keeps what ended it in sys.last_value)
+    # waits for none of its tasks, as leaving `with Cluster()` on Ctrl-C does not.
+    shutdown_default_cluster(hurry=isinstance(getattr(sys, "last_value", None), KeyboardInterrupt))

@@ -225,3 +225,31 @@ def test_a_signal_to_the_cluster_process_leaves_no_worker_and_no_spill_directory
             main.wait(30)
             for pipe in (main.stdout, main.stderr):
                 pipe.close()
+
+
+# A plain script on the default cluster (worker 0 only: no process, no spill directory).
+ON_THE_DEFAULT_CLUSTER = textwrap.dedent("""
+    import time
+    import aiodagger as dagger
+
+    def nap():
+        print("RUNNING", flush=True)
+        time.sleep(60)
+
+    dagger.spawn(nap).fetch()
+""")
+
+
+def test_ctrl_c_ends_a_script_on_the_default_cluster_without_waiting_for_its_tasks():
+    main = subprocess.Popen([sys.executable, "-c", ON_THE_DEFAULT_CLUSTER],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert read_line(main) == b"RUNNING\n"
+        main.send_signal(signal.SIGINT)
+        assert main.wait(5) == -signal.SIGINT  # as Python ends on an unhandled Ctrl-C
+    finally:
+        if main.poll() is None:
+            main.kill()
+        main.wait(30)
+        for pipe in (main.stdout, main.stderr):
+            pipe.close()
