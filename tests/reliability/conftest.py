@@ -9,14 +9,17 @@ segment more than when it began.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shutil
 import tempfile
 import threading
 import time
 
 import psutil
 import pytest
+import uvloop
 
 SPILL_PREFIX = "aiodagger-spill-"
 
@@ -26,6 +29,15 @@ def _shm() -> set[str]:
         return set(os.listdir("/dev/shm"))
     except OSError:
         return set()
+
+
+def _fds() -> list[str]:
+    """What this process has open, for a leak's message."""
+    found = []
+    for fd in sorted(os.listdir("/proc/self/fd"), key=int):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone
+            found.append(f"{fd}: {os.readlink(f'/proc/self/fd/{fd}')}")
+    return found
 
 
 def _spill_dirs() -> set[str]:
@@ -48,7 +60,7 @@ class Snapshot:
         if extra := self.children - before.children:
             found.append(f"processes left running: {sorted(extra)}")
         if self.fds > before.fds:
-            found.append(f"file descriptors: {before.fds} before, {self.fds} after")
+            found.append(f"file descriptors: {before.fds} before, {self.fds} after: {_fds()}")
         if extra := self.threads - before.threads:
             names = [t.name for t in threading.enumerate() if t.ident in extra]
             found.append(f"threads left running: {names}")
@@ -59,9 +71,31 @@ class Snapshot:
         return found
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_tmp():
+    """The suite's own temp directory, inherited by the processes it starts: spill
+    directories that other test runs on this machine make in /tmp meanwhile are not
+    leaks of this one."""
+    path = tempfile.mkdtemp(prefix="aiodagger-chaos-")
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = path
+    try:
+        yield path
+    finally:
+        if saved[0] is None:
+            del os.environ["TMPDIR"]
+        else:
+            os.environ["TMPDIR"] = saved[0]
+        tempfile.tempdir = saved[1]
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture
 def no_leaks():
     """Fails the test if it leaves a process, thread, fd, segment or spill directory."""
+    # libuv opens a signal pipe once per process, at its first loop, for good: not a
+    # leak of whichever test made the first uvloop loop.
+    uvloop.new_event_loop().close()
     before = Snapshot()
     yield
     deadline = time.monotonic() + 10
