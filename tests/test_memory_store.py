@@ -83,6 +83,29 @@ async def test_a_gigabyte_through_256_mib(base):
     assert store.state is StoreState.CLOSED
 
 
+async def test_spill_seconds_count_the_write_in_flight(base, monkeypatch):
+    from aiodagger.memory import spillfile
+
+    disk_answers = threading.Event()  # a disk that takes its time with the first write
+    dump_many = spillfile.dump_many
+
+    def slow_dump_many(jobs):
+        disk_answers.wait(10)
+        return dump_many(jobs)
+
+    monkeypatch.setattr(spillfile, "dump_many", slow_dump_many)
+    async with quiet_store(10 * MiB, base) as store:
+        store.put("k", chunk(0, 8 * MiB))
+        try:
+            await until(lambda: store.stats()["writing"])
+            await asyncio.sleep(0.2)
+            assert store.stats()["spill_seconds"] >= 0.2
+        finally:
+            disk_answers.set()
+        await until(lambda: store.peek_in_memory("k") is None)
+        assert store.stats()["spill_seconds"] >= 0.2
+
+
 async def test_default_directory_is_under_tempdir():
     async with ChunkStore("64MiB", worker_name="w-default") as store:
         assert store.directory == Path(tempfile.gettempdir()) / f"aiodagger-spill-{os.getpid()}-w-default@{spilldir.host_tag()}"

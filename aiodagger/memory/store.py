@@ -374,6 +374,13 @@ class ChunkStore:
         return self._spilled_now
 
     @property
+    def spill_seconds(self) -> float:
+        """Seconds with a spill write in flight, the one in flight now included: a disk
+        too slow to ever catch up would otherwise show none."""
+        busy = time.perf_counter() - self._busy_since if self._writers else 0.0
+        return self._spill_seconds + busy
+
+    @property
     def spill_errors(self) -> int:
         """Spill writes that failed: disk errors and chunks that cannot be pickled."""
         return self._spill_errors
@@ -433,7 +440,7 @@ class ChunkStore:
             "spilled_bytes": self.spilled_bytes,
             "spilled_now": self.spilled_now,
             "spill_writes": self._spill_writes,
-            "spill_seconds": self._spill_seconds,
+            "spill_seconds": self.spill_seconds,
             "loads": self._loads,
             "sent_from_disk": self._sent_from_disk,
             "spill_errors": self.spill_errors,

@@ -114,6 +114,7 @@ async def test_a_slow_spill_disk_slows_spilling_only(where, no_leaks, seed):
             stats = (await cluster.worker_stats())[wid]
             report(where, lags, stats, seconds)
             assert stats["spilled_bytes"] >= (CHUNKS * CHUNK) // 2 and stats["spill_errors"] == 0
+            assert stats["spill_seconds"] > 1.0  # a slow disk shows in the worker's status
             assert stats["loads"] + stats["sent_from_disk"] > 0  # read back from the slow disk
             for i in (0, CHUNKS // 2, CHUNKS - 1):  # and to the caller, as they were made
                 assert digest(await asyncio.wait_for(chunks[i], 60)) == expected[i]
