@@ -221,7 +221,7 @@ class WorkerLauncher:
         registered = {w.name for w in self.dist.workers.values()}
         await self.dist.close()  # asks every registered worker to stop
         for name, proc in self._procs.items():
-            # Not yet joined: nobody asked it to stop.
+            # In a hurry, a signal stops it at once; not yet joined, nobody asked it to stop.
             if (hurry or name not in registered) and proc.returncode is None:
                 proc.terminate()
         timeout = HURRY_TIMEOUT if hurry else None

@@ -67,6 +67,21 @@ async def test_close_does_not_wait_past_the_timeout_for_a_subprocess_worker():
     assert time.perf_counter() - started < 5
 
 
+async def test_a_signalled_worker_exits_though_a_coroutine_ignores_cancellation():
+    """As its parent's death signals it: nothing is left to wait for that coroutine."""
+    async with dagger.Cluster(processes=1, shutdown_timeout=0.5) as cluster:
+        (info,) = cluster.workers[1:]
+        dagger.spawn(stubborn_forever)
+        async with asyncio.timeout(30):
+            while (await cluster.worker_stats())[info.id]["running"] < 1:
+                await asyncio.sleep(0.05)
+        worker = psutil.Process(info.pid)
+        os.kill(info.pid, signal.SIGTERM)
+        async with asyncio.timeout(3):
+            while alive(worker):
+                await asyncio.sleep(0.02)
+
+
 async def hog(marker: str) -> None:
     """Blocks its worker's event loop: no message and no signal is handled meanwhile."""
     open(marker, "w").close()
