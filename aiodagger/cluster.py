@@ -21,6 +21,7 @@ import atexit
 import contextvars
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from ._loopthread import LoopThread
 from .comm.server import check_listen
 from .memory import parse_memory_limit
 from .scheduler.core import Scheduler
+from .worker.aio import HURRY_GRACE
 from .worker.local import LocalWorker, WorkerInfo
 
 if TYPE_CHECKING:
@@ -224,9 +226,9 @@ class Cluster:
             spill_dir=self.spill_dir, shutdown_timeout=self.shutdown_timeout)
         await self._launcher.start(self.processes)
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         try:
-            await self.close()
+            await self._close(hurry=_interrupted(exc))
         finally:
             self._leave()
 
@@ -235,9 +237,9 @@ class Cluster:
         self._enter()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         try:
-            self._close_background()
+            self._close_background(hurry=_interrupted(exc))
         finally:
             self._leave()
 
@@ -274,20 +276,28 @@ class Cluster:
             self._loop_thread = None
             raise
 
-    def _close_background(self) -> None:
+    def _close_background(self, hurry: bool = False) -> None:
         loop_thread = self._loop_thread
         if loop_thread is None:
             return
         if threading.get_ident() == loop_thread.thread_id:
             raise RuntimeError("a background Cluster cannot be closed from its own loop thread")
         try:
-            loop_thread.run(self.close())
+            loop_thread.run(self._close(hurry))
         finally:
             loop_thread.stop()
             self._loop_thread = None
 
     async def close(self) -> None:
-        """Cancel unfinished tasks, stop the workers, and wait until they have stopped."""
+        """Cancel unfinished tasks, stop the workers, and wait until they have stopped.
+
+        Running tasks get ``shutdown_timeout`` to end. Leaving ``with`` or ``async with``
+        on Ctrl-C or cancellation gives them HURRY_GRACE only, and subprocess workers
+        are signalled to stop at once: who interrupts waits for no task.
+        """
+        await self._close(hurry=False)
+
+    async def _close(self, hurry: bool) -> None:
         if self._state is ClusterState.NEW:
             self._state = ClusterState.CLOSED
             return
@@ -300,12 +310,12 @@ class Cluster:
         if cancelled:
             logger.info("cluster closing: cancelled %d unfinished task(s)", cancelled)
         if self._launcher is not None:
-            await self._launcher.close()
-        clean = await self._local.close(self.shutdown_timeout)
-        if not clean:
+            await self._launcher.close(hurry)
+        timeout = min(self.shutdown_timeout, HURRY_GRACE) if hurry else self.shutdown_timeout
+        if not await self._local.close(timeout):
             logger.warning(
                 "cluster closed while tasks were still running user code in %s after %.1f s; "
-                "those threads are left to finish on their own", self._local.thread_proc, self.shutdown_timeout,
+                "those threads are left to finish on their own", self._local.thread_proc, timeout,
             )
         self._state = ClusterState.CLOSED
         self._closed_event.set()
@@ -326,6 +336,11 @@ class Cluster:
             await self._start_workers()
             return
         await self._launcher.scale(n)
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    """Ctrl-C, or the cancellation that ``asyncio.run`` makes of it."""
+    return isinstance(exc, KeyboardInterrupt | asyncio.CancelledError)
 
 
 def _chosen_cluster() -> Cluster | None:
@@ -369,15 +384,21 @@ def _default_cluster() -> Cluster:
             cluster._start_background()
             _default = cluster
             if not _atexit_registered:
-                atexit.register(shutdown_default_cluster)
+                atexit.register(_shutdown_default_cluster_at_exit)
                 _atexit_registered = True
         return _default
 
 
-def shutdown_default_cluster() -> None:
+def shutdown_default_cluster(hurry: bool = False) -> None:
     """Close the default cluster if one was started (also run at interpreter exit)."""
     global _default
     with _default_lock:
         cluster, _default = _default, None
     if cluster is not None:
-        cluster._close_background()
+        cluster._close_background(hurry)
+
+
+def _shutdown_default_cluster_at_exit() -> None:
+    # A script that Ctrl-C ended (the interpreter keeps what ended it in sys.last_value)
+    # waits for none of its tasks, as leaving `with Cluster()` on Ctrl-C does not.
+    shutdown_default_cluster(hurry=isinstance(getattr(sys, "last_value", None), KeyboardInterrupt))

@@ -19,10 +19,13 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from .comm.handshake import new_token
 from .comm.server import Listener, check_listen, parse_address
+from .memory import spilldir
 from .scheduler.core import Scheduler
 from .scheduler.registry import RemoteWorker, WorkerRegistry
 from .worker.local import WorkerInfo
@@ -33,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 # Subprocess workers restarted per minute at most, after that the cluster goes on without.
 MAX_RESTARTS = 5
+
+# Seconds a subprocess worker told to stop now (SIGTERM) has to exit before it is killed:
+# its tasks get HURRY_GRACE, then its store and spill directory go, then its interpreter.
+# Measured: 0.6 s from the signal to the exit, spilled chunks and running tasks included.
+HURRY_TIMEOUT = 3.0
 
 # Each worker process runs `threads` tasks at once; BLAS libraries starting a thread
 # per core inside each of them would oversubscribe the machine (see the demo).
@@ -171,7 +179,7 @@ class WorkerLauncher:
 
     async def _reap(self, name: str, timeout: float | None = None) -> None:
         """Wait for a worker process to exit: its own shutdown timeout and a second for
-        its interpreter to end, then kill it."""
+        its interpreter to end, then kill it and remove the spill directory it left."""
         if timeout is None:
             timeout = self.shutdown_timeout + 1.0
         proc = self._procs.pop(name, None)
@@ -183,6 +191,9 @@ class WorkerLauncher:
             logger.warning("subprocess worker %s (pid %d) did not exit; killing it", name, proc.pid)
             proc.kill()
             await proc.wait()
+            # Its lock died with it: its directory is now a stale one like any other.
+            base = Path(self.spill_dir or tempfile.gettempdir())
+            await asyncio.get_running_loop().run_in_executor(None, spilldir.remove_stale, base)
 
     def infos(self) -> list[WorkerInfo]:
         out = []
@@ -197,7 +208,12 @@ class WorkerLauncher:
             ))
         return out
 
-    async def close(self) -> None:
+    async def close(self, hurry: bool = False) -> None:
+        """Stop every worker and wait for the subprocess workers to exit.
+
+        ``hurry`` (Ctrl-C, cancellation): subprocess workers are signalled, which stops
+        them now, without waiting for what they run, and killed after HURRY_TIMEOUT.
+        """
         self._closing = True
         for watcher in list(self._watchers):  # no restart from now on
             watcher.cancel()
@@ -205,9 +221,11 @@ class WorkerLauncher:
         registered = {w.name for w in self.dist.workers.values()}
         await self.dist.close()  # asks every registered worker to stop
         for name, proc in self._procs.items():
-            if name not in registered and proc.returncode is None:
-                proc.terminate()  # started, not yet joined: nobody asked it to stop
-        await asyncio.gather(*(self._reap(name) for name in list(self._procs)))
+            # In a hurry, a signal stops it at once; not yet joined, nobody asked it to stop.
+            if (hurry or name not in registered) and proc.returncode is None:
+                proc.terminate()
+        timeout = HURRY_TIMEOUT if hurry else None
+        await asyncio.gather(*(self._reap(name, timeout) for name in list(self._procs)))
         for listener in (self._public, self._internal):
             if listener is not None:
                 await listener.close()

@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import pytest
 
-from aiodagger.memory import ChunkStore, SpillCorruptedError, StoreState
+from aiodagger.memory import ChunkStore, SpillCorruptedError, StoreState, spilldir
 from tests.memory_disks import private_dir, tmpfs
 
 MiB = 2**20
@@ -83,9 +83,32 @@ async def test_a_gigabyte_through_256_mib(base):
     assert store.state is StoreState.CLOSED
 
 
+async def test_spill_seconds_count_the_write_in_flight(base, monkeypatch):
+    from aiodagger.memory import spillfile
+
+    disk_answers = threading.Event()  # a disk that takes its time with the first write
+    dump_many = spillfile.dump_many
+
+    def slow_dump_many(jobs):
+        disk_answers.wait(10)
+        return dump_many(jobs)
+
+    monkeypatch.setattr(spillfile, "dump_many", slow_dump_many)
+    async with quiet_store(10 * MiB, base) as store:
+        store.put("k", chunk(0, 8 * MiB))
+        try:
+            await until(lambda: store.stats()["writing"])
+            await asyncio.sleep(0.2)
+            assert store.stats()["spill_seconds"] >= 0.2
+        finally:
+            disk_answers.set()
+        await until(lambda: store.peek_in_memory("k") is None)
+        assert store.stats()["spill_seconds"] >= 0.2
+
+
 async def test_default_directory_is_under_tempdir():
     async with ChunkStore("64MiB", worker_name="w-default") as store:
-        assert store.directory == Path(tempfile.gettempdir()) / f"aiodagger-spill-{os.getpid()}-w-default"
+        assert store.directory == Path(tempfile.gettempdir()) / f"aiodagger-spill-{os.getpid()}-w-default@{spilldir.host_tag()}"
         assert store.directory.is_dir()
         assert store.directory.stat().st_mode & 0o777 == 0o700
     assert not store.directory.exists()
@@ -99,21 +122,23 @@ def dead_pid() -> int:
 
 
 async def test_stale_directories_of_dead_processes_are_removed_at_start(base):
-    dead = base / f"aiodagger-spill-{dead_pid()}-w3"
+    # Without owner files (their makers died before writing them): the PIDs, of this
+    # host, decide. tests/test_memory_spilldir.py has the owners' locks.
+    dead = base / f"aiodagger-spill-{dead_pid()}-w3@{spilldir.host_tag()}"
     (dead / "sub").mkdir(parents=True)
     (dead / "1.spill").write_bytes(b"left by a crash")
-    live = base / f"aiodagger-spill-{os.getppid()}-w3"
+    live = base / f"aiodagger-spill-{os.getppid()}-w3@{spilldir.host_tag()}"
     live.mkdir()
     (live / "1.spill").write_bytes(b"still in use")
     unrelated = [base / "aiodagger-spill-notapid", base / "other"]
     for path in unrelated:
         path.mkdir()
-    not_a_dir = base / f"aiodagger-spill-{dead_pid()}-file"
+    not_a_dir = base / f"aiodagger-spill-{dead_pid()}-file@{spilldir.host_tag()}"
     not_a_dir.write_bytes(b"")
     elsewhere = base / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "precious").write_bytes(b"not ours")
-    link = base / f"aiodagger-spill-{dead_pid()}-link"
+    link = base / f"aiodagger-spill-{dead_pid()}-link@{spilldir.host_tag()}"
     link.symlink_to(elsewhere, target_is_directory=True)
 
     async with quiet_store("64MiB", base):
@@ -128,13 +153,13 @@ async def test_stale_directories_of_dead_processes_are_removed_at_start(base):
 
 
 async def test_own_pid_directory_left_by_an_earlier_process_is_replaced(base):
-    # A restarted container gets the same PID: the name is ours but no store here made it.
-    stale = base / f"aiodagger-spill-{os.getpid()}-w0"
+    # PIDs are reused: the name is ours but no store here made it.
+    stale = base / f"aiodagger-spill-{os.getpid()}-w0@{spilldir.host_tag()}"
     stale.mkdir()
     (stale / "7.spill").write_bytes(b"old")
     async with quiet_store("64MiB", base) as store:
         assert store.directory == stale
-        assert list(stale.iterdir()) == []
+        assert [p.name for p in stale.iterdir()] == [".owner"]
 
 
 async def test_two_stores_with_one_name_are_refused(base):

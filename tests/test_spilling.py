@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import aiodagger as dagger
+from aiodagger.memory import spilldir
 from tests.memory_disks import private_dir, tmpfs
 
 CHUNK = 16 << 20
@@ -86,10 +87,10 @@ async def test_stale_spill_directory_of_a_dead_process_is_removed_at_start():
         done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True, timeout=30, check=True)
         dead_pid = int(done.stdout)  # reaped: that PID is no longer alive
-        stale = base / f"aiodagger-spill-{dead_pid}-proc-1"
+        stale = base / f"aiodagger-spill-{dead_pid}-proc-1@{spilldir.host_tag()}"
         stale.mkdir()
         (stale / "chunk-1.spill").write_bytes(b"left over by a crash")
-        live = base / f"aiodagger-spill-{os.getpid()}-someone-else"
+        live = base / f"aiodagger-spill-{os.getpid()}-someone-else@{spilldir.host_tag()}"
         live.mkdir()
         async with dagger.Cluster(processes=1, memory_limit="256MiB", spill_dir=base):
             assert await dagger.spawn(total, dagger.spawn(make, 1, 1 << 20)) == expected(1, 1 << 20)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -74,6 +75,16 @@ class WorkerProcesses:
                 raise AssertionError(f"workers did not join within {timeout} s; cluster has "
                                      f"{cluster.workers}\n{logs}")
             await asyncio.sleep(0.05)
+
+
+def read_line(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> bytes:
+    """The next line ``proc`` prints, waiting at most ``timeout`` for it to begin."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            raise TimeoutError(f"process {proc.pid} said nothing within {timeout} s")
+    return proc.stdout.readline()
 
 
 def write_token(directory: Path, token: str) -> Path:

@@ -138,6 +138,7 @@ class ChunkStore:
         self._trimming = False
 
         self._executor: ThreadPoolExecutor | None = None
+        self._owner_lock: int | None = None  # held while the spill directory is ours
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._io: set[asyncio.Future[Any]] = set()
@@ -159,12 +160,13 @@ class ChunkStore:
         self._executor = ThreadPoolExecutor(_WRITERS + 2,
                                             thread_name_prefix=f"aiodagger-spill-{self.worker_name}")
         try:
-            await self._run_io(spilldir.create, self.directory)
+            await self._run_io(self._create_directory)
         except OSError as exc:
             self._spill_errors += 1
             self._disable_spilling(exc)
         except BaseException:
-            self._executor.shutdown(wait=True)
+            self._executor.shutdown(wait=True)  # a cancelled start: the directory may be made
+            spilldir.remove(self.directory, self._owner_lock)
             spilldir.release(self.directory)
             raise
         self.state = StoreState.RUNNING
@@ -173,6 +175,10 @@ class ChunkStore:
         if self._monitor_interval is not None:
             self._pressure.sample(self._used)
             self._tasks.append(asyncio.create_task(self._monitor(), name="aiodagger-memory-monitor"))
+
+    def _create_directory(self) -> None:
+        # Kept here, not returned: a start cancelled meanwhile still finds it to remove.
+        self._owner_lock = spilldir.create(self.directory)
 
     async def close(self) -> None:
         """Finish the write in flight, drop every chunk and remove the spill directory.
@@ -202,7 +208,8 @@ class ChunkStore:
         self._entries.clear()
         self._evictable.clear()
         self._used = self._in_memory = self._spilled_now = 0
-        await self._run_io(spilldir.remove, self.directory)
+        await self._run_io(spilldir.remove, self.directory, self._owner_lock)
+        self._owner_lock = None
         assert self._executor is not None
         self._executor.shutdown(wait=True)  # idle by now: every job was awaited above
         spilldir.release(self.directory)
@@ -381,6 +388,13 @@ class ChunkStore:
         return self._spilled_now
 
     @property
+    def spill_seconds(self) -> float:
+        """Seconds with a spill write in flight, the one in flight now included: a disk
+        too slow to ever catch up would otherwise show none."""
+        busy = time.perf_counter() - self._busy_since if self._writers else 0.0
+        return self._spill_seconds + busy
+
+    @property
     def spill_errors(self) -> int:
         """Spill writes that failed: disk errors and chunks that cannot be pickled."""
         return self._spill_errors
@@ -440,7 +454,7 @@ class ChunkStore:
             "spilled_bytes": self.spilled_bytes,
             "spilled_now": self.spilled_now,
             "spill_writes": self._spill_writes,
-            "spill_seconds": self._spill_seconds,
+            "spill_seconds": self.spill_seconds,
             "loads": self._loads,
             "sent_from_disk": self._sent_from_disk,
             "spill_errors": self.spill_errors,

@@ -20,9 +20,14 @@ from .execute import run_async
 if TYPE_CHECKING:
     from ..interfaces import ProcessorOwner
 
-__all__ = ["AsyncProc"]
+__all__ = ["HURRY_GRACE", "AsyncProc"]
 
 logger = logging.getLogger(__name__)
+
+# Seconds that running tasks get to end when their worker stops now (Ctrl-C, a signal to
+# a subprocess worker): cancelled coroutines unwind in that time; sync code cannot be
+# interrupted, and is left to its daemon thread.
+HURRY_GRACE = 0.5
 
 
 class AsyncProc:

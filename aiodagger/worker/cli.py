@@ -102,19 +102,32 @@ def run_worker(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
     )
 
+    def on_signal(sig: signal.Signals) -> None:
+        # A subprocess worker's signal comes from its cluster going away (the parent-death
+        # signal, a Ctrl-C to the whole process group): nobody waits for its tasks. A
+        # worker someone started stops as gracefully as its shutdown timeout allows,
+        # unless told twice.
+        now = args.subprocess or worker.stopping
+        logger.info("worker %s stopping%s on %s", worker.name, " now" if now else "", sig.name)
+        worker.stop(now=now)
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await worker.run()
-        except asyncio.CancelledError:
-            logger.info("worker %s stopping on a signal", worker.name)
+            loop.add_signal_handler(sig, on_signal, sig)
+        await worker.run()
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(main())
+        if worker.stuck:
+            # The spill directory is gone already; closing the loop would wait forever for
+            # coroutines that swallow their cancellation, and keep this process alive.
+            logger.warning("worker %s: leaving coroutine tasks that ignore cancellation behind",
+                           worker.name)
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     return 0
 
 

@@ -35,7 +35,7 @@ from ..errors import ProtocolError, TaskCancelledError
 from ..memory import ChunkStore, SpillCorruptedError, admit
 from ..task import DTask
 from ..taskoptions import TaskOptions
-from .aio import AsyncProc
+from .aio import HURRY_GRACE, AsyncProc
 from .execute import callback_errors
 from .nested import NestedCluster, SchedulerClient
 from .threads import ThreadProc
@@ -99,6 +99,9 @@ class WorkerProcess:
         self._holding: list[int] = []
         self._flush_wakeup: Wakeup | None = None  # made with the loop, in run()
         self._stopping = False
+        self._serving: asyncio.Future[None] | None = None
+        # Set by stop(now=True): running tasks get HURRY_GRACE, not the shutdown timeout.
+        self._hurry = asyncio.Event()
         self._listener: Listener | None = None
         self._backoff = 0.1
 
@@ -204,21 +207,53 @@ class WorkerProcess:
         await self.store.start()
         self._listener = Listener(self._serve_peer, self.token, ssl=self.ssl_server)
         await self._listener.start("0.0.0.0" if self.reconnect else "127.0.0.1", 0)
+        serving = self._serving = asyncio.ensure_future(self._serve())
         try:
-            while not self._stopping:
-                try:
-                    await self._session()
-                except (ConnectionError, OSError, TimeoutError) as exc:
-                    logger.info("worker %s: scheduler connection ended: %s", self.name, exc)
-                except ProtocolError as exc:  # a bad frame ends the connection, not the worker
-                    logger.warning("worker %s: scheduler connection closed: %s", self.name, exc)
-                if not self.reconnect or self._stopping:
-                    break
-                logger.warning("worker %s: reconnecting to the scheduler in %.1f s", self.name, self._backoff)
-                await asyncio.sleep(self._backoff)
-                self._backoff = min(self._backoff * 2, 5.0)
+            await asyncio.wait([serving])  # until the scheduler or stop() ends it
         finally:
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
             await self._shutdown()
+        if not serving.cancelled():
+            serving.result()  # what ended it, a refused token say, ends the worker too
+
+    async def _serve(self) -> None:
+        while not self._stopping:
+            try:
+                await self._session()
+            except (ConnectionError, OSError, TimeoutError) as exc:
+                logger.info("worker %s: scheduler connection ended: %s", self.name, exc)
+            except ProtocolError as exc:  # a bad frame ends the connection, not the worker
+                logger.warning("worker %s: scheduler connection closed: %s", self.name, exc)
+            if not self.reconnect and not self._stopping:
+                # A subprocess worker that lost its cluster unasked: the cluster is gone
+                # (killed, say, where the parent-death signal does not exist), and
+                # nobody waits for what runs here.
+                self._hurry.set()
+            if not self.reconnect or self._stopping:
+                break
+            logger.warning("worker %s: reconnecting to the scheduler in %.1f s", self.name, self._backoff)
+            await asyncio.sleep(self._backoff)
+            self._backoff = min(self._backoff * 2, 5.0)
+
+    def stop(self, now: bool = False) -> None:
+        """Leave the cluster: running tasks are cancelled and get the shutdown timeout to
+        end, or, ``now``, HURRY_GRACE; then the store and its spill directory go."""
+        self._stopping = True
+        if now:
+            self._hurry.set()
+        if self._serving is not None:
+            self._serving.cancel()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def stuck(self) -> bool:
+        """Coroutines swallowed their cancellation and still run: closing the loop would
+        wait for them forever."""
+        return self.async_proc.running > 0
 
     def _handlers(self) -> dict[type, Any]:
         """What the scheduler may send, and who handles it."""
@@ -304,10 +339,23 @@ class WorkerProcess:
             task.cancel()
         if self._listener is not None:
             await self._listener.close()
+        winding_down = asyncio.ensure_future(self._wind_down())
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        try:
+            await asyncio.wait([winding_down, hurry], return_when=asyncio.FIRST_COMPLETED)
+            if not winding_down.done():
+                await asyncio.wait([winding_down], timeout=HURRY_GRACE)
+        finally:
+            for fut in (winding_down, hurry):
+                fut.cancel()
+            await asyncio.gather(winding_down, hurry, return_exceptions=True)
+        await self.store.close()
+
+    async def _wind_down(self) -> None:
+        """Wait for the cancelled tasks to end, at most the shutdown timeout."""
         deadline = self.loop.time() + self.shutdown_timeout
         await self.async_proc.close(self.shutdown_timeout)
         await self.thread_proc.close(max(0.0, deadline - self.loop.time()))
-        await self.store.close()
 
     # -- messages from the scheduler -----------------------------------------------------
     def _on_heartbeat(self, msg: P.Heartbeat, buffers: list[Any]) -> None:
