@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._context import ClusterState, current_cluster_var, pool_thread
 from ._loopthread import LoopThread
+from .comm.framing import DEFAULT_MAX_FRAME, check_max_frame
 from .comm.server import check_listen
 from .memory import parse_memory_limit
 from .scheduler.core import Scheduler
@@ -63,6 +64,12 @@ class Cluster:
 
     ``threads`` is the number of threads of each worker's pool (default: the CPUs,
     shared out among the subprocess workers).
+
+    ``max_frame`` is the largest frame, in bytes, that a connection of this cluster
+    carries (its listeners, its subprocess workers and their data servers; remote
+    workers take ``--max-frame``): a task whose argument, input or result is larger
+    fails with :class:`~aiodagger.errors.FrameTooLargeError`, and a peer announcing a
+    larger frame is cut off before anything is allocated for it.
     """
 
     def __init__(
@@ -79,11 +86,13 @@ class Cluster:
         shutdown_timeout: float = 10.0,
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 10.0,
+        max_frame: int = DEFAULT_MAX_FRAME,
     ) -> None:
         if isinstance(processes, bool) or not isinstance(processes, int) or processes < 0:
             raise TypeError(f"Cluster(processes=...) takes an int >= 0, got {processes!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise TypeError(f"Cluster(threads=...) takes an int >= 1 or None, got {threads!r}")
+        self.max_frame = check_max_frame(max_frame)
         self.memory_limit = parse_memory_limit(memory_limit)
         if self.memory_limit is not None and not processes and listen is not None:
             raise ValueError(
@@ -221,7 +230,7 @@ class Cluster:
             self._sched, listen=self.listen, token=self._token, ssl=self._ssl,
             threads=self._worker_threads, heartbeat_interval=self._heartbeat[0],
             heartbeat_timeout=self._heartbeat[1], memory_limit=self.memory_limit,
-            spill_dir=self.spill_dir, shutdown_timeout=self.shutdown_timeout)
+            spill_dir=self.spill_dir, shutdown_timeout=self.shutdown_timeout, max_frame=self.max_frame)
         await self._launcher.start(self.processes)
 
     async def __aexit__(self, *exc: object) -> None:

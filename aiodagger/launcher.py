@@ -21,6 +21,7 @@ import subprocess
 import sys
 from typing import Any
 
+from .comm.framing import DEFAULT_MAX_FRAME
 from .comm.handshake import new_token
 from .comm.server import Listener, check_listen, parse_address
 from .scheduler.core import Scheduler
@@ -43,7 +44,7 @@ class WorkerLauncher:
     def __init__(self, sched: Scheduler, *, listen: str | None, token: str | None, ssl: Any,
                  threads: int, heartbeat_interval: float, heartbeat_timeout: float,
                  memory_limit: int | None = None, spill_dir: str | None = None,
-                 shutdown_timeout: float = 10.0) -> None:
+                 shutdown_timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         if listen is not None:
             check_listen(listen, token)
         self.sched = sched
@@ -54,6 +55,7 @@ class WorkerLauncher:
         self.threads = threads
         self.memory_limit = memory_limit
         self.spill_dir = spill_dir
+        self.max_frame = max_frame
         self.dist = WorkerRegistry(sched, heartbeat_interval, heartbeat_timeout)
         self._internal: Listener | None = None
         self._public: Listener | None = None
@@ -72,11 +74,12 @@ class WorkerLauncher:
     async def start(self, processes: int) -> None:
         self.sched.dist = self.dist
         self.dist.start()
-        self._internal = Listener(self.dist.handle_connection, self.token)
+        self._internal = Listener(self.dist.handle_connection, self.token, max_frame=self.max_frame)
         await self._internal.start("127.0.0.1", 0)
         if self.listen is not None:
             host, port = parse_address(self.listen)
-            self._public = Listener(self.dist.handle_connection, self.token, ssl=self.ssl)
+            self._public = Listener(self.dist.handle_connection, self.token, ssl=self.ssl,
+                                    max_frame=self.max_frame)
             await self._public.start(host, port)
             logger.info("cluster listening for workers on %s", self._public.address)
         self.dist.expects_workers = processes > 0
@@ -89,7 +92,7 @@ class WorkerLauncher:
         for var in _ONE_THREAD_ENV:
             env.setdefault(var, "1")
         names = set()
-        extra = []
+        extra = ["--max-frame", str(self.max_frame)]
         if self.memory_limit is not None:
             extra += ["--memory-limit", str(self.memory_limit)]
         if self.spill_dir is not None:

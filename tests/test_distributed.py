@@ -310,3 +310,74 @@ async def test_a_holder_dying_during_a_fetch_means_the_value_is_computed_again()
         (value,) = await asyncio.wait_for(fetching, 30)
         assert value.shape == (100_000,) and float(value[0]) == 7.0
         assert holder not in task._where
+
+
+def _bytes_of(nbytes):
+    return b"x" * nbytes
+
+
+def _length(data):
+    return len(data)
+
+
+async def test_a_value_past_max_frame_fails_its_task_and_nothing_else():
+    """Cluster(max_frame=1 MiB): a 2 MiB result cannot move worker to worker nor to the
+    caller, and a 2 MiB argument cannot go to a worker. Each fails its task at once with
+    FrameTooLargeError naming the size and the option; no connection breaks, no worker
+    is lost, and values under the limit still move."""
+    limit = 1 << 20
+    big = 2 << 20
+    async with dagger.Cluster(processes=2, threads=1, max_frame=limit) as cluster:
+        before = [(w.id, w.pid) for w in cluster.workers]
+        made = on(1).spawn(_bytes_of, big)
+        used = on(2).spawn(_length, made)
+        with pytest.raises(dagger.FrameTooLargeError, match=rf"task id {made.id}, held by worker 1 .* "
+                           rf"is \d+ bytes .* more than max_frame={limit}") as info:
+            await asyncio.wait_for(used, 20)
+        assert info.value.size > big and info.value.limit == limit
+        assert "an input of task '_length'" in "\n".join(info.value.__notes__)
+        with pytest.raises(dagger.FrameTooLargeError, match=r"the result of task '_bytes_of'.*max_frame="):
+            await asyncio.wait_for(made, 20)
+        with pytest.raises(dagger.FrameTooLargeError, match=r"the arguments of task '_length'.*max_frame="):
+            await asyncio.wait_for(dagger.spawn(_length, b"y" * big), 20)
+        with pytest.raises(dagger.FrameTooLargeError, match=r"an input of task '_length'"):
+            await asyncio.wait_for(dagger.spawn(_length, await dagger.put(b"z" * big)), 20)
+
+        fits = on(1).spawn(_bytes_of, limit - 4096)  # stays on worker 1: past the inline limit
+        assert await asyncio.wait_for(on(2).spawn(_length, fits), 20) == limit - 4096
+        assert len(await asyncio.wait_for(fits, 20)) == limit - 4096
+        assert [(w.id, w.pid) for w in cluster.workers] == before
+
+
+async def test_a_remote_worker_with_a_smaller_max_frame_is_sent_nothing_larger(tmp_path):
+    """`aiodagger worker --max-frame` smaller than the cluster's: the handshake tells the
+    cluster, which neither sends that worker a larger argument nor takes a larger result
+    from it; both tasks fail with FrameTooLargeError and the worker stays."""
+    from tests.workers import WorkerProcesses, write_token
+
+    procs = WorkerProcesses(tmp_path)
+    try:
+        async with dagger.Cluster(threads=1, listen="tcp://127.0.0.1:0", token="t0ken") as cluster:
+            worker = procs.start(cluster.address, write_token(tmp_path, "t0ken"), "--max-frame",
+                                 str(1 << 20), threads=1)
+            (info,) = await procs.wait_joined(cluster, [worker])
+            made = dagger.spawn(_bytes_of, 2 << 20)
+            with pytest.raises(dagger.FrameTooLargeError, match=r"max_frame=1048576"):
+                await asyncio.wait_for(made, 20)
+            with pytest.raises(dagger.FrameTooLargeError, match=r"the arguments of .*max_frame=1048576"):
+                await asyncio.wait_for(dagger.spawn(_length, b"y" * (2 << 20)), 20)
+            assert await asyncio.wait_for(dagger.spawn(_length, b"y" * 1000), 20) == 1000
+            assert [w.pid for w in cluster.workers] == [os.getpid(), worker.pid]
+    finally:
+        procs.stop_all()
+
+
+def test_worker_refuses_a_max_frame_below_the_minimum(tmp_path):
+    import subprocess
+
+    token = tmp_path / "token"
+    token.write_text("t0ken")
+    out = subprocess.run([sys.executable, "-m", "aiodagger", "worker", "tcp://127.0.0.1:9",
+                          "--token-file", str(token), "--max-frame", "1000"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "--max-frame" in out.stderr and "1048576" in out.stderr

@@ -29,7 +29,7 @@ import cloudpickle
 
 from .._bridge import Wakeup
 from ..comm import protocol as P
-from ..errors import SerializationError, WorkerLostError
+from ..errors import FrameTooLargeError, SerializationError, WorkerLostError
 from ..interfaces import WorkerStatus
 from ..task import FINISHED, NOWHERE, REMOTE, Chunk, DTask
 from ..taskoptions import ANY_SCOPE
@@ -65,8 +65,10 @@ class ProcView:
 class RemoteWorker:
     """The scheduler's view of one worker process."""
 
-    def __init__(self, wid: int, endpoint: P.Endpoint, info: P.Register) -> None:
+    def __init__(self, wid: int, endpoint: P.Endpoint, info: P.Register,
+                 max_frame: int = P.DEFAULT_MAX_FRAME) -> None:
         self.id = wid
+        self.max_frame = max_frame  # the largest frame its connection carries
         self.endpoint = endpoint
         self.name = info.name
         self.pid = info.pid
@@ -87,9 +89,9 @@ class RemoteWorker:
         self.functions: set[bytes] = set()
         self.backlog_s = 0.0
         self.queued = 0
-        self.function_defs = P.Batch(P.Functions)
-        self.value_defs = P.Batch(P.Values)
-        self.runs = P.Batch(P.Run)
+        self.function_defs = P.Batch(P.Functions, max_frame)
+        self.value_defs = P.Batch(P.Values, max_frame)
+        self.runs = P.Batch(P.Run, max_frame)
         # One batch's frames go out before the next batch's: a task's "run" must not
         # overtake the "values" frame carrying its input.
         self.sending = asyncio.Lock()
@@ -208,7 +210,7 @@ class WorkerRegistry:
 
     def _register(self, endpoint: P.Endpoint, holder: list[RemoteWorker], msg: P.Register,
                   buffers: list[Any]) -> tuple[P.Registered, Sequence[Any]]:
-        worker = RemoteWorker(next(self._ids), endpoint, msg)
+        worker = RemoteWorker(next(self._ids), endpoint, msg, endpoint.comm.limit)
         worker.last_seen = self.sched.loop.time()
         holder.append(worker)
         self.workers[worker.id] = worker
@@ -310,7 +312,9 @@ class WorkerRegistry:
         return [P.Holder(wid, self.workers[wid].address) for wid in obj._where if wid in self.workers]
 
     def dispatch(self, task: DTask[Any], worker: RemoteWorker) -> None:
-        """Queue ``task`` for ``worker``; raises SerializationError if it cannot be sent."""
+        """Queue ``task`` for ``worker``; raises SerializationError if it cannot be sent,
+        FrameTooLargeError if its function, arguments or an input here is larger than a
+        frame to that worker may be."""
         assert task._fn is not None and task._args is not None and task._kwargs is not None
         fn_hash, fn_bytes = self.fn_cache.get(task._fn)
         payload, parts, chunks = P.dumps_args(task.name, task._args, task._kwargs, task._resolve)
@@ -325,7 +329,16 @@ class WorkerRegistry:
         else:
             sent = [payload, *parts] if parts else [payload]
             callbacks = False
+        limit = worker.max_frame
+        size = 0
+        for part in sent:
+            size += len(part) if type(part) is bytes else part.nbytes
+        if size > limit:
+            raise FrameTooLargeError.of(f"the arguments of {task._describe()}", size, limit)
         if fn_hash not in worker.functions:
+            if len(fn_bytes) > limit:
+                raise FrameTooLargeError.of(f"the function of {task._describe()}, pickled,",
+                                            len(fn_bytes), limit)
             worker.functions.add(fn_hash)
             worker.function_defs.add(P.FunctionDef(fn_hash), (fn_bytes,))
         deps: list[P.Dep] = []
@@ -338,6 +351,8 @@ class WorkerRegistry:
                     continue
                 if dep._value is not REMOTE:  # the value is in this process: send it along once
                     p, b = P.dumps(dep._value)
+                    if (size := len(p) + sum(v.nbytes for v in b)) > limit:
+                        raise FrameTooLargeError.of(f"{dep!r}, an input of {task._describe()},", size, limit)
                     worker.value_defs.add(P.ValueDef(key, 1 + len(b)), (p, *b))
                     self._note_holder(dep, key, worker)
                 else:
@@ -504,6 +519,11 @@ class WorkerRegistry:
             else:
                 payload, parts = P.dumps(task._value)
                 buffers = [payload, *parts]
+                size = len(payload) + sum(p.nbytes for p in parts)
+                if size > worker.max_frame:
+                    status, buffers = "failed", [P.dumps_error(FrameTooLargeError.of(
+                        f"the result of {task._describe()}, held by the scheduler,", size,
+                        worker.max_frame))]
         else:
             status = "failed"
             exc = task._exc
@@ -578,12 +598,21 @@ class WorkerRegistry:
             raise LookupError(*lost)
 
     async def _fetch_from(self, worker: RemoteWorker, objs: list[Any]) -> list[Any]:
-        """Fetch ``objs`` from ``worker``; return those it answered it does not hold."""
+        """Fetch ``objs`` from ``worker``; return those it answered it does not hold.
+
+        Raises FrameTooLargeError for a value larger than a frame from it may be.
+        """
         by_key = {_key(o): o for o in objs}
         keys = list(by_key)
         missing: list[Any] = []
         while keys:  # a reply carries what fits in one frame, and names the rest "later"
             reply, buffers = await worker.endpoint.request(P.Get(keys))
+            if reply.oversized:
+                big = reply.oversized[0]
+                obj = by_key.get(big.key)
+                what = obj._describe() if type(obj) is DTask else repr(obj)
+                raise FrameTooLargeError.of(f"the result of {what}, held by worker {worker.id},",
+                                            big.size, worker.endpoint.comm.limit)
             for item, parts in P.split_parts(reply.items, buffers):
                 obj = by_key.get(item.key)
                 if obj is not None and obj._value is REMOTE:

@@ -16,6 +16,7 @@ import ssl
 import sys
 
 from .._loopthread import new_event_loop
+from ..comm.framing import DEFAULT_MAX_FRAME, check_max_frame
 from .process import WorkerProcess
 
 __all__ = ["add_worker_arguments", "main", "run_worker"]
@@ -38,6 +39,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds without word from the scheduler before reconnecting")
     parser.add_argument("--shutdown-timeout", type=float, default=10.0,
                         help="seconds running tasks get to finish when the worker stops")
+    parser.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME,
+                        help=f"the largest frame, in bytes, a connection of this worker carries "
+                             f"(default {DEFAULT_MAX_FRAME}); larger values fail their tasks")
     parser.add_argument("--subprocess", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -87,6 +91,10 @@ def run_worker(args: argparse.Namespace) -> int:
     client_ssl, server_ssl = _tls(args)
     if args.threads < 1:
         raise SystemExit("aiodagger worker: --threads must be >= 1")
+    try:
+        max_frame = check_max_frame(args.max_frame, "--max-frame")
+    except ValueError as exc:
+        raise SystemExit(f"aiodagger worker: {exc}") from None
     memory_limit = None
     if args.memory_limit is not None:
         from ..memory.sizes import parse_memory_limit
@@ -99,7 +107,7 @@ def run_worker(args: argparse.Namespace) -> int:
         name=args.name or f"{os.uname().nodename}-{os.getpid()}",
         reconnect=not args.subprocess, ssl_client=client_ssl, ssl_server=server_ssl,
         heartbeat_timeout=args.heartbeat_timeout, memory_limit=memory_limit, spill_dir=args.spill_dir,
-        shutdown_timeout=args.shutdown_timeout,
+        shutdown_timeout=args.shutdown_timeout, max_frame=max_frame,
     )
 
     async def main() -> None:
