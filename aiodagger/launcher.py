@@ -44,7 +44,8 @@ class WorkerLauncher:
     def __init__(self, sched: Scheduler, *, listen: str | None, token: str | None, ssl: Any,
                  threads: int, heartbeat_interval: float, heartbeat_timeout: float,
                  memory_limit: int | None = None, spill_dir: str | None = None,
-                 shutdown_timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+                 shutdown_timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME,
+                 worker_tls: dict[str, str] | None = None) -> None:
         if listen is not None:
             check_listen(listen, token)
         self.sched = sched
@@ -56,6 +57,7 @@ class WorkerLauncher:
         self.memory_limit = memory_limit
         self.spill_dir = spill_dir
         self.max_frame = max_frame
+        self.worker_tls = worker_tls or {}  # "--tls-cert": path...: paths, never key material
         self.dist = WorkerRegistry(sched, heartbeat_interval, heartbeat_timeout)
         self._internal: Listener | None = None
         self._public: Listener | None = None
@@ -93,6 +95,8 @@ class WorkerLauncher:
             env.setdefault(var, "1")
         names = set()
         extra = ["--max-frame", str(self.max_frame)]
+        for flag, path in self.worker_tls.items():
+            extra += [flag, path]
         if self.memory_limit is not None:
             extra += ["--memory-limit", str(self.memory_limit)]
         if self.spill_dir is not None:

@@ -67,6 +67,7 @@ class WorkerProcess:
 
     def __init__(self, scheduler: str, token: str, *, threads: int, name: str,
                  reconnect: bool = False, ssl_client: Any = None, ssl_server: Any = None,
+                 ssl_scheduler: Any = None,
                  heartbeat_interval: float = 1.0, heartbeat_timeout: float = 10.0,
                  memory_limit: int | None = None, spill_dir: str | None = None,
                  shutdown_timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME) -> None:
@@ -77,8 +78,9 @@ class WorkerProcess:
         self.threads = threads
         self.name = name
         self.reconnect = reconnect
-        self.ssl_client = ssl_client
-        self.ssl_server = ssl_server
+        self.ssl_client = ssl_client  # to peers' data servers
+        self.ssl_server = ssl_server  # this worker's data server
+        self.ssl_scheduler = ssl_scheduler
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.memory_limit = memory_limit
@@ -237,7 +239,7 @@ class WorkerProcess:
         }
 
     async def _session(self) -> None:
-        comm = await open_comm(self.scheduler_host, self.scheduler_port, ssl=self.ssl_client,
+        comm = await open_comm(self.scheduler_host, self.scheduler_port, ssl=self.ssl_scheduler,
                                max_frame=self.max_frame)
         await client_handshake(comm, self.token, {"role": "worker"})
         # A new session is a new worker for the scheduler: what we held belongs to the
