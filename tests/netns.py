@@ -8,6 +8,7 @@ the scheduler still reaches both), a link slowed with a token bucket. Whatever i
 created is removed when the ``network()`` block ends, failure or not.
 
 Needs root (CAP_NET_ADMIN) for ``ip netns add``; the block skips the test otherwise.
+Test modules import the fixtures ``network`` (three hosts) and ``workers``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
+
+from tests.workers import WorkerProcesses
 
 IP = shutil.which("ip")
 TC = shutil.which("tc")
@@ -85,10 +88,28 @@ class Network:
         for one, other in ((a, b), (b, a)):
             self._undo(IP, ("-n", one.netns, "route", "del", "blackhole", f"{other.address}/32"))
 
-    def slow(self, host: Host, rate: str, burst: str = "64kb", latency: str = "500ms") -> None:
-        """Shape what ``host`` receives to ``rate`` (a token bucket on its veth)."""
-        self._do(TC, ("qdisc", "add", "dev", host.veth, "root", "tbf", "rate", rate, "burst", burst,
-                      "latency", latency), ("qdisc", "del", "dev", host.veth, "root"))
+    def slow(self, host: Host, rate: str, burst: str = "64kb", latency: str = "500ms",
+             outgoing: bool = False) -> None:
+        """Shape what ``host`` receives (or sends, ``outgoing``) to ``rate``: a token
+        bucket on its veth's end in the root namespace (or in its own)."""
+        self._do(TC, (*_dev(host, outgoing), "root", "tbf", "rate", rate, "burst", burst,
+                      "latency", latency), (*_dev(host, outgoing, "del"), "root"))
+
+    def unslow(self, host: Host, outgoing: bool = False) -> None:
+        self._undo(TC, (*_dev(host, outgoing, "del"), "root"))
+
+    @staticmethod
+    def shaped(host: Host, outgoing: bool = False) -> int:
+        """Bytes that went through the bucket that ``slow`` put there (as ``tc -s`` counts)."""
+        words = _run(TC, "-s", *_dev(host, outgoing, "show")).stdout.split()
+        return int(words[words.index("Sent") + 1])
+
+
+def _dev(host: Host, outgoing: bool, verb: str = "add") -> tuple[str, ...]:
+    """``tc`` arguments up to the device: the host's end of its link, or the bridge's."""
+    if outgoing:
+        return ("-n", host.netns, "qdisc", verb, "dev", host.peer)
+    return ("qdisc", verb, "dev", host.veth)
 
 
 def _free_subnet() -> str:
@@ -103,7 +124,7 @@ def _free_subnet() -> str:
 
 
 @contextmanager
-def network(nhosts: int = 3) -> Iterator[Network]:
+def _network(nhosts: int) -> Iterator[Network]:
     """A bridge and ``nhosts`` namespaces on it; all of it removed afterwards, even on failure."""
     if IP is None:
         pytest.skip("the `ip` command (iproute2) is not installed")
@@ -149,3 +170,19 @@ def network(nhosts: int = 3) -> Iterator[Network]:
             if proc.returncode != 0 and "Cannot find device" not in proc.stderr:
                 errors.append(f"ip {' '.join(args)}: {proc.stderr.strip()}")
         assert not errors, errors
+
+
+@pytest.fixture
+def network():
+    with _network(3) as net:
+        yield net
+
+
+@pytest.fixture
+def workers(network, tmp_path):
+    """Worker processes, ended (by pid) before the namespaces they run in are removed."""
+    procs = WorkerProcesses(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()

@@ -18,29 +18,14 @@ import pytest
 import aiodagger as dagger
 from aiodagger.comm.handshake import new_token
 from tests import netns
-from tests.workers import WorkerProcesses, block, digest, pid_of, wait_for_file, write_token
+from tests.workers import block, digest, pid_of, wait_for_file, write_token
 
 pytestmark = pytest.mark.timeout(120)
 
-NHOSTS = 3
+network, workers = netns.network, netns.workers  # the fixtures of the hosts
+
 HEARTBEAT_INTERVAL = 0.2
 HEARTBEAT_TIMEOUT = 2.0
-
-
-@pytest.fixture
-def network():
-    with netns.network(NHOSTS) as net:
-        yield net
-
-
-@pytest.fixture
-def workers(network, tmp_path):
-    """Worker processes, ended (by pid) before the namespaces they run in are removed."""
-    procs = WorkerProcesses(tmp_path)
-    try:
-        yield procs
-    finally:
-        procs.stop_all()
 
 
 def expected(pid: int, size: int, seed: int) -> tuple[int, int, str]:
@@ -103,3 +88,4 @@ async def test_hosts_share_work_and_one_is_cut_off(network, workers, tmp_path):
         # New work still runs, and data still moves between the hosts that are left.
         assert await asyncio.wait_for(dagger.gather(*(o.spawn(pid_of) for o in on[:-1])), 30) == pids[:-1]
         await run_graph(on[:-1], pids[:-1], 256 << 10)
+
