@@ -89,3 +89,30 @@ async def test_hosts_share_work_and_one_is_cut_off(network, workers, tmp_path):
         assert await asyncio.wait_for(dagger.gather(*(o.spawn(pid_of) for o in on[:-1])), 30) == pids[:-1]
         await run_graph(on[:-1], pids[:-1], 256 << 10)
 
+
+@pytest.mark.timeout(120)
+async def test_a_transfer_slower_than_the_heartbeat_timeout_is_no_silence(network, workers, tmp_path):
+    """A 16 MiB result leaves its host over a link shaped to 40 Mbit/s: ~3.4 s to another
+    host, then as long to the caller, longer than both heartbeat timeouts. The bytes
+    arriving are signs of life: the fetch is not given up, the holder not declared lost."""
+    async with dagger.Cluster(threads=1, listen=f"tcp://{network.address}:0", token=new_token(),
+                              heartbeat_interval=HEARTBEAT_INTERVAL,
+                              heartbeat_timeout=HEARTBEAT_TIMEOUT) as cluster:
+        token_file = write_token(tmp_path, cluster.token)
+        procs = [workers.start(cluster.address, token_file, "--heartbeat-timeout", "3",
+                               prefix=host.exec) for host in network.hosts[:2]]
+        infos = await workers.wait_joined(cluster, procs)
+        on = [dagger.options(scope=dagger.scope(worker=i.id)) for i in infos]
+        size = 16 << 20
+        made = [on[0].spawn(block, size, seed) for seed in (3, 4)]
+        await asyncio.wait_for(dagger.wait(made), 30)
+        network.slow(network.hosts[0], "40mbit", burst="256kb", outgoing=True)
+        try:
+            start = time.monotonic()
+            assert await asyncio.wait_for(made[0], 30) == (procs[0].pid, bytes([3]) * size)
+            assert await asyncio.wait_for(on[1].spawn(digest, made[1]), 30) == (
+                procs[1].pid, [expected(procs[0].pid, size, 4)])
+            assert time.monotonic() - start > 2 * 3.0  # each took longer than a timeout
+        finally:
+            network.unslow(network.hosts[0], outgoing=True)
+        assert sorted(w.pid for w in cluster.workers[1:]) == sorted(p.pid for p in procs)

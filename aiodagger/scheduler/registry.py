@@ -78,6 +78,7 @@ class RemoteWorker:
         self.memory_limit = info.memory_limit
         self.status = WorkerStatus.RUNNING
         self.last_seen = 0.0
+        self.bytes_seen = 0  # what its connection had received at the last watch
         self.stats: dict[str, Any] = {}
         # Memory counters as of the worker's last completion (or heartbeat).
         self.memory = P.Memory(0, 0, 0, 0)
@@ -261,14 +262,21 @@ class WorkerRegistry:
                 timeout)
 
     async def _watch(self) -> None:
-        """Heartbeats both ways; a worker silent past the timeout is declared lost."""
+        """Heartbeats both ways; a worker silent past the timeout is declared lost.
+
+        Any byte from it counts, not only whole messages: its heartbeats wait behind a
+        large frame it is sending, which may take longer than the timeout on a slow link.
+        """
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             now = self.sched.loop.time()
             for worker in list(self.workers.values()):
-                if now - worker.last_seen > self.heartbeat_timeout:
+                received = worker.endpoint.bytes_received
+                if received != worker.bytes_seen:
+                    worker.bytes_seen, worker.last_seen = received, now
+                elif now - worker.last_seen > self.heartbeat_timeout:
                     worker.endpoint.comm.close()
-                    self.lost(worker, f"no heartbeat for {self.heartbeat_timeout:.0f} s")
+                    self.lost(worker, f"not a byte from it for {self.heartbeat_timeout:.0f} s")
                     continue
                 worker.send_quietly(P.Heartbeat({}))
 

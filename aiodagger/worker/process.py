@@ -271,9 +271,15 @@ class WorkerProcess:
             self._cancel_all()
 
     async def _heartbeat(self, endpoint: P.Endpoint) -> None:
+        # Any byte from the scheduler is a sign of life, not only whole messages: a large
+        # frame (an input sent along with its task) may take longer than the timeout.
+        seen, heard = endpoint.bytes_received, self.loop.time()
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            if self.loop.time() - endpoint.last_seen > self.heartbeat_timeout:
+            now = self.loop.time()
+            if endpoint.bytes_received != seen:
+                seen, heard = endpoint.bytes_received, now
+            elif now - heard > self.heartbeat_timeout:
                 logger.warning("worker %s: no word from the scheduler for %.0f s; reconnecting",
                                self.name, self.heartbeat_timeout)
                 endpoint.comm.close()
