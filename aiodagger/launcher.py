@@ -94,7 +94,10 @@ class WorkerLauncher:
         for var in _ONE_THREAD_ENV:
             env.setdefault(var, "1")
         names = set()
-        extra = ["--max-frame", str(self.max_frame)]
+        # The cluster's heartbeat timeout is theirs too: they give up on the cluster, and
+        # on a peer that stops answering a fetch, as soon as it gives up on them.
+        extra = ["--max-frame", str(self.max_frame),
+                 "--heartbeat-timeout", str(self.dist.heartbeat_timeout)]
         for flag, path in self.worker_tls.items():
             extra += [flag, path]
         if self.memory_limit is not None:

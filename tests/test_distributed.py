@@ -381,3 +381,28 @@ def test_worker_refuses_a_max_frame_below_the_minimum(tmp_path):
                           "--token-file", str(token), "--max-frame", "1000"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "--max-frame" in out.stderr and "1048576" in out.stderr
+
+
+async def test_a_fetch_from_a_frozen_holder_is_given_up_within_the_heartbeat_timeout():
+    """A worker fetching an input from a holder that stops answering (SIGSTOP: its
+    connections stay open, nothing comes) gives up once nothing has come for the
+    heartbeat timeout; the input is computed again and the task gets it, instead of
+    the fetch waiting for minutes."""
+    async with dagger.Cluster(processes=2, threads=1, heartbeat_interval=0.2,
+                              heartbeat_timeout=2.0) as cluster:
+        made = dagger.options(scope=dagger.scope(workers=[1, 2])).spawn(_big, 5)
+        await asyncio.wait_for(made.wait(), 30)
+        (holder,) = made._where
+        other = 3 - holder
+        pid = next(w.pid for w in cluster.workers if w.id == holder)
+        warm = on(other).spawn(checksum, on(holder).spawn(_big, 4))
+        assert await asyncio.wait_for(warm, 30) == (4.0 * 100_000, 800_000)  # a connection is open
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            start = asyncio.get_running_loop().time()
+            used = on(other).spawn(checksum, made)
+            assert await asyncio.wait_for(used, 15) == (5.0 * 100_000, 800_000)
+            assert asyncio.get_running_loop().time() - start < 2.0 + 2.0 + 3.0
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGCONT)

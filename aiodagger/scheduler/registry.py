@@ -150,6 +150,8 @@ class WorkerRegistry:
         self.bandwidth = DEFAULT_BANDWIDTH
         self.bytes_received = 0
         self._ids = itertools.count(1)
+        # Workers a peer could not fetch from, until when: placed on last (see _trusted).
+        self._suspect: dict[int, float] = {}
         self._dirty: set[RemoteWorker] = set()
         self._send_wakeup = Wakeup(sched.loop, self._send, threadsafe=False)
         self._registered = asyncio.Condition()
@@ -296,6 +298,8 @@ class WorkerRegistry:
         room = [w for w in candidates if w.has_room(kind)]
         if not room:
             return None
+        if self._suspect and len(room) > 1:
+            room = self._trusted(room)
         if len(room) == 1:
             return room[0]
         if not task._deps:  # nothing to move: the least loaded worker
@@ -308,6 +312,16 @@ class WorkerRegistry:
         cands = [Candidate(w.id, w.backlog_s / w.threads) for w in room]
         est = self.sched.runtimes.get(task._fnkey)
         return room[choose_processor(cands, est, held, self.bandwidth)]
+
+    def _trusted(self, room: list[RemoteWorker]) -> list[RemoteWorker]:
+        """``room`` without the workers a peer could not get anything from lately, unless
+        that leaves none: a value computed again there could be as unreachable as the
+        copy it replaces (and a frozen worker is lost a moment later, taking it along)."""
+        now = self.sched.loop.time()
+        for wid, until in list(self._suspect.items()):
+            if until < now:
+                del self._suspect[wid]
+        return [w for w in room if w.id not in self._suspect] or room
 
     def lost_dependency(self, task: DTask[Any]) -> DTask[Any] | None:
         """A dependency of ``task`` whose only copies died, if any."""
@@ -469,19 +483,24 @@ class WorkerRegistry:
                 sched.complete(task, rec.attempt, False, _load_error(parts[0], task), rec.start,
                                rec.seconds, proc)
             elif status == "missing":
-                sched.dependencies_lost(task, [self._missing(m) for m in rec.missing])
+                sched.dependencies_lost(task, [self._missing(worker, m) for m in rec.missing])
             # "cancelled": nobody waits for that run any more
         sched.request_flush()
 
-    def _missing(self, missing: P.Missing) -> Any:
-        """An input that its holders said they lack (or hold corrupted): forget those copies."""
+    def _missing(self, reporter: RemoteWorker, missing: P.Missing) -> Any:
+        """An input that its holders said they lack (or hold corrupted), or that
+        ``reporter`` could not reach: forget those copies (and let the holders drop them)."""
         obj = self.object(missing.key)
-        if obj is not None:
-            obj._where.difference_update(missing.holders)
-            for wid in missing.holders:
-                holder = self.workers.get(wid)
-                if holder is not None:
-                    holder.holds.discard(missing.key)
+        until = self.sched.loop.time() + self.heartbeat_timeout
+        for wid in missing.holders:
+            if obj is not None:
+                obj._where.discard(wid)
+            holder = self.workers.get(wid)
+            if holder is not None:
+                holder.holds.discard(missing.key)
+                holder.send_quietly(P.Release([missing.key]))
+                if holder is not reporter:
+                    self._suspect[wid] = until
         return obj
 
     def _on_holding(self, worker: RemoteWorker, msg: P.Holding, buffers: list[Any]) -> None:

@@ -476,7 +476,7 @@ class WorkerProcess:
         for holder in holders:
             try:
                 peer = await self._peer(holder.address)
-                reply, buffers = await peer.request(P.Get([key]), timeout=300)
+                reply, buffers = await self._ask(peer, P.Get([key]))
             except (ConnectionError, OSError, TimeoutError, ProtocolError) as exc:
                 # Unreachable from here counts as not holding it: the scheduler gets it
                 # elsewhere or computes it again, rather than sending this task back here.
@@ -495,13 +495,40 @@ class WorkerProcess:
             without.append(holder.worker)
         return without
 
+    async def _ask(self, peer: P.Endpoint, msg: Any) -> tuple[Any, list[Any]]:
+        """``peer.request(msg)``, given up (TimeoutError, its connection closed) once not a
+        byte has come from the peer for heartbeat_timeout: a holder cut off from here, or
+        frozen, answers never; one behind a slow link keeps sending, however long it takes.
+        """
+        request = asyncio.ensure_future(peer.request(msg))
+        try:
+            seen = peer.bytes_received
+            while True:
+                done, _ = await asyncio.wait((request,), timeout=self.heartbeat_timeout)
+                if done:
+                    return request.result()
+                if peer.bytes_received == seen:
+                    peer.comm.close()
+                    raise TimeoutError(f"not a byte from {peer.peer} for {self.heartbeat_timeout:.0f} s")
+                seen = peer.bytes_received
+        finally:
+            request.cancel()
+
     async def _peer(self, address: str) -> P.Endpoint:
         endpoint = self._peers.get(address)
         if endpoint is not None and not endpoint.closed:
             return endpoint
         host, port = parse_address(address)
-        comm = await open_comm(host, port, ssl=self.ssl_client, max_frame=self.max_frame)
-        await client_handshake(comm, self.token, {"role": "peer", "worker": self.worker_id})
+        # A holder that does not answer within the heartbeat timeout counts as unreachable,
+        # as the scheduler counts a silent worker as lost.
+        timeout = self.heartbeat_timeout
+        comm = await open_comm(host, port, ssl=self.ssl_client, max_frame=self.max_frame, timeout=timeout)
+        try:
+            await client_handshake(comm, self.token, {"role": "peer", "worker": self.worker_id},
+                                   timeout=timeout)
+        except BaseException:
+            comm.close()
+            raise
         endpoint = P.Endpoint(comm)  # this end only asks: nothing is handled
         self._peers[address] = endpoint
         task = asyncio.ensure_future(endpoint.serve())
