@@ -383,6 +383,31 @@ def test_worker_refuses_a_max_frame_below_the_minimum(tmp_path):
     assert out.returncode != 0 and "--max-frame" in out.stderr and "1048576" in out.stderr
 
 
+async def test_a_worker_signalled_while_it_stops_still_removes_its_spill_directory(tmp_path):
+    """The cluster closes and tells its worker to stop; a SIGTERM comes while the worker
+    waits for a task's thread (as a supervisor stopping everything sends one). The worker
+    finishes stopping instead of being cut short, and its spill directory goes."""
+    from tests.workers import WorkerProcesses, wait_for_file, write_token
+
+    procs = WorkerProcesses(tmp_path)
+    spill = tmp_path / "spill"
+    try:
+        async with dagger.Cluster(threads=1, listen="tcp://127.0.0.1:0", token="t0ken") as cluster:
+            worker = procs.start(cluster.address, write_token(tmp_path, "t0ken"), "--spill-dir",
+                                 str(spill), threads=1)
+            await procs.wait_joined(cluster, [worker])
+            dagger.spawn(wait_for_file, str(tmp_path / "never"), 1.5)  # its thread runs 1.5 s
+            await _wait_for(lambda: cluster.workers[1].tasks_running == 1, timeout=20)
+            assert [p.name for p in spill.iterdir()] == [f"aiodagger-spill-{worker.pid}-"
+                                                         f"{os.uname().nodename}-{worker.pid}"]
+        await asyncio.sleep(0.3)  # the worker has been told to stop, and waits for the thread
+        os.kill(worker.pid, signal.SIGTERM)
+        assert await asyncio.to_thread(worker.wait, 20) == 0
+        assert list(spill.iterdir()) == []
+    finally:
+        procs.stop_all()
+
+
 async def test_a_fetch_from_a_frozen_holder_is_given_up_within_the_heartbeat_timeout():
     """A worker fetching an input from a holder that stops answering (SIGSTOP: its
     connections stay open, nothing comes) gives up once nothing has come for the

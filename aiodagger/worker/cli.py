@@ -113,8 +113,15 @@ def run_worker(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
+
+        def stop() -> None:
+            # A worker already stopping (its cluster said so) finishes on its own, within
+            # its shutdown timeout: cancelled halfway, it would leave its spill directory.
+            if not worker.stopping:
+                task.cancel()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, stop)
         try:
             await worker.run()
         except asyncio.CancelledError:

@@ -107,6 +107,11 @@ class WorkerProcess:
         self._listener: Listener | None = None
         self._backoff = 0.1
 
+    @property
+    def stopping(self) -> bool:
+        """Whether this worker is on its way out (asked to stop, or shutting down)."""
+        return self._stopping
+
     def _new_store(self) -> ChunkStore:
         return ChunkStore(self.memory_limit, self.spill_dir, worker_name=self.name)
 
