@@ -9,6 +9,7 @@ segment more than when it began.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import tempfile
@@ -17,6 +18,7 @@ import time
 
 import psutil
 import pytest
+import uvloop
 
 SPILL_PREFIX = "aiodagger-spill-"
 
@@ -57,6 +59,34 @@ class Snapshot:
         if extra := self.spill - before.spill:
             found.append(f"spill directories left in {tempfile.gettempdir()}: {sorted(extra)}")
         return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_temp_dir(tmp_path_factory):
+    """The suite's processes (and the workers they start, which inherit TMPDIR) spill
+    to a temp dir of their own: other test runs on the machine spill to /tmp too, and
+    their directories must not count as this suite's leaks."""
+    path = tmp_path_factory.mktemp("tmpdir")
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(path)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    try:
+        yield path
+    finally:
+        if before is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before
+        tempfile.tempdir = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def uvloop_started():
+    """uvloop opens a pipe pair with its first loop and keeps it for the process: opened
+    before the first snapshot, it is not taken for the leak of whichever test came first."""
+    loop = uvloop.new_event_loop()
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
 
 
 @pytest.fixture
