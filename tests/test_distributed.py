@@ -320,9 +320,14 @@ def _length(data):
     return len(data)
 
 
+def _spawn_length(nbytes):
+    return dagger.spawn(_length, b"n" * nbytes).fetch(timeout=20)
+
+
 async def test_a_value_past_max_frame_fails_its_task_and_nothing_else():
     """Cluster(max_frame=1 MiB): a 2 MiB result cannot move worker to worker nor to the
-    caller, and a 2 MiB argument cannot go to a worker. Each fails its task at once with
+    caller, and a 2 MiB argument cannot go to a worker (nor from one, spawned by a task
+    there). Each fails its task at once with
     FrameTooLargeError naming the size and the option; no connection breaks, no worker
     is lost, and values under the limit still move."""
     limit = 1 << 20
@@ -342,6 +347,8 @@ async def test_a_value_past_max_frame_fails_its_task_and_nothing_else():
             await asyncio.wait_for(dagger.spawn(_length, b"y" * big), 20)
         with pytest.raises(dagger.FrameTooLargeError, match=r"an input of task '_length'"):
             await asyncio.wait_for(dagger.spawn(_length, await dagger.put(b"z" * big)), 20)
+        with pytest.raises(dagger.FrameTooLargeError, match=r"task '_length'.* pickled.*max_frame="):
+            await asyncio.wait_for(on(1).spawn(_spawn_length, big), 20)  # spawned in a worker
 
         fits = on(1).spawn(_bytes_of, limit - 4096)  # stays on worker 1: past the inline limit
         assert await asyncio.wait_for(on(2).spawn(_length, fits), 20) == limit - 4096
