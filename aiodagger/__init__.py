@@ -13,6 +13,7 @@ from ._version import __version__
 from .errors import (
     AuthenticationError,
     DaggerError,
+    FrameTooLargeError,
     NoProcessorError,
     ProtocolError,
     SerializationError,
@@ -65,6 +66,7 @@ __all__ = [
     "Cluster",
     "DTask",
     "DaggerError",
+    "FrameTooLargeError",
     "Logs",
     "NoProcessorError",
     "Options",

@@ -21,6 +21,7 @@ import atexit
 import contextvars
 import logging
 import os
+import ssl
 import sys
 import threading
 from collections.abc import Callable
@@ -28,7 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 from ._context import ClusterState, current_cluster_var, pool_thread
 from ._loopthread import LoopThread
+from .comm.framing import DEFAULT_MAX_FRAME, check_max_frame
 from .comm.server import check_listen
+from .comm.tls import worker_contexts
 from .memory import parse_memory_limit
 from .scheduler.core import Scheduler
 from .worker.aio import HURRY_GRACE
@@ -65,6 +68,19 @@ class Cluster:
 
     ``threads`` is the number of threads of each worker's pool (default: the CPUs,
     shared out among the subprocess workers).
+
+    ``max_frame`` is the largest frame, in bytes, that a connection of this cluster
+    carries (its listeners, its subprocess workers and their data servers; remote
+    workers take ``--max-frame``): a task whose argument, input or result is larger
+    fails with :class:`~aiodagger.errors.FrameTooLargeError`, and a peer announcing a
+    larger frame is cut off before anything is allocated for it.
+
+    ``tls_cert``, ``tls_key`` and ``tls_ca`` are the files the subprocess workers use
+    with their peers, as ``aiodagger worker --tls-cert/--tls-key/--tls-ca`` does: with
+    remote workers that serve their data over TLS, give at least ``tls_ca`` (to fetch
+    from them) and a certificate valid for 127.0.0.1 with its key (to serve them). The
+    subprocess workers reach the cluster itself over loopback, in the clear; ``ssl=``
+    is the context of the ``listen=`` address.
     """
 
     def __init__(
@@ -81,11 +97,17 @@ class Cluster:
         shutdown_timeout: float = 10.0,
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 10.0,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
     ) -> None:
         if isinstance(processes, bool) or not isinstance(processes, int) or processes < 0:
             raise TypeError(f"Cluster(processes=...) takes an int >= 0, got {processes!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise TypeError(f"Cluster(threads=...) takes an int >= 1 or None, got {threads!r}")
+        self.max_frame = check_max_frame(max_frame)
+        self._worker_tls = _check_worker_tls(tls_cert, tls_key, tls_ca)
         self.memory_limit = parse_memory_limit(memory_limit)
         if self.memory_limit is not None and not processes and listen is not None:
             raise ValueError(
@@ -223,7 +245,8 @@ class Cluster:
             self._sched, listen=self.listen, token=self._token, ssl=self._ssl,
             threads=self._worker_threads, heartbeat_interval=self._heartbeat[0],
             heartbeat_timeout=self._heartbeat[1], memory_limit=self.memory_limit,
-            spill_dir=self.spill_dir, shutdown_timeout=self.shutdown_timeout)
+            spill_dir=self.spill_dir, shutdown_timeout=self.shutdown_timeout, max_frame=self.max_frame,
+            worker_tls=self._worker_tls)
         await self._launcher.start(self.processes)
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
@@ -341,6 +364,19 @@ class Cluster:
 def _interrupted(exc: BaseException | None) -> bool:
     """Ctrl-C, or the cancellation that ``asyncio.run`` makes of it."""
     return isinstance(exc, KeyboardInterrupt | asyncio.CancelledError)
+
+
+def _check_worker_tls(cert: Any, key: Any, ca: Any) -> dict[str, str]:
+    """The TLS files of subprocess workers, by flag, as absolute paths; loaded once here
+    so that a wrong one fails the Cluster call, not each worker process as it starts."""
+    given = {flag: os.path.abspath(os.fspath(path))
+             for flag, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca))
+             if path is not None}
+    try:
+        worker_contexts(cert, key, ca)
+    except (ValueError, OSError, ssl.SSLError) as exc:
+        raise ValueError(f"Cluster(tls_cert={cert!r}, tls_key={key!r}, tls_ca={ca!r}): {exc}") from exc
+    return given
 
 
 def _chosen_cluster() -> Cluster | None:

@@ -11,6 +11,7 @@ raises derives from :class:`DaggerError`::
     ├── WorkerLostError      the task's worker died and its retries are spent
     ├── NoProcessorError     no processor in the cluster satisfies the task's scope
     ├── SerializationError   a function or argument cannot be sent to a worker (also a TypeError)
+    ├── FrameTooLargeError   a value is larger than the frames a connection carries (max_frame)
     ├── ProtocolError        a peer sent something that is not a valid frame
     └── AuthenticationError  a peer failed the handshake
 
@@ -25,6 +26,7 @@ from typing import Any
 __all__ = [
     "AuthenticationError",
     "DaggerError",
+    "FrameTooLargeError",
     "NoProcessorError",
     "ProtocolError",
     "SerializationError",
@@ -115,6 +117,28 @@ class NoProcessorError(DaggerError):
 
 class SerializationError(DaggerError, TypeError):
     """A function or argument cannot be pickled to be sent to a worker."""
+
+
+class FrameTooLargeError(DaggerError):
+    """A value (a task's argument, input or result) is larger than one frame may be.
+
+    Every connection carries frames up to the smaller ``max_frame`` of its two ends
+    (``Cluster(max_frame=...)``, ``aiodagger worker --max-frame``); ``size`` and ``limit``
+    are in bytes. The task concerned fails with it instead of breaking the connection.
+    """
+
+    def __init__(self, message: str, size: int = 0, limit: int = 0) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+    @classmethod
+    def of(cls, what: str, size: int, limit: int) -> FrameTooLargeError:
+        """The error for ``what`` (e.g. "the result of task 'f' (id 3)") of ``size`` bytes."""
+        return cls(f"{what} is {size} bytes ({size / 2**20:.1f} MiB), more than max_frame={limit} "
+                   f"bytes, the largest frame the connection that would carry it takes: raise it with "
+                   f"Cluster(max_frame=...) (and `aiodagger worker --max-frame` on remote workers)",
+                   size, limit)
 
 
 class ProtocolError(DaggerError):

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .comm.framing import DEFAULT_MAX_FRAME
 from .comm.handshake import new_token
 from .comm.server import Listener, check_listen, parse_address
 from .memory import spilldir
@@ -51,7 +52,8 @@ class WorkerLauncher:
     def __init__(self, sched: Scheduler, *, listen: str | None, token: str | None, ssl: Any,
                  threads: int, heartbeat_interval: float, heartbeat_timeout: float,
                  memory_limit: int | None = None, spill_dir: str | None = None,
-                 shutdown_timeout: float = 10.0) -> None:
+                 shutdown_timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME,
+                 worker_tls: dict[str, str] | None = None) -> None:
         if listen is not None:
             check_listen(listen, token)
         self.sched = sched
@@ -62,6 +64,8 @@ class WorkerLauncher:
         self.threads = threads
         self.memory_limit = memory_limit
         self.spill_dir = spill_dir
+        self.max_frame = max_frame
+        self.worker_tls = worker_tls or {}  # "--tls-cert": path...: paths, never key material
         self.dist = WorkerRegistry(sched, heartbeat_interval, heartbeat_timeout)
         self._internal: Listener | None = None
         self._public: Listener | None = None
@@ -80,11 +84,12 @@ class WorkerLauncher:
     async def start(self, processes: int) -> None:
         self.sched.dist = self.dist
         self.dist.start()
-        self._internal = Listener(self.dist.handle_connection, self.token)
+        self._internal = Listener(self.dist.handle_connection, self.token, max_frame=self.max_frame)
         await self._internal.start("127.0.0.1", 0)
         if self.listen is not None:
             host, port = parse_address(self.listen)
-            self._public = Listener(self.dist.handle_connection, self.token, ssl=self.ssl)
+            self._public = Listener(self.dist.handle_connection, self.token, ssl=self.ssl,
+                                    max_frame=self.max_frame)
             await self._public.start(host, port)
             logger.info("cluster listening for workers on %s", self._public.address)
         self.dist.expects_workers = processes > 0
@@ -97,7 +102,12 @@ class WorkerLauncher:
         for var in _ONE_THREAD_ENV:
             env.setdefault(var, "1")
         names = set()
-        extra = []
+        # The cluster's heartbeat timeout is theirs too: they give up on the cluster, and
+        # on a peer that stops answering a fetch, as soon as it gives up on them.
+        extra = ["--max-frame", str(self.max_frame),
+                 "--heartbeat-timeout", str(self.dist.heartbeat_timeout)]
+        for flag, path in self.worker_tls.items():
+            extra += [flag, path]
         if self.memory_limit is not None:
             extra += ["--memory-limit", str(self.memory_limit)]
         if self.spill_dir is not None:

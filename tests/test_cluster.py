@@ -147,6 +147,13 @@ async def test_cluster_argument_checks():
             await c.scale(-1)
 
 
+@pytest.mark.parametrize("bad", [0, -1, 1000, (1 << 20) - 1, True, 2.5e9, "256MiB", None])
+def test_max_frame_must_be_an_int_of_at_least_one_mib(bad):
+    with pytest.raises(ValueError, match=r"max_frame=.*at least 1048576.*got"):
+        dagger.Cluster(max_frame=bad)
+    assert dagger.Cluster(max_frame=1 << 20).max_frame == 1 << 20
+
+
 async def test_cancel_on_exit_of_async_task(cluster):
     t = dagger.spawn(asleep_forever)
     await asyncio.sleep(0)

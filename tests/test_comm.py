@@ -8,11 +8,11 @@ import struct
 import numpy as np
 import pytest
 
-from aiodagger.comm.framing import FrameParser, encode_frame, open_comm
+from aiodagger.comm.framing import MIN_MAX_FRAME, FrameParser, encode_frame, open_comm
 from aiodagger.comm.handshake import client_handshake, new_token
 from aiodagger.comm.serialize import dumps, loads
 from aiodagger.comm.server import Listener, is_loopback, parse_address
-from aiodagger.errors import AuthenticationError, ProtocolError
+from aiodagger.errors import AuthenticationError, FrameTooLargeError, ProtocolError
 
 
 async def _echo_listener(token):
@@ -204,3 +204,46 @@ def test_a_value_travels_with_a_bounded_number_of_buffers():
     assert all(np.array_equal(a, b) for a, b in zip(loads(payload, buffers), value, strict=True))
     payload, buffers, _ = dumps_args("t", (value,), {})
     assert len(buffers) == MAX_OUT_OF_BAND
+
+
+@pytest.mark.parametrize("server_limit, client_limit", [(MIN_MAX_FRAME, 4 * MIN_MAX_FRAME),
+                                                        (4 * MIN_MAX_FRAME, MIN_MAX_FRAME)],
+                         ids=["server-smaller", "client-smaller"])
+async def test_each_end_sends_no_frame_larger_than_the_smaller_max_frame(server_limit, client_limit):
+    """The handshake tells each end the other's max_frame: a frame past the smaller one is
+    refused by its sender, whole, with FrameTooLargeError naming its size and the option;
+    the connection goes on (the peer would have closed it at the frame's first bytes)."""
+    token = new_token()
+    refused: asyncio.Queue = asyncio.Queue()
+
+    async def echo_or_refuse(comm, info):
+        while True:
+            header, buffers = await comm.recv()
+            try:
+                await comm.send({"op": "echo"}, buffers * header["times"])
+            except FrameTooLargeError as exc:
+                await refused.put(exc)
+                await comm.send({"op": "refused"})
+
+    listener = Listener(echo_or_refuse, token, max_frame=server_limit)
+    await listener.start("127.0.0.1", 0)
+    try:
+        comm = await open_comm("127.0.0.1", listener.port, max_frame=client_limit)
+        await client_handshake(comm, token, {})
+        assert comm.limit == MIN_MAX_FRAME and comm.peer_max_frame == server_limit
+        half = b"x" * (MIN_MAX_FRAME // 2)
+        with pytest.raises(FrameTooLargeError, match=f"{3 * len(half)} bytes.*max_frame={MIN_MAX_FRAME}"):
+            await comm.send({"op": "echo", "times": 1}, [half] * 3)
+        with pytest.raises(FrameTooLargeError):
+            comm.send_nowait({"op": "echo", "times": 1}, [half] * 3)
+        await comm.send({"op": "echo", "times": 3}, [half])  # 1.5 MiB back: refused there
+        header, _ = await asyncio.wait_for(comm.recv(), 10)
+        assert header["op"] == "refused"
+        error = await asyncio.wait_for(refused.get(), 10)
+        assert (error.size, error.limit) == (3 * len(half), MIN_MAX_FRAME)
+        await comm.send({"op": "echo", "times": 2}, [half])  # exactly the limit: it passes
+        header, buffers = await asyncio.wait_for(comm.recv(), 10)
+        assert header["op"] == "echo" and sum(len(b) for b in buffers) == MIN_MAX_FRAME
+        comm.close()
+    finally:
+        await listener.close()

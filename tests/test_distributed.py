@@ -391,3 +391,131 @@ async def test_a_ready_task_waits_for_an_input_being_computed_again():
 
 async def _await(task):
     return await task
+
+
+def _bytes_of(nbytes):
+    return b"x" * nbytes
+
+
+def _length(data):
+    return len(data)
+
+
+def _spawn_length(nbytes):
+    return dagger.spawn(_length, b"n" * nbytes).fetch(timeout=20)
+
+
+async def test_a_value_past_max_frame_fails_its_task_and_nothing_else():
+    """Cluster(max_frame=1 MiB): a 2 MiB result cannot move worker to worker nor to the
+    caller, and a 2 MiB argument cannot go to a worker (nor from one, spawned by a task
+    there). Each fails its task at once with
+    FrameTooLargeError naming the size and the option; no connection breaks, no worker
+    is lost, and values under the limit still move."""
+    limit = 1 << 20
+    big = 2 << 20
+    async with dagger.Cluster(processes=2, threads=1, max_frame=limit) as cluster:
+        before = [(w.id, w.pid) for w in cluster.workers]
+        made = on(1).spawn(_bytes_of, big)
+        used = on(2).spawn(_length, made)
+        with pytest.raises(dagger.FrameTooLargeError, match=rf"task id {made.id}, held by worker 1 .* "
+                           rf"is \d+ bytes .* more than max_frame={limit}") as info:
+            await asyncio.wait_for(used, 20)
+        assert info.value.size > big and info.value.limit == limit
+        assert "an input of task '_length'" in "\n".join(info.value.__notes__)
+        with pytest.raises(dagger.FrameTooLargeError, match=r"the result of task '_bytes_of'.*max_frame="):
+            await asyncio.wait_for(made, 20)
+        with pytest.raises(dagger.FrameTooLargeError, match=r"the arguments of task '_length'.*max_frame="):
+            await asyncio.wait_for(dagger.spawn(_length, b"y" * big), 20)
+        with pytest.raises(dagger.FrameTooLargeError, match=r"an input of task '_length'"):
+            await asyncio.wait_for(dagger.spawn(_length, await dagger.put(b"z" * big)), 20)
+        with pytest.raises(dagger.FrameTooLargeError, match=r"task '_length'.* pickled.*max_frame="):
+            await asyncio.wait_for(on(1).spawn(_spawn_length, big), 20)  # spawned in a worker
+
+        fits = on(1).spawn(_bytes_of, limit - 4096)  # stays on worker 1: past the inline limit
+        assert await asyncio.wait_for(on(2).spawn(_length, fits), 20) == limit - 4096
+        assert len(await asyncio.wait_for(fits, 20)) == limit - 4096
+        assert [(w.id, w.pid) for w in cluster.workers] == before
+
+
+async def test_a_remote_worker_with_a_smaller_max_frame_is_sent_nothing_larger(tmp_path):
+    """`aiodagger worker --max-frame` smaller than the cluster's: the handshake tells the
+    cluster, which neither sends that worker a larger argument nor takes a larger result
+    from it; both tasks fail with FrameTooLargeError and the worker stays."""
+    from tests.workers import WorkerProcesses, write_token
+
+    procs = WorkerProcesses(tmp_path)
+    try:
+        async with dagger.Cluster(threads=1, listen="tcp://127.0.0.1:0", token="t0ken") as cluster:
+            worker = procs.start(cluster.address, write_token(tmp_path, "t0ken"), "--max-frame",
+                                 str(1 << 20), threads=1)
+            (info,) = await procs.wait_joined(cluster, [worker])
+            made = dagger.spawn(_bytes_of, 2 << 20)
+            with pytest.raises(dagger.FrameTooLargeError, match=r"max_frame=1048576"):
+                await asyncio.wait_for(made, 20)
+            with pytest.raises(dagger.FrameTooLargeError, match=r"the arguments of .*max_frame=1048576"):
+                await asyncio.wait_for(dagger.spawn(_length, b"y" * (2 << 20)), 20)
+            assert await asyncio.wait_for(dagger.spawn(_length, b"y" * 1000), 20) == 1000
+            assert [w.pid for w in cluster.workers] == [os.getpid(), worker.pid]
+    finally:
+        procs.stop_all()
+
+
+def test_worker_refuses_a_max_frame_below_the_minimum(tmp_path):
+    import subprocess
+
+    token = tmp_path / "token"
+    token.write_text("t0ken")
+    out = subprocess.run([sys.executable, "-m", "aiodagger", "worker", "tcp://127.0.0.1:9",
+                          "--token-file", str(token), "--max-frame", "1000"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "--max-frame" in out.stderr and "1048576" in out.stderr
+
+
+async def test_a_worker_signalled_while_it_stops_still_removes_its_spill_directory(tmp_path):
+    """The cluster closes and tells its worker to stop; a SIGTERM comes while the worker
+    waits for a task's thread (as a supervisor stopping everything sends one). The worker
+    finishes stopping instead of being cut short, and its spill directory goes."""
+    from tests.workers import WorkerProcesses, wait_for_file, write_token
+
+    procs = WorkerProcesses(tmp_path)
+    spill = tmp_path / "spill"
+    try:
+        async with dagger.Cluster(threads=1, listen="tcp://127.0.0.1:0", token="t0ken") as cluster:
+            worker = procs.start(cluster.address, write_token(tmp_path, "t0ken"), "--spill-dir",
+                                 str(spill), threads=1)
+            await procs.wait_joined(cluster, [worker])
+            dagger.spawn(wait_for_file, str(tmp_path / "never"), 1.5)  # its thread runs 1.5 s
+            await _wait_for(lambda: cluster.workers[1].tasks_running == 1, timeout=20)
+            (made,) = spill.iterdir()
+            assert made.name.startswith(f"aiodagger-spill-{worker.pid}-{os.uname().nodename}-")
+        await asyncio.sleep(0.3)  # the worker has been told to stop, and waits for the thread
+        os.kill(worker.pid, signal.SIGTERM)
+        assert await asyncio.to_thread(worker.wait, 20) == 0
+        assert list(spill.iterdir()) == []
+    finally:
+        procs.stop_all()
+
+
+async def test_a_fetch_from_a_frozen_holder_is_given_up_within_the_heartbeat_timeout():
+    """A worker fetching an input from a holder that stops answering (SIGSTOP: its
+    connections stay open, nothing comes) gives up once nothing has come for the
+    heartbeat timeout; the input is computed again and the task gets it, instead of
+    the fetch waiting for minutes."""
+    async with dagger.Cluster(processes=2, threads=1, heartbeat_interval=0.2,
+                              heartbeat_timeout=2.0) as cluster:
+        made = dagger.options(scope=dagger.scope(workers=[1, 2])).spawn(_big, 5)
+        await asyncio.wait_for(made.wait(), 30)
+        (holder,) = made._where
+        other = 3 - holder
+        pid = next(w.pid for w in cluster.workers if w.id == holder)
+        warm = on(other).spawn(checksum, on(holder).spawn(_big, 4))
+        assert await asyncio.wait_for(warm, 30) == (4.0 * 100_000, 800_000)  # a connection is open
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            start = asyncio.get_running_loop().time()
+            used = on(other).spawn(checksum, made)
+            assert await asyncio.wait_for(used, 15) == (5.0 * 100_000, 800_000)
+            assert asyncio.get_running_loop().time() - start < 2.0 + 2.0 + 3.0
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGCONT)

@@ -82,6 +82,7 @@ ALL_ERRORS = [
     errors.WorkerLostError("lost"),
     errors.NoProcessorError("none"),
     errors.SerializationError("cannot pickle"),
+    errors.FrameTooLargeError.of("the result of task 'f' (id 3)", 5 << 20, 1 << 20),
     errors.ProtocolError("garbage"),
     errors.AuthenticationError("wrong token"),
 ]
@@ -97,6 +98,7 @@ def test_every_error_survives_pickle(exc):
     assert again.__notes__ == ["a note"]
     assert isinstance(again.__cause__, KeyError)
     assert isinstance(again, errors.DaggerError)
+    assert vars(again) == vars(exc)
 
 
 def test_every_error_class_is_covered_and_exported():

@@ -1,8 +1,8 @@
-"""Several hosts on one machine: three network namespaces, each joined to a bridge in the
-root namespace by a veth pair, on a private test subnet. The cluster listens on the
-bridge; one `aiodagger worker` runs inside each namespace. Data moves between workers
-across the namespaces; then one host is cut off while tasks run, and the cluster must
-notice within its heartbeat timeout and finish the work on the hosts that are left.
+"""Several hosts on one machine (tests/netns.py): three network namespaces on a bridge.
+The cluster listens on the bridge; one `aiodagger worker` runs inside each namespace.
+Data moves between workers across the namespaces; then one host is cut off while tasks
+run, and the cluster must notice within its heartbeat timeout and finish the work on
+the hosts that are left. (The chaos suite, tests/reliability, goes further.)
 
 Needs root (CAP_NET_ADMIN) for `ip netns add`; skipped otherwise.
 """
@@ -11,103 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import shutil
-import subprocess
 import time
-from dataclasses import dataclass, field
 
 import pytest
 
 import aiodagger as dagger
 from aiodagger.comm.handshake import new_token
-from tests.workers import WorkerProcesses, block, digest, pid_of, wait_for_file, write_token
+from tests import netns
+from tests.workers import block, digest, pid_of, wait_for_file, write_token
 
 pytestmark = pytest.mark.timeout(120)
 
-IP = shutil.which("ip")
-SUBNET = "10.231.7"  # bridge .1, hosts .2 .. .4
-NHOSTS = 3
+network, workers = netns.network, netns.workers  # the fixtures of the hosts
+
 HEARTBEAT_INTERVAL = 0.2
 HEARTBEAT_TIMEOUT = 2.0
-
-
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([IP, *args], capture_output=True, text=True, timeout=30)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)} failed: {proc.stderr.strip()}")
-    return proc
-
-
-@dataclass
-class Host:
-    netns: str
-    veth: str  # the root namespace's end, on the bridge
-    address: str
-
-
-@dataclass
-class Network:
-    bridge: str
-    address: str
-    hosts: list[Host] = field(default_factory=list)
-
-
-@pytest.fixture
-def network():
-    """A bridge and NHOSTS namespaces on it; all of it removed afterwards, even on failure."""
-    if IP is None:
-        pytest.skip("the `ip` command (iproute2) is not installed")
-    tag = f"{os.getpid() % 100000}"  # interface names are limited to 15 characters
-    in_use = ip("-o", "-4", "addr", "show").stdout
-    if f" {SUBNET}." in in_use:
-        pytest.skip(f"the test subnet {SUBNET}.0/24 is already in use on this machine")
-    net = Network(bridge=f"agbr{tag}", address=f"{SUBNET}.1")
-    undo: list[tuple[str, ...]] = []
-    try:
-        first = ip("netns", "add", f"agns{tag}-0", check=False)
-        if first.returncode != 0:
-            pytest.skip(f"cannot create network namespaces (`ip netns add` refused: "
-                        f"{first.stderr.strip()}); needs root or CAP_NET_ADMIN")
-        undo.append(("netns", "del", f"agns{tag}-0"))
-        ip("link", "add", net.bridge, "type", "bridge")
-        undo.append(("link", "del", net.bridge))
-        ip("addr", "add", f"{net.address}/24", "dev", net.bridge)
-        ip("link", "set", net.bridge, "up")
-        for i in range(NHOSTS):
-            host = Host(netns=f"agns{tag}-{i}", veth=f"agv{tag}{i}", address=f"{SUBNET}.{i + 2}")
-            peer = f"agp{tag}{i}"
-            if i:
-                ip("netns", "add", host.netns)
-                undo.append(("netns", "del", host.netns))
-            ip("link", "add", host.veth, "type", "veth", "peer", "name", peer)
-            undo.append(("link", "del", host.veth))  # takes the peer end with it
-            ip("link", "set", peer, "netns", host.netns)
-            ip("link", "set", host.veth, "master", net.bridge)
-            ip("link", "set", host.veth, "up")
-            ip("-n", host.netns, "addr", "add", f"{host.address}/24", "dev", peer)
-            ip("-n", host.netns, "link", "set", peer, "up")
-            ip("-n", host.netns, "link", "set", "lo", "up")
-            net.hosts.append(host)
-        yield net
-    finally:
-        errors = []
-        for args in reversed(undo):
-            proc = ip(*args, check=False)
-            # A veth goes away with its namespace's end; that is no error.
-            if proc.returncode != 0 and "Cannot find device" not in proc.stderr:
-                errors.append(f"ip {' '.join(args)}: {proc.stderr.strip()}")
-        assert not errors, errors
-
-
-@pytest.fixture
-def workers(network, tmp_path):
-    """Worker processes, ended (by pid) before the namespaces they run in are removed."""
-    procs = WorkerProcesses(tmp_path)
-    try:
-        yield procs
-    finally:
-        procs.stop_all()
 
 
 def expected(pid: int, size: int, seed: int) -> tuple[int, int, str]:
@@ -132,7 +50,7 @@ async def test_hosts_share_work_and_one_is_cut_off(network, workers, tmp_path):
                               heartbeat_timeout=HEARTBEAT_TIMEOUT) as cluster:
         token_file = write_token(tmp_path, cluster.token)
         procs = [workers.start(cluster.address, token_file, "--heartbeat-timeout", "3",
-                               prefix=(IP, "netns", "exec", host.netns))
+                               prefix=host.exec)
                  for host in network.hosts]
         infos = await workers.wait_joined(cluster, procs)
         for info, host in zip(infos, network.hosts, strict=True):
@@ -153,7 +71,7 @@ async def test_hosts_share_work_and_one_is_cut_off(network, workers, tmp_path):
             assert time.monotonic() < deadline, f"tasks did not reach every host: {cluster.workers}"
             await asyncio.sleep(0.05)
 
-        ip("link", "set", network.hosts[-1].veth, "down")
+        network.cut(network.hosts[-1])
         cut = time.monotonic()
         while doomed.id in {w.id for w in cluster.workers}:
             assert time.monotonic() - cut < HEARTBEAT_TIMEOUT + 3, "the cut-off host was never declared lost"
@@ -170,3 +88,31 @@ async def test_hosts_share_work_and_one_is_cut_off(network, workers, tmp_path):
         # New work still runs, and data still moves between the hosts that are left.
         assert await asyncio.wait_for(dagger.gather(*(o.spawn(pid_of) for o in on[:-1])), 30) == pids[:-1]
         await run_graph(on[:-1], pids[:-1], 256 << 10)
+
+
+@pytest.mark.timeout(120)
+async def test_a_transfer_slower_than_the_heartbeat_timeout_is_no_silence(network, workers, tmp_path):
+    """A 16 MiB result leaves its host over a link shaped to 40 Mbit/s: ~3.4 s to another
+    host, then as long to the caller, longer than both heartbeat timeouts. The bytes
+    arriving are signs of life: the fetch is not given up, the holder not declared lost."""
+    async with dagger.Cluster(threads=1, listen=f"tcp://{network.address}:0", token=new_token(),
+                              heartbeat_interval=HEARTBEAT_INTERVAL,
+                              heartbeat_timeout=HEARTBEAT_TIMEOUT) as cluster:
+        token_file = write_token(tmp_path, cluster.token)
+        procs = [workers.start(cluster.address, token_file, "--heartbeat-timeout", "3",
+                               prefix=host.exec) for host in network.hosts[:2]]
+        infos = await workers.wait_joined(cluster, procs)
+        on = [dagger.options(scope=dagger.scope(worker=i.id)) for i in infos]
+        size = 16 << 20
+        made = [on[0].spawn(block, size, seed) for seed in (3, 4)]
+        await asyncio.wait_for(dagger.wait(made), 30)
+        network.slow(network.hosts[0], "40mbit", burst="256kb", outgoing=True)
+        try:
+            start = time.monotonic()
+            assert await asyncio.wait_for(made[0], 30) == (procs[0].pid, bytes([3]) * size)
+            assert await asyncio.wait_for(on[1].spawn(digest, made[1]), 30) == (
+                procs[1].pid, [expected(procs[0].pid, size, 4)])
+            assert time.monotonic() - start > 2 * 3.0  # each took longer than a timeout
+        finally:
+            network.unslow(network.hosts[0], outgoing=True)
+        assert sorted(w.pid for w in cluster.workers[1:]) == sorted(p.pid for p in procs)

@@ -121,14 +121,18 @@ async def test_tls_workers_join_run_tasks_and_exchange_data(tls_cluster, pki, tm
     assert blocks == [(procs[0].pid, size, hashlib.sha256(bytes([7]) * size).hexdigest())]
 
 
-async def test_plain_client_cannot_complete_a_handshake(tls_cluster):
-    host, port = parse_address(tls_cluster.address)
+async def assert_plain_client_refused(address: str, token: str, role: str) -> None:
+    host, port = parse_address(address)
     comm = await open_comm(host, port)
     try:
         with pytest.raises((ConnectionError, ProtocolError, AuthenticationError, TimeoutError)):
-            await client_handshake(comm, tls_cluster.token, {"role": "worker"}, timeout=10)
+            await client_handshake(comm, token, {"role": role}, timeout=10)
     finally:
         comm.close()
+
+
+async def test_plain_client_cannot_complete_a_handshake(tls_cluster):
+    await assert_plain_client_refused(tls_cluster.address, tls_cluster.token, "worker")
     assert [w.id for w in tls_cluster.workers] == [0]
 
 
@@ -156,3 +160,41 @@ async def test_tls_client_inside_the_pki_completes_the_handshake(tls_cluster, pk
         assert welcome["op"] == "welcome"
     finally:
         comm.close()
+
+
+def same_bytes(block_):
+    """A big result made from a big input: it stays where it is made, as its input did."""
+    _, data = block_
+    return pid_of(), data
+
+
+async def test_inputs_move_between_a_tls_remote_worker_and_subprocess_workers(pki, tmp_path, workers):
+    """Cluster(ssl=..., processes=1, tls_*=...): the subprocess worker fetches from a TLS
+    remote worker's data server, serves its own over TLS, and the remote worker fetches
+    from it in turn. Its data server refuses a client without TLS."""
+    async with dagger.Cluster(processes=1, threads=1, listen="tcp://127.0.0.1:0", token=new_token(),
+                              ssl=server_context(pki), tls_cert=pki / "worker.pem",
+                              tls_key=pki / "worker.key", tls_ca=pki / "ca.pem") as cluster:
+        remote = workers.start(cluster.address, write_token(tmp_path, cluster.token), *tls_args(pki))
+        (remote_info,) = await workers.wait_joined(cluster, [remote])
+        sub = next(w for w in cluster.workers if w.id not in (0, remote_info.id))
+        on_remote = dagger.options(scope=dagger.scope(worker=remote_info.id))
+        on_sub = dagger.options(scope=dagger.scope(worker=sub.id))
+
+        size = 1 << 20  # past the inline limit: each value stays where it is made
+        made = on_remote.spawn(block, size, 9)
+        moved = on_sub.spawn(same_bytes, made)           # TLS remote -> subprocess worker
+        back = on_remote.spawn(digest, moved)            # subprocess worker -> TLS remote
+        pid, blocks = await asyncio.wait_for(back, 30)
+        assert pid == remote.pid
+        assert blocks == [(sub.pid, size, hashlib.sha256(bytes([9]) * size).hexdigest())]
+        assert sub.id in moved._where and remote_info.id in made._where  # (and now copies)
+
+        await assert_plain_client_refused(sub.address, cluster.token, "peer")
+
+
+def test_worker_tls_files_are_checked_by_the_cluster(pki, tmp_path):
+    with pytest.raises(ValueError, match="certificate and its key go together"):
+        dagger.Cluster(processes=1, tls_cert=pki / "worker.pem")
+    with pytest.raises(ValueError, match=r"Cluster\(tls_cert="):
+        dagger.Cluster(processes=1, tls_ca=tmp_path / "no-such-ca.pem")

@@ -29,9 +29,9 @@ from typing import Any
 
 import msgpack
 
-from ..errors import ProtocolError
+from ..errors import FrameTooLargeError, ProtocolError
 
-__all__ = ["DEFAULT_MAX_FRAME", "Comm", "FrameParser", "encode_frame"]
+__all__ = ["DEFAULT_MAX_FRAME", "MIN_MAX_FRAME", "Comm", "FrameParser", "check_max_frame", "encode_frame"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,9 @@ MAGIC = b"AG"
 PREFIX = struct.Struct("!2sHI")
 LENGTH = struct.Struct("!Q")
 DEFAULT_MAX_FRAME = 4 << 30  # 4 GiB of buffers in one frame
+# Below this, ordinary traffic would not fit: a completion carries results of up to
+# 64 KiB inline, and a batch of small tasks' arguments takes a few hundred KiB.
+MIN_MAX_FRAME = 1 << 20
 MAX_HEADER = 64 << 20
 HANDSHAKE_MAX_HEADER = 4096
 MAX_BUFFERS = 4096
@@ -49,6 +52,20 @@ WRITE_SLICE = 1 << 20
 COALESCE_BELOW = 64 << 10
 
 Frame = tuple[dict[str, Any], list[Any]]  # buffers: bytearray or numpy uint8 arrays
+
+
+def check_max_frame(value: Any, option: str = "Cluster(max_frame=...)") -> int:
+    """``value`` as a frame limit in bytes, or a ValueError that says what to write."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_MAX_FRAME:
+        raise ValueError(
+            f"{option} takes the largest frame a connection carries, an int of bytes of at least "
+            f"{MIN_MAX_FRAME} (1 MiB), e.g. {256 << 20} for 256 MiB; got {value!r}")
+    return value
+
+
+def _frame_bytes(parts: list[Any]) -> int:
+    """Bytes of buffers in a frame that encode_frame made (the prefix and header excluded)."""
+    return sum(view.nbytes for view in parts[2:])
 
 
 def encode_frame(header: dict[str, Any], buffers: Sequence[Any] = ()) -> list[Any]:
@@ -161,7 +178,8 @@ class FrameParser:
                 lengths = list(struct.unpack(f"!{self._nbuf}Q", self._take(need))) if need else []
                 if sum(lengths) > self.max_frame:
                     raise ProtocolError(
-                        f"frame of {sum(lengths)} bytes exceeds the {self.max_frame}-byte limit")
+                        f"frame of {sum(lengths)} bytes exceeds the {self.max_frame}-byte limit "
+                        "(max_frame)")
                 self._lengths = lengths
             if self._header is None:
                 if self._available() < self._hlen:
@@ -261,6 +279,8 @@ class Comm:
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, name: str = "") -> None:
         self.max_frame = max_frame
+        # What the peer takes, as it said in the handshake (until then: as much as we do).
+        self.peer_max_frame = max_frame
         self.parser = FrameParser(0, HANDSHAKE_MAX_HEADER, 0)
         self.name = name
         self.transport: asyncio.Transport | None = None
@@ -283,6 +303,20 @@ class Comm:
         """The peer proved it knows the token: accept frames up to the full limits."""
         parser = self.parser
         parser.max_frame, parser.max_header, parser.max_buffers = self.max_frame, MAX_HEADER, MAX_BUFFERS
+
+    @property
+    def limit(self) -> int:
+        """The largest frame (bytes of buffers) this connection carries either way: the
+        smaller of the two ends' ``max_frame``."""
+        return min(self.max_frame, self.peer_max_frame)
+
+    def _encode(self, header: dict[str, Any], buffers: Sequence[Any]) -> list[Any]:
+        parts = encode_frame(header, buffers)
+        if len(parts) > 2 and (size := _frame_bytes(parts)) > self.limit:
+            # Refused here, whole: the peer would close the connection at its first bytes,
+            # taking every other message on it along.
+            raise FrameTooLargeError.of(f"a {header.get('op')!r} frame to {self.peer}", size, self.limit)
+        return parts
 
     def protocol(self) -> asyncio.BufferedProtocol:
         return _FrameProtocol(self)
@@ -354,7 +388,7 @@ class Comm:
         """
         if self._closed or self.transport is None:
             raise ConnectionResetError(f"connection to {self.peer} is closed")
-        parts = encode_frame(header, buffers)
+        parts = self._encode(header, buffers)
         self.bytes_sent += sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
         if self._midframe or self._backlog:
             self._backlog.append(parts)
@@ -377,7 +411,7 @@ class Comm:
         async with self._send_lock:
             if self._closed or self.transport is None:
                 raise ConnectionResetError(f"connection to {self.peer} is closed")
-            parts = encode_frame(header, buffers)
+            parts = self._encode(header, buffers)
             self._midframe = True
             try:
                 await self._write_parts(parts, self.transport)

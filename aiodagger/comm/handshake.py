@@ -2,7 +2,8 @@
 HMAC-SHA256 challenge-response over the cluster's shared token.
 
 Both sides prove they know the token without sending it: each sends a fresh random
-nonce and answers with HMAC(token, role || their nonce || our nonce). Until the
+nonce and answers with HMAC(token, role || their nonce || our nonce); the hello and
+the welcome also say the largest frame their sender takes (``max_frame``). Until the
 handshake is over, frames are limited to a small msgpack header without buffers (every
 Comm starts that way; see framing.Comm), and nothing is unpickled: a peer that does not know the token cannot make us run code.
 """
@@ -42,6 +43,17 @@ async def _expect(comm: Comm, op: str, timeout: float) -> dict[str, Any]:
     return header
 
 
+def _note_peer_limit(comm: Comm, header: dict[str, Any]) -> None:
+    """The largest frame the peer takes (it says so in its hello or welcome): nothing
+    larger is sent to it, so that a value too large fails its task, not the connection."""
+    value = header.get("max_frame")
+    if value is None:
+        return
+    if type(value) is not int or value < 1:
+        raise ProtocolError(f"handshake field 'max_frame' is malformed: {value!r}")
+    comm.peer_max_frame = value
+
+
 def _bytes(header: dict[str, Any], key: str) -> bytes:
     value = header.get(key)
     if not isinstance(value, bytes) or not 16 <= len(value) <= 64:
@@ -55,7 +67,8 @@ async def client_handshake(comm: Comm, token: str, info: dict[str, Any],
     key = token.encode()
     ours = secrets.token_bytes(32)
     try:
-        comm.send_nowait({"op": "hello", "version": PROTOCOL_VERSION, "nonce": ours, "info": info})
+        comm.send_nowait({"op": "hello", "version": PROTOCOL_VERSION, "nonce": ours, "info": info,
+                          "max_frame": comm.max_frame})
     except ConnectionError:
         raise comm.closed_error() from None  # e.g. the server's first bytes were not a frame
     challenge = await _expect(comm, "challenge", timeout)
@@ -65,6 +78,7 @@ async def client_handshake(comm: Comm, token: str, info: dict[str, Any],
         raise AuthenticationError(f"{comm.peer} failed to prove it knows the cluster token")
     comm.send_nowait({"op": "auth", "proof": _proof(key, b"client", theirs, ours)})
     welcome = await _expect(comm, "welcome", timeout)
+    _note_peer_limit(comm, welcome)
     comm.authenticated()
     return welcome
 
@@ -87,7 +101,8 @@ async def server_handshake(comm: Comm, token: str, welcome: dict[str, Any] | Non
     if not hmac.compare_digest(_bytes(auth, "proof"), _proof(key, b"client", ours, theirs)):
         comm.send_nowait({"op": "refused", "reason": "wrong token"})
         raise AuthenticationError(f"{comm.peer} failed to authenticate (wrong token)")
-    comm.send_nowait({"op": "welcome", **(welcome or {})})
+    _note_peer_limit(comm, hello)
+    comm.send_nowait({"op": "welcome", **(welcome or {}), "max_frame": comm.max_frame})
     comm.authenticated()
     info = hello.get("info")
     return info if isinstance(info, dict) else {}

@@ -43,9 +43,11 @@ op                 direction             fields (records in CamelCase)
 ``release``        scheduler -> worker   keys whose results nobody needs any more
 ``put``            scheduler -> worker   key; the value's pickle and buffers
 ``get``            any -> worker         ids; reply ``Items(items [Item(key, nparts)],
-                   (request)             missing, later)``, the values' parts in item
-                                         order; ``later``: held, but past one frame's
-                                         limits (ask for them again)
+                   (request)             missing, later, oversized [Oversized(key,
+                                         size)])``, the values' parts in item order;
+                                         ``later``: held, but past one frame's limits
+                                         (ask for them again); ``oversized``: held, but
+                                         larger than a frame of this connection may be
 ``stats``          scheduler -> worker   reply ``StatsReply(stats)`` (a map)
                    (request)
 ``replicate``      scheduler -> worker   items [Dep]: fetch these from their holders;
@@ -79,7 +81,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from ..errors import ProtocolError
-from .framing import MAX_BUFFERS, Comm
+from .framing import DEFAULT_MAX_FRAME, MAX_BUFFERS, Comm
 from .serialize import (
     MAX_OUT_OF_BAND,
     FunctionCache,
@@ -94,11 +96,11 @@ from .serialize import (
 __all__ = [
     "Ack", "Batch", "Cancel", "CancelSpawned", "Dep", "Done", "Endpoint", "Finished",
     "Blocked", "Forget", "FunctionDef", "Functions", "Get", "Heartbeat", "Holder", "Holding", "Item",
-    "Items", "Memory", "Missing", "Put", "Register", "Registered", "Release", "Replicate",
+    "Items", "Memory", "Missing", "Oversized", "Put", "Register", "Registered", "Release", "Replicate",
     "Run", "RunTask", "Shutdown", "Spawn", "SpawnTask", "Stats", "StatsReply", "TaskDone",
     "ValueDef", "Values", "decode", "encode", "message_types", "split_parts",
     # the one serializer (comm/serialize.py), for the payloads messages carry
-    "BATCH_BYTES", "BATCH_RECORDS", "MAX_BUFFERS", "MAX_OUT_OF_BAND", "ProtocolError",
+    "BATCH_BYTES", "BATCH_RECORDS", "DEFAULT_MAX_FRAME", "MAX_BUFFERS", "MAX_OUT_OF_BAND", "ProtocolError",
     "Comm", "FunctionCache", "dumps", "dumps_args", "dumps_error", "loads", "loads_args",
     "loads_error",
 ]
@@ -319,6 +321,13 @@ class Item(NamedTuple):
     nparts: int
 
 
+@record(INT, COUNT)
+class Oversized(NamedTuple):
+    """A value in a ``get`` reply's place that no frame of the connection could carry."""
+    key: int
+    size: int
+
+
 @record(INT, BYTES, COUNT, BOOL)
 class SpawnTask(NamedTuple):
     """A task spawned by a task on a worker: parts are function, options, arguments."""
@@ -401,11 +410,12 @@ class Put(NamedTuple):
     key: int
 
 
-@message("items", [Item], IDS, IDS, buffers=lambda m: _sum_parts(m.items))
+@message("items", [Item], IDS, IDS, [Oversized], buffers=lambda m: _sum_parts(m.items))
 class Items(NamedTuple):
     items: list[Item]
     missing: list[int]
     later: list[int]  # held, but past what one frame carries: ask again
+    oversized: list[Oversized]  # held, but larger than any frame of this connection
 
 
 @message("get", IDS, reply=Items)
@@ -544,14 +554,16 @@ class Batch:
 
     ``add`` appends a record and its buffers; ``take`` hands back the messages to send,
     in order: a new frame is started whenever the next record would take the current
-    one past the frame's buffer limit, past ``BATCH_BYTES``, or past ``BATCH_RECORDS``
-    records. A record is never split.
+    one past the frame's buffer limit, past ``max_bytes`` (``BATCH_BYTES``, or less on
+    a connection that takes smaller frames), or past ``BATCH_RECORDS`` records. A
+    record is never split: one larger than a frame may be is refused before it is added.
     """
 
-    __slots__ = ("_build", "_frames", "_records", "_buffers", "_bytes")
+    __slots__ = ("_build", "_max_bytes", "_frames", "_records", "_buffers", "_bytes")
 
-    def __init__(self, build: Callable[[list[Any]], Any]) -> None:
+    def __init__(self, build: Callable[[list[Any]], Any], max_bytes: int = BATCH_BYTES) -> None:
         self._build = build
+        self._max_bytes = min(max_bytes, BATCH_BYTES)
         self._frames: list[tuple[list[Any], list[Any]]] = []
         self._records: list[Any] = []
         self._buffers: list[Any] = []
@@ -572,7 +584,7 @@ class Batch:
             for part in parts:
                 size += part.nbytes if type(part) is memoryview else len(part)
             if records and (len(self._buffers) + nparts > MAX_BUFFERS or len(records) >= BATCH_RECORDS
-                            or self._bytes + size > BATCH_BYTES):
+                            or self._bytes + size > self._max_bytes):
                 self._seal()
                 records = self._records
             self._buffers.extend(parts)

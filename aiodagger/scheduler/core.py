@@ -30,6 +30,7 @@ from .._bridge import (
 )
 from .._callables import classify
 from ..errors import (
+    FrameTooLargeError,
     NoProcessorError,
     SerializationError,
     TaskCancelledError,
@@ -355,7 +356,7 @@ class Scheduler:
         task._state = RUNNING
         try:
             dist.dispatch(task, worker)
-        except SerializationError as exc:
+        except (SerializationError, FrameTooLargeError) as exc:
             self._fail(task, exc, annotate=False)
             return True
         self._arm_timeout(task)

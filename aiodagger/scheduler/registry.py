@@ -29,7 +29,7 @@ import cloudpickle
 
 from .._bridge import Wakeup
 from ..comm import protocol as P
-from ..errors import SerializationError, WorkerLostError
+from ..errors import FrameTooLargeError, SerializationError, WorkerLostError
 from ..interfaces import WorkerStatus
 from ..task import FINISHED, NOWHERE, REMOTE, Chunk, DTask
 from ..taskoptions import ANY_SCOPE
@@ -65,8 +65,10 @@ class ProcView:
 class RemoteWorker:
     """The scheduler's view of one worker process."""
 
-    def __init__(self, wid: int, endpoint: P.Endpoint, info: P.Register) -> None:
+    def __init__(self, wid: int, endpoint: P.Endpoint, info: P.Register,
+                 max_frame: int = P.DEFAULT_MAX_FRAME) -> None:
         self.id = wid
+        self.max_frame = max_frame  # the largest frame its connection carries
         self.endpoint = endpoint
         self.name = info.name
         self.pid = info.pid
@@ -76,6 +78,7 @@ class RemoteWorker:
         self.memory_limit = info.memory_limit
         self.status = WorkerStatus.RUNNING
         self.last_seen = 0.0
+        self.bytes_seen = 0  # what its connection had received at the last watch
         self.stats: dict[str, Any] = {}
         # Memory counters as of the worker's last completion (or heartbeat).
         self.memory = P.Memory(0, 0, 0, 0)
@@ -88,9 +91,9 @@ class RemoteWorker:
         self.functions: set[bytes] = set()
         self.backlog_s = 0.0
         self.queued = 0
-        self.function_defs = P.Batch(P.Functions)
-        self.value_defs = P.Batch(P.Values)
-        self.runs = P.Batch(P.Run)
+        self.function_defs = P.Batch(P.Functions, max_frame)
+        self.value_defs = P.Batch(P.Values, max_frame)
+        self.runs = P.Batch(P.Run, max_frame)
         # One batch's frames go out before the next batch's: a task's "run" must not
         # overtake the "values" frame carrying its input.
         self.sending = asyncio.Lock()
@@ -148,6 +151,8 @@ class WorkerRegistry:
         self.bandwidth = DEFAULT_BANDWIDTH
         self.bytes_received = 0
         self._ids = itertools.count(1)
+        # Workers a peer could not fetch from, until when: placed on last (see _trusted).
+        self._suspect: dict[int, float] = {}
         self._dirty: set[RemoteWorker] = set()
         self._send_wakeup = Wakeup(sched.loop, self._send, threadsafe=False)
         self._registered = asyncio.Condition()
@@ -210,7 +215,7 @@ class WorkerRegistry:
 
     def _register(self, endpoint: P.Endpoint, holder: list[RemoteWorker], msg: P.Register,
                   buffers: list[Any]) -> tuple[P.Registered, Sequence[Any]]:
-        worker = RemoteWorker(next(self._ids), endpoint, msg)
+        worker = RemoteWorker(next(self._ids), endpoint, msg, endpoint.comm.limit)
         worker.last_seen = self.sched.loop.time()
         holder.append(worker)
         self.workers[worker.id] = worker
@@ -287,14 +292,21 @@ class WorkerRegistry:
                 timeout)
 
     async def _watch(self) -> None:
-        """Heartbeats both ways; a worker silent past the timeout is declared lost."""
+        """Heartbeats both ways; a worker silent past the timeout is declared lost.
+
+        Any byte from it counts, not only whole messages: its heartbeats wait behind a
+        large frame it is sending, which may take longer than the timeout on a slow link.
+        """
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             now = self.sched.loop.time()
             for worker in list(self.workers.values()):
-                if now - worker.last_seen > self.heartbeat_timeout:
+                received = worker.endpoint.bytes_received
+                if received != worker.bytes_seen:
+                    worker.bytes_seen, worker.last_seen = received, now
+                elif now - worker.last_seen > self.heartbeat_timeout:
                     worker.endpoint.comm.close()
-                    self.lost(worker, f"no heartbeat for {self.heartbeat_timeout:.0f} s")
+                    self.lost(worker, f"not a byte from it for {self.heartbeat_timeout:.0f} s")
                     continue
                 worker.send_quietly(P.Heartbeat({}))
 
@@ -314,6 +326,8 @@ class WorkerRegistry:
         room = [w for w in candidates if w.has_room(kind)]
         if not room:
             return None
+        if self._suspect and len(room) > 1:
+            room = self._trusted(room)
         if len(room) == 1:
             return room[0]
         if not task._deps:  # nothing to move: the least loaded worker
@@ -327,6 +341,16 @@ class WorkerRegistry:
         est = self.sched.runtimes.get(task._fnkey)
         return room[choose_processor(cands, est, held, self.bandwidth)]
 
+    def _trusted(self, room: list[RemoteWorker]) -> list[RemoteWorker]:
+        """``room`` without the workers a peer could not get anything from lately, unless
+        that leaves none: a value computed again there could be as unreachable as the
+        copy it replaces (and a frozen worker is lost a moment later, taking it along)."""
+        now = self.sched.loop.time()
+        for wid, until in list(self._suspect.items()):
+            if until < now:
+                del self._suspect[wid]
+        return [w for w in room if w.id not in self._suspect] or room
+
     def lost_dependency(self, task: DTask[Any]) -> DTask[Any] | None:
         """A dependency of ``task`` whose only copies died, if any."""
         for dep in task._deps or ():
@@ -338,7 +362,9 @@ class WorkerRegistry:
         return [P.Holder(wid, self.workers[wid].address) for wid in obj._where if wid in self.workers]
 
     def dispatch(self, task: DTask[Any], worker: RemoteWorker) -> None:
-        """Queue ``task`` for ``worker``; raises SerializationError if it cannot be sent."""
+        """Queue ``task`` for ``worker``; raises SerializationError if it cannot be sent,
+        FrameTooLargeError if its function, arguments or an input here is larger than a
+        frame to that worker may be."""
         assert task._fn is not None and task._args is not None and task._kwargs is not None
         fn_hash, fn_bytes = self.fn_cache.get(task._fn)
         payload, parts, chunks = P.dumps_args(task.name, task._args, task._kwargs, task._resolve)
@@ -353,7 +379,16 @@ class WorkerRegistry:
         else:
             sent = [payload, *parts] if parts else [payload]
             callbacks = False
+        limit = worker.max_frame
+        size = 0
+        for part in sent:
+            size += len(part) if type(part) is bytes else part.nbytes
+        if size > limit:
+            raise FrameTooLargeError.of(f"the arguments of {task._describe()}", size, limit)
         if fn_hash not in worker.functions:
+            if len(fn_bytes) > limit:
+                raise FrameTooLargeError.of(f"the function of {task._describe()}, pickled,",
+                                            len(fn_bytes), limit)
             worker.functions.add(fn_hash)
             worker.function_defs.add(P.FunctionDef(fn_hash), (fn_bytes,))
         deps: list[P.Dep] = []
@@ -366,6 +401,8 @@ class WorkerRegistry:
                     continue
                 if dep._value is not REMOTE:  # the value is in this process: send it along once
                     p, b = P.dumps(dep._value)
+                    if (size := len(p) + sum(v.nbytes for v in b)) > limit:
+                        raise FrameTooLargeError.of(f"{dep!r}, an input of {task._describe()},", size, limit)
                     worker.value_defs.add(P.ValueDef(key, 1 + len(b)), (p, *b))
                     self._note_holder(dep, key, worker)
                 else:
@@ -474,22 +511,24 @@ class WorkerRegistry:
                 sched.complete(task, rec.attempt, False, _load_error(parts[0], task), rec.start,
                                rec.seconds, proc)
             elif status == "missing":
-                sched.dependencies_lost(task, [self._missing(m) for m in rec.missing])
+                sched.dependencies_lost(task, [self._missing(worker, m) for m in rec.missing])
             # "cancelled": nobody waits for that run any more
         sched.request_flush()
 
-    def _missing(self, missing: P.Missing) -> Any:
-        """An input that its holders said they lack (or hold corrupted): forget those copies."""
+    def _missing(self, reporter: RemoteWorker, missing: P.Missing) -> Any:
+        """An input that its holders said they lack (or hold corrupted), or that
+        ``reporter`` could not reach: forget those copies (and let the holders drop them)."""
         obj = self.object(missing.key)
-        if obj is not None:
-            obj._where.difference_update(missing.holders)
-            for wid in missing.holders:
-                holder = self.workers.get(wid)
-                if holder is not None and missing.key in holder.holds:
-                    holder.holds.discard(missing.key)
-                    # An unreachable holder may still have its copy: free it, so that
-                    # what the scheduler counts is what the worker keeps.
-                    holder.send_quietly(P.Release([missing.key]))
+        until = self.sched.loop.time() + self.heartbeat_timeout
+        for wid in missing.holders:
+            if obj is not None:
+                obj._where.discard(wid)
+            holder = self.workers.get(wid)
+            if holder is not None:
+                holder.holds.discard(missing.key)
+                holder.send_quietly(P.Release([missing.key]))
+                if holder is not reporter:
+                    self._suspect[wid] = until
         return obj
 
     def _on_holding(self, worker: RemoteWorker, msg: P.Holding, buffers: list[Any]) -> None:
@@ -535,6 +574,11 @@ class WorkerRegistry:
             else:
                 payload, parts = P.dumps(task._value)
                 buffers = [payload, *parts]
+                size = len(payload) + sum(p.nbytes for p in parts)
+                if size > worker.max_frame:
+                    status, buffers = "failed", [P.dumps_error(FrameTooLargeError.of(
+                        f"the result of {task._describe()}, held by the scheduler,", size,
+                        worker.max_frame))]
         else:
             status = "failed"
             exc = task._exc
@@ -609,12 +653,21 @@ class WorkerRegistry:
             raise LookupError(*lost)
 
     async def _fetch_from(self, worker: RemoteWorker, objs: list[Any]) -> list[Any]:
-        """Fetch ``objs`` from ``worker``; return those it answered it does not hold."""
+        """Fetch ``objs`` from ``worker``; return those it answered it does not hold.
+
+        Raises FrameTooLargeError for a value larger than a frame from it may be.
+        """
         by_key = {_key(o): o for o in objs}
         keys = list(by_key)
         missing: list[Any] = []
         while keys:  # a reply carries what fits in one frame, and names the rest "later"
             reply, buffers = await worker.endpoint.request(P.Get(keys))
+            if reply.oversized:
+                big = reply.oversized[0]
+                obj = by_key.get(big.key)
+                what = obj._describe() if type(obj) is DTask else repr(obj)
+                raise FrameTooLargeError.of(f"the result of {what}, held by worker {worker.id},",
+                                            big.size, worker.endpoint.comm.limit)
             for item, parts in P.split_parts(reply.items, buffers):
                 obj = by_key.get(item.key)
                 if obj is not None and obj._value is REMOTE:

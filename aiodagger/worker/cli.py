@@ -16,6 +16,8 @@ import ssl
 import sys
 
 from .._loopthread import new_event_loop
+from ..comm.framing import DEFAULT_MAX_FRAME, check_max_frame
+from ..comm.tls import worker_contexts
 from .process import WorkerProcess
 
 __all__ = ["add_worker_arguments", "main", "run_worker"]
@@ -38,6 +40,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds without word from the scheduler before reconnecting")
     parser.add_argument("--shutdown-timeout", type=float, default=10.0,
                         help="seconds running tasks get to finish when the worker stops")
+    parser.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME,
+                        help=f"the largest frame, in bytes, a connection of this worker carries "
+                             f"(default {DEFAULT_MAX_FRAME}); larger values fail their tasks")
     parser.add_argument("--subprocess", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -56,17 +61,12 @@ def _read_token(args: argparse.Namespace) -> str:
 
 
 def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
-    if not (args.tls_cert or args.tls_ca):
-        return None, None
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("aiodagger worker: --tls-cert and --tls-key go together")
-    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.tls_ca)
-    server = None
-    if args.tls_cert:
-        client.load_cert_chain(args.tls_cert, args.tls_key)
-        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=args.tls_ca)
-        server.load_cert_chain(args.tls_cert, args.tls_key)
-    return client, server
+    try:
+        return worker_contexts(args.tls_cert, args.tls_key, args.tls_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise SystemExit(f"aiodagger worker: cannot use the TLS files: {exc}") from None
 
 
 def _die_with_parent() -> None:
@@ -87,6 +87,10 @@ def run_worker(args: argparse.Namespace) -> int:
     client_ssl, server_ssl = _tls(args)
     if args.threads < 1:
         raise SystemExit("aiodagger worker: --threads must be >= 1")
+    try:
+        max_frame = check_max_frame(args.max_frame, "--max-frame")
+    except ValueError as exc:
+        raise SystemExit(f"aiodagger worker: {exc}") from None
     memory_limit = None
     if args.memory_limit is not None:
         from ..memory.sizes import parse_memory_limit
@@ -98,8 +102,11 @@ def run_worker(args: argparse.Namespace) -> int:
         args.scheduler, token, threads=args.threads,
         name=args.name or f"{os.uname().nodename}-{os.getpid()}",
         reconnect=not args.subprocess, ssl_client=client_ssl, ssl_server=server_ssl,
+        # A subprocess worker reaches its cluster over loopback, where the cluster
+        # listens in the clear; TLS is for its peers, which may be remote workers.
+        ssl_scheduler=None if args.subprocess else client_ssl,
         heartbeat_timeout=args.heartbeat_timeout, memory_limit=memory_limit, spill_dir=args.spill_dir,
-        shutdown_timeout=args.shutdown_timeout,
+        shutdown_timeout=args.shutdown_timeout, max_frame=max_frame,
     )
 
     def on_signal(sig: signal.Signals) -> None:

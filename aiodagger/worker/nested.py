@@ -28,7 +28,7 @@ from .._bridge import (
 )
 from .._context import ClusterState
 from ..comm import protocol as P
-from ..errors import TaskCancelledError
+from ..errors import FrameTooLargeError, TaskCancelledError
 from ..task import CANCELLED, FAILED, FINISHED, REMOTE, DTask
 from ..taskoptions import TaskOptions
 
@@ -53,7 +53,7 @@ class SchedulerClient:
         self.loop_thread_id = worker.loop_thread_id
         self._ids = itertools.count(1)
         self._fn_cache = P.FunctionCache()
-        self._spawns = P.Batch(P.Spawn)
+        self._spawns = P.Batch(P.Spawn, worker.max_frame)
         self._lock = threading.Lock()  # spawns come from pool threads and the loop
         self._wakeup = Wakeup(self.loop, self._flush)
         self.handles: weakref.WeakValueDictionary[int, DTask[Any]] = weakref.WeakValueDictionary()
@@ -69,6 +69,10 @@ class SchedulerClient:
         fn_hash, fn_bytes = self._fn_cache.get(fn)
         payload, parts, _ = P.dumps_args(name, args, kwargs, found)
         opts_bytes = cloudpickle.dumps(opts)
+        size = len(fn_bytes) + len(opts_bytes) + len(payload) + sum(p.nbytes for p in parts)
+        if size > (limit := self.worker._scheduler_limit()):
+            raise FrameTooLargeError.of(f"{task._describe()}, its function and arguments pickled,",
+                                        size, limit)
         self.handles[key] = task
         weakref.finalize(task, self._forget, key)
         with self._lock:

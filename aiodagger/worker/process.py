@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import os
 import socket
@@ -28,10 +29,10 @@ from .._bridge import Wakeup
 from .._context import current_cluster_var as _current_cluster
 from .._context import pool_thread as _pool_thread
 from ..comm import protocol as P
-from ..comm.framing import Comm, open_comm
+from ..comm.framing import DEFAULT_MAX_FRAME, Comm, open_comm
 from ..comm.handshake import client_handshake
 from ..comm.server import Listener, parse_address
-from ..errors import ProtocolError, TaskCancelledError
+from ..errors import FrameTooLargeError, ProtocolError, TaskCancelledError
 from ..memory import ChunkStore, SpillCorruptedError, admit
 from ..task import DTask
 from ..taskoptions import TaskOptions
@@ -66,17 +67,20 @@ class WorkerProcess:
 
     def __init__(self, scheduler: str, token: str, *, threads: int, name: str,
                  reconnect: bool = False, ssl_client: Any = None, ssl_server: Any = None,
+                 ssl_scheduler: Any = None,
                  heartbeat_interval: float = 1.0, heartbeat_timeout: float = 10.0,
                  memory_limit: int | None = None, spill_dir: str | None = None,
-                 shutdown_timeout: float = 10.0) -> None:
+                 shutdown_timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.scheduler_host, self.scheduler_port = parse_address(scheduler)
+        self.max_frame = max_frame
         self.shutdown_timeout = shutdown_timeout
         self.token = token
         self.threads = threads
         self.name = name
         self.reconnect = reconnect
-        self.ssl_client = ssl_client
-        self.ssl_server = ssl_server
+        self.ssl_client = ssl_client  # to peers' data servers
+        self.ssl_server = ssl_server  # this worker's data server
+        self.ssl_scheduler = ssl_scheduler
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.memory_limit = memory_limit
@@ -94,8 +98,10 @@ class WorkerProcess:
         self._blocked_sent = 0  # the scheduler's count of our threads waiting in fetch()
         self._peers: dict[str, P.Endpoint] = {}
         self._peer_tasks: set[asyncio.Task[None]] = set()
-        self._fetching: dict[int, asyncio.Future[None]] = {}
-        self._done = P.Batch(self._done_message)
+        # Fetches under way, by key: what waits for one learns its outcome (None, or the
+        # FrameTooLargeError that makes the input unobtainable).
+        self._fetching: dict[int, asyncio.Future[FrameTooLargeError | None]] = {}
+        self._done = P.Batch(self._done_message, max_frame)
         self._holding: list[int] = []
         self._flush_wakeup: Wakeup | None = None  # made with the loop, in run()
         self._stopping = False
@@ -104,6 +110,11 @@ class WorkerProcess:
         self._hurry = asyncio.Event()
         self._listener: Listener | None = None
         self._backoff = 0.1
+
+    @property
+    def stopping(self) -> bool:
+        """Whether this worker is on its way out (asked to stop, or shutting down)."""
+        return self._stopping
 
     def _new_store(self) -> ChunkStore:
         return ChunkStore(self.memory_limit, self.spill_dir, worker_name=self.name)
@@ -154,8 +165,11 @@ class WorkerProcess:
         error = value if isinstance(value, BaseException) else RuntimeError(repr(value))
         error.add_note(f"aiodagger: raised by {task._describe()} on worker {self.worker_id} "
                        f"(pid {os.getpid()}, {socket.gethostname()}), attempt {attempt + 1}")
-        self._record(P.Finished(task.id, attempt, "error", 0, start, seconds, 1, []),
-                     [P.dumps_error(error)])
+        payload = P.dumps_error(error)
+        if len(payload) > (limit := self._scheduler_limit()):
+            payload = P.dumps_error(FrameTooLargeError.of(
+                f"the {type(error).__name__} raised by {task._describe()}, pickled,", len(payload), limit))
+        self._record(P.Finished(task.id, attempt, "error", 0, start, seconds, 1, []), [payload])
 
     def _record(self, rec: P.Finished, buffers: Sequence[Any] = ()) -> None:
         self._done.add(rec, buffers)
@@ -205,7 +219,8 @@ class WorkerProcess:
         self.async_proc = AsyncProc(0, self, task_context)
         self.thread_proc.start()
         await self.store.start()
-        self._listener = Listener(self._serve_peer, self.token, ssl=self.ssl_server)
+        self._listener = Listener(self._serve_peer, self.token, ssl=self.ssl_server,
+                                  max_frame=self.max_frame)
         await self._listener.start("0.0.0.0" if self.reconnect else "127.0.0.1", 0)
         serving = self._serving = asyncio.ensure_future(self._serve())
         try:
@@ -246,10 +261,6 @@ class WorkerProcess:
             self._serving.cancel()
 
     @property
-    def stopping(self) -> bool:
-        return self._stopping
-
-    @property
     def stuck(self) -> bool:
         """Coroutines swallowed their cancellation and still run: closing the loop would
         wait for them forever."""
@@ -261,7 +272,7 @@ class WorkerProcess:
             P.Functions: self._on_functions,
             P.Values: self._on_values,
             P.Run: self._on_run,
-            P.Get: self._serve_get,
+            P.Get: functools.partial(self._serve_get, self._scheduler_limit),
             P.Release: self._on_release,
             P.Cancel: self._on_cancel,
             P.Put: self._on_put,
@@ -273,7 +284,8 @@ class WorkerProcess:
         }
 
     async def _session(self) -> None:
-        comm = await open_comm(self.scheduler_host, self.scheduler_port, ssl=self.ssl_client)
+        comm = await open_comm(self.scheduler_host, self.scheduler_port, ssl=self.ssl_scheduler,
+                               max_frame=self.max_frame)
         await client_handshake(comm, self.token, {"role": "worker"})
         # A new session is a new worker for the scheduler; what this one still holds is
         # offered with the registration (Register.holds), and the scheduler releases
@@ -304,9 +316,15 @@ class WorkerProcess:
             self._cancel_all()
 
     async def _heartbeat(self, endpoint: P.Endpoint) -> None:
+        # Any byte from the scheduler is a sign of life, not only whole messages: a large
+        # frame (an input sent along with its task) may take longer than the timeout.
+        seen, heard = endpoint.bytes_received, self.loop.time()
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            if self.loop.time() - endpoint.last_seen > self.heartbeat_timeout:
+            now = self.loop.time()
+            if endpoint.bytes_received != seen:
+                seen, heard = endpoint.bytes_received, now
+            elif now - heard > self.heartbeat_timeout:
                 logger.warning("worker %s: no word from the scheduler for %.0f s; reconnecting",
                                self.name, self.heartbeat_timeout)
                 endpoint.comm.close()
@@ -459,6 +477,10 @@ class WorkerProcess:
                 await self._fetch(dep.key, dep.holders)
             except MissingDependency as exc:
                 bad[dep.key] = exc.holders
+            except FrameTooLargeError as exc:  # computing it again would not make it smaller
+                exc.add_note(f"aiodagger: an input of {task._describe()}, which could not start")
+                self.complete(task, task._attempts, False, exc, 0.0, 0.0, None)
+                return
         store = self.store
         # Back-pressure: above the pause threshold nothing new starts until spilling
         # (or finishing tasks) brings memory down; see ChunkStore.wait_admitted.
@@ -481,19 +503,28 @@ class WorkerProcess:
         self._start(task, parts, values.__getitem__)
 
     async def _fetch(self, key: int, holders: list[P.Holder]) -> None:
-        """Bring chunk ``key`` here from one of its holders (each fetched once at a time)."""
+        """Bring chunk ``key`` here from one of its holders (each fetched once at a time).
+
+        Raises MissingDependency if none gave it, FrameTooLargeError if it is too large
+        to come here at all.
+        """
         pending = self._fetching.get(key)
         without: list[int] = []
+        error: FrameTooLargeError | None = None
         if pending is None:
             pending = self.loop.create_future()
             self._fetching[key] = pending
             try:
                 without = await self._fetch_from(key, holders)
+            except FrameTooLargeError as exc:
+                error = exc
             finally:
                 del self._fetching[key]
-                pending.set_result(None)
+                pending.set_result(error)
         else:
-            await asyncio.shield(pending)
+            error = await asyncio.shield(pending)
+        if error is not None:
+            raise FrameTooLargeError(str(error), error.size, error.limit)
         if key not in self.store:
             raise MissingDependency(key, without)
 
@@ -503,7 +534,7 @@ class WorkerProcess:
         for holder in holders:
             try:
                 peer = await self._peer(holder.address)
-                reply, buffers = await peer.request(P.Get([key]), timeout=300)
+                reply, buffers = await self._ask(peer, P.Get([key]))
             except (ConnectionError, OSError, TimeoutError, ProtocolError) as exc:
                 # Unreachable from here counts as not holding it: the scheduler gets it
                 # elsewhere or computes it again, rather than sending this task back here.
@@ -514,16 +545,48 @@ class WorkerProcess:
                 self.store.put(key, P.loads(buffers[0], buffers[1:]))
                 self._holding.append(key)
                 return []
+            if reply.oversized:
+                what = f"the result of task id {key}" if key > 0 else f"chunk id {-key}"
+                raise FrameTooLargeError.of(
+                    f"{what}, held by worker {holder.worker} ({holder.address}),",
+                    reply.oversized[0].size, peer.comm.limit)
             without.append(holder.worker)
         return without
+
+    async def _ask(self, peer: P.Endpoint, msg: Any) -> tuple[Any, list[Any]]:
+        """``peer.request(msg)``, given up (TimeoutError, its connection closed) once not a
+        byte has come from the peer for heartbeat_timeout: a holder cut off from here, or
+        frozen, answers never; one behind a slow link keeps sending, however long it takes.
+        """
+        request = asyncio.ensure_future(peer.request(msg))
+        try:
+            seen = peer.bytes_received
+            while True:
+                done, _ = await asyncio.wait((request,), timeout=self.heartbeat_timeout)
+                if done:
+                    return request.result()
+                if peer.bytes_received == seen:
+                    peer.comm.close()
+                    raise TimeoutError(f"not a byte from {peer.peer} for {self.heartbeat_timeout:.0f} s")
+                seen = peer.bytes_received
+        finally:
+            request.cancel()
 
     async def _peer(self, address: str) -> P.Endpoint:
         endpoint = self._peers.get(address)
         if endpoint is not None and not endpoint.closed:
             return endpoint
         host, port = parse_address(address)
-        comm = await open_comm(host, port, ssl=self.ssl_client)
-        await client_handshake(comm, self.token, {"role": "peer", "worker": self.worker_id})
+        # A holder that does not answer within the heartbeat timeout counts as unreachable,
+        # as the scheduler counts a silent worker as lost.
+        timeout = self.heartbeat_timeout
+        comm = await open_comm(host, port, ssl=self.ssl_client, max_frame=self.max_frame, timeout=timeout)
+        try:
+            await client_handshake(comm, self.token, {"role": "peer", "worker": self.worker_id},
+                                   timeout=timeout)
+        except BaseException:
+            comm.close()
+            raise
         endpoint = P.Endpoint(comm)  # this end only asks: nothing is handled
         self._peers[address] = endpoint
         task = asyncio.ensure_future(endpoint.serve())
@@ -540,8 +603,8 @@ class WorkerProcess:
         for dep in msg.items:
             try:
                 await self._fetch(dep.key, dep.holders)
-            except MissingDependency:
-                pass
+            except (MissingDependency, FrameTooLargeError) as exc:
+                logger.warning("worker %s: could not copy %d here: %s", self.name, dep.key, exc)
         if self._holding:
             self._schedule_flush()
         return P.Ack(), ()
@@ -549,16 +612,25 @@ class WorkerProcess:
     # -- data server (peers and the scheduler ask for chunks) ----------------------------
     async def _serve_peer(self, comm: Comm, info: dict[str, Any]) -> None:
         # A peer may only ask for chunks; anything else ends its connection.
-        await P.Endpoint(comm, {P.Get: self._serve_get}).serve()
+        await P.Endpoint(comm, {P.Get: functools.partial(self._serve_get, lambda: comm.limit)}).serve()
 
-    async def _serve_get(self, msg: P.Get, buffers: list[Any]) -> tuple[P.Items, list[Any]]:
+    def _scheduler_limit(self) -> int:
+        endpoint = self.endpoint
+        return endpoint.comm.limit if endpoint is not None else self.max_frame
+
+    async def _serve_get(self, limit_of: Any, msg: P.Get, buffers: list[Any]) -> tuple[P.Items, list[Any]]:
+        """The chunks asked for, as many as one frame of the asking connection carries
+        (``limit_of()``: its limit, which the handshake set)."""
+        limit = limit_of()
+        batch = min(limit, P.BATCH_BYTES)
         items: list[P.Item] = []
         missing: list[int] = []
         later: list[int] = []
+        oversized: list[P.Oversized] = []
         out: list[Any] = []
         size = 0
         for index, key in enumerate(msg.keys):
-            if items and (len(out) + 1 + P.MAX_OUT_OF_BAND > P.MAX_BUFFERS or size > P.BATCH_BYTES):
+            if items and (len(out) + 1 + P.MAX_OUT_OF_BAND > P.MAX_BUFFERS or size >= batch):
                 later = msg.keys[index:]  # one reply is one frame: the rest on the next ask
                 break
             try:
@@ -571,11 +643,18 @@ class WorkerProcess:
                 missing.append(key)
                 continue
             payload, parts = chunk_parts
+            nbytes = len(payload) + sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+            if nbytes > limit:
+                oversized.append(P.Oversized(key, nbytes))
+                continue
+            if items and size + nbytes > batch:
+                later = msg.keys[index:]  # read for nothing, once per reply: sizes are not kept
+                break
             items.append(P.Item(key, 1 + len(parts)))
             out.append(payload)
             out.extend(parts)
-            size += len(payload) + sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
-        return P.Items(items, missing, later), out
+            size += nbytes
+        return P.Items(items, missing, later, oversized), out
 
 
 class _Unloadable:

@@ -104,10 +104,14 @@ def hung(graph: Graph, tasks: list[dagger.DTask], cluster: dagger.Cluster,
     waiting = [key for key, t in enumerate(tasks) if not t.done()]
     lines = [f"{len(waiting)} of {len(tasks)} tasks never finished; faults: {faults}",
              f"workers: {cluster.workers}"]
+    dist = cluster._launcher.dist if cluster._launcher is not None else None
     for key in waiting[:8]:
         kind, inputs = graph.nodes[key]
-        lines.append(f"  {tasks[key]!r} ({kind}) state={tasks[key]._state} inputs: "
-                     + ", ".join(f"{tasks[i]!r}" for i in inputs))
+        task = tasks[key]
+        on = [w.id for w in dist.workers.values() if task.id in w.running] if dist else []
+        lines.append(f"  {task!r} ({kind}) state={task._state} attempts={task._attempts} "
+                     f"misses={task._misses} on workers {on}; inputs: "
+                     + ", ".join(f"{tasks[i]!r} where={tasks[i]._where}" for i in inputs))
     return "\n".join(lines)
 
 
