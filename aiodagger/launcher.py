@@ -25,7 +25,7 @@ from typing import Any
 
 from .comm.framing import DEFAULT_MAX_FRAME
 from .comm.handshake import new_token
-from .comm.server import Listener, check_listen, parse_address
+from .comm.server import Listener, check_listen, is_loopback, parse_address
 from .memory import spilldir
 from .scheduler.core import Scheduler
 from .scheduler.registry import RemoteWorker, WorkerRegistry
@@ -106,6 +106,10 @@ class WorkerLauncher:
         # on a peer that stops answering a fetch, as soon as it gives up on them.
         extra = ["--max-frame", str(self.max_frame),
                  "--heartbeat-timeout", str(self.dist.heartbeat_timeout)]
+        if self.listen is not None and not is_loopback(parse_address(self.listen)[0]):
+            # Remote workers fetch inputs from these workers too: at this machine's
+            # address as they see it (WorkerRegistry.holders), not at 127.0.0.1.
+            extra += ["--data-host", "0.0.0.0"]
         for flag, path in self.worker_tls.items():
             extra += [flag, path]
         if self.memory_limit is not None:

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import traceback
+import types
 
 import msgpack
 import numpy as np
@@ -270,6 +271,8 @@ async def test_a_spawned_task_whose_value_is_gone_is_reported_failed():
     sent = []
 
     class Recording:
+        comm = types.SimpleNamespace(transport=None)  # no connection behind it
+
         async def send(self, msg, buffers=()):
             sent.append((msg, list(buffers)))
 

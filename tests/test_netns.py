@@ -116,3 +116,21 @@ async def test_a_transfer_slower_than_the_heartbeat_timeout_is_no_silence(networ
         finally:
             network.unslow(network.hosts[0], outgoing=True)
         assert sorted(w.pid for w in cluster.workers[1:]) == sorted(p.pid for p in procs)
+
+
+async def test_a_remote_host_fetches_from_a_subprocess_worker(network, workers, tmp_path):
+    """A cluster with worker processes of its own that also takes remote workers: a worker
+    on another host fetches an input held by a worker process of the cluster's machine,
+    which advertises 127.0.0.1, at the address it reaches the cluster on."""
+    async with dagger.Cluster(processes=1, threads=1, listen=f"tcp://{network.address}:0",
+                              token=new_token()) as cluster:
+        token_file = write_token(tmp_path, cluster.token)
+        host = network.hosts[0]
+        (remote,) = await workers.wait_joined(
+            cluster, [workers.start(cluster.address, token_file, prefix=host.exec)])
+        local = next(w for w in cluster.workers[1:] if w.id != remote.id)
+        made = dagger.options(scope=dagger.scope(worker=local.id)).spawn(block, 256 << 10, 7)
+        read = dagger.options(scope=dagger.scope(worker=remote.id)).spawn(digest, made)
+        where, blocks = await asyncio.wait_for(read, 30)
+        assert where == remote.pid
+        assert blocks == [expected(local.pid, 256 << 10, 7)]

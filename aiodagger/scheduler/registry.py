@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import ipaddress
 import itertools
 import logging
 import weakref
@@ -74,6 +75,9 @@ class RemoteWorker:
         self.pid = info.pid
         self.host = info.host
         self.address = info.address
+        # A worker on another machine reaches one on this machine's loopback at the
+        # address it reaches the scheduler on (see WorkerRegistry.address_for).
+        self.reach_host = _reach_host(endpoint)
         self.threads = info.threads  # >= 1: checked when the message was decoded
         self.memory_limit = info.memory_limit
         self.status = WorkerStatus.RUNNING
@@ -127,6 +131,26 @@ def _load_error(payload: Any, task: DTask[Any]) -> BaseException:
 
 def _load(worker: RemoteWorker) -> float:
     return worker.backlog_s / worker.threads
+
+
+def _reach_host(endpoint: P.Endpoint) -> str | None:
+    """This process's address as a worker connected from another machine sees it; None
+    for a worker on this machine's loopback."""
+    transport = endpoint.comm.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    sock = transport.get_extra_info("sockname") if transport is not None else None
+    if not peer or not sock or ipaddress.ip_address(peer[0]).is_loopback:
+        return None
+    return str(sock[0])
+
+
+def _address_for(holder: RemoteWorker, to: RemoteWorker) -> str:
+    """``holder``'s data server as ``to`` reaches it: a worker of this machine listens on
+    every interface when the cluster takes remote workers, but says 127.0.0.1."""
+    if to.reach_host is None or not holder.address.startswith("tcp://127."):
+        return holder.address
+    host = f"[{to.reach_host}]" if ":" in to.reach_host else to.reach_host
+    return f"tcp://{host}:{holder.address.rpartition(':')[2]}"
 
 
 def _key(obj: Any) -> int:
@@ -358,8 +382,10 @@ class WorkerRegistry:
                 return dep
         return None
 
-    def _holders(self, obj: Any) -> list[P.Holder]:
-        return [P.Holder(wid, self.workers[wid].address) for wid in obj._where if wid in self.workers]
+    def _holders(self, obj: Any, to: RemoteWorker) -> list[P.Holder]:
+        """Where ``to`` fetches ``obj`` from."""
+        workers = self.workers
+        return [P.Holder(wid, _address_for(workers[wid], to)) for wid in obj._where if wid in workers]
 
     def dispatch(self, task: DTask[Any], worker: RemoteWorker) -> None:
         """Queue ``task`` for ``worker``; raises SerializationError if it cannot be sent,
@@ -406,7 +432,7 @@ class WorkerRegistry:
                     worker.value_defs.add(P.ValueDef(key, 1 + len(b)), (p, *b))
                     self._note_holder(dep, key, worker)
                 else:
-                    deps.append(P.Dep(key, self._holders(dep)))
+                    deps.append(P.Dep(key, self._holders(dep, worker)))
         worker.runs.add(P.RunTask(task.id, task.name, fn_hash, task._kind, task._attempts,
                                   len(sent), deps, callbacks, task._resolve, inputs), sent)
         task._est = est = self.sched.runtimes.get(task._fnkey)
@@ -567,10 +593,10 @@ class WorkerRegistry:
         holders: list[P.Holder] = []
         if task._cancelled:
             status = "cancelled"
-        elif task._state == FINISHED and (task._value is not REMOTE or self._holders(task)):
+        elif task._state == FINISHED and (task._value is not REMOTE or self._holders(task, worker)):
             status = "finished"
             if task._value is REMOTE:
-                holders = self._holders(task)
+                holders = self._holders(task, worker)
             else:
                 payload, parts = P.dumps(task._value)
                 buffers = [payload, *parts]
@@ -721,14 +747,13 @@ class WorkerRegistry:
             worker.send_quietly(P.Shutdown())
             return
         if others:
-            items = []
-            for key in list(worker.holds):
-                obj = self.object(key)
-                if obj is not None and obj._where == {worker.id}:
-                    items.append(P.Dep(key, [P.Holder(worker.id, worker.address)]))
+            keys = [key for key in list(worker.holds)
+                    if (obj := self.object(key)) is not None and obj._where == {worker.id}]
             target_of: dict[int, list[P.Dep]] = {}
-            for i, item in enumerate(items):
-                target_of.setdefault(others[i % len(others)].id, []).append(item)
+            for i, key in enumerate(keys):
+                to = others[i % len(others)]
+                target_of.setdefault(to.id, []).append(
+                    P.Dep(key, [P.Holder(worker.id, _address_for(worker, to))]))
             await asyncio.gather(*(self.workers[wid].endpoint.request(P.Replicate(part), timeout=timeout)
                                    for wid, part in target_of.items()))
             await asyncio.sleep(0)  # let their "holding" notes arrive first

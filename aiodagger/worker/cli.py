@@ -44,6 +44,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"the largest frame, in bytes, a connection of this worker carries "
                              f"(default {DEFAULT_MAX_FRAME}); larger values fail their tasks")
     parser.add_argument("--subprocess", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data-host", help="the address this worker's data server listens on, "
+                                            "where peers fetch inputs (default 0.0.0.0)")
 
 
 def _read_token(args: argparse.Namespace) -> str:
@@ -106,7 +108,7 @@ def run_worker(args: argparse.Namespace) -> int:
         # listens in the clear; TLS is for its peers, which may be remote workers.
         ssl_scheduler=None if args.subprocess else client_ssl,
         heartbeat_timeout=args.heartbeat_timeout, memory_limit=memory_limit, spill_dir=args.spill_dir,
-        shutdown_timeout=args.shutdown_timeout, max_frame=max_frame,
+        shutdown_timeout=args.shutdown_timeout, max_frame=max_frame, data_host=args.data_host,
     )
 
     def on_signal(sig: signal.Signals) -> None:

@@ -70,8 +70,12 @@ class WorkerProcess:
                  ssl_scheduler: Any = None,
                  heartbeat_interval: float = 1.0, heartbeat_timeout: float = 10.0,
                  memory_limit: int | None = None, spill_dir: str | None = None,
-                 shutdown_timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+                 shutdown_timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME,
+                 data_host: str | None = None) -> None:
         self.scheduler_host, self.scheduler_port = parse_address(scheduler)
+        # Where the data server listens: a remote worker for peers anywhere; a subprocess
+        # worker on loopback, unless its cluster takes remote workers (they fetch from it).
+        self.data_host = data_host or ("0.0.0.0" if reconnect else "127.0.0.1")
         self.max_frame = max_frame
         self.shutdown_timeout = shutdown_timeout
         self.token = token
@@ -221,7 +225,7 @@ class WorkerProcess:
         await self.store.start()
         self._listener = Listener(self._serve_peer, self.token, ssl=self.ssl_server,
                                   max_frame=self.max_frame)
-        await self._listener.start("0.0.0.0" if self.reconnect else "127.0.0.1", 0)
+        await self._listener.start(self.data_host, 0)
         serving = self._serving = asyncio.ensure_future(self._serve())
         try:
             await asyncio.wait([serving])  # until the scheduler or stop() ends it
