@@ -522,3 +522,25 @@ async def test_a_fetch_from_a_frozen_holder_is_given_up_within_the_heartbeat_tim
         finally:
             os.kill(pid, signal.SIGKILL)
             os.kill(pid, signal.SIGCONT)
+
+
+def _slow_first_time(flag, a):
+    import time
+
+    if not os.path.exists(flag):
+        open(flag, "w").close()
+        time.sleep(1.5)  # past its timeout: its thread runs on beside the retry
+    return float(a.sum())
+
+
+async def test_a_retry_beside_its_timed_out_attempt_leaves_nothing_pinned(tmp_path):
+    """A timed-out attempt's thread still runs when the retry starts on the same worker:
+    each attempt releases its own pins when it ends (the retry used to release the first
+    attempt's, and the first attempt's inputs stayed pinned, never to be spilled)."""
+    async with dagger.Cluster(processes=1, threads=2, memory_limit="1GiB") as c:
+        (worker,) = c.workers[1:]
+        a = dagger.spawn(make_array, 1 << 20, 1.0)
+        t = dagger.options(timeout=0.7, retries=1).spawn(_slow_first_time, str(tmp_path / "f"), a)
+        assert await asyncio.wait_for(t, 20) == float(1 << 17)
+        await asyncio.sleep(1.5)  # the first attempt's thread is over too
+        assert (await c.worker_stats())[worker.id]["pinned"] == 0

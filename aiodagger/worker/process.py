@@ -93,7 +93,9 @@ class WorkerProcess:
         # Results and inputs by key (task id, or -chunk id), spilled to disk past the
         # memory limit. Running tasks pin what they read.
         self.store: ChunkStore = self._new_store()
-        self._pins: dict[int, list[Any]] = {}
+        # What each running attempt pinned, by (task id, attempt): a task whose timed-out
+        # attempt still runs in its thread may run again here meanwhile.
+        self._pins: dict[tuple[int, int], list[Any]] = {}
         self.functions: dict[bytes, Any] = {}
         self.running: dict[int, DTask[Any]] = {}
         self.loop: asyncio.AbstractEventLoop
@@ -137,14 +139,19 @@ class WorkerProcess:
             except ConnectionError:
                 pass  # the session is ending; the next one starts from none blocked
 
+    def _forget_running(self, task: DTask[Any]) -> None:
+        """``task``'s run is over here; a later attempt of it may be running still."""
+        if self.running.get(task.id) is task:
+            del self.running[task.id]
+
     def complete(self, task: DTask[Any], attempt: int, ok: bool, value: Any,
                  start: float, seconds: float, proc: Any) -> None:
         if ok and type(value) is types.CoroutineType:
             self.async_proc.submit(task, value)  # a sync function returned a coroutine
             return
-        self.running.pop(task.id, None)
+        self._forget_running(task)
         task._fn = task._args = task._kwargs = None
-        pins = self._pins.pop(task.id, None)
+        pins = self._pins.pop((task.id, attempt), None)
         if pins is not None:
             self.store.unpin_all(pins)
         if task._cancelled:
@@ -496,14 +503,14 @@ class WorkerProcess:
             bad[key] = [self.worker_id]
         if bad or task._cancelled:
             store.unpin_all(values)
-            self.running.pop(task.id, None)
+            self._forget_running(task)
             if bad:
                 self._record(P.Finished(task.id, task._attempts, "missing", 0, 0.0, 0.0, 0,
                                         [P.Missing(k, h) for k, h in bad.items()]))
             else:
                 self._record(P.Finished(task.id, task._attempts, "cancelled", 0, 0.0, 0.0, 0, []))
             return
-        self._pins[task.id] = list(values)
+        self._pins[task.id, task._attempts] = list(values)
         self._start(task, parts, values.__getitem__)
 
     async def _fetch(self, key: int, holders: list[P.Holder]) -> None:
