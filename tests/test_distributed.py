@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import aiodagger as dagger
-from tests.helpers import inc
+from tests.helpers import inc, sleep_then
 
 
 def pid(_=None):
@@ -544,3 +544,15 @@ async def test_a_retry_beside_its_timed_out_attempt_leaves_nothing_pinned(tmp_pa
         assert await asyncio.wait_for(t, 20) == float(1 << 17)
         await asyncio.sleep(1.5)  # the first attempt's thread is over too
         assert (await c.worker_stats())[worker.id]["pinned"] == 0
+
+
+async def test_a_timeout_holds_on_worker_0_for_a_task_with_remote_inputs(procs):
+    """A task that worker 0 runs after bringing its inputs from other workers still has
+    its timeout (it had none)."""
+    a = dagger.spawn(make_array, 1 << 20, 1.0)  # made on a worker process, stays there
+    await asyncio.wait_for(dagger.wait([a]), 20)
+    late = dagger.options(scope=dagger.scope(worker=0), timeout=0.3).spawn(sleep_then, 3, a)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(dagger.TaskTimeoutError):
+        await asyncio.wait_for(late, 10)
+    assert asyncio.get_running_loop().time() - started < 2

@@ -419,13 +419,17 @@ class Scheduler:
                 self._make_ready(task)
 
     async def _bring_then_run_locally(self, task: DTask[Any], deps: list[DTask[Any]]) -> None:
+        # Its timeout counts from here, as a task sent to a worker's does from dispatch.
+        attempt = task._attempts
+        self._arm_timeout(task)
         try:
             await self._bring(deps)
         except Exception as exc:  # noqa: BLE001 - the task fails with what went wrong
-            self._fail(task, exc, annotate=False)
+            if task._attempts == attempt:
+                self._fail(task, exc, annotate=False)
             return
-        if task.done():
-            return
+        if task.done() or task._attempts != attempt:
+            return  # timed out (and perhaps retried) while its inputs came
         if task._kind == "async":
             self._local_worker.async_proc.submit(task)
         else:
