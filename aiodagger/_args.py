@@ -39,7 +39,7 @@ def find_dependencies(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[li
     return deps, found
 
 
-def _scan(value: Any, deps: list[DTask[Any]]) -> bool:
+def _scan(value: Any, deps: list[DTask[Any]], path: set[int] | None = None) -> bool:
     kind = type(value)
     if kind is DTask:
         deps.append(value)
@@ -47,14 +47,39 @@ def _scan(value: Any, deps: list[DTask[Any]]) -> bool:
     if kind is Chunk:
         return True
     if kind in _CONTAINERS:
+        # The containers being walked, by identity: one that holds itself (``x.append(x)``)
+        # is walked once, not until the stack overflows.
+        if path is None:
+            path = set()
+        elif id(value) in path:
+            return False
+        path.add(id(value))
         found = False
         for item in value.values() if kind is dict else value:
-            found |= _scan(item, deps)
+            found |= _scan(item, deps, path)
+        path.discard(id(value))
+        if found and not path and _holds_itself(value, set()):
+            raise TypeError(
+                "an argument holds a dagger task or chunk inside a list, tuple or dict that "
+                "contains itself: it cannot be rebuilt with the value in place. Pass the "
+                "task separately, or use a container that does not contain itself")
         return found
     if isinstance(value, (DTask, Chunk)):
         if isinstance(value, DTask):
             deps.append(value)
         return True
+    return False
+
+
+def _holds_itself(value: Any, path: set[int]) -> bool:
+    """Whether the container ``value`` reaches itself through lists, tuples and dicts."""
+    if id(value) in path:
+        return True
+    path.add(id(value))
+    for item in value.values() if type(value) is dict else value:
+        if type(item) in _CONTAINERS and _holds_itself(item, path):
+            return True
+    path.discard(id(value))
     return False
 
 

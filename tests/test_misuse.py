@@ -84,3 +84,17 @@ async def test_dependency_from_another_cluster():
         async with dagger.Cluster(threads=1):
             with pytest.raises(ValueError, match="another cluster"):
                 dagger.spawn(inc, t)
+
+
+def test_a_container_that_contains_itself():
+    """Walked once for dependencies (it used to overflow the stack); with a task inside,
+    a TypeError says why it cannot be rebuilt."""
+    loop = []
+    loop.append(loop)
+    with dagger.Cluster(threads=1):
+        assert dagger.spawn(len, loop).fetch(timeout=10) == 1
+        task = dagger.spawn(abs, -1)
+        holder = {"task": task}
+        holder["self"] = holder
+        with pytest.raises(TypeError, match="contains itself"):
+            dagger.spawn(len, holder)
