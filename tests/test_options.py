@@ -149,6 +149,24 @@ async def test_async_checkpoint_and_restore_to_disk(cluster, tmp_path):
     assert await opts.spawn(compute) == 99
 
 
+async def test_async_checkpoint_and_restore_of_a_task_on_a_thread(cluster, tmp_path):
+    """``async def`` callbacks on a sync task are awaited on its thread (they were left
+    unawaited coroutines: nothing saved, and a coroutine taken for the restored value)."""
+    async def checkpoint(task, value):
+        await asyncio.sleep(0)
+        (tmp_path / task.name).write_text(str(value))
+
+    async def restore(task):
+        path = tmp_path / task.name
+        return int(path.read_text()) if path.exists() else dagger.MISSING
+
+    opts = dagger.options(name="b", checkpoint=checkpoint, restore=restore)
+    assert await opts.spawn(times_ten, 3) == 30
+    assert (tmp_path / "b").read_text() == "30"
+    (tmp_path / "b").write_text("99")
+    assert await opts.spawn(times_ten, 3) == 99
+
+
 def disk_full(*_args):
     raise OSError("disk full")
 

@@ -61,7 +61,7 @@ def run_sync(task: DTask[Any]) -> Any:
     opts = task._opts
     if opts.restore is not None:
         try:
-            saved = opts.restore(task)
+            saved = _settled(opts.restore(task))
         except Exception as exc:  # noqa: BLE001
             _callback_failed(task, "restore", opts.restore, exc)
             saved = MISSING
@@ -73,10 +73,23 @@ def run_sync(task: DTask[Any]) -> Any:
         value = asyncio.run(value)
     if opts.checkpoint is not None:
         try:
-            opts.checkpoint(task, value)
+            _settled(opts.checkpoint(task, value))
         except Exception as exc:  # noqa: BLE001
             _callback_failed(task, "checkpoint", opts.checkpoint, exc)
     return value
+
+
+def _settled(result: Any) -> Any:
+    """An ``async def`` restore or checkpoint given to a task that runs on a thread is
+    awaited there, on a loop of its own (it was left a coroutine: never run, its
+    checkpoint never saved)."""
+    if inspect.isawaitable(result):
+        return asyncio.run(_awaited(result))
+    return result
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
 
 
 async def run_async(task: DTask[Any]) -> Any:
