@@ -22,7 +22,8 @@ op                 direction             fields (records in CamelCase)
 =================  ====================  ==============================================
 ``register``       worker -> scheduler   name, pid, host, threads, address,
                    (request)             memory_limit; reply ``Registered(worker_id)``
-``heartbeat``      both ways             stats (a map; empty from the scheduler)
+``heartbeat``      both ways             stats (a map; empty from the scheduler); a
+                                         worker answers each of the scheduler's
 ``functions``      scheduler -> worker   defs [FunctionDef(hash)], one buffer each (the
                                          cloudpickled function), before their tasks
 ``values``         scheduler -> worker   defs [ValueDef(key, nparts)]: inputs that live

@@ -259,14 +259,15 @@ class WorkerRegistry:
                 timeout)
 
     async def _watch(self) -> None:
-        """Heartbeats both ways; a worker silent past the timeout is declared lost."""
+        """A heartbeat to each worker every interval, which it answers; a worker silent
+        past the timeout is declared lost."""
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             now = self.sched.loop.time()
             for worker in list(self.workers.values()):
                 if now - worker.last_seen > self.heartbeat_timeout:
                     worker.endpoint.comm.close()
-                    self.lost(worker, f"no heartbeat for {self.heartbeat_timeout:.0f} s")
+                    self.lost(worker, f"no heartbeat for {self.heartbeat_timeout:g} s")
                     continue
                 worker.send_quietly(P.Heartbeat({}))
 

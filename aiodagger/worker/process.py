@@ -260,16 +260,14 @@ class WorkerProcess:
             self._cancel_all()
 
     async def _heartbeat(self, endpoint: P.Endpoint) -> None:
+        """Give up on a scheduler silent past the timeout (its heartbeats are answered
+        as they come, in ``_on_heartbeat``)."""
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             if self.loop.time() - endpoint.last_seen > self.heartbeat_timeout:
-                logger.warning("worker %s: no word from the scheduler for %.0f s; reconnecting",
+                logger.warning("worker %s: no word from the scheduler for %g s; reconnecting",
                                self.name, self.heartbeat_timeout)
                 endpoint.comm.close()
-                return
-            try:
-                endpoint.send_nowait(P.Heartbeat(self._stats()))
-            except ConnectionError:
                 return
 
     def _stats(self) -> dict[str, Any]:
@@ -302,7 +300,15 @@ class WorkerProcess:
 
     # -- messages from the scheduler -----------------------------------------------------
     def _on_heartbeat(self, msg: P.Heartbeat, buffers: list[Any]) -> None:
-        """The scheduler is alive (the endpoint notes the time of every message)."""
+        """Answer with ours. The scheduler's heartbeat timeout may be shorter than any
+        rhythm of our own (it was declaring idle workers lost under 1 s), and an answer
+        tells it that this direction of the link works too."""
+        endpoint = self.endpoint
+        if endpoint is not None:
+            try:
+                endpoint.send_nowait(P.Heartbeat(self._stats()))
+            except ConnectionError:
+                pass  # the session's end is handled where the connection is read
 
     def _on_release(self, msg: P.Release, buffers: list[Any]) -> None:
         for key in msg.keys:
