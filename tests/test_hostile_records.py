@@ -10,6 +10,7 @@ import os
 import socket
 
 import msgpack
+import psutil
 import pytest
 
 import aiodagger as dagger
@@ -195,5 +196,36 @@ async def test_an_input_nobody_can_reach_fails_its_task_after_bounded_tries():
             with pytest.raises(dagger.WorkerLostError, match="could not get its input"):
                 await asyncio.wait_for(user, 60)
             assert 2 <= len(produced) <= 7  # recomputed a bounded number of times
+        finally:
+            await fake.close()
+
+
+def _connections(local_port: int, remote_port: int) -> list:
+    return [c for c in psutil.Process().net_connections("tcp")
+            if c.laddr and c.laddr.port == local_port and c.raddr and c.raddr.port == remote_port]
+
+
+async def test_a_silent_worker_is_cut_off_at_once_even_with_a_frame_stuck_on_its_way():
+    """A worker that stops reading and answering is declared lost at the heartbeat
+    timeout, and the cluster drops its connection there and then, with the 32 MiB frame
+    it could not deliver: a graceful close would keep the socket, and the frame, for as
+    long as TCP keeps a dead link open (minutes)."""
+    async with dagger.Cluster(threads=1, listen="tcp://127.0.0.1:0", token=new_token(),
+                              heartbeat_interval=0.1, heartbeat_timeout=1.0) as cluster:
+        fake = FakeWorker(cluster)
+        await fake.connect()
+        try:
+            fake.endpoint.comm.transport.pause_reading()
+            link = (parse_address(cluster.address)[1],
+                    fake.endpoint.comm.transport.get_extra_info("sockname")[1])
+            assert _connections(*link)
+            task = dagger.options(scope=dagger.scope(worker=fake.id)).spawn(len, bytes(32 << 20))
+            with pytest.raises(dagger.WorkerLostError, match="no heartbeat for 1 s"):
+                await asyncio.wait_for(task, WAIT)
+            deadline = asyncio.get_running_loop().time() + 2
+            while _connections(*link):
+                assert asyncio.get_running_loop().time() < deadline, _connections(*link)
+                await asyncio.sleep(0.02)
+            assert await asyncio.wait_for(dagger.spawn(double, 4), WAIT) == 8
         finally:
             await fake.close()

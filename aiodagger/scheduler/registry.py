@@ -266,7 +266,7 @@ class WorkerRegistry:
             now = self.sched.loop.time()
             for worker in list(self.workers.values()):
                 if now - worker.last_seen > self.heartbeat_timeout:
-                    worker.endpoint.comm.close()
+                    worker.endpoint.comm.abort()
                     self.lost(worker, f"no heartbeat for {self.heartbeat_timeout:g} s")
                     continue
                 worker.send_quietly(P.Heartbeat({}))

@@ -267,7 +267,7 @@ class WorkerProcess:
             if self.loop.time() - endpoint.last_seen > self.heartbeat_timeout:
                 logger.warning("worker %s: no word from the scheduler for %g s; reconnecting",
                                self.name, self.heartbeat_timeout)
-                endpoint.comm.close()
+                endpoint.comm.abort()
                 return
 
     def _stats(self) -> dict[str, Any]:
