@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 import threading
 import time
@@ -61,20 +62,32 @@ class Snapshot:
 
 
 @pytest.fixture
-def no_leaks():
-    """Fails the test if it leaves a process, thread, fd, segment or spill directory."""
+def no_leaks(monkeypatch, tmp_path_factory):
+    """Fails the test if it leaves a process, thread, fd, segment or spill directory.
+
+    The scenario gets a temp dir of its own (TMPDIR, inherited by the workers it
+    starts): in a temp dir shared with other test runs, their workers' spill
+    directories would count as this scenario's, and their starts would clean up ours.
+    """
     # libuv opens a pipe on its first loop and keeps it for the life of the process
     # (its signal lock): open it before counting, or the first uvloop scenario fails.
     uvloop.new_event_loop().close()
-    before = Snapshot()
-    yield
-    deadline = time.monotonic() + 10
-    while True:
-        leaks = Snapshot().leaks(before)
-        if not leaks or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert not leaks, "; ".join(leaks)
+    tmp_path_factory.getbasetemp()  # pytest's own temp dirs stay where they are
+    private = tempfile.mkdtemp(prefix="aiodagger-chaos-")
+    monkeypatch.setenv("TMPDIR", private)
+    monkeypatch.setattr(tempfile, "tempdir", private)
+    try:
+        before = Snapshot()
+        yield
+        deadline = time.monotonic() + 10
+        while True:
+            leaks = Snapshot().leaks(before)
+            if not leaks or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert not leaks, "; ".join(leaks)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 @pytest.fixture
