@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 
 import aiodagger as dagger
+from aiodagger.comm.handshake import new_token
+from tests.workers import WorkerProcesses, wait_for_file, write_token
 
 
 async def stubborn_until(release: asyncio.Event) -> None:
@@ -53,3 +56,28 @@ async def test_close_does_not_wait_past_the_timeout_for_a_subprocess_worker():
         await asyncio.sleep(0.5)
         started = time.perf_counter()
     assert time.perf_counter() - started < 5
+
+
+async def test_a_second_signal_cuts_the_wait_for_tasks_short_but_not_the_cleanup(tmp_path):
+    """An `aiodagger worker` stopping on SIGTERM waits for its running sync task; a
+    second SIGTERM ends that wait, and the worker still removes its spill directory (it
+    was left behind, to be found only by a later worker on that machine)."""
+    workers = WorkerProcesses(tmp_path)
+    spill = tmp_path / "spill"
+    try:
+        async with dagger.Cluster(threads=1, listen="tcp://127.0.0.1:0", token=new_token()) as cluster:
+            proc = workers.start(cluster.address, write_token(tmp_path, cluster.token),
+                                 "--spill-dir", str(spill), threads=1)
+            await workers.wait_joined(cluster, [proc])
+            assert len(list(spill.iterdir())) == 1
+            dagger.spawn(wait_for_file, str(tmp_path / "never"), 20)
+            while not any(w.tasks_running for w in cluster.workers):
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)  # the thread is inside the task
+            for _ in range(2):
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.5)
+            assert await asyncio.wait_for(asyncio.to_thread(proc.wait), 10) == 0
+        assert list(spill.iterdir()) == [], workers.output(proc)
+    finally:
+        workers.stop_all()

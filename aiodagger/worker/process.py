@@ -294,9 +294,13 @@ class WorkerProcess:
         if self._listener is not None:
             await self._listener.close()
         deadline = self.loop.time() + self.shutdown_timeout
-        await self.async_proc.close(self.shutdown_timeout)
-        await self.thread_proc.close(max(0.0, deadline - self.loop.time()))
-        await self.store.close()
+        try:
+            await self.async_proc.close(self.shutdown_timeout)
+            await self.thread_proc.close(max(0.0, deadline - self.loop.time()))
+        finally:
+            # A second signal cuts the wait for running tasks short, not this: the spill
+            # directory may hold gigabytes that only a later worker here would remove.
+            await self.store.close()
 
     # -- messages from the scheduler -----------------------------------------------------
     def _on_heartbeat(self, msg: P.Heartbeat, buffers: list[Any]) -> None:
