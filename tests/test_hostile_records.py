@@ -9,6 +9,7 @@ import asyncio
 import os
 import socket
 
+import cloudpickle
 import msgpack
 import psutil
 import pytest
@@ -18,6 +19,7 @@ from aiodagger.comm import protocol as P
 from aiodagger.comm.framing import encode_frame, open_comm
 from aiodagger.comm.handshake import client_handshake, new_token
 from aiodagger.comm.server import parse_address
+from aiodagger.taskoptions import TaskOptions
 
 WAIT = 20
 
@@ -229,3 +231,44 @@ async def test_a_silent_worker_is_cut_off_at_once_even_with_a_frame_stuck_on_its
             assert await asyncio.wait_for(dagger.spawn(double, 4), WAIT) == 8
         finally:
             await fake.close()
+
+
+def _spawn_frame(keys: list[int]) -> tuple[dict, list]:
+    records, buffers = [], []
+    for i, key in enumerate(keys):
+        parts = [cloudpickle.dumps(double), cloudpickle.dumps(TaskOptions()),
+                 P.dumps_args("double", (i,), {}, False)[0]]
+        records.append([key, b"h", len(parts), i == 0])
+        buffers += parts
+    return {"op": "spawn", "a": [records]}, buffers
+
+
+BAD_SPAWN_KEYS = {
+    "the same key twice": lambda base, placed: [[base + 1, base + 1]],
+    "a key used before": lambda base, placed: [[base + 1], [base + 1]],
+    "a key lower than the last": lambda base, placed: [[base + 2], [base + 1]],
+    "a key of the scheduler's own": lambda base, placed: [[placed]],
+    "a key of another worker": lambda base, placed: [[base + P.ID_SPACE + 1]],
+    "a negative key": lambda base, placed: [[-5]],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPAWN_KEYS))
+async def test_a_spawned_task_must_bring_a_key_of_its_own(cluster, fake, case):
+    """Tasks spawned in worker N have ids from N << 40 up, each new: a worker that sends
+    a key it used before, or one outside its range, is refused (its connection closed)
+    before any of its tasks is made. Two tasks with one id wedged the scheduler: its
+    ready heap compared them, and raised on the loop."""
+    task, record = await placed_on(fake)
+    for keys in BAD_SPAWN_KEYS[case](fake.id * P.ID_SPACE, record.key):
+        fake.send_raw(*_spawn_frame(keys))
+    # at once, not at the heartbeat timeout (10 s) of a worker that answers nothing
+    await asyncio.wait_for(fake.closed_by_the_cluster(), 3)
+    with pytest.raises(dagger.WorkerLostError):
+        await asyncio.wait_for(task, WAIT)
+    assert await asyncio.wait_for(dagger.spawn(double, 4), WAIT) == 8
+    assert [w.id for w in cluster.workers] == [0]
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while cluster.tasks_in_flight:  # no task of it left "running" on a worker that is gone
+        assert asyncio.get_running_loop().time() < deadline, cluster.tasks_in_flight
+        await asyncio.sleep(0.02)

@@ -63,7 +63,9 @@ op                 direction             fields (records in CamelCase)
 =================  ====================  ==============================================
 
 Keys: a task's key is its id, a chunk's is minus its id. Tasks spawned on worker N
-have ids from ``N << 40`` up.
+have ids above ``N * ID_SPACE`` and below ``(N + 1) * ID_SPACE``, each larger than the
+one before: a ``spawn`` that breaks this is a ProtocolError (two tasks with one id
+would share every entry the scheduler keeps by id).
 
 A batch of records for one peer (tasks placed in one loop iteration, completions of
 one iteration) goes through :class:`Batch`, the one place where a batch is split into
@@ -94,7 +96,7 @@ from .serialize import (
 
 __all__ = [
     "Ack", "Batch", "Cancel", "CancelSpawned", "Dep", "Done", "Endpoint", "Finished",
-    "Forget", "FunctionDef", "Functions", "Get", "Heartbeat", "Holder", "Holding", "Item",
+    "Forget", "FunctionDef", "Functions", "Get", "Heartbeat", "Holder", "Holding", "ID_SPACE", "Item",
     "Items", "Memory", "Missing", "Put", "Register", "Registered", "Release", "Replicate",
     "Run", "RunTask", "Shutdown", "Spawn", "SpawnTask", "Stats", "StatsReply", "TaskDone",
     "ValueDef", "Values", "decode", "encode", "message_types", "split_parts",
@@ -118,6 +120,10 @@ BOOL = (bool,)
 MAP = (dict,)
 COUNT = "count"
 IDS = [INT]
+
+# Ids of tasks spawned in worker N lie above N * ID_SPACE: the scheduler's own ids
+# count up from 1 and never get there.
+ID_SPACE = 1 << 40
 
 # A frame past this many bytes of buffers is sealed before the next record is added:
 # the receiver allocates and parses a frame at once, and a huge one delays every

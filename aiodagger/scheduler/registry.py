@@ -93,6 +93,7 @@ class RemoteWorker:
         # One batch's frames go out before the next batch's: a task's "run" must not
         # overtake the "values" frame carrying its input.
         self.sending = asyncio.Lock()
+        self.last_spawned = wid * P.ID_SPACE  # ids of tasks it spawns lie above this
         self.thread_view = ProcView("thread", wid, self.threads)
         self.async_view = ProcView("async", wid)
 
@@ -470,6 +471,7 @@ class WorkerRegistry:
 
     # -- tasks spawned inside workers --------------------------------------------------------
     def _on_spawn(self, worker: RemoteWorker, msg: P.Spawn, buffers: list[Any]) -> None:
+        self._check_spawned_ids(worker, msg)
         for rec, parts in P.split_parts(msg.tasks, buffers):
             try:
                 fn = self._nested_fns.get(rec.fn_hash)
@@ -483,6 +485,21 @@ class WorkerRegistry:
                 continue
             self.nested[rec.key] = (task, worker.id)
             task._on_done(functools.partial(self._report, worker.id))
+
+    @staticmethod
+    def _check_spawned_ids(worker: RemoteWorker, msg: P.Spawn) -> None:
+        """Each id new and in the worker's own range, or the whole message is refused:
+        a task sharing its id with another would share its entries in ``running``, in
+        the references kept by key, and wedge the ready heap that orders by id."""
+        last = worker.last_spawned
+        end = (worker.id + 1) * P.ID_SPACE
+        for rec in msg.tasks:
+            if not last < rec.key < end:
+                raise P.ProtocolError(
+                    f"worker {worker.id} spawned a task with id {rec.key}: its tasks take ids "
+                    f"below {end}, each larger than the one before ({last})")
+            last = rec.key
+        worker.last_spawned = last
 
     def _nested_task(self, key: int) -> DTask[Any]:
         entry = self.nested.get(key)
