@@ -295,6 +295,7 @@ class Missing(NamedTuple):
 
 
 FINISHED_STATUSES = frozenset(("ok", "error", "missing", "cancelled"))
+_INF = float("inf")
 
 
 @record(INT, INT, STR, COUNT, FLOAT, FLOAT, COUNT, [Missing])
@@ -503,6 +504,11 @@ def _check_values(msg: Any) -> None:
         for r in msg.results:
             if r.status not in FINISHED_STATUSES:
                 raise ProtocolError(f"malformed Finished: unknown status {r.status!r}")
+            # A run's times train the estimates every later placement is priced with:
+            # one NaN, infinity or negative duration would stay in them for good.
+            if not (0.0 <= r.seconds < _INF and -_INF < r.start < _INF):
+                raise ProtocolError(f"malformed Finished: a run that started at {r.start!r} and "
+                                    f"took {r.seconds!r} s (times are finite, durations >= 0)")
             if (r.status == "error" and r.nparts != 1) or (r.status in ("missing", "cancelled") and r.nparts):
                 raise ProtocolError(f"malformed Finished: status {r.status!r} with {r.nparts} part(s)")
     elif type(msg) is Run:
