@@ -272,3 +272,19 @@ async def test_a_spawned_task_must_bring_a_key_of_its_own(cluster, fake, case):
     while cluster.tasks_in_flight:  # no task of it left "running" on a worker that is gone
         assert asyncio.get_running_loop().time() < deadline, cluster.tasks_in_flight
         await asyncio.sleep(0.02)
+
+
+async def test_a_run_reported_cancelled_that_nobody_cancelled_is_not_left_running(cluster, fake):
+    """A worker says it cancelled a run the cluster never cancelled: the run is over all
+    the same, so the task runs again within its retries, then fails with WorkerLostError.
+    (It was left "running" for good, even once that worker had gone.)"""
+    task, record = await placed_on(fake, retries=1)
+    for attempt in (0, 1):
+        assert record.attempt == attempt
+        fake.endpoint.send_nowait(P.Done([P.Finished(record.key, record.attempt, "cancelled",
+                                                     0, 0.0, 0.0, 0, [])], P.Memory(0, 0, 0, 0)))
+        if attempt == 0:  # run again, on the only worker its scope admits
+            (record,) = (await asyncio.wait_for(fake.runs.get(), WAIT)).tasks
+    with pytest.raises(dagger.WorkerLostError, match="nobody asked for"):
+        await asyncio.wait_for(task, WAIT)
+    assert [w.id for w in cluster.workers] == [0, fake.id]  # a bad run, not a bad worker

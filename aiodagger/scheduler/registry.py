@@ -449,7 +449,10 @@ class WorkerRegistry:
                                rec.seconds, proc)
             elif status == "missing":
                 sched.dependencies_lost(task, [self._missing(m) for m in rec.missing])
-            # "cancelled": nobody waits for that run any more
+            elif not task._cancelled:  # "cancelled" by the worker alone: the run is over all the same
+                sched.complete(task, rec.attempt, False, WorkerLostError(
+                    f"worker {worker.id} ended the run of {task._describe()} without a result (it "
+                    "reported the run cancelled, which nobody asked for)"), rec.start, rec.seconds, proc)
         sched.request_flush()
 
     def _missing(self, missing: P.Missing) -> Any:
