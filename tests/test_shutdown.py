@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
+
+import pytest
 
 import aiodagger as dagger
 from aiodagger.comm.handshake import new_token
+from aiodagger.memory import spilldir
+from aiodagger.worker.process import WorkerProcess
 from tests.workers import WorkerProcesses, wait_for_file, write_token
 
 
@@ -81,3 +86,25 @@ async def test_a_second_signal_cuts_the_wait_for_tasks_short_but_not_the_cleanup
         assert list(spill.iterdir()) == [], workers.output(proc)
     finally:
         workers.stop_all()
+
+
+async def test_a_signal_while_the_spill_directory_is_removed_waits_for_the_removal(tmp_path, monkeypatch):
+    """The signal that comes while a stopping worker removes its spill directory takes
+    effect once the directory is gone: the process ended with it half removed, or not
+    at all (its event loop's exit cancelled the removal)."""
+    removing = threading.Event()
+    remove = spilldir.remove
+
+    def slow_remove(path):
+        removing.set()
+        time.sleep(0.5)
+        remove(path)
+
+    monkeypatch.setattr(spilldir, "remove", slow_remove)
+    worker = WorkerProcess("tcp://127.0.0.1:9", "token", threads=1, name="w", spill_dir=str(tmp_path))
+    running = asyncio.ensure_future(worker.run())  # nobody listens there: it stops at once
+    assert await asyncio.to_thread(removing.wait, 10)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert list(tmp_path.iterdir()) == []

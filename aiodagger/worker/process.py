@@ -287,20 +287,38 @@ class WorkerProcess:
     async def _shutdown(self) -> None:
         self._stopping = True
         self._cancel_all()
-        for endpoint in list(self._peers.values()):
-            await endpoint.close()
-        for task in list(self._peer_tasks):
-            task.cancel()
-        if self._listener is not None:
-            await self._listener.close()
-        deadline = self.loop.time() + self.shutdown_timeout
         try:
+            for endpoint in list(self._peers.values()):
+                await endpoint.close()
+            for task in list(self._peer_tasks):
+                task.cancel()
+            if self._listener is not None:
+                await self._listener.close()
+            deadline = self.loop.time() + self.shutdown_timeout
             await self.async_proc.close(self.shutdown_timeout)
             await self.thread_proc.close(max(0.0, deadline - self.loop.time()))
         finally:
-            # A second signal cuts the wait for running tasks short, not this: the spill
-            # directory may hold gigabytes that only a later worker here would remove.
-            await self.store.close()
+            await self._close_store()
+
+    async def _close_store(self) -> None:
+        """Close the store, and only then give way to a cancellation (a signal).
+
+        A signal may cut the wait for running tasks short, not this: the spill directory
+        may hold gigabytes that only a later worker on this machine would remove, and the
+        process's exit cancels whatever still runs.
+        """
+        closing = asyncio.ensure_future(self.store.close())
+        cancelled: asyncio.CancelledError | None = None
+        while True:
+            try:
+                await asyncio.shield(closing)
+                break
+            except asyncio.CancelledError as exc:
+                if closing.cancelled():
+                    raise
+                cancelled = exc
+        if cancelled is not None:
+            raise cancelled
 
     # -- messages from the scheduler -----------------------------------------------------
     def _on_heartbeat(self, msg: P.Heartbeat, buffers: list[Any]) -> None:
