@@ -6,6 +6,7 @@ cluster goes on. A record of an older attempt is ignored, never applied to the c
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 
@@ -288,3 +289,19 @@ async def test_a_run_reported_cancelled_that_nobody_cancelled_is_not_left_runnin
     with pytest.raises(dagger.WorkerLostError, match="nobody asked for"):
         await asyncio.wait_for(task, WAIT)
     assert [w.id for w in cluster.workers] == [0, fake.id]  # a bad run, not a bad worker
+
+
+@pytest.mark.parametrize("counter", [float("inf"), -5, 1.5, "7", None])
+async def test_heartbeat_counters_that_are_not_counts_are_ignored(cluster, fake, counter, caplog):
+    """A heartbeat's memory counters are taken only when each is a count (an int >= 0),
+    as in a completion; else the last ones stay. Infinity raised an
+    OverflowError out of the handler (logged as an error, the connection dropped), and a
+    negative count was shown in ``cluster.workers``."""
+    stats = {"memory_used": 10, "spilled_bytes": 0, "spill_errors": 0, "running": 1}
+    fake.endpoint.send_nowait(P.Heartbeat(stats))
+    fake.endpoint.send_nowait(P.Heartbeat({**stats, "memory_used": counter}))
+    await asyncio.sleep(0.2)
+    assert not fake.serving.done()
+    (info,) = [w for w in cluster.workers if w.id == fake.id]
+    assert (info.memory_used, info.tasks_running) == (10, 0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

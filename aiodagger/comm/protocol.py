@@ -99,7 +99,7 @@ __all__ = [
     "Forget", "FunctionDef", "Functions", "Get", "Heartbeat", "Holder", "Holding", "ID_SPACE", "Item",
     "Items", "Memory", "Missing", "Put", "Register", "Registered", "Release", "Replicate",
     "Run", "RunTask", "Shutdown", "Spawn", "SpawnTask", "Stats", "StatsReply", "TaskDone",
-    "ValueDef", "Values", "decode", "encode", "message_types", "split_parts",
+    "ValueDef", "Values", "decode", "decode_record", "encode", "message_types", "split_parts",
     # the one serializer (comm/serialize.py), for the payloads messages carry
     "BATCH_BYTES", "BATCH_RECORDS", "MAX_BUFFERS", "MAX_OUT_OF_BAND", "ProtocolError",
     "Comm", "FunctionCache", "dumps", "dumps_args", "dumps_error", "loads", "loads_args",
@@ -528,6 +528,13 @@ def _check_values(msg: Any) -> None:
         raise ProtocolError(f"malformed TaskDone: unknown status {msg.status!r}")
     elif type(msg) is Register and msg.threads < 1:
         raise ProtocolError(f"malformed Register: a worker needs threads >= 1, got {msg.threads}")
+
+
+def decode_record(cls: type, raw: Any) -> Any:
+    """``raw``, a list of fields, as the record ``cls``, checked as in a message (a
+    ProtocolError if malformed): for records that travel inside a map, such as the
+    memory counters in a heartbeat's stats."""
+    return cls._decode(raw)  # type: ignore[attr-defined]
 
 
 def split_parts(records: Iterable[Any], buffers: Sequence[Any]) -> Iterable[tuple[Any, Sequence[Any]]]:

@@ -42,6 +42,9 @@ __all__ = ["RemoteWorker", "WorkerRegistry"]
 
 logger = logging.getLogger(__name__)
 
+# The names of the Memory record's fields in a heartbeat's stats.
+_MEMORY_STATS = ("memory_used", "spilled_bytes", "spill_errors", "running")
+
 # Estimated work (seconds) queued per worker thread beyond which tasks wait in the heap.
 REMOTE_HORIZON_S = 5e-3
 
@@ -227,10 +230,9 @@ class WorkerRegistry:
         worker.last_seen = self.sched.loop.time()
         worker.stats = stats = msg.stats
         try:
-            worker.memory = P.Memory(int(stats["memory_used"]), int(stats["spilled_bytes"]),
-                                     int(stats["spill_errors"]), int(stats["running"]))
-        except (KeyError, TypeError, ValueError):
-            pass  # an older or other worker: its completions still carry the counters
+            worker.memory = P.decode_record(P.Memory, [stats.get(name) for name in _MEMORY_STATS])
+        except P.ProtocolError:
+            pass  # counters missing, or not counts: its completions still carry them
 
     def _on_forget(self, msg: P.Forget, buffers: list[Any]) -> None:
         for key in msg.ids:
