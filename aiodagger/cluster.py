@@ -108,6 +108,12 @@ class Cluster:
             raise TypeError(f"Cluster(threads=...) takes an int >= 1 or None, got {threads!r}")
         self.max_frame = check_max_frame(max_frame)
         self._worker_tls = _check_worker_tls(tls_cert, tls_key, tls_ca)
+        if not 0 < heartbeat_interval < heartbeat_timeout:
+            raise ValueError(
+                f"Cluster(heartbeat_interval={heartbeat_interval!r}, heartbeat_timeout="
+                f"{heartbeat_timeout!r}): a worker is lost when no answer to a heartbeat came "
+                "within the timeout, so it must be a few intervals long, e.g. "
+                f"heartbeat_timeout={5 * heartbeat_interval:g}")
         self.memory_limit = parse_memory_limit(memory_limit)
         if self.memory_limit is not None and not processes and listen is not None:
             raise ValueError(

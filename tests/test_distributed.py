@@ -556,3 +556,20 @@ async def test_a_timeout_holds_on_worker_0_for_a_task_with_remote_inputs(procs):
     with pytest.raises(dagger.TaskTimeoutError):
         await asyncio.wait_for(late, 10)
     assert asyncio.get_running_loop().time() - started < 2
+
+
+async def test_workers_beat_as_often_as_the_cluster_asks():
+    """A heartbeat timeout shorter than a worker's own rhythm (1 s) must not get healthy
+    workers declared lost: they answer each of the cluster's heartbeats. (They were
+    lost, restarted and lost again until the cluster gave up on starting them.)"""
+    async with dagger.Cluster(processes=1, threads=1, heartbeat_interval=0.1,
+                              heartbeat_timeout=0.5) as cluster:
+        before = [(w.id, w.pid) for w in cluster.workers]
+        await asyncio.sleep(2.5)  # idle: heartbeats are all the workers send
+        assert [(w.id, w.pid) for w in cluster.workers] == before
+        assert await asyncio.wait_for(dagger.spawn(pid), 30) == before[1][1]
+
+
+def test_a_heartbeat_timeout_must_leave_room_for_heartbeats():
+    with pytest.raises(ValueError, match=r"heartbeat_interval=1.0, heartbeat_timeout=0.5\): .* heartbeat_timeout=5"):
+        dagger.Cluster(processes=1, heartbeat_interval=1.0, heartbeat_timeout=0.5)

@@ -6,10 +6,13 @@ cluster goes on. A record of an older attempt is ignored, never applied to the c
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 
+import cloudpickle
 import msgpack
+import psutil
 import pytest
 
 import aiodagger as dagger
@@ -17,6 +20,7 @@ from aiodagger.comm import protocol as P
 from aiodagger.comm.framing import encode_frame, open_comm
 from aiodagger.comm.handshake import client_handshake, new_token
 from aiodagger.comm.server import parse_address
+from aiodagger.taskoptions import TaskOptions
 
 WAIT = 20
 
@@ -197,3 +201,107 @@ async def test_an_input_nobody_can_reach_fails_its_task_after_bounded_tries():
             assert 2 <= len(produced) <= 7  # recomputed a bounded number of times
         finally:
             await fake.close()
+
+
+def _connections(local_port: int, remote_port: int) -> list:
+    return [c for c in psutil.Process().net_connections("tcp")
+            if c.laddr and c.laddr.port == local_port and c.raddr and c.raddr.port == remote_port]
+
+
+async def test_a_silent_worker_is_cut_off_at_once_even_with_a_frame_stuck_on_its_way():
+    """A worker that stops reading and answering is declared lost at the heartbeat
+    timeout, and the cluster drops its connection there and then, with the 32 MiB frame
+    it could not deliver: a graceful close would keep the socket, and the frame, for as
+    long as TCP keeps a dead link open (minutes)."""
+    async with dagger.Cluster(threads=1, listen="tcp://127.0.0.1:0", token=new_token(),
+                              heartbeat_interval=0.1, heartbeat_timeout=1.0) as cluster:
+        fake = FakeWorker(cluster)
+        await fake.connect()
+        try:
+            fake.endpoint.comm.transport.pause_reading()
+            link = (parse_address(cluster.address)[1],
+                    fake.endpoint.comm.transport.get_extra_info("sockname")[1])
+            assert _connections(*link)
+            task = dagger.options(scope=dagger.scope(worker=fake.id)).spawn(len, bytes(32 << 20))
+            with pytest.raises(dagger.WorkerLostError, match="not a byte from it for 1 s"):
+                await asyncio.wait_for(task, WAIT)
+            deadline = asyncio.get_running_loop().time() + 2
+            while _connections(*link):
+                assert asyncio.get_running_loop().time() < deadline, _connections(*link)
+                await asyncio.sleep(0.02)
+            assert await asyncio.wait_for(dagger.spawn(double, 4), WAIT) == 8
+        finally:
+            await fake.close()
+
+
+def _spawn_frame(keys: list[int]) -> tuple[dict, list]:
+    records, buffers = [], []
+    for i, key in enumerate(keys):
+        parts = [cloudpickle.dumps(double), cloudpickle.dumps(TaskOptions()),
+                 P.dumps_args("double", (i,), {}, False)[0]]
+        records.append([key, b"h", len(parts), i == 0])
+        buffers += parts
+    return {"op": "spawn", "a": [records]}, buffers
+
+
+BAD_SPAWN_KEYS = {
+    "the same key twice": lambda base, placed: [[base + 1, base + 1]],
+    "a key used before": lambda base, placed: [[base + 1], [base + 1]],
+    "a key lower than the last": lambda base, placed: [[base + 2], [base + 1]],
+    "a key of the scheduler's own": lambda base, placed: [[placed]],
+    "a key of another worker": lambda base, placed: [[base + P.ID_SPACE + 1]],
+    "a negative key": lambda base, placed: [[-5]],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPAWN_KEYS))
+async def test_a_spawned_task_must_bring_a_key_of_its_own(cluster, fake, case):
+    """Tasks spawned in worker N have ids from N << 40 up, each new: a worker that sends
+    a key it used before, or one outside its range, is refused (its connection closed)
+    before any of its tasks is made. Two tasks with one id wedged the scheduler: its
+    ready heap compared them, and raised on the loop."""
+    task, record = await placed_on(fake)
+    for keys in BAD_SPAWN_KEYS[case](fake.id * P.ID_SPACE, record.key):
+        fake.send_raw(*_spawn_frame(keys))
+    # at once, not at the heartbeat timeout (10 s) of a worker that answers nothing
+    await asyncio.wait_for(fake.closed_by_the_cluster(), 3)
+    with pytest.raises(dagger.WorkerLostError):
+        await asyncio.wait_for(task, WAIT)
+    assert await asyncio.wait_for(dagger.spawn(double, 4), WAIT) == 8
+    assert [w.id for w in cluster.workers] == [0]
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while cluster.tasks_in_flight:  # no task of it left "running" on a worker that is gone
+        assert asyncio.get_running_loop().time() < deadline, cluster.tasks_in_flight
+        await asyncio.sleep(0.02)
+
+
+async def test_a_run_reported_cancelled_that_nobody_cancelled_is_not_left_running(cluster, fake):
+    """A worker says it cancelled a run the cluster never cancelled: the run is over all
+    the same, so the task runs again within its retries, then fails with WorkerLostError.
+    (It was left "running" for good, even once that worker had gone.)"""
+    task, record = await placed_on(fake, retries=1)
+    for attempt in (0, 1):
+        assert record.attempt == attempt
+        fake.endpoint.send_nowait(P.Done([P.Finished(record.key, record.attempt, "cancelled",
+                                                     0, 0.0, 0.0, 0, [])], P.Memory(0, 0, 0, 0)))
+        if attempt == 0:  # run again, on the only worker its scope admits
+            (record,) = (await asyncio.wait_for(fake.runs.get(), WAIT)).tasks
+    with pytest.raises(dagger.WorkerLostError, match="nobody asked for"):
+        await asyncio.wait_for(task, WAIT)
+    assert [w.id for w in cluster.workers] == [0, fake.id]  # a bad run, not a bad worker
+
+
+@pytest.mark.parametrize("counter", [float("inf"), -5, 1.5, "7", None])
+async def test_heartbeat_counters_that_are_not_counts_are_ignored(cluster, fake, counter, caplog):
+    """A heartbeat's memory counters are taken only when each is a count (an int >= 0),
+    as in a completion; else the last ones stay. Infinity raised an
+    OverflowError out of the handler (logged as an error, the connection dropped), and a
+    negative count was shown in ``cluster.workers``."""
+    stats = {"memory_used": 10, "spilled_bytes": 0, "spill_errors": 0, "running": 1}
+    fake.endpoint.send_nowait(P.Heartbeat(stats))
+    fake.endpoint.send_nowait(P.Heartbeat({**stats, "memory_used": counter}))
+    await asyncio.sleep(0.2)
+    assert not fake.serving.done()
+    (info,) = [w for w in cluster.workers if w.id == fake.id]
+    assert (info.memory_used, info.tasks_running) == (10, 0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

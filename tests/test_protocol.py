@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import re
 import warnings
 
@@ -346,6 +347,11 @@ MALFORMED = [
      r"malformed Finished: unknown status 'weird'"),
     ("TaskDone status", {"op": "task-done", "a": [1, "done", [], ""]}, 0,
      r"malformed TaskDone: unknown status 'done'"),
+    # times that are no times: the run-time estimates learn from them
+    ("Finished.seconds -1", *done(with_field(FINISHED, 5, -1.0)), r"malformed Finished: .* took -1.0 s"),
+    ("Finished.seconds inf", *done(with_field(FINISHED, 5, math.inf)), r"malformed Finished: .* took inf s"),
+    ("Finished.seconds nan", *done(with_field(FINISHED, 5, math.nan)), r"malformed Finished: .* took nan s"),
+    ("Finished.start -inf", *done(with_field(FINISHED, 4, -math.inf)), r"malformed Finished: .* at -inf"),
     # parts that cannot make a whole record
     ("RunTask no parts", *run(with_field(RUN_TASK, 5, 0), nbuffers=0), r"malformed RunTask: 0 part"),
     ("RunTask callbacks, 1 part", *run(with_field(RUN_TASK, 7, True)), r"malformed RunTask: 1 part"),

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pytest
 
 import aiodagger as dagger
 from aiodagger.comm.handshake import new_token
+from aiodagger.memory import spilldir
+from aiodagger.worker.process import WorkerProcess
 from tests.memory_disks import private_dir
 from tests.workers import WorkerProcesses, read_line, wait_for_file, write_token
 
@@ -133,6 +136,31 @@ async def test_a_worker_signalled_twice_stops_now_and_removes_its_spill_director
                 assert time.perf_counter() - started < 2.5
                 assert spill_dirs(base) == []
                 busy.cancel()
+    finally:
+        workers.stop_all()
+
+
+async def test_a_second_signal_cuts_the_wait_for_tasks_short_but_not_the_cleanup(tmp_path):
+    """An `aiodagger worker` stopping on SIGTERM waits for its running sync task; a
+    second SIGTERM ends that wait, and the worker still removes its spill directory (it
+    was left behind, to be found only by a later worker on that machine)."""
+    workers = WorkerProcesses(tmp_path)
+    spill = tmp_path / "spill"
+    try:
+        async with dagger.Cluster(threads=1, listen="tcp://127.0.0.1:0", token=new_token()) as cluster:
+            proc = workers.start(cluster.address, write_token(tmp_path, cluster.token),
+                                 "--spill-dir", str(spill), threads=1)
+            await workers.wait_joined(cluster, [proc])
+            assert len(list(spill.iterdir())) == 1
+            dagger.spawn(wait_for_file, str(tmp_path / "never"), 20)
+            while not any(w.tasks_running for w in cluster.workers):
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)  # the thread is inside the task
+            for _ in range(2):
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.5)
+            assert await asyncio.wait_for(asyncio.to_thread(proc.wait), 10) == 0
+        assert list(spill.iterdir()) == [], workers.output(proc)
     finally:
         workers.stop_all()
 
@@ -268,3 +296,25 @@ def test_ctrl_c_ends_a_script_on_the_default_cluster_without_waiting_for_its_tas
         main.wait(30)
         for pipe in (main.stdout, main.stderr):
             pipe.close()
+
+
+async def test_a_signal_while_the_spill_directory_is_removed_waits_for_the_removal(tmp_path, monkeypatch):
+    """The signal that comes while a stopping worker removes its spill directory takes
+    effect once the directory is gone: the process ended with it half removed, or not
+    at all (its event loop's exit cancelled the removal)."""
+    removing = threading.Event()
+    remove = spilldir.remove
+
+    def slow_remove(path, lock=None):
+        removing.set()
+        time.sleep(0.5)
+        remove(path, lock)
+
+    monkeypatch.setattr(spilldir, "remove", slow_remove)
+    worker = WorkerProcess("tcp://127.0.0.1:9", "token", threads=1, name="w", spill_dir=str(tmp_path))
+    running = asyncio.ensure_future(worker.run())  # nobody listens there: it stops at once
+    assert await asyncio.to_thread(removing.wait, 10)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert list(tmp_path.iterdir()) == []

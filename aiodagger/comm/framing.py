@@ -345,10 +345,7 @@ class Comm:
     def _abort(self, exc: ProtocolError) -> None:
         logger.warning("closing connection from %s: %s", self.peer, exc)
         self._error = exc
-        self._closed = True
-        if self.transport is not None:
-            self.transport.abort()
-        self._wake_reader()
+        self.abort()
 
     def _wake_reader(self) -> None:
         reader = self._reader
@@ -452,6 +449,21 @@ class Comm:
         self._closed = True
         if self._error is None:
             self._error = ConnectionResetError(f"connection to {self.peer} closed")
+        self._wake_reader()
+
+    def abort(self) -> None:
+        """Close at once, dropping what is not yet sent: for a peer taken for dead.
+
+        ``close()`` waits for the transport to flush first, and a peer that reads
+        nothing (a half-open link) keeps the socket, and the frames stuck for it, for as
+        long as TCP keeps the link open: minutes.
+        """
+        self._closed = True
+        if self._error is None:
+            self._error = ConnectionResetError(f"connection to {self.peer} aborted")
+        if self.transport is not None:
+            self.transport.abort()
+        self._writable.set()  # a send waiting for room sees the end now
         self._wake_reader()
 
     async def wait_closed(self) -> None:

@@ -22,7 +22,8 @@ op                 direction             fields (records in CamelCase)
 =================  ====================  ==============================================
 ``register``       worker -> scheduler   name, pid, host, threads, address,
                    (request)             memory_limit; reply ``Registered(worker_id)``
-``heartbeat``      both ways             stats (a map; empty from the scheduler)
+``heartbeat``      both ways             stats (a map; empty from the scheduler); a
+                                         worker answers each of the scheduler's
 ``functions``      scheduler -> worker   defs [FunctionDef(hash)], one buffer each (the
                                          cloudpickled function), before their tasks
 ``values``         scheduler -> worker   defs [ValueDef(key, nparts)]: inputs that live
@@ -64,7 +65,9 @@ op                 direction             fields (records in CamelCase)
 =================  ====================  ==============================================
 
 Keys: a task's key is its id, a chunk's is minus its id. Tasks spawned on worker N
-have ids from ``N << 40`` up.
+have ids above ``N * ID_SPACE`` and below ``(N + 1) * ID_SPACE``, each larger than the
+one before: a ``spawn`` that breaks this is a ProtocolError (two tasks with one id
+would share every entry the scheduler keeps by id).
 
 A batch of records for one peer (tasks placed in one loop iteration, completions of
 one iteration) goes through :class:`Batch`, the one place where a batch is split into
@@ -95,10 +98,11 @@ from .serialize import (
 
 __all__ = [
     "Ack", "Batch", "Cancel", "CancelSpawned", "Dep", "Done", "Endpoint", "Finished",
-    "Blocked", "Forget", "FunctionDef", "Functions", "Get", "Heartbeat", "Holder", "Holding", "Item",
-    "Items", "Memory", "Missing", "Oversized", "Put", "Register", "Registered", "Release", "Replicate",
+    "Blocked", "Forget", "FunctionDef", "Functions", "Get", "Heartbeat", "Holder", "Holding",
+    "ID_SPACE", "Item", "Items", "Memory", "Missing", "Oversized", "Put", "Register", "Registered",
+    "Release", "Replicate",
     "Run", "RunTask", "Shutdown", "Spawn", "SpawnTask", "Stats", "StatsReply", "TaskDone",
-    "ValueDef", "Values", "decode", "encode", "message_types", "split_parts",
+    "ValueDef", "Values", "decode", "decode_record", "encode", "message_types", "split_parts",
     # the one serializer (comm/serialize.py), for the payloads messages carry
     "BATCH_BYTES", "BATCH_RECORDS", "DEFAULT_MAX_FRAME", "MAX_BUFFERS", "MAX_OUT_OF_BAND", "ProtocolError",
     "Comm", "FunctionCache", "dumps", "dumps_args", "dumps_error", "loads", "loads_args",
@@ -119,6 +123,10 @@ BOOL = (bool,)
 MAP = (dict,)
 COUNT = "count"
 IDS = [INT]
+
+# Ids of tasks spawned in worker N lie above N * ID_SPACE: the scheduler's own ids
+# count up from 1 and never get there.
+ID_SPACE = 1 << 40
 
 # A frame past this many bytes of buffers is sealed before the next record is added:
 # the receiver allocates and parses a frame at once, and a huge one delays every
@@ -290,6 +298,7 @@ class Missing(NamedTuple):
 
 
 FINISHED_STATUSES = frozenset(("ok", "error", "missing", "cancelled"))
+_INF = float("inf")
 
 
 @record(INT, INT, STR, COUNT, FLOAT, FLOAT, COUNT, [Missing])
@@ -517,6 +526,11 @@ def _check_values(msg: Any) -> None:
         for r in msg.results:
             if r.status not in FINISHED_STATUSES:
                 raise ProtocolError(f"malformed Finished: unknown status {r.status!r}")
+            # A run's times train the estimates every later placement is priced with:
+            # one NaN, infinity or negative duration would stay in them for good.
+            if not (0.0 <= r.seconds < _INF and -_INF < r.start < _INF):
+                raise ProtocolError(f"malformed Finished: a run that started at {r.start!r} and "
+                                    f"took {r.seconds!r} s (times are finite, durations >= 0)")
             if (r.status == "error" and r.nparts != 1) or (r.status in ("missing", "cancelled") and r.nparts):
                 raise ProtocolError(f"malformed Finished: status {r.status!r} with {r.nparts} part(s)")
     elif type(msg) is Run:
@@ -538,6 +552,13 @@ def _check_values(msg: Any) -> None:
         raise ProtocolError(f"malformed Blocked: {msg.threads} threads")
     elif type(msg) is Register and msg.threads < 1:
         raise ProtocolError(f"malformed Register: a worker needs threads >= 1, got {msg.threads}")
+
+
+def decode_record(cls: type, raw: Any) -> Any:
+    """``raw``, a list of fields, as the record ``cls``, checked as in a message (a
+    ProtocolError if malformed): for records that travel inside a map, such as the
+    memory counters in a heartbeat's stats."""
+    return cls._decode(raw)  # type: ignore[attr-defined]
 
 
 def split_parts(records: Iterable[Any], buffers: Sequence[Any]) -> Iterable[tuple[Any, Sequence[Any]]]:

@@ -43,6 +43,9 @@ __all__ = ["RemoteWorker", "WorkerRegistry"]
 
 logger = logging.getLogger(__name__)
 
+# The names of the Memory record's fields in a heartbeat's stats.
+_MEMORY_STATS = ("memory_used", "spilled_bytes", "spill_errors", "running")
+
 # Estimated work (seconds) queued per worker thread beyond which tasks wait in the heap.
 REMOTE_HORIZON_S = 5e-3
 
@@ -101,6 +104,7 @@ class RemoteWorker:
         # One batch's frames go out before the next batch's: a task's "run" must not
         # overtake the "values" frame carrying its input.
         self.sending = asyncio.Lock()
+        self.last_spawned = wid * P.ID_SPACE  # ids of tasks it spawns lie above this
         self.thread_view = ProcView("thread", wid, self.threads)
         self.async_view = ProcView("async", wid)
 
@@ -277,10 +281,9 @@ class WorkerRegistry:
         worker.last_seen = self.sched.loop.time()
         worker.stats = stats = msg.stats
         try:
-            worker.memory = P.Memory(int(stats["memory_used"]), int(stats["spilled_bytes"]),
-                                     int(stats["spill_errors"]), int(stats["running"]))
-        except (KeyError, TypeError, ValueError):
-            pass  # an older or other worker: its completions still carry the counters
+            worker.memory = P.decode_record(P.Memory, [stats.get(name) for name in _MEMORY_STATS])
+        except P.ProtocolError:
+            pass  # counters missing, or not counts: its completions still carry them
 
     def _on_blocked(self, worker: RemoteWorker, msg: P.Blocked, buffers: list[Any]) -> None:
         more = msg.threads > worker.blocked
@@ -316,10 +319,11 @@ class WorkerRegistry:
                 timeout)
 
     async def _watch(self) -> None:
-        """Heartbeats both ways; a worker silent past the timeout is declared lost.
+        """A heartbeat to each worker every interval, which it answers; a worker silent
+        past the timeout is declared lost.
 
-        Any byte from it counts, not only whole messages: its heartbeats wait behind a
-        large frame it is sending, which may take longer than the timeout on a slow link.
+        Any byte from it counts, not only whole messages: its answers wait behind a large
+        frame it is sending, which may take longer than the timeout on a slow link.
         """
         while True:
             await asyncio.sleep(self.heartbeat_interval)
@@ -329,8 +333,8 @@ class WorkerRegistry:
                 if received != worker.bytes_seen:
                     worker.bytes_seen, worker.last_seen = received, now
                 elif now - worker.last_seen > self.heartbeat_timeout:
-                    worker.endpoint.comm.close()
-                    self.lost(worker, f"not a byte from it for {self.heartbeat_timeout:.0f} s")
+                    worker.endpoint.comm.abort()
+                    self.lost(worker, f"not a byte from it for {self.heartbeat_timeout:g} s")
                     continue
                 worker.send_quietly(P.Heartbeat({}))
 
@@ -538,7 +542,10 @@ class WorkerRegistry:
                                rec.seconds, proc)
             elif status == "missing":
                 sched.dependencies_lost(task, [self._missing(worker, m) for m in rec.missing])
-            # "cancelled": nobody waits for that run any more
+            elif not task._cancelled:  # "cancelled" by the worker alone: the run is over all the same
+                sched.complete(task, rec.attempt, False, WorkerLostError(
+                    f"worker {worker.id} ended the run of {task._describe()} without a result (it "
+                    "reported the run cancelled, which nobody asked for)"), rec.start, rec.seconds, proc)
         sched.request_flush()
 
     def _missing(self, reporter: RemoteWorker, missing: P.Missing) -> Any:
@@ -565,6 +572,7 @@ class WorkerRegistry:
 
     # -- tasks spawned inside workers --------------------------------------------------------
     def _on_spawn(self, worker: RemoteWorker, msg: P.Spawn, buffers: list[Any]) -> None:
+        self._check_spawned_ids(worker, msg)
         for rec, parts in P.split_parts(msg.tasks, buffers):
             try:
                 fn = self._nested_fns.get(rec.fn_hash)
@@ -578,6 +586,21 @@ class WorkerRegistry:
                 continue
             self.nested[rec.key] = (task, worker.id)
             task._on_done(functools.partial(self._report, worker.id))
+
+    @staticmethod
+    def _check_spawned_ids(worker: RemoteWorker, msg: P.Spawn) -> None:
+        """Each id new and in the worker's own range, or the whole message is refused:
+        a task sharing its id with another would share its entries in ``running``, in
+        the references kept by key, and wedge the ready heap that orders by id."""
+        last = worker.last_spawned
+        end = (worker.id + 1) * P.ID_SPACE
+        for rec in msg.tasks:
+            if not last < rec.key < end:
+                raise P.ProtocolError(
+                    f"worker {worker.id} spawned a task with id {rec.key}: its tasks take ids "
+                    f"below {end}, each larger than the one before ({last})")
+            last = rec.key
+        worker.last_spawned = last
 
     def _nested_task(self, key: int) -> DTask[Any]:
         entry = self.nested.get(key)

@@ -37,10 +37,6 @@ if TYPE_CHECKING:
 
 __all__ = ["NestedCluster", "SchedulerClient"]
 
-# Ids of tasks spawned in worker N start at N * ID_SPACE: the scheduler's own ids
-# count up from 1 and never get there.
-ID_SPACE = 1 << 40
-
 
 class SchedulerClient:
     """Stands in for the scheduler inside a worker process: the TaskOwner of its handles."""
@@ -62,22 +58,24 @@ class SchedulerClient:
     def spawn(self, opts: TaskOptions, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DTask[Any]:
         if self.worker.worker_id < 0:
             raise RuntimeError("this worker is not connected to a cluster right now")
-        key = self.worker.worker_id * ID_SPACE + next(self._ids)
         name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
-        task: DTask[Any] = DTask(self, key, name, fn, args, kwargs, opts)
         deps, found = find_dependencies(args, kwargs)
         fn_hash, fn_bytes = self._fn_cache.get(fn)
         payload, parts, _ = P.dumps_args(name, args, kwargs, found)
         opts_bytes = cloudpickle.dumps(opts)
         size = len(fn_bytes) + len(opts_bytes) + len(payload) + sum(p.nbytes for p in parts)
         if size > (limit := self.worker._scheduler_limit()):
-            raise FrameTooLargeError.of(f"{task._describe()}, its function and arguments pickled,",
+            raise FrameTooLargeError.of(f"task {name!r}, its function and arguments pickled,",
                                         size, limit)
-        self.handles[key] = task
-        weakref.finalize(task, self._forget, key)
+        # Keys go out in the order they are taken (the scheduler refuses one lower than
+        # the last), and a handle is in place before its task can be reported on.
         with self._lock:
+            key = self.worker.worker_id * P.ID_SPACE + next(self._ids)
+            task: DTask[Any] = DTask(self, key, name, fn, args, kwargs, opts)
+            self.handles[key] = task
             self._spawns.add(P.SpawnTask(key, fn_hash, 3 + len(parts), found),
                              (fn_bytes, opts_bytes, payload, *parts))
+        weakref.finalize(task, self._forget, key)
         if not self._wakeup.pending:
             self._wakeup.request()
         return task

@@ -327,8 +327,10 @@ class WorkerProcess:
             self._cancel_all()
 
     async def _heartbeat(self, endpoint: P.Endpoint) -> None:
-        # Any byte from the scheduler is a sign of life, not only whole messages: a large
-        # frame (an input sent along with its task) may take longer than the timeout.
+        """Give up on a scheduler silent past the timeout (its heartbeats are answered
+        as they come, in ``_on_heartbeat``). Any byte from it is a sign of life, not only
+        whole messages: a large frame (an input sent with its task) may take longer than
+        the timeout to arrive."""
         seen, heard = endpoint.bytes_received, self.loop.time()
         while True:
             await asyncio.sleep(self.heartbeat_interval)
@@ -336,13 +338,9 @@ class WorkerProcess:
             if endpoint.bytes_received != seen:
                 seen, heard = endpoint.bytes_received, now
             elif now - heard > self.heartbeat_timeout:
-                logger.warning("worker %s: no word from the scheduler for %.0f s; reconnecting",
+                logger.warning("worker %s: no word from the scheduler for %g s; reconnecting",
                                self.name, self.heartbeat_timeout)
-                endpoint.comm.close()
-                return
-            try:
-                endpoint.send_nowait(P.Heartbeat(self._stats()))
-            except ConnectionError:
+                endpoint.comm.abort()
                 return
 
     def _stats(self) -> dict[str, Any]:
@@ -362,23 +360,25 @@ class WorkerProcess:
     async def _shutdown(self) -> None:
         self._stopping = True
         self._cancel_all()
-        for endpoint in list(self._peers.values()):
-            await endpoint.close()
-        for task in list(self._peer_tasks):
-            task.cancel()
-        if self._listener is not None:
-            await self._listener.close()
-        winding_down = asyncio.ensure_future(self._wind_down())
-        hurry = asyncio.ensure_future(self._hurry.wait())
         try:
-            await asyncio.wait([winding_down, hurry], return_when=asyncio.FIRST_COMPLETED)
-            if not winding_down.done():
-                await asyncio.wait([winding_down], timeout=HURRY_GRACE)
+            for endpoint in list(self._peers.values()):
+                await endpoint.close()
+            for task in list(self._peer_tasks):
+                task.cancel()
+            if self._listener is not None:
+                await self._listener.close()
+            winding_down = asyncio.ensure_future(self._wind_down())
+            hurry = asyncio.ensure_future(self._hurry.wait())
+            try:
+                await asyncio.wait([winding_down, hurry], return_when=asyncio.FIRST_COMPLETED)
+                if not winding_down.done():
+                    await asyncio.wait([winding_down], timeout=HURRY_GRACE)
+            finally:
+                for fut in (winding_down, hurry):
+                    fut.cancel()
+                await asyncio.gather(winding_down, hurry, return_exceptions=True)
         finally:
-            for fut in (winding_down, hurry):
-                fut.cancel()
-            await asyncio.gather(winding_down, hurry, return_exceptions=True)
-        await self.store.close()
+            await self._close_store()
 
     async def _wind_down(self) -> None:
         """Wait for the cancelled tasks to end, at most the shutdown timeout."""
@@ -386,9 +386,37 @@ class WorkerProcess:
         await self.async_proc.close(self.shutdown_timeout)
         await self.thread_proc.close(max(0.0, deadline - self.loop.time()))
 
+    async def _close_store(self) -> None:
+        """Close the store, and only then give way to a cancellation (a signal).
+
+        A signal may cut the wait for running tasks short, not this: the spill directory
+        may hold gigabytes that only a later worker on this machine would remove, and the
+        process's exit cancels whatever still runs.
+        """
+        closing = asyncio.ensure_future(self.store.close())
+        cancelled: asyncio.CancelledError | None = None
+        while True:
+            try:
+                await asyncio.shield(closing)
+                break
+            except asyncio.CancelledError as exc:
+                if closing.cancelled():
+                    raise
+                cancelled = exc
+        if cancelled is not None:
+            raise cancelled
+
     # -- messages from the scheduler -----------------------------------------------------
     def _on_heartbeat(self, msg: P.Heartbeat, buffers: list[Any]) -> None:
-        """The scheduler is alive (the endpoint notes the time of every message)."""
+        """Answer with ours. The scheduler's heartbeat timeout may be shorter than any
+        rhythm of our own (it was declaring idle workers lost under 1 s), and an answer
+        tells it that this direction of the link works too."""
+        endpoint = self.endpoint
+        if endpoint is not None:
+            try:
+                endpoint.send_nowait(P.Heartbeat(self._stats()))
+            except ConnectionError:
+                pass  # the session's end is handled where the connection is read
 
     def _on_release(self, msg: P.Release, buffers: list[Any]) -> None:
         for key in msg.keys:
