@@ -29,10 +29,14 @@ if TYPE_CHECKING:
     from .interfaces import TaskOwner
     from .taskoptions import TaskOptions
 
-__all__ = ["CANCELLED", "DONE_STATES", "FAILED", "FINISHED", "PENDING", "NOWHERE", "READY", "REMOTE", "RUNNING",
-           "Chunk", "DTask"]
+__all__ = ["CANCELLED", "DONE_STATES", "FAILED", "FINISHED", "ID_SPACE", "PENDING", "NOWHERE", "READY",
+           "REMOTE", "RUNNING", "Chunk", "DTask"]
 
 R = TypeVar("R")
+
+# Ids of tasks spawned inside worker N lie above N * ID_SPACE: the scheduler's own ids
+# count up from 1 and never get there (the wire checks the ranges: comm/protocol.py).
+ID_SPACE = 1 << 40
 
 PENDING = "pending"
 READY = "ready"

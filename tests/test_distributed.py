@@ -573,3 +573,16 @@ async def test_workers_beat_as_often_as_the_cluster_asks():
 def test_a_heartbeat_timeout_must_leave_room_for_heartbeats():
     with pytest.raises(ValueError, match=r"heartbeat_interval=1.0, heartbeat_timeout=0.5\): .* heartbeat_timeout=5"):
         dagger.Cluster(processes=1, heartbeat_interval=1.0, heartbeat_timeout=0.5)
+
+
+async def test_tasks_spawned_inside_a_task_go_before_other_ready_work(procs):
+    """A task waits on children it spawned while many other tasks are ready: the children
+    go first, rather than after all of those (the parent held its slot meanwhile, and a
+    worker lost in that time took it along, again and again)."""
+    await asyncio.wait_for(dagger.spawn(nested_sum, 1), 30)
+    parent = dagger.spawn(nested_sum, 2)
+    others = [dagger.spawn(sleep_then, 0.02, i) for i in range(200)]
+    await asyncio.wait_for(parent, 30)
+    done_before = sum(t.done() for t in others)
+    await asyncio.wait_for(dagger.wait(others), 60)
+    assert done_before < 100, f"{done_before} of 200 other tasks ran before the children"

@@ -84,6 +84,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from ..errors import ProtocolError
+from ..task import ID_SPACE
 from .framing import DEFAULT_MAX_FRAME, MAX_BUFFERS, Comm
 from .serialize import (
     MAX_OUT_OF_BAND,
@@ -124,9 +125,6 @@ MAP = (dict,)
 COUNT = "count"
 IDS = [INT]
 
-# Ids of tasks spawned in worker N lie above N * ID_SPACE: the scheduler's own ids
-# count up from 1 and never get there.
-ID_SPACE = 1 << 40
 
 # A frame past this many bytes of buffers is sealed before the next record is added:
 # the receiver allocates and parses a frame at once, and a huge one delays every

@@ -38,7 +38,7 @@ from ..errors import (
     UpstreamError,
     WorkerLostError,
 )
-from ..task import CANCELLED, FAILED, FINISHED, PENDING, READY, REMOTE, RUNNING, DTask
+from ..task import CANCELLED, FAILED, FINISHED, ID_SPACE, PENDING, READY, REMOTE, RUNNING, DTask
 from ..taskoptions import ANY_SCOPE, Scope, TaskOptions
 from .events import Instrument
 from .placement import RuntimeEstimates, function_key
@@ -270,7 +270,13 @@ class Scheduler:
             self._local_worker.async_proc.submit(task)
             return
         task._state = READY
-        heapq.heappush(self._ready, (-task._opts.priority, 0 if freed else 1, task.id, task))
+        # Within a priority, tasks that finished tasks made ready, and tasks spawned inside
+        # a worker's task (ids past ID_SPACE; that task usually waits on them, holding its
+        # slot), go before the rest: queued behind a large graph's other ready tasks, those
+        # children kept their parents waiting for the whole graph, and every worker lost
+        # meanwhile took the parents with it until their retries were spent.
+        first = freed or task.id > ID_SPACE
+        heapq.heappush(self._ready, (-task._opts.priority, 0 if first else 1, task.id, task))
         if not self._flush_wakeup.pending:
             self._flush_wakeup.request()
 

@@ -140,7 +140,7 @@ async def test_seeded_soak(seed, no_leaks):
             await faulting
         await asyncio.sleep(0.5)  # late reports from dead incarnations, if any, arrive now
 
-        right, typed, wrong = 0, {}, []
+        right, typed, wrong, causes = 0, {}, [], []
         for key, t in enumerate(tasks):
             exc = t.exception()
             if exc is None:
@@ -156,11 +156,15 @@ async def test_seeded_soak(seed, no_leaks):
                     wrong.append((key, got, graph.expected[key]))
             elif isinstance(exc, DaggerError):
                 typed[type(exc).__name__] = typed.get(type(exc).__name__, 0) + 1
+                if not isinstance(exc, dagger.UpstreamError):
+                    causes.append(f"{graph.nodes[key][0]} {key}: {exc}")
             else:
                 wrong.append((key, repr(exc), graph.expected[key]))
         print(f"\nsoak of {TASKS} tasks, seed {seed}: {right} right, typed errors {typed}, "
               f"faults {len(faults)}: {faults}")
+        for cause in causes[:10]:
+            print(f"  failed: {cause}")
     assert not wrong, f"wrong values or untyped errors: {wrong[:10]}"
     assert resolved == [1] * TASKS, "a future resolved more than once or never"
     assert faults, "no fault was injected: the soak ran too fast to test anything"
-    assert right >= TASKS * 0.9, f"only {right} of {TASKS} tasks succeeded: {typed}"
+    assert right >= TASKS * 0.9, f"only {right} of {TASKS} tasks succeeded: {typed}; {causes[:5]}"
