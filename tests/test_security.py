@@ -8,6 +8,7 @@ import asyncio
 import os
 import pickle
 import random
+import secrets
 import socket
 import struct
 
@@ -18,6 +19,7 @@ import aiodagger as dagger
 from aiodagger.comm.framing import DEFAULT_MAX_FRAME, MAX_HEADER, encode_frame, open_comm
 from aiodagger.comm.handshake import PROTOCOL_VERSION, client_handshake, new_token
 from aiodagger.comm.server import Listener, parse_address
+from aiodagger.comm.tokens import MIN_TOKEN_BITS, entropy_bits
 from aiodagger.errors import AuthenticationError, ProtocolError
 from tests.workers import WorkerProcesses, pid_of, write_token
 
@@ -354,6 +356,16 @@ async def test_worker_with_the_wrong_token_is_refused_and_exits(cluster, tmp_pat
     assert [w.id for w in cluster.workers] == [0]
 
 
+async def test_worker_refuses_a_weak_token_for_a_cluster_on_the_network(tmp_path, workers):
+    """Such a cluster would refuse it too; and the worker's own data server, on all
+    interfaces, would run the code of whoever guesses it. Refused before connecting (the
+    address below routes nowhere: a worker that tried would retry there forever)."""
+    proc = workers.start("tcp://192.0.2.10:8786", write_token(tmp_path, "s3cret-token"))
+    assert await workers.wait_exit(proc, 30) == 1, workers.output(proc)
+    (line,) = workers.errors(proc).splitlines()
+    assert "too easy to guess" in line and "secrets.token_urlsafe(32)" in line
+
+
 async def test_client_handshake_limits_apply_before_the_server_speaks():
     """The client's side of buffer_in_first_frame: a server that is not ours (a wrong
     address, or someone in the middle of plain TCP) pushes a frame announcing a large
@@ -399,3 +411,30 @@ def test_network_listen_without_token_is_refused(listen, token):
 def test_loopback_listen_without_token_is_allowed(listen):
     cluster = dagger.Cluster(listen=listen)
     assert cluster.state == "new"
+
+
+WEAK_TOKENS = [
+    "a", "s3cret-token", "Tr0ub4dor&3", "correct horse battery staple", "password123password123password123",
+    "x" * 64, "ab" * 64, "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+    secrets.token_hex(8), secrets.token_urlsafe(12),
+]
+
+
+@pytest.mark.parametrize("token", WEAK_TOKENS)
+def test_network_listen_with_a_weak_token_is_refused(token):
+    """A listener on the network answers token guesses; one that can be guessed is as
+    good as none. The error says what is wrong and how to make a good one."""
+    with pytest.raises(ValueError, match=r"too easy to guess: about \d+ bits") as refused:
+        dagger.Cluster(listen="tcp://0.0.0.0:0", token=token)
+    message = str(refused.value)
+    assert "at least 128" in message and 'secrets.token_urlsafe(32)' in message
+    assert entropy_bits(token) < MIN_TOKEN_BITS
+    assert dagger.Cluster(listen="tcp://127.0.0.1:0", token=token).state == "new"  # local: allowed
+
+
+@pytest.mark.parametrize("make", [new_token, lambda: secrets.token_urlsafe(32), lambda: secrets.token_hex(32),
+                                  lambda: secrets.token_urlsafe(24)],
+                         ids=["new_token", "token_urlsafe(32)", "token_hex(32)", "token_urlsafe(24)"])
+def test_random_tokens_of_24_bytes_or_more_are_strong_enough(make):
+    assert min(entropy_bits(make()) for _ in range(2000)) >= MIN_TOKEN_BITS
+    assert dagger.Cluster(listen="tcp://0.0.0.0:0", token=make()).state == "new"

@@ -32,18 +32,30 @@ class WorkerProcesses:
         env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
         env.pop("AIODAGGER_TOKEN", None)
         log = self.log_dir / f"worker-{len(self.procs)}.log"
-        with open(log, "wb") as out:
+        with open(log, "wb") as out, open(log.with_suffix(".err"), "wb") as err:
             proc = subprocess.Popen(
                 [*prefix, sys.executable, "-m", "aiodagger", "worker", address,
                  "--token-file", str(token_file), "--threads", str(threads), *extra],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=ROOT,
             )
         self.procs.append(proc)
         self.logs[proc.pid] = log
         return proc
 
     def output(self, proc: subprocess.Popen[bytes]) -> str:
-        return self.logs[proc.pid].read_text(errors="replace")
+        """What it printed, then what it wrote to stderr (its log lines)."""
+        return self.logs[proc.pid].read_text(errors="replace") + self.errors(proc)
+
+    def errors(self, proc: subprocess.Popen[bytes]) -> str:
+        return self.logs[proc.pid].with_suffix(".err").read_text(errors="replace")
+
+    async def wait_exit(self, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int | None:
+        """Its exit status, or None if it is still running after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return proc.returncode
+
 
     def stop(self, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
         if proc.poll() is None:

@@ -17,16 +17,12 @@ from typing import Any
 
 from ..errors import AuthenticationError, ProtocolError
 from .framing import Comm
+from .tokens import new_token
 
 __all__ = ["PROTOCOL_VERSION", "client_handshake", "new_token", "server_handshake"]
 
 PROTOCOL_VERSION = 2  # 2: the messages of comm/protocol.py
 HANDSHAKE_TIMEOUT = 10.0
-
-
-def new_token() -> str:
-    """A fresh random token (256 bits) for a cluster and its subprocess workers."""
-    return secrets.token_urlsafe(32)
 
 
 def _proof(token: bytes, role: bytes, theirs: bytes, ours: bytes) -> bytes:

@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import AuthenticationError, ProtocolError
 from .framing import DEFAULT_MAX_FRAME, Comm
 from .handshake import server_handshake
+from .tokens import weak_token_message
 
 __all__ = ["Listener", "check_listen", "is_loopback", "parse_address"]
 
@@ -33,13 +34,18 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 def check_listen(listen: str, token: str | None) -> None:
-    """Refuse to accept workers from the network without a token (ValueError)."""
+    """Refuse to accept workers from the network without a strong token (ValueError)."""
     host, _ = parse_address(listen)
-    if not is_loopback(host) and not token:
+    if is_loopback(host):
+        return
+    if not token:
         raise ValueError(
             f"Cluster(listen={listen!r}) accepts workers from the network, so it needs "
             "token=... (a shared secret workers prove they know); pass one, or listen on "
             "127.0.0.1")
+    weak = weak_token_message(token, f"Cluster(listen={listen!r})")
+    if weak is not None:
+        raise ValueError(f"{weak} (or listen on 127.0.0.1)")
 
 
 def is_loopback(host: str) -> bool:

@@ -16,6 +16,8 @@ import ssl
 import sys
 
 from .._loopthread import new_event_loop
+from ..comm.server import is_loopback, parse_address
+from ..comm.tokens import MAKE_ONE, entropy_bits, weak_token_message
 from .process import WorkerProcess
 
 __all__ = ["add_worker_arguments", "main", "run_worker"]
@@ -55,6 +57,27 @@ def _read_token(args: argparse.Namespace) -> str:
     return token
 
 
+def _check_token(args: argparse.Namespace, token: str) -> None:
+    """Refuse a weak token when the cluster is on the network.
+
+    A cluster refuses such a token there itself, so this one is misconfigured (or not
+    ours); and this worker's own data server, on all interfaces, would accept anyone who
+    guesses it and run what they send. On loopback the cluster is local: only warn, for
+    the data server.
+    """
+    if args.subprocess:
+        return  # the cluster made the token
+    weak = weak_token_message(token, f"the cluster at {args.scheduler}")
+    if weak is None:
+        return
+    host, _ = parse_address(args.scheduler)
+    if not is_loopback(host):
+        raise SystemExit(f"aiodagger worker: {weak}")
+    logger.warning("this worker serves its data on all interfaces with a token that is easy to "
+                   "guess (about %.0f bits of entropy); a random one is made with: %s",
+                   entropy_bits(token), MAKE_ONE)
+
+
 def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
     if not (args.tls_cert or args.tls_ca):
         return None, None
@@ -84,6 +107,7 @@ def _die_with_parent() -> None:
 
 def run_worker(args: argparse.Namespace) -> int:
     token = _read_token(args)
+    _check_token(args, token)
     client_ssl, server_ssl = _tls(args)
     if args.threads < 1:
         raise SystemExit("aiodagger worker: --threads must be >= 1")
