@@ -263,6 +263,7 @@ class Comm:
         self.max_frame = max_frame
         self.parser = FrameParser(0, HANDSHAKE_MAX_HEADER, 0)
         self.name = name
+        self.is_authenticated = False
         self.transport: asyncio.Transport | None = None
         self.peer: str = "?"
         self.bytes_sent = 0
@@ -283,6 +284,7 @@ class Comm:
         """The peer proved it knows the token: accept frames up to the full limits."""
         parser = self.parser
         parser.max_frame, parser.max_header, parser.max_buffers = self.max_frame, MAX_HEADER, MAX_BUFFERS
+        self.is_authenticated = True
 
     def protocol(self) -> asyncio.BufferedProtocol:
         return _FrameProtocol(self)

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import AuthenticationError, ProtocolError
 from .framing import DEFAULT_MAX_FRAME, Comm
-from .handshake import server_handshake
+from .handshake import ServerKey, server_handshake
 from .tokens import weak_token_message
 
 __all__ = ["Listener", "check_listen", "is_loopback", "parse_address"]
@@ -68,10 +68,10 @@ class Listener:
     listener and every other connection go on.
     """
 
-    def __init__(self, handler: Handler, token: str, *, ssl: Any = None,
+    def __init__(self, handler: Handler, token: str | ServerKey, *, ssl: Any = None,
                  max_frame: int = DEFAULT_MAX_FRAME, welcome: dict[str, Any] | None = None) -> None:
         self._handler = handler
-        self._token = token
+        self.key = token if isinstance(token, ServerKey) else ServerKey(token)
         self._ssl = ssl
         self._max_frame = max_frame
         self._welcome = welcome or {}
@@ -106,7 +106,7 @@ class Listener:
     async def _serve(self, comm: Comm) -> None:
         await asyncio.sleep(0)  # let connection_made run
         try:
-            info = await server_handshake(comm, self._token, self._welcome)
+            info = await server_handshake(comm, self.key, self._welcome)
         except (AuthenticationError, ProtocolError, TimeoutError, ConnectionError) as exc:
             self.rejected += 1
             logger.warning("rejected connection from %s: %s", comm.peer, exc)
