@@ -6,12 +6,19 @@ import asyncio
 import hashlib
 import hmac
 import secrets
+import socket
 import struct
 
 import numpy as np
 import pytest
 
-from aiodagger.comm.framing import FrameParser, encode_frame, open_comm
+from aiodagger.comm.framing import (
+    STAGING_SIZE,
+    Comm,
+    FrameParser,
+    encode_frame,
+    open_comm,
+)
 from aiodagger.comm.handshake import PROTOCOL_VERSION, client_handshake, new_token
 from aiodagger.comm.serialize import dumps, loads
 from aiodagger.comm.server import Listener, is_loopback, parse_address
@@ -320,3 +327,43 @@ async def test_a_client_of_protocol_version_2_is_refused():
     finally:
         await listener.close()
 
+
+async def test_buffers_stay_small_until_the_peer_has_authenticated():
+    """A connection's staging area is a few KiB until the handshake is over (2,000 idle
+    connections cost 525 MiB when each got the full 256 KiB), then the full size."""
+    token = new_token()
+    served: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def handler(comm, info):
+        served.set_result(comm)
+        await comm.closed_event.wait()
+
+    listener = Listener(handler, token)
+    await listener.start("127.0.0.1", 0)
+    try:
+        comm = await open_comm("127.0.0.1", listener.port)
+        assert len(comm.parser._staging) <= 8 << 10
+        await client_handshake(comm, token, {})
+        server_side = await asyncio.wait_for(served, 5)
+        assert len(comm.parser._staging) == len(server_side.parser._staging) == STAGING_SIZE
+        comm.close()
+    finally:
+        await listener.close()
+
+
+async def test_frames_piling_up_during_the_handshake_close_the_connection():
+    """During the handshake at most two frames are ever in flight; a peer that streams
+    more (each parsed and queued, none read) is cut off instead of filling memory."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    comm = Comm()
+    try:
+        await loop.connect_accepted_socket(comm.protocol, ours)
+        theirs.sendall(b"".join(bytes(p) for _ in range(100) for p in encode_frame(_hello())))
+        await asyncio.wait_for(comm.closed_event.wait(), 5)
+        assert not comm.parser.frames
+        with pytest.raises(ProtocolError, match="during the handshake"):
+            await comm.recv()
+    finally:
+        comm.close()
+        theirs.close()

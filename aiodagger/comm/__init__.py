@@ -5,5 +5,5 @@
 * :mod:`.serialize` - the one serializer (values, arguments, errors, functions).
 * :mod:`.framing` - frames on a byte stream; :mod:`.handshake` - version check and
   mutual authentication; :mod:`.tokens` - making tokens and telling weak ones;
-  :mod:`.server` - the listener and addresses.
+  :mod:`.server` - the listener (and its bounds before authentication) and addresses.
 """

@@ -29,6 +29,7 @@ import functools
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import AuthenticationError, ProtocolError
@@ -39,7 +40,8 @@ __all__ = ["HANDSHAKE_TIMEOUT", "PROTOCOL_VERSION", "ServerKey", "client_handsha
            "server_handshake"]
 
 PROTOCOL_VERSION = 3  # 2: the messages of comm/protocol.py; 3: the client proves first
-# The whole handshake, from the first byte (it was 10 s a step).
+# The whole handshake, from the first byte: a peer that has not proved itself by then
+# holds one of the listener's few pending slots for nothing.
 HANDSHAKE_TIMEOUT = 5.0
 # A wrong proof is answered this late: online guessing gets a few tries a second per
 # pending slot, while an honest client with the right token never waits for it.
@@ -115,10 +117,16 @@ async def client_handshake(comm: Comm, token: str, info: dict[str, Any],
 
 
 async def server_handshake(comm: Comm, key: ServerKey, welcome: dict[str, Any] | None = None,
-                           timeout: float = HANDSHAKE_TIMEOUT) -> dict[str, Any]:
-    """Authenticate the client at the other end of ``comm``; return its hello info."""
+                           timeout: float = HANDSHAKE_TIMEOUT,
+                           on_hello: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Authenticate the client at the other end of ``comm``; return its hello info.
+
+    ``on_hello`` is called once a well-formed hello has arrived.
+    """
     async with asyncio.timeout(timeout):
         hello = await _expect(comm, "hello")
+        if on_hello is not None and isinstance(hello.get("nonce"), bytes):
+            on_hello()
         if hello.get("version") != PROTOCOL_VERSION:
             comm.send_nowait({"op": "refused", "reason": f"protocol version {PROTOCOL_VERSION} required, "
                                                          f"peer speaks {hello.get('version')!r}"})
