@@ -5,8 +5,9 @@ launcher when it has workers beyond its own process, and hands their connections
 the scheduler's :class:`~aiodagger.scheduler.registry.WorkerRegistry`.
 
 Subprocess workers are started with ``python -m aiodagger.worker``; their token travels
-in the environment (never on the command line, where ``ps`` would show it) and they
-connect back to a loopback listener of their own. ``listen=`` opens a second,
+through a pipe they inherit (never on the command line, where ``ps`` would show it, nor
+in the environment, which their tasks and every process those start would inherit) and
+they connect back to a loopback listener of their own. ``listen=`` opens a second,
 public listener for ``aiodagger worker`` processes on other machines.
 """
 
@@ -92,7 +93,8 @@ class WorkerLauncher:
         """Start ``n`` worker processes and wait until they have joined; ``then`` runs
         while they start (the key derivation: 15 ms here, while they take 200)."""
         assert self._internal is not None
-        env = dict(os.environ, AIODAGGER_TOKEN=self.token)
+        env = dict(os.environ)
+        env.pop("AIODAGGER_TOKEN", None)
         for var in _ONE_THREAD_ENV:
             env.setdefault(var, "1")
         names = set()
@@ -103,12 +105,16 @@ class WorkerLauncher:
             extra += ["--spill-dir", self.spill_dir]
         for _ in range(n):
             name = f"proc-{next(self._serial)}"
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "aiodagger.worker", self._internal.address,
-                "--threads", str(self.threads), "--name", name, "--subprocess",
-                "--shutdown-timeout", str(self.shutdown_timeout), *extra,
-                env=env, stdin=subprocess.DEVNULL,
-            )
+            token_fd = self._token_pipe()
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "aiodagger.worker", self._internal.address,
+                    "--threads", str(self.threads), "--name", name, "--subprocess",
+                    "--shutdown-timeout", str(self.shutdown_timeout), "--token-fd", str(token_fd),
+                    *extra, env=env, stdin=subprocess.DEVNULL, pass_fds=(token_fd,),
+                )
+            finally:
+                os.close(token_fd)
             self._procs[name] = proc
             names.add(name)
             watcher = asyncio.ensure_future(self._watch(name, proc))
@@ -130,6 +136,21 @@ class WorkerLauncher:
             for fut in exits:
                 fut.cancel()
             await asyncio.gather(waiting, *exits, return_exceptions=True)
+
+    def _token_pipe(self) -> int:
+        """The read end of a pipe that holds the token, for one worker to inherit."""
+        read_fd, write_fd = os.pipe()
+        data = self.token.encode()
+        try:
+            os.set_blocking(write_fd, False)  # a token longer than the pipe holds must not hang us
+            if os.write(write_fd, data) != len(data):
+                raise ValueError(f"the cluster's token is too long ({len(data)} bytes)")
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        return read_fd
 
     async def _watch(self, name: str, proc: asyncio.subprocess.Process) -> None:
         """Start a new worker in place of one that died (as Dask's nanny does), at most

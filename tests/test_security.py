@@ -27,7 +27,7 @@ from aiodagger.comm.server import Listener, parse_address
 from aiodagger.comm.tokens import MIN_TOKEN_BITS, entropy_bits
 from aiodagger.errors import AuthenticationError, ProtocolError
 from tests.slowloris import Flood
-from tests.workers import WorkerProcesses, pid_of, write_token
+from tests.workers import WorkerProcesses, pid_of, token_exposure, write_token
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -370,6 +370,28 @@ async def test_worker_refuses_a_weak_token_for_a_cluster_on_the_network(tmp_path
     assert await workers.wait_exit(proc, 30) == 1, workers.output(proc)
     (line,) = workers.errors(proc).splitlines()
     assert "too easy to guess" in line and "secrets.token_urlsafe(32)" in line
+
+
+async def test_subprocess_workers_keep_the_token_out_of_reach_of_tasks():
+    """The token reaches a subprocess worker through a pipe: a task there finds it
+    neither in its environment, nor in the one its process started with, nor on the
+    command line, nor in the environment of a process it starts."""
+    async with dagger.Cluster(processes=1, threads=1) as cluster:
+        exposure = await asyncio.wait_for(dagger.spawn(token_exposure, cluster.token), 60)
+        assert exposure == dict.fromkeys(exposure, False)
+        assert await asyncio.wait_for(dagger.spawn(pid_of), 60) != os.getpid()
+
+
+async def test_a_token_in_the_environment_leaves_it_when_the_worker_has_read_it(cluster, tmp_path, workers):
+    """$AIODAGGER_TOKEN is taken out of the worker's environment, so tasks and what they
+    start do not inherit it (the environment the process started with still shows it:
+    --token-file is the way that leaves no trace)."""
+    proc = workers.start(cluster.address, None, env_token=cluster.token)
+    (info,) = await workers.wait_joined(cluster, [proc])
+    on_worker = dagger.options(scope=dagger.scope(worker=info.id))
+    exposure = await asyncio.wait_for(on_worker.spawn(token_exposure, cluster.token), 60)
+    assert exposure == {"os.environ": False, "/proc/self/environ": True, "/proc/self/cmdline": False,
+                        "child's environment": False}
 
 
 async def test_client_handshake_limits_apply_before_the_server_speaks():

@@ -1,7 +1,9 @@
 """``aiodagger worker tcp://HOST:PORT``: run a worker process that joins a cluster.
 
-Also the entry point of subprocess workers (``python -m aiodagger.worker``), which get
-their token through the environment (``AIODAGGER_TOKEN``), never on the command line.
+Also the entry point of subprocess workers (``python -m aiodagger.worker``), which read
+their token from a pipe the cluster hands them (``--token-fd``): never on the command
+line, where ``ps`` shows it, nor in the environment, which every task could read and
+every process a task starts would inherit.
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ __all__ = ["add_worker_arguments", "main", "run_worker"]
 
 logger = logging.getLogger(__name__)
 
+_TOKEN_READ_LIMIT = 1 << 16  # a token, not whatever file or pipe we were pointed at
+
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scheduler", help="the cluster's address, tcp://HOST:PORT")
     parser.add_argument("--token-file", help="file holding the cluster's token (else $AIODAGGER_TOKEN)")
+    parser.add_argument("--token-fd", type=int, metavar="FD",
+                        help="read the token from this inherited file descriptor (then closed)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="threads for sync tasks (default: the CPUs)")
     parser.add_argument("--name", default=None, help="worker name (default: HOST-PID)")
@@ -44,14 +50,24 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_token(args: argparse.Namespace) -> str:
-    if args.token_file:
+    # Tasks run in this process and start others: the token leaves the environment
+    # either way (/proc/PID/environ still shows what the process started with, so
+    # --token-file or --token-fd are the ways that leave no trace there).
+    from_env = os.environ.pop("AIODAGGER_TOKEN", "")
+    if args.token_fd is not None:
+        try:
+            with open(args.token_fd, encoding="utf-8", closefd=True) as f:
+                token = f.read(_TOKEN_READ_LIMIT).strip()
+        except OSError as exc:
+            raise SystemExit(f"aiodagger worker: cannot read the token from --token-fd: {exc}") from None
+    elif args.token_file:
         try:
             with open(args.token_file, encoding="utf-8") as f:
-                token = f.read().strip()
+                token = f.read(_TOKEN_READ_LIMIT).strip()
         except OSError as exc:
             raise SystemExit(f"aiodagger worker: cannot read --token-file: {exc}") from None
     else:
-        token = os.environ.get("AIODAGGER_TOKEN", "")
+        token = from_env
     if not token:
         raise SystemExit("aiodagger worker: no token; pass --token-file FILE (or set AIODAGGER_TOKEN)")
     return token
