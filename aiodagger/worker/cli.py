@@ -20,6 +20,7 @@ import sys
 from .._loopthread import new_event_loop
 from ..comm.server import is_loopback, parse_address
 from ..comm.tokens import MAKE_ONE, entropy_bits, weak_token_message
+from ..errors import AuthenticationError
 from .process import WorkerProcess
 
 __all__ = ["add_worker_arguments", "main", "run_worker"]
@@ -153,8 +154,12 @@ def run_worker(args: argparse.Namespace) -> int:
         except asyncio.CancelledError:
             logger.info("worker %s stopping on a signal", worker.name)
 
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        runner.run(main())
+    try:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(main())
+    except AuthenticationError as exc:
+        # Another try would be refused the same way: say why, once, and stop.
+        raise SystemExit(f"aiodagger worker: cannot join the cluster at {args.scheduler}: {exc}") from None
     return 0
 
 
