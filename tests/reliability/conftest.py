@@ -17,8 +17,13 @@ import time
 
 import psutil
 import pytest
+import uvloop
 
 SPILL_PREFIX = "aiodagger-spill-"
+
+# The first uvloop loop of a process opens a pipe that libuv keeps for good (its
+# process-wide signal lock): opened here, before any scenario counts descriptors.
+uvloop.new_event_loop().close()
 
 
 def _shm() -> set[str]:
