@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import secrets
+import socket
 import struct
 
 import numpy as np
 import pytest
 
-from aiodagger.comm.framing import MIN_MAX_FRAME, FrameParser, encode_frame, open_comm
-from aiodagger.comm.handshake import client_handshake, new_token
+from aiodagger.comm.framing import (
+    MIN_MAX_FRAME,
+    STAGING_SIZE,
+    Comm,
+    FrameParser,
+    encode_frame,
+    open_comm,
+)
+from aiodagger.comm.handshake import PROTOCOL_VERSION, client_handshake, new_token
 from aiodagger.comm.serialize import dumps, loads
 from aiodagger.comm.server import Listener, is_loopback, parse_address
 from aiodagger.errors import AuthenticationError, FrameTooLargeError, ProtocolError
@@ -247,3 +258,156 @@ async def test_each_end_sends_no_frame_larger_than_the_smaller_max_frame(server_
         comm.close()
     finally:
         await listener.close()
+
+
+# -- the handshake: the client proves first ---------------------------------------------------
+
+def _hello(version=PROTOCOL_VERSION) -> dict:
+    return {"op": "hello", "version": version, "nonce": secrets.token_bytes(32), "info": {}}
+
+
+async def test_server_proves_nothing_before_the_client_has():
+    """The challenge carries no proof: a server that answered a hello with an HMAC over
+    the client's nonce let anyone test token guesses offline (a dictionary token fell in
+    925 guesses). A wrong proof then gets a refusal, and nothing computed with the token."""
+    token = new_token()
+    listener = await _echo_listener(token)
+    try:
+        comm = await open_comm("127.0.0.1", listener.port)
+        comm.send_nowait(_hello())
+        challenge, _ = await asyncio.wait_for(comm.recv(), 5)
+        assert challenge["op"] == "challenge" and challenge["version"] == PROTOCOL_VERSION == 3
+        assert set(challenge) == {"op", "version", "nonce", "salt"}
+        comm.send_nowait({"op": "auth", "proof": secrets.token_bytes(32)})
+        refused, _ = await asyncio.wait_for(comm.recv(), 5)
+        assert refused == {"op": "refused", "reason": "wrong token"}
+        await asyncio.wait_for(comm.closed_event.wait(), 5)
+        comm.close()
+    finally:
+        await listener.close()
+
+
+async def test_proofs_are_keyed_by_scrypt_of_the_token():
+    """What a recorded handshake gives an attacker: proofs keyed by scrypt(token, salt),
+    so that every guess costs one scrypt, not one HMAC."""
+    token = new_token()
+    salt = secrets.token_bytes(16)
+    server_nonce = secrets.token_bytes(32)
+    seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def recorder(reader, writer):
+        parser = FrameParser()
+        for part in encode_frame({"op": "challenge", "version": PROTOCOL_VERSION,
+                                  "nonce": server_nonce, "salt": salt}):
+            writer.write(bytes(part))
+        while len(parser.frames) < 2:
+            data = await reader.read(4096)
+            if not data:
+                break
+            parser.get_buffer()[:len(data)] = data
+            parser.advance(len(data))
+        seen.set_result([header for header, _ in parser.frames])
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(recorder, "127.0.0.1", 0)
+    try:
+        comm = await open_comm("127.0.0.1", server.sockets[0].getsockname()[1])
+        with pytest.raises((ConnectionError, AuthenticationError)):
+            await client_handshake(comm, token, {}, timeout=5)  # the recorder never welcomes it
+        comm.close()
+        hello, auth = await asyncio.wait_for(seen, 5)
+        await asyncio.wait_for(comm.wait_closed(), 5)
+        key = hashlib.scrypt(token.encode(), salt=salt, n=1 << 13, r=8, p=1, dklen=32)
+        transcript = hello["nonce"] + server_nonce + salt
+        assert auth["proof"] == hmac.new(key, b"client" + transcript, hashlib.sha256).digest()
+        assert auth["proof"] != hmac.new(token.encode(), b"client" + transcript, hashlib.sha256).digest()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_client_trusts_nothing_from_a_server_that_does_not_prove_the_token():
+    """A server that does not know the token gets the client's proof but cannot answer
+    it: its welcome is refused before the connection leaves the handshake limits."""
+    done: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def impostor(reader, writer):
+        writer.write(b"".join(bytes(p) for p in encode_frame(
+            {"op": "challenge", "version": PROTOCOL_VERSION, "nonce": secrets.token_bytes(32),
+             "salt": secrets.token_bytes(16)})))
+        await reader.read(1)
+        writer.write(b"".join(bytes(p) for p in encode_frame(
+            {"op": "welcome", "proof": secrets.token_bytes(32)})))
+        try:
+            await reader.read()
+        except ConnectionError:
+            pass
+        writer.close()
+        await writer.wait_closed()
+        done.set_result(None)
+
+    server = await asyncio.start_server(impostor, "127.0.0.1", 0)
+    try:
+        comm = await open_comm("127.0.0.1", server.sockets[0].getsockname()[1])
+        with pytest.raises(AuthenticationError, match="failed to prove"):
+            await client_handshake(comm, new_token(), {}, timeout=5)
+        assert not comm.is_authenticated and comm.closed
+        await asyncio.wait_for(done, 5)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_client_of_protocol_version_2_is_refused():
+    token = new_token()
+    listener = await _echo_listener(token)
+    try:
+        comm = await open_comm("127.0.0.1", listener.port)
+        comm.send_nowait(_hello(version=2))
+        refused, _ = await asyncio.wait_for(comm.recv(), 5)
+        assert refused["op"] == "refused" and "protocol version 3 required" in refused["reason"]
+        comm.close()
+    finally:
+        await listener.close()
+
+
+async def test_buffers_stay_small_until_the_peer_has_authenticated():
+    """A connection's staging area is a few KiB until the handshake is over (2,000 idle
+    connections cost 525 MiB when each got the full 256 KiB), then the full size."""
+    token = new_token()
+    served: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def handler(comm, info):
+        served.set_result(comm)
+        await comm.closed_event.wait()
+
+    listener = Listener(handler, token)
+    await listener.start("127.0.0.1", 0)
+    try:
+        comm = await open_comm("127.0.0.1", listener.port)
+        assert len(comm.parser._staging) <= 8 << 10
+        await client_handshake(comm, token, {})
+        server_side = await asyncio.wait_for(served, 5)
+        assert len(comm.parser._staging) == len(server_side.parser._staging) == STAGING_SIZE
+        comm.close()
+    finally:
+        await listener.close()
+
+
+async def test_frames_piling_up_during_the_handshake_close_the_connection():
+    """During the handshake at most two frames are ever in flight; a peer that streams
+    more (each parsed and queued, none read) is cut off instead of filling memory."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    comm = Comm()
+    try:
+        await loop.connect_accepted_socket(comm.protocol, ours)
+        theirs.sendall(b"".join(bytes(p) for _ in range(100) for p in encode_frame(_hello())))
+        await asyncio.wait_for(comm.closed_event.wait(), 5)
+        assert not comm.parser.frames
+        with pytest.raises(ProtocolError, match="during the handshake"):
+            await comm.recv()
+    finally:
+        comm.close()
+        theirs.close()

@@ -5,21 +5,29 @@ on running tasks, on a worker that joins afterwards too."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import ipaddress
+import logging
 import os
 import pickle
 import random
+import resource
+import secrets
 import socket
 import struct
 
 import msgpack
+import psutil
 import pytest
 
 import aiodagger as dagger
 from aiodagger.comm.framing import DEFAULT_MAX_FRAME, MAX_HEADER, encode_frame, open_comm
 from aiodagger.comm.handshake import PROTOCOL_VERSION, client_handshake, new_token
 from aiodagger.comm.server import Listener, parse_address
+from aiodagger.comm.tokens import MIN_TOKEN_BITS, entropy_bits
 from aiodagger.errors import AuthenticationError, ProtocolError
-from tests.workers import WorkerProcesses, pid_of, write_token
+from tests.slowloris import Flood
+from tests.workers import WorkerProcesses, pid_of, token_exposure, write_token
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -344,14 +352,46 @@ async def test_worker_hangs_up_on_a_scheduler_that_sends_a_bad_frame(tmp_path, w
         await listener.close()
 
 
-async def test_worker_with_the_wrong_token_is_refused_and_exits(cluster, tmp_path, workers):
-    proc = workers.start(cluster.address, write_token(tmp_path, "not-the-token"))
-    deadline = asyncio.get_running_loop().time() + 30
-    while proc.poll() is None and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.05)
-    assert proc.returncode not in (None, 0)
-    assert "AuthenticationError" in workers.output(proc)
+async def test_worker_with_the_wrong_token_says_so_in_one_line_and_exits(cluster, tmp_path, workers):
+    """Another try would be refused the same way: no reconnecting, no traceback; one line
+    that says why, and a failing exit status."""
+    proc = workers.start(cluster.address, write_token(tmp_path, new_token()))
+    assert await workers.wait_exit(proc, 30) == 1, workers.output(proc)
+    (line,) = workers.errors(proc).splitlines()
+    assert line.startswith("aiodagger worker: cannot join the cluster at ") and line.endswith("wrong token")
     assert [w.id for w in cluster.workers] == [0]
+
+
+async def test_worker_refuses_a_weak_token_for_a_cluster_on_the_network(tmp_path, workers):
+    """Such a cluster would refuse it too; and the worker's own data server, on all
+    interfaces, would run the code of whoever guesses it. Refused before connecting (the
+    address below routes nowhere: a worker that tried would retry there forever)."""
+    proc = workers.start("tcp://192.0.2.10:8786", write_token(tmp_path, "s3cret-token"))
+    assert await workers.wait_exit(proc, 30) == 1, workers.output(proc)
+    (line,) = workers.errors(proc).splitlines()
+    assert "too easy to guess" in line and "secrets.token_urlsafe(32)" in line
+
+
+async def test_subprocess_workers_keep_the_token_out_of_reach_of_tasks():
+    """The token reaches a subprocess worker through a pipe: a task there finds it
+    neither in its environment, nor in the one its process started with, nor on the
+    command line, nor in the environment of a process it starts."""
+    async with dagger.Cluster(processes=1, threads=1) as cluster:
+        exposure = await asyncio.wait_for(dagger.spawn(token_exposure, cluster.token), 60)
+        assert exposure == dict.fromkeys(exposure, False)
+        assert await asyncio.wait_for(dagger.spawn(pid_of), 60) != os.getpid()
+
+
+async def test_a_token_in_the_environment_leaves_it_when_the_worker_has_read_it(cluster, tmp_path, workers):
+    """$AIODAGGER_TOKEN is taken out of the worker's environment, so tasks and what they
+    start do not inherit it (the environment the process started with still shows it:
+    --token-file is the way that leaves no trace)."""
+    proc = workers.start(cluster.address, None, env_token=cluster.token)
+    (info,) = await workers.wait_joined(cluster, [proc])
+    on_worker = dagger.options(scope=dagger.scope(worker=info.id))
+    exposure = await asyncio.wait_for(on_worker.spawn(token_exposure, cluster.token), 60)
+    assert exposure == {"os.environ": False, "/proc/self/environ": True, "/proc/self/cmdline": False,
+                        "child's environment": False}
 
 
 async def test_client_handshake_limits_apply_before_the_server_speaks():
@@ -399,3 +439,195 @@ def test_network_listen_without_token_is_refused(listen, token):
 def test_loopback_listen_without_token_is_allowed(listen):
     cluster = dagger.Cluster(listen=listen)
     assert cluster.state == "new"
+
+
+WEAK_TOKENS = [
+    "a", "s3cret-token", "Tr0ub4dor&3", "correct horse battery staple", "password123password123password123",
+    "x" * 64, "ab" * 64, "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+    secrets.token_hex(8), secrets.token_urlsafe(12),
+]
+
+
+@pytest.mark.parametrize("token", WEAK_TOKENS)
+def test_network_listen_with_a_weak_token_is_refused(token):
+    """A listener on the network answers token guesses; one that can be guessed is as
+    good as none. The error says what is wrong and how to make a good one."""
+    with pytest.raises(ValueError, match=r"too easy to guess: about \d+ bits") as refused:
+        dagger.Cluster(listen="tcp://0.0.0.0:0", token=token)
+    message = str(refused.value)
+    assert "at least 128" in message and 'secrets.token_urlsafe(32)' in message
+    assert entropy_bits(token) < MIN_TOKEN_BITS
+    assert dagger.Cluster(listen="tcp://127.0.0.1:0", token=token).state == "new"  # local: allowed
+
+
+@pytest.mark.parametrize("make", [new_token, lambda: secrets.token_urlsafe(32), lambda: secrets.token_hex(32),
+                                  lambda: secrets.token_urlsafe(24)],
+                         ids=["new_token", "token_urlsafe(32)", "token_hex(32)", "token_urlsafe(24)"])
+def test_random_tokens_of_24_bytes_or_more_are_strong_enough(make):
+    assert min(entropy_bits(make()) for _ in range(2000)) >= MIN_TOKEN_BITS
+    assert dagger.Cluster(listen="tcp://0.0.0.0:0", token=make()).state == "new"
+
+
+# -- floods before authentication -------------------------------------------------------------
+
+MiB = 1 << 20
+
+
+async def _echo_listener(token, **limits):
+    async def echo(comm, info):
+        while True:
+            header, buffers = await comm.recv()
+            await comm.send({"op": "echo", "n": header.get("n")}, buffers)
+
+    listener = Listener(echo, token, **limits)
+    await listener.start("127.0.0.1", 0)
+    return listener
+
+
+async def _echoes(port: int, token: str, host: str = "127.0.0.1", tries: int = 3) -> None:
+    """An honest client connects, authenticates and is answered (a client reconnects
+    when a flood crowds it out, as workers do)."""
+    for attempt in range(tries):
+        comm = await open_comm(host, port)
+        try:
+            await client_handshake(comm, token, {}, timeout=CLOSE_TIMEOUT)
+            await comm.send({"op": "ping", "n": attempt})
+            assert (await asyncio.wait_for(comm.recv(), CLOSE_TIMEOUT))[0]["n"] == attempt
+            return
+        except (ConnectionError, TimeoutError):
+            if attempt == tries - 1:
+                raise
+        finally:
+            comm.close()
+            await asyncio.wait_for(comm.wait_closed(), CLOSE_TIMEOUT)
+
+
+async def _until(condition, timeout: float, what: str, sample=None) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if sample is not None:
+            sample()
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"{what} within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+async def test_a_flood_of_idle_connections_is_bounded():
+    """2,000 connections that never say a word: the handshakes under way stay at the
+    cap, memory grows by a few MiB at most (it was 525 MiB: a 256 KiB zeroed buffer
+    each), an honest client still gets in, and every descriptor is given back after."""
+    token = new_token()
+    listener = await _echo_listener(token, handshake_timeout=60)  # they stay until we end them
+    me = psutil.Process()
+    peak = 0
+
+    def sample():
+        nonlocal peak
+        peak = max(peak, listener.pending)
+
+    try:
+        async with Flood([listener.port], "--connections", "300"):  # the allocator's steady state
+            await _until(lambda: listener.accepted >= 300, 30, "300 connections were not accepted")
+        await _until(lambda: listener.pending == 0, 10, "the warm-up's handshakes did not end")
+        gc.collect()
+        fds, rss, accepted = me.num_fds(), me.memory_info().rss, listener.accepted
+        async with Flood([listener.port], "--connections", "2000"):
+            await _until(lambda: listener.accepted - accepted >= 2000, 30,
+                         "2,000 connections were not accepted", sample)
+            grown = me.memory_info().rss - rss
+            assert listener.pending == listener.max_pending == 128
+            assert listener.dropped >= 2000 - 128
+            await _echoes(listener.port, token)  # drops one of the idle, and gets in
+            sample()
+        assert peak <= listener.max_pending
+        assert grown <= 8 * MiB, f"RSS grew by {grown / MiB:.1f} MiB for 2,000 idle connections"
+        await _until(lambda: listener.pending == 0 and me.num_fds() <= fds, 15,
+                     f"descriptors did not come back ({me.num_fds()} open, {fds} before)")
+    finally:
+        await listener.close()
+
+
+def _non_loopback_address() -> str | None:
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks a route
+        address = probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+async def test_one_remote_host_holds_a_few_handshakes_at_most():
+    """Past 8 handshakes under way from one remote address, its connections are closed
+    at once (loopback is exempt: every local process, the cluster's own workers first,
+    shares it, and the global cap covers it)."""
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to connect from")
+    token = new_token()
+
+    async def echo(comm, info):
+        await comm.closed_event.wait()
+
+    listener = Listener(echo, token, handshake_timeout=60)
+    await listener.start(address, 0)
+    try:
+        async with Flood([listener.port], "--host", address, "--source", address, "--connections", "200"):
+            await _until(lambda: listener.accepted >= 200, 30, "200 connections were not accepted")
+            assert listener.pending == listener.pending_from(address) == listener.max_pending_per_host == 8
+            assert listener.refused == 192 and listener.dropped == 0
+        await _until(lambda: listener.pending == 0, 15, "the handshakes did not end")
+    finally:
+        await listener.close()
+
+
+async def test_garbage_from_many_connections_is_logged_once(caplog):
+    """One line per interval for connections rejected before authentication, saying how
+    many more there were; not a line (or two) each."""
+    listener = await _echo_listener(new_token())
+    try:
+        with caplog.at_level(logging.INFO, logger="aiodagger"):
+            for _ in range(40):
+                reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+                writer.write(b"GET / HTTP/1.1\r\n\r\n")
+                try:
+                    assert await asyncio.wait_for(reader.read(), CLOSE_TIMEOUT) == b""
+                except ConnectionError:
+                    pass
+                writer.close()
+                await writer.wait_closed()
+            await _until(lambda: listener.rejected == 40, 10, "40 connections were not rejected")
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and "rejected connection" in warnings[0], warnings
+    finally:
+        await listener.close()
+
+
+async def test_running_out_of_descriptors_logs_one_line_without_traceback(caplog):
+    """asyncio's loop logs every accept that fails for want of a descriptor, traceback
+    and all (1,548 records in 3.5 s here). While a listener is open: one line per
+    interval, and the loop's exception handler is left as the user set it."""
+    token = new_token()
+    listener = await _echo_listener(token)
+    loop = asyncio.get_running_loop()
+    handler = loop.get_exception_handler()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            async with Flood([listener.port], "--connections", "300", "--wait") as flood:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (psutil.Process().num_fds() + 2, hard))
+                try:
+                    flood.go()
+                    await asyncio.sleep(2.5)
+                finally:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                await flood.opened()
+        storm = [r for r in caplog.records if "out of system resource" in r.getMessage()]
+        assert len(storm) <= 1 and all(r.exc_info is None for r in storm), [r.getMessage() for r in storm]
+        assert loop.get_exception_handler() is handler
+        await _echoes(listener.port, token)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        await listener.close()

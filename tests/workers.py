@@ -28,23 +28,38 @@ class WorkerProcesses:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: dict[int, Path] = {}
 
-    def start(self, address: str, token_file: Path, *extra: str, prefix: tuple[str, ...] = (),
-              threads: int = 2) -> subprocess.Popen[bytes]:
+    def start(self, address: str, token_file: Path | None, *extra: str, prefix: tuple[str, ...] = (),
+              threads: int = 2, env_token: str | None = None) -> subprocess.Popen[bytes]:
+        """Without ``token_file``, the token is given in $AIODAGGER_TOKEN (``env_token``)."""
         env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
         env.pop("AIODAGGER_TOKEN", None)
+        if env_token is not None:
+            env["AIODAGGER_TOKEN"] = env_token
+        token_args = ["--token-file", str(token_file)] if token_file is not None else []
         log = self.log_dir / f"worker-{len(self.procs)}.log"
-        with open(log, "wb") as out:
+        with open(log, "wb") as out, open(log.with_suffix(".err"), "wb") as err:
             proc = subprocess.Popen(
                 [*prefix, sys.executable, "-m", "aiodagger", "worker", address,
-                 "--token-file", str(token_file), "--threads", str(threads), *extra],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                 *token_args, "--threads", str(threads), *extra],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=ROOT,
             )
         self.procs.append(proc)
         self.logs[proc.pid] = log
         return proc
 
     def output(self, proc: subprocess.Popen[bytes]) -> str:
-        return self.logs[proc.pid].read_text(errors="replace")
+        """What it printed, then what it wrote to stderr (its log lines)."""
+        return self.logs[proc.pid].read_text(errors="replace") + self.errors(proc)
+
+    def errors(self, proc: subprocess.Popen[bytes]) -> str:
+        return self.logs[proc.pid].with_suffix(".err").read_text(errors="replace")
+
+    async def wait_exit(self, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int | None:
+        """Its exit status, or None if it is still running after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return proc.returncode
 
     def stop(self, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
         if proc.poll() is None:
@@ -108,6 +123,23 @@ def block(size: int, seed: int) -> tuple[int, bytes]:
 def digest(*blocks: tuple[int, bytes]) -> tuple[int, list[tuple[int, int, str]]]:
     """Where each block was made, its size and hash, and where this ran."""
     return os.getpid(), [(pid, len(data), hashlib.sha256(data).hexdigest()) for pid, data in blocks]
+
+
+def token_exposure(token: str) -> dict[str, bool]:
+    """Where a task finds ``token``: its environment, the environment its process
+    started with, its command line, and the environment of a process it starts."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(repr(dict(os.environ)))"],
+                           capture_output=True, text=True, timeout=30, check=True).stdout
+    with open("/proc/self/environ", "rb") as f:
+        initial = f.read()
+    with open("/proc/self/cmdline", "rb") as f:
+        cmdline = f.read()
+    return {
+        "os.environ": any(token in value for value in os.environ.values()),
+        "/proc/self/environ": token.encode() in initial,
+        "/proc/self/cmdline": token.encode() in cmdline,
+        "child's environment": token in child,
+    }
 
 
 def wait_for_file(path: str, timeout: float = 30.0) -> int:

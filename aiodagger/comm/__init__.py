@@ -4,6 +4,7 @@
   :class:`~.protocol.Endpoint`: the only part the scheduler imports.
 * :mod:`.serialize` - the one serializer (values, arguments, errors, functions).
 * :mod:`.framing` - frames on a byte stream; :mod:`.handshake` - version check and
-  mutual authentication; :mod:`.server` - the listener and addresses; :mod:`.tls` -
-  workers' TLS contexts from certificate files.
+  mutual authentication; :mod:`.tokens` - making tokens and telling weak ones;
+  :mod:`.server` - the listener (and its bounds before authentication) and addresses;
+  :mod:`.tls` - workers' TLS contexts from certificate files.
 """

@@ -1,7 +1,9 @@
 """``aiodagger worker tcp://HOST:PORT``: run a worker process that joins a cluster.
 
-Also the entry point of subprocess workers (``python -m aiodagger.worker``), which get
-their token through the environment (``AIODAGGER_TOKEN``), never on the command line.
+Also the entry point of subprocess workers (``python -m aiodagger.worker``), which read
+their token from a pipe the cluster hands them (``--token-fd``): never on the command
+line, where ``ps`` shows it, nor in the environment, which every task could read and
+every process a task starts would inherit.
 """
 
 from __future__ import annotations
@@ -17,17 +19,24 @@ import sys
 
 from .._loopthread import new_event_loop
 from ..comm.framing import DEFAULT_MAX_FRAME, check_max_frame
+from ..comm.server import is_loopback, parse_address
 from ..comm.tls import worker_contexts
+from ..comm.tokens import MAKE_ONE, entropy_bits, weak_token_message
+from ..errors import AuthenticationError
 from .process import WorkerProcess
 
 __all__ = ["add_worker_arguments", "main", "run_worker"]
 
 logger = logging.getLogger(__name__)
 
+_TOKEN_READ_LIMIT = 1 << 16  # a token, not whatever file or pipe we were pointed at
+
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scheduler", help="the cluster's address, tcp://HOST:PORT")
     parser.add_argument("--token-file", help="file holding the cluster's token (else $AIODAGGER_TOKEN)")
+    parser.add_argument("--token-fd", type=int, metavar="FD",
+                        help="read the token from this inherited file descriptor (then closed)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="threads for sync tasks (default: the CPUs)")
     parser.add_argument("--name", default=None, help="worker name (default: HOST-PID)")
@@ -49,17 +58,48 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_token(args: argparse.Namespace) -> str:
-    if args.token_file:
+    # Tasks run in this process and start others: the token leaves the environment
+    # either way (/proc/PID/environ still shows what the process started with, so
+    # --token-file or --token-fd are the ways that leave no trace there).
+    from_env = os.environ.pop("AIODAGGER_TOKEN", "")
+    if args.token_fd is not None:
+        try:
+            with open(args.token_fd, encoding="utf-8", closefd=True) as f:
+                token = f.read(_TOKEN_READ_LIMIT).strip()
+        except OSError as exc:
+            raise SystemExit(f"aiodagger worker: cannot read the token from --token-fd: {exc}") from None
+    elif args.token_file:
         try:
             with open(args.token_file, encoding="utf-8") as f:
-                token = f.read().strip()
+                token = f.read(_TOKEN_READ_LIMIT).strip()
         except OSError as exc:
             raise SystemExit(f"aiodagger worker: cannot read --token-file: {exc}") from None
     else:
-        token = os.environ.get("AIODAGGER_TOKEN", "")
+        token = from_env
     if not token:
         raise SystemExit("aiodagger worker: no token; pass --token-file FILE (or set AIODAGGER_TOKEN)")
     return token
+
+
+def _check_token(args: argparse.Namespace, token: str) -> None:
+    """Refuse a weak token when the cluster is on the network.
+
+    A cluster refuses such a token there itself, so this one is misconfigured (or not
+    ours); and this worker's own data server, on all interfaces, would accept anyone who
+    guesses it and run what they send. On loopback the cluster is local: only warn, for
+    the data server.
+    """
+    if args.subprocess:
+        return  # the cluster made the token
+    weak = weak_token_message(token, f"the cluster at {args.scheduler}")
+    if weak is None:
+        return
+    host, _ = parse_address(args.scheduler)
+    if not is_loopback(host):
+        raise SystemExit(f"aiodagger worker: {weak}")
+    logger.warning("this worker serves its data on all interfaces with a token that is easy to "
+                   "guess (about %.0f bits of entropy); a random one is made with: %s",
+                   entropy_bits(token), MAKE_ONE)
 
 
 def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
@@ -86,6 +126,7 @@ def _die_with_parent() -> None:
 
 def run_worker(args: argparse.Namespace) -> int:
     token = _read_token(args)
+    _check_token(args, token)
     client_ssl, server_ssl = _tls(args)
     if args.threads < 1:
         raise SystemExit("aiodagger worker: --threads must be >= 1")
@@ -126,17 +167,21 @@ def run_worker(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, on_signal, sig)
         await worker.run()
 
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        runner.run(main())
-        if worker.stuck:
-            # The spill directory is gone already; closing the loop would wait forever for
-            # coroutines that swallow their cancellation, and keep this process alive.
-            logger.warning("worker %s: leaving coroutine tasks that ignore cancellation behind",
-                           worker.name)
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+    try:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(main())
+            if worker.stuck:
+                # The spill directory is gone already; closing the loop would wait forever
+                # for coroutines that swallow their cancellation, and keep this process alive.
+                logger.warning("worker %s: leaving coroutine tasks that ignore cancellation behind",
+                               worker.name)
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
+    except AuthenticationError as exc:
+        # Another try would be refused the same way: say why, once, and stop.
+        raise SystemExit(f"aiodagger worker: cannot join the cluster at {args.scheduler}: {exc}") from None
     return 0
 
 
