@@ -104,6 +104,9 @@ class WorkerProcess:
         self._blocked_sent = 0  # the scheduler's count of our threads waiting in fetch()
         self._peers: dict[str, P.Endpoint] = {}
         self._peer_tasks: set[asyncio.Task[None]] = set()
+        # Tasks getting their inputs ready: cancelled at shutdown before the store closes
+        # (a fetch that completed after it raised "store is closing" into the void).
+        self._preparing: set[asyncio.Future[None]] = set()
         # Fetches under way, by key: what waits for one learns its outcome (None, or the
         # FrameTooLargeError that makes the input unobtainable).
         self._fetching: dict[int, asyncio.Future[FrameTooLargeError | None]] = {}
@@ -365,6 +368,9 @@ class WorkerProcess:
                 await endpoint.close()
             for task in list(self._peer_tasks):
                 task.cancel()
+            for preparing in list(self._preparing):
+                preparing.cancel()
+            await asyncio.gather(*self._preparing, return_exceptions=True)
             if self._listener is not None:
                 await self._listener.close()
             winding_down = asyncio.ensure_future(self._wind_down())
@@ -486,7 +492,9 @@ class WorkerProcess:
                 continue
             missing = [d for d in deps if d.key not in store] if deps else deps
             if missing or (inputs and store.memory_limit is not None) or store.paused:
-                asyncio.ensure_future(self._prepare_then_start(task, parts, missing, inputs))
+                preparing = asyncio.ensure_future(self._prepare_then_start(task, parts, missing, inputs))
+                self._preparing.add(preparing)
+                preparing.add_done_callback(self._preparing.discard)
             else:  # everything is in RAM and nothing can be spilled: start at once
                 self._start(task, parts, store.peek_in_memory)
 
