@@ -148,7 +148,7 @@ def _check_int(name: str, value: Any) -> int:
 class TaskOptions:
     """The resolved options of one task (immutable; shared by tasks spawned alike)."""
 
-    __slots__ = ("checkpoint", "name", "priority", "restore", "retries", "scope", "timeout")
+    __slots__ = ("after", "checkpoint", "name", "priority", "restore", "retries", "scope", "timeout")
 
     def __init__(
         self,
@@ -159,8 +159,11 @@ class TaskOptions:
         timeout: float | None = None,
         checkpoint: Callable[[DTask[Any], Any], None] | None = None,
         restore: Callable[[DTask[Any]], Any] | None = None,
+        after: Collection[DTask[Any]] | None = None,
     ) -> None:
         self.name = name
+        # Tasks to wait for, whose values this one does not receive (Dagger.jl's syncdeps).
+        self.after: tuple[Any, ...] = tuple(after) if after else ()
         self.scope = scope
         self.priority = priority
         self.retries = retries
@@ -200,7 +203,13 @@ def validate_options(opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _validate_value(key: str, value: Any) -> None:
-    if key == "name" and value is not None and not isinstance(value, str):
+    if key == "after":
+        from .task import DTask
+
+        if value is not None and (not isinstance(value, (list, tuple, set, frozenset))
+                                  or not all(isinstance(t, DTask) for t in value)):
+            raise TypeError(f"option after= takes a list of tasks (DTasks) to wait for, got {value!r}")
+    elif key == "name" and value is not None and not isinstance(value, str):
         raise TypeError(f"option name= takes a str, got {value!r}")
     elif key == "scope" and not isinstance(value, Scope):
         raise TypeError(f"option scope= takes dagger.scope(...), got {value!r}")

@@ -586,3 +586,37 @@ async def test_tasks_spawned_inside_a_task_go_before_other_ready_work(procs):
     done_before = sum(t.done() for t in others)
     await asyncio.wait_for(dagger.wait(others), 60)
     assert done_before < 100, f"{done_before} of 200 other tasks ran before the children"
+
+
+def _touch_after(path, seconds):
+    import time
+
+    time.sleep(seconds)
+    with open(path, "w") as f:
+        f.write("written")
+    return np.ones(1 << 17)  # 1 MiB that the task run after it must not receive
+
+
+def _read_marker(path, *args):
+    with open(path) as f:
+        return f.read(), len(args), os.getpid()
+
+
+def _nested_after(path):
+    first = dagger.spawn(_touch_after, path, 0.2)
+    second = dagger.options(after=[first]).spawn(_read_marker, path)
+    return second.fetch(timeout=20)[0]
+
+
+async def test_after_across_worker_processes(procs, tmp_path):
+    """options(after=...) with worker processes, also for tasks spawned inside one; the
+    tasks run after are not given (nor sent) the others' values."""
+    marker = str(tmp_path / "m")
+    first = on(procs.workers[1].id).spawn(_touch_after, marker, 0.3)
+    second = dagger.options(scope=dagger.scope(worker=procs.workers[2].id),
+                            after=[first]).spawn(_read_marker, marker)
+    text, nargs, pid = await asyncio.wait_for(second, 20)
+    assert (text, nargs, pid) == ("written", 0, procs.workers[2].pid)
+    stats = await procs.worker_stats()
+    assert stats[procs.workers[2].id]["used"] < 1 << 20  # the 1 MiB never moved there
+    assert await asyncio.wait_for(dagger.spawn(_nested_after, str(tmp_path / "n")), 30) == "written"

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
 import pytest
 
 import aiodagger as dagger
 from aiodagger.worker.execute import callback_errors
-from tests.helpers import asleep_forever, inc, sleep_then
+from tests.helpers import asleep_forever, boom, inc, sleep_then
 
 
 async def test_options_spawn_sets_name(cluster):
@@ -259,3 +260,34 @@ def test_scope_repr_and_equality():
     assert dagger.scope(worker=1) == dagger.scope(workers=[1])
     assert hash(dagger.scope(worker=1)) == hash(dagger.scope(workers=[1]))
     assert repr(dagger.scope(workers=[2, 1], gpu=0)) == "scope(workers=[1, 2], gpu=0)"
+
+
+async def test_after_orders_without_passing_values(cluster, tmp_path):
+    """options(after=[...]): the task waits for those tasks but receives only its own
+    arguments; a failed one fails it with UpstreamError."""
+    marker = tmp_path / "written"
+
+    def write():
+        time.sleep(0.2)
+        marker.write_text("done")
+        return "a value nobody receives"
+
+    def read(*args):
+        return args, marker.read_text()
+
+    writer = dagger.spawn(write)
+    reader = dagger.options(after=[writer]).spawn(read, 1)
+    assert await asyncio.wait_for(reader, 10) == ((1,), "done")
+
+    failed = dagger.spawn(boom)
+    with dagger.options(after=[failed, writer]):
+        doomed = dagger.spawn(read)
+    with pytest.raises(dagger.UpstreamError, match="boom"):
+        await asyncio.wait_for(doomed, 10)
+    assert await asyncio.wait_for(dagger.options(after=[writer]).spawn(read), 10) == ((), "done")
+
+
+@pytest.mark.parametrize("after", [5, [1], "t", [None]])
+def test_after_takes_tasks_only(after):
+    with pytest.raises(TypeError, match="after= takes a list of tasks"):
+        dagger.options(after=after)

@@ -159,16 +159,22 @@ class Scheduler:
         # inputs live in a ChunkStore (they are loaded and pinned on the loop first).
         task._thread_ok = (task._kind == "thread" and opts.timeout is None and not self._stored
                            and not self._goes_remote(task))
-        self._wait_for(task, task._deps or ())
+        self._wait_for(task, task._deps or (), opts.after)
 
-    def _wait_for(self, task: DTask[Any], deps: Any) -> None:
-        """Link ``task`` to every dependency; ready it if none is outstanding.
+    def _wait_for(self, task: DTask[Any], deps: Any, after: tuple[DTask[Any], ...] = ()) -> None:
+        """Link ``task`` to every dependency (and every task it runs ``after``); ready it
+        if none is outstanding.
 
         Stops early if a dependency failed or was cancelled (the task then is too).
         """
         pending = 0
         for dep in deps:
             linked = self._link(task, dep)
+            if linked is None:
+                return
+            pending += linked
+        for dep in after:
+            linked = self._link_after(task, dep)
             if linked is None:
                 return
             pending += linked
@@ -192,6 +198,24 @@ class Scheduler:
                     "lost with its worker and which can no longer be recomputed"), annotate=False)
                 return None
         elif state is FAILED:
+            self._fail_upstream(task, dep)
+            return None
+        if dep._dependents is None:
+            dep._dependents = [task]
+        else:
+            dep._dependents.append(task)
+        return 1
+
+    def _link_after(self, task: DTask[Any], dep: DTask[Any]) -> int | None:
+        """Make ``task`` wait for ``dep`` to finish, not for its value: a finished ``dep``
+        whose value was lost since is not computed again for it."""
+        if dep._cancelled:
+            self._cancel_from(task, dep)
+            return None
+        state = dep._state
+        if state is FINISHED:
+            return 0
+        if state is FAILED:
             self._fail_upstream(task, dep)
             return None
         if dep._dependents is None:

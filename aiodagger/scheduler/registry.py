@@ -579,6 +579,8 @@ class WorkerRegistry:
                 if fn is None:
                     fn = self._nested_fns[rec.fn_hash] = cloudpickle.loads(parts[0])
                 opts = cloudpickle.loads(parts[1])
+                if opts.after:  # keys of tasks spawned there, as the worker sent them
+                    opts = opts.merged({"after": tuple(self._nested_task(k) for k in opts.after)})
                 args, kwargs = P.loads_args(parts[2], parts[3:], self._nested_task if rec.refs else None)
                 task = self.sched.spawn(opts, fn, args, kwargs, key=rec.key)
             except Exception as exc:  # noqa: BLE001 - reported to the task's handle

@@ -62,6 +62,8 @@ class SchedulerClient:
         deps, found = find_dependencies(args, kwargs)
         fn_hash, fn_bytes = self._fn_cache.get(fn)
         payload, parts, _ = P.dumps_args(name, args, kwargs, found)
+        if opts.after:  # handles of this process: the scheduler knows them by key
+            opts = opts.merged({"after": tuple(t.id for t in opts.after)})
         opts_bytes = cloudpickle.dumps(opts)
         size = len(fn_bytes) + len(opts_bytes) + len(payload) + sum(p.nbytes for p in parts)
         if size > (limit := self.worker._scheduler_limit()):
