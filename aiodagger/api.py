@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from types import FunctionType
 from typing import Any, Literal, TypeVar, overload
 
+from ._bridge import run_on_loop_awaitable
 from ._callables import spawn_callable_error
 from .cluster import current_cluster
 from .errors import NoProcessorError
@@ -211,17 +212,32 @@ class as_completed:  # noqa: N801 - used like a function: `async for t in as_com
 
 
 async def put(obj: R, scope: Scope | None = None) -> Chunk[R]:
-    """Place ``obj`` in the cluster's memory once, to pass to many tasks."""
+    """Place ``obj`` in the cluster's memory once, to pass to many tasks.
+
+    With a ``scope`` naming workers in other processes, a copy goes to each of them now
+    (several: a broadcast), so that their tasks find it there; this process keeps the
+    value too, for tasks elsewhere.
+    """
     cluster = current_cluster()
     sched = cluster._scheduler
-    worker = sched.local
-    assert worker is not None
-    if scope is not None and not (scope.admits_worker(worker.id, os.getpid()) and not scope.gpu):
-        raise NoProcessorError(
-            f"put() with {scope!r}: no worker of this cluster satisfies it. "
-            f"The cluster has: {sched.describe_processors()}"
-        )
-    return Chunk(obj, worker.id, next(_chunk_ids))
+    local = sched.local
+    assert local is not None
+    chunk: Chunk[R] = Chunk(obj, local.id, next(_chunk_ids), sched)
+    if scope is None:
+        return chunk
+    dist = sched.dist
+    targets = dist.admitted(scope) if dist is not None and not scope.gpu else []
+    if not targets:
+        if scope.gpu or not scope.admits_worker(local.id, os.getpid()):
+            raise NoProcessorError(
+                f"put() with {scope!r}: no worker of this cluster satisfies it. "
+                f"The cluster has: {sched.describe_processors()}"
+            )
+        return chunk
+    assert dist is not None
+    await run_on_loop_awaitable(dist.put(chunk, targets), sched.loop)
+    chunk.worker = targets[0].id
+    return chunk
 
 
 tochunk = put

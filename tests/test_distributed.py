@@ -620,3 +620,27 @@ async def test_after_across_worker_processes(procs, tmp_path):
     stats = await procs.worker_stats()
     assert stats[procs.workers[2].id]["used"] < 1 << 20  # the 1 MiB never moved there
     assert await asyncio.wait_for(dagger.spawn(_nested_after, str(tmp_path / "n")), 30) == "written"
+
+
+async def test_put_places_a_copy_on_each_worker_its_scope_names(procs):
+    """put(obj, scope=...) with workers in other processes sends them a copy at once (one
+    worker, or several: a broadcast); their tasks read it there, tasks elsewhere (this
+    process included) still get it."""
+    w1, w2 = procs.workers[1:]
+    data = np.ones(1 << 18)  # 2 MiB
+    one = await dagger.put(data, scope=dagger.scope(worker=w1.id))
+    stats = await procs.worker_stats()
+    assert stats[w1.id]["used"] >= data.nbytes > stats[w2.id]["used"]
+    assert await asyncio.wait_for(on(w1.id).spawn(checksum, one), 20) == (float(1 << 18), data.nbytes)
+
+    both = await dagger.put(data * 2, scope=dagger.scope(workers=[w1.id, w2.id]))
+    stats = await procs.worker_stats()
+    assert stats[w2.id]["used"] >= data.nbytes
+    sums = await asyncio.wait_for(dagger.gather(on(w1.id).spawn(checksum, both),
+                                                on(w2.id).spawn(checksum, both),
+                                                on(0).spawn(checksum, both)), 20)
+    assert sums == [(float(2 << 18), data.nbytes)] * 3
+    assert (await both).sum() == 2 << 18
+
+    with pytest.raises(dagger.NoProcessorError, match="put\\(\\) with"):
+        await dagger.put(data, scope=dagger.scope(worker=99))

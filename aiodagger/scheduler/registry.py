@@ -729,12 +729,30 @@ class WorkerRegistry:
             keys = reply.later
         return missing
 
-    async def put(self, chunk: Chunk[Any], worker: RemoteWorker) -> None:
+    def admitted(self, scope: Any) -> list[RemoteWorker]:
+        """The running workers ``scope`` admits."""
+        return [w for w in self.workers.values()
+                if w.status is WorkerStatus.RUNNING and scope.admits_worker(w.id, w.pid)]
+
+    async def put(self, chunk: Chunk[Any], targets: list[RemoteWorker]) -> None:
+        """Place a copy of ``chunk`` on each of ``targets`` (pickled once). The caller's
+        process keeps its own: tasks there, or on other workers, get it from that."""
         payload, parts = P.dumps(chunk._value)
-        await worker.endpoint.send(P.Put(-chunk.id), [payload, *parts])
-        chunk._nbytes = len(payload) + sum(p.nbytes for p in parts)
-        self._note_holder(chunk, -chunk.id, worker)
-        chunk._value = REMOTE
+        size = len(payload) + sum(p.nbytes for p in parts)
+        for worker in targets:
+            if size > worker.max_frame:
+                raise FrameTooLargeError.of(f"the value put() places on worker {worker.id}",
+                                            size, worker.max_frame)
+
+        async def one(worker: RemoteWorker) -> None:
+            async with worker.sending:  # never inside another batch's frames
+                await worker.endpoint.send(P.Put(-chunk.id), [payload, *parts])
+
+        await asyncio.gather(*(one(w) for w in targets))
+        chunk._nbytes = size
+        for worker in targets:
+            if worker.id in self.workers:
+                self._note_holder(chunk, -chunk.id, worker)
 
     # -- loss ------------------------------------------------------------------------------
     def lost(self, worker: RemoteWorker, reason: str) -> None:
