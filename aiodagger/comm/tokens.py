@@ -39,9 +39,10 @@ def entropy_bits(token: str) -> float:
     """A conservative estimate of the bits an attacker must guess to find ``token``.
 
     Each character is worth log2 of the size of the character classes the token draws
-    from (lower case, upper case, digits, punctuation, anything else), or of the number
-    of different characters it uses if that is smaller: words and other human choices
-    reuse few letters ("correct horse battery staple" uses 13, for 28 characters). A
+    from (lower case, upper case, digits, punctuation, anything else), or, when it uses
+    fewer different characters than half its length, of their number: words and other
+    human choices reuse few letters ("correct horse battery staple" uses 13, for 28
+    characters), while a random draw of 32 from 64 uses about 25. A
     character that continues a run ("aaa", "123", "cba") is worth 1 bit, and so is a
     run of 3 or more letters or digits seen before ("password123password123"). The total
     is capped by the token's compressed size, which catches other repetition.
@@ -51,7 +52,11 @@ def entropy_bits(token: str) -> float:
     alphabet = sum(len(c) for c in _CLASSES if not c.isdisjoint(token))
     if not _ASCII.issuperset(token):
         alphabet += _OTHER_CLASS
-    alphabet = min(alphabet, len(set(token)))
+    distinct = len(set(token))
+    if 2 * distinct < len(token):
+        # Characters reused more than a random draw would (which, for 32 characters
+        # from 64, uses about 25 different ones): count the token's own alphabet.
+        alphabet = min(alphabet, distinct)
     per_char = math.log2(alphabet) if alphabet > 1 else 0.0
     bits = 0.0
     seen: set[str] = set()
