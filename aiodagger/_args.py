@@ -48,17 +48,19 @@ def _scan(value: Any, deps: list[DTask[Any]], path: set[int] | None = None) -> b
         return True
     if kind in _CONTAINERS:
         # The containers being walked, by identity: one that holds itself (``x.append(x)``)
-        # is walked once, not until the stack overflows.
+        # is walked once, not until the stack overflows; 0, no object's id, marks that.
+        top = path is None
         if path is None:
             path = set()
         elif id(value) in path:
+            path.add(0)
             return False
         path.add(id(value))
         found = False
         for item in value.values() if kind is dict else value:
             found |= _scan(item, deps, path)
         path.discard(id(value))
-        if found and not path and _holds_itself(value, set()):
+        if top and found and 0 in path:
             raise TypeError(
                 "an argument holds a dagger task or chunk inside a list, tuple or dict that "
                 "contains itself: it cannot be rebuilt with the value in place. Pass the "
@@ -68,18 +70,6 @@ def _scan(value: Any, deps: list[DTask[Any]], path: set[int] | None = None) -> b
         if isinstance(value, DTask):
             deps.append(value)
         return True
-    return False
-
-
-def _holds_itself(value: Any, path: set[int]) -> bool:
-    """Whether the container ``value`` reaches itself through lists, tuples and dicts."""
-    if id(value) in path:
-        return True
-    path.add(id(value))
-    for item in value.values() if type(value) is dict else value:
-        if type(item) in _CONTAINERS and _holds_itself(item, path):
-            return True
-    path.discard(id(value))
     return False
 
 

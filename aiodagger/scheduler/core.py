@@ -174,7 +174,7 @@ class Scheduler:
                 return
             pending += linked
         for dep in after:
-            linked = self._link_after(task, dep)
+            linked = self._link(task, dep, needs_value=False)
             if linked is None:
                 return
             pending += linked
@@ -182,15 +182,17 @@ class Scheduler:
         if pending == 0:
             self._make_ready(task)
 
-    def _link(self, task: DTask[Any], dep: DTask[Any]) -> int | None:
+    def _link(self, task: DTask[Any], dep: DTask[Any], needs_value: bool = True) -> int | None:
         """Make ``task`` wait for ``dep``: 1 if it must wait, 0 if dep's value is there,
-        None if ``task`` was failed or cancelled because of ``dep``."""
+        None if ``task`` was failed or cancelled because of ``dep``. Without
+        ``needs_value`` (``after=``), a finished ``dep`` whose value was lost since is
+        not computed again for ``task``."""
         if dep._cancelled:
             self._cancel_from(task, dep)
             return None
         state = dep._state
         if state is FINISHED:
-            if not self._value_lost(dep):
+            if not needs_value or not self._value_lost(dep):
                 return 0
             if not self._recompute(dep):
                 self._fail(task, WorkerLostError(
@@ -198,24 +200,6 @@ class Scheduler:
                     "lost with its worker and which can no longer be recomputed"), annotate=False)
                 return None
         elif state is FAILED:
-            self._fail_upstream(task, dep)
-            return None
-        if dep._dependents is None:
-            dep._dependents = [task]
-        else:
-            dep._dependents.append(task)
-        return 1
-
-    def _link_after(self, task: DTask[Any], dep: DTask[Any]) -> int | None:
-        """Make ``task`` wait for ``dep`` to finish, not for its value: a finished ``dep``
-        whose value was lost since is not computed again for it."""
-        if dep._cancelled:
-            self._cancel_from(task, dep)
-            return None
-        state = dep._state
-        if state is FINISHED:
-            return 0
-        if state is FAILED:
             self._fail_upstream(task, dep)
             return None
         if dep._dependents is None:
