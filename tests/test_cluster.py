@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -24,6 +25,26 @@ async def test_async_with_binds_to_running_loop():
     assert c.state == "closed"
     assert aiodagger_threads() == []
     assert c.workers == []
+
+
+async def test_close_waits_for_threads_that_signalled_but_have_not_ended(monkeypatch):
+    # A pool thread tells the loop it is done from its ``finally`` and only then ends;
+    # widen that gap, as a busy machine does, and close must still leave no thread behind.
+    import time
+
+    from aiodagger.worker import threads
+
+    signal = threads.call_soon_quietly
+
+    def signal_then_linger(loop, fn, *args):
+        signal(loop, fn, *args)
+        if threading.current_thread().name.startswith("aiodagger"):
+            time.sleep(0.3)
+
+    monkeypatch.setattr(threads, "call_soon_quietly", signal_then_linger)
+    async with dagger.Cluster(threads=2):
+        assert await dagger.spawn(inc, 1) == 2
+    assert aiodagger_threads() == []
 
 
 async def test_workers_lists_worker_zero(cluster):

@@ -78,6 +78,7 @@ class ThreadProc:
         self._live = 0
         self._blocked = 0
         self._serial = 0
+        self._threads: set[threading.Thread] = set()
         self._all_exited: asyncio.Event | None = None
 
     def __repr__(self) -> str:
@@ -122,6 +123,12 @@ class ThreadProc:
                 await asyncio.wait_for(self._all_exited.wait(), timeout)
             except TimeoutError:
                 return False
+        # The last thread signals the loop from its ``finally``, a few bytecodes before
+        # it ends: join them, so that a closed cluster leaves no thread of ours behind.
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(1.0)
         return True
 
     # -- thread side ---------------------------------------------------------------------
@@ -132,6 +139,10 @@ class ThreadProc:
             target=self._thread_main, name=f"aiodagger-w{self.worker_id}-thread-{self._serial}",
             daemon=True,  # a task stuck in user code must not keep the interpreter alive
         )
+        # Retired surplus threads are pruned here (a cold path) rather than by themselves:
+        # close() must still find, and join, a thread that has signalled but not ended.
+        self._threads = {t for t in self._threads if t.is_alive()}
+        self._threads.add(thread)
         thread.start()
 
     def _thread_main(self) -> None:
