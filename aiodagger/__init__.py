@@ -27,9 +27,11 @@ from .task import Chunk, DTask
 from .taskoptions import MISSING, Scope, scope
 
 if TYPE_CHECKING:
+    from .access import In, InOut, Out
     from .api import Options, as_completed, fetch, gather, options, put, spawn, tochunk, wait
     from .cluster import Cluster, WorkerInfo
     from .logs import Logs, disable_logging, enable_logging, fetch_logs
+    from .regions import datadeps
     from .taskgroup import TaskGroup
 
 # Loaded on first use. A worker process imports this package too, and never needs the
@@ -41,6 +43,7 @@ _LAZY = {
     "Cluster": "cluster", "WorkerInfo": "cluster",
     "Logs": "logs", "disable_logging": "logs", "enable_logging": "logs", "fetch_logs": "logs",
     "TaskGroup": "taskgroup",
+    "In": "access", "InOut": "access", "Out": "access", "datadeps": "regions",
 }
 
 
@@ -67,9 +70,12 @@ __all__ = [
     "DTask",
     "DaggerError",
     "FrameTooLargeError",
+    "In",
+    "InOut",
     "Logs",
     "NoProcessorError",
     "Options",
+    "Out",
     "ProtocolError",
     "Scope",
     "SerializationError",
@@ -81,6 +87,7 @@ __all__ = [
     "WorkerLostError",
     "__version__",
     "as_completed",
+    "datadeps",
     "disable_logging",
     "enable_logging",
     "fetch",

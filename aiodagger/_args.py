@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .access import Access
 from .task import Chunk, DTask
 
 __all__ = ["LEAF_TYPES", "find_dependencies", "resolve_arguments"]
@@ -70,6 +71,11 @@ def _scan(value: Any, deps: list[DTask[Any]], path: set[int] | None = None) -> b
         if isinstance(value, DTask):
             deps.append(value)
         return True
+    if isinstance(value, Access):
+        raise TypeError(
+            f"{value!r} reached a plain task: In/Out/InOut order the tasks of a datadeps "
+            "region and are understood only as direct arguments of dd.spawn, not by "
+            "dagger.spawn or inside containers")
     return False
 
 

@@ -176,6 +176,15 @@ class TaskOptions:
         values.update(overrides)
         return TaskOptions(**values)
 
+    def with_after(self, after: tuple[Any, ...]) -> TaskOptions:
+        """These options, also waiting for ``after`` (tasks, already checked: this is a
+        datadeps region's per-task path, so no keyword parsing or validation)."""
+        new = object.__new__(TaskOptions)
+        for name in self.__slots__:
+            setattr(new, name, getattr(self, name))
+        new.after = self.after + after
+        return new
+
 
 DEFAULT_OPTIONS = TaskOptions()
 OPTION_NAMES = frozenset(TaskOptions.__slots__)

@@ -12,6 +12,8 @@ def test_all_is_exactly_the_contract():
         "TaskCancelledError", "TaskGroup", "TaskTimeoutError", "UpstreamError", "WorkerInfo",
         "WorkerLostError", "__version__", "as_completed", "disable_logging", "enable_logging", "fetch",
         "fetch_logs", "gather", "options", "progress", "put", "scope", "spawn", "tochunk", "wait",
+        # Dagger.jl's programming models
+        "In", "InOut", "Out", "datadeps",
     ])
     for name in aiodagger.__all__:
         assert hasattr(aiodagger, name), name

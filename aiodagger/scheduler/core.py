@@ -233,10 +233,22 @@ class Scheduler:
 
     def _goes_remote(self, task: DTask[Any]) -> bool:
         """Whether the task runs on workers in other processes rather than worker 0."""
+        return self.runs_elsewhere(task._opts.scope)
+
+    # -- what a datadeps region asks (aiodagger.regions) ----------------------------------
+    in_worker_process = False
+
+    @property
+    def home_worker(self) -> int:
+        """The id of the worker whose process this is."""
+        return self._local_worker.id
+
+    def runs_elsewhere(self, scope: Scope) -> bool:
+        """Whether a task with ``scope`` runs in another process than this one (its
+        arguments then travel pickled, when it is sent)."""
         dist = self.dist
         if dist is None or not (dist.workers or dist.expects_workers):
             return False
-        scope = task._opts.scope
         return scope is ANY_SCOPE or not _pins_local(scope)
 
     def _admissible(self, task: DTask[Any]) -> bool:

@@ -42,6 +42,8 @@ class SchedulerClient:
     """Stands in for the scheduler inside a worker process: the TaskOwner of its handles."""
 
     closed = False
+    # A datadeps region opened here pins its tasks to this worker (aiodagger.regions).
+    in_worker_process = True
 
     def __init__(self, worker: WorkerProcess) -> None:
         self.worker = worker
@@ -53,6 +55,10 @@ class SchedulerClient:
         self._lock = threading.Lock()  # spawns come from pool threads and the loop
         self._wakeup = Wakeup(self.loop, self._flush)
         self.handles: weakref.WeakValueDictionary[int, DTask[Any]] = weakref.WeakValueDictionary()
+
+    @property
+    def home_worker(self) -> int:
+        return self.worker.worker_id
 
     # -- spawning (any thread of the worker) ------------------------------------------------
     def spawn(self, opts: TaskOptions, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DTask[Any]:
