@@ -66,6 +66,7 @@ class Region:
         self._token: Any = None
         self._wrappers: dict[Any, Any] = {}
         self._refs: list[int] = []  # this region's entries in _LOCAL (worker processes)
+        self._scan = False  # whether the task being spawned has arguments to scan
 
     def __repr__(self) -> str:
         return f"<dagger.datadeps region {self._state}, {len(self._tasks)} task(s)>"
@@ -91,14 +92,31 @@ class Region:
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._close()
         try:
-            # Every task finishes before the caller may touch its objects again, also
-            # when the body raised: they may still be writing them.
-            for task in self._tasks:
-                await asyncio.shield(task.wait())
+            await self._wait_all()
         finally:
             self._forget_refs()
         if exc_type is None:
             self._raise_first_failure()
+
+    async def _wait_all(self) -> None:
+        """Every task finishes before the caller may touch its objects again, also when
+        the body raised (they may still be writing them). Cancelled meanwhile: the tasks
+        not started yet are cancelled, those running are still waited for."""
+        from .api import wait
+
+        if not self._tasks:
+            return
+        cancelled = False
+        while True:
+            try:
+                await wait(self._tasks)
+                break
+            except asyncio.CancelledError:
+                cancelled = True
+                for task in self._tasks:
+                    task.cancel()
+        if cancelled:
+            raise asyncio.CancelledError
 
     def __enter__(self) -> Region:
         self._open()
@@ -145,6 +163,7 @@ class Region:
             if err is not None:
                 raise err
         log = self._log
+        self._scan = False
         after: dict[Any, None] = {}
         accesses: list[tuple[Any, bool]] = []
         written: list[tuple[int | str, Any]] = []  # where a written argument sits, and it
@@ -167,7 +186,7 @@ class Region:
         elif written and sched.runs_elsewhere(opts.scope):
             task = self._spawn_with_copy_back(sched, opts, fn, plain_args, plain_kwargs, written)
         else:
-            task = sched.spawn(opts, fn, tuple(plain_args), plain_kwargs)
+            task = sched.spawn(opts, fn, tuple(plain_args), plain_kwargs, scan=self._scan)
         for entry, writes in accesses:
             log.record(entry, writes, task)
         self._tasks.append(task)
@@ -184,7 +203,10 @@ class Region:
             value, writes = arg.value, arg.writes
         else:
             value, writes = arg, False
-        if type(value) in LEAF_TYPES:
+        kind = type(value)
+        if kind is list or kind is tuple or kind is dict or isinstance(value, (DTask, Chunk)):
+            self._scan = True  # the scheduler must look inside for dependencies
+        elif kind in LEAF_TYPES:
             if writes:
                 raise TypeError(
                     f"{arg!r}: {type(value).__name__} values cannot be changed in place, so no task "

@@ -180,9 +180,10 @@ class TaskOptions:
         """These options, also waiting for ``after`` (tasks, already checked: this is a
         datadeps region's per-task path, so no keyword parsing or validation)."""
         new = object.__new__(TaskOptions)
-        for name in self.__slots__:
-            setattr(new, name, getattr(self, name))
-        new.after = self.after + after
+        new.name, new.scope, new.priority = self.name, self.scope, self.priority
+        new.retries, new.timeout = self.retries, self.timeout
+        new.checkpoint, new.restore = self.checkpoint, self.restore
+        new.after = self.after + after if self.after else after
         return new
 
 

@@ -98,8 +98,9 @@ class Scheduler:
 
     # -- spawning (any thread) -----------------------------------------------------------
     def spawn(self, opts: TaskOptions, fn: Any, args: tuple[Any, ...],
-              kwargs: dict[str, Any], key: int | None = None) -> DTask[Any]:
-        """A new task (``key``: an id given by a worker that spawned it)."""
+              kwargs: dict[str, Any], key: int | None = None, scan: bool = True) -> DTask[Any]:
+        """A new task (``key``: an id given by a worker that spawned it; ``scan=False``:
+        the caller knows no argument holds a DTask or Chunk)."""
         if self.closed:
             raise RuntimeError("this cluster is closed; spawn inside `async with dagger.Cluster()`")
         kind = classify(fn)
@@ -114,6 +115,9 @@ class Scheduler:
             if not kwargs:
                 self._spawn_in_loop_or_inbox(task)
                 return task
+        if not scan:
+            self._spawn_in_loop_or_inbox(task)
+            return task
         deps, found = find_dependencies(args, kwargs)
         if found:
             task._resolve = True

@@ -14,11 +14,15 @@ from benchmarks.coldstart import run_cold
 from benchmarks.peers.base import Peer, Timed, Unavailable
 from benchmarks.spillrun import peak_rss, raw_disk_gb_s
 from benchmarks.workloads import (
+    DD_BLOCK_VALUES,
+    DD_BLOCKS,
     PROCESS_WORKERS,
     W6_CHUNK,
     W6_LIMIT,
     Workload,
     array_sum,
+    bump_block,
+    bump_in_place,
     chunk_sum,
     inc,
     make_array,
@@ -104,6 +108,26 @@ class AiodaggerPeer(Peer):
         d = self._dagger
         tasks = [d.spawn(sleep0_identity, i) for i in range(w.n)]
         return list(await d.gather(*tasks))
+
+    async def dd(self, w: Workload) -> float:
+        import numpy as np
+
+        d = self._dagger
+        blocks = np.zeros((DD_BLOCKS, DD_BLOCK_VALUES))
+        rows = list(blocks)
+        async with d.datadeps() as dd:
+            for i in range(w.n):
+                dd.spawn(bump_in_place, d.InOut(rows[i % DD_BLOCKS]))
+        return float(blocks.sum())
+
+    async def dd_plain(self, w: Workload) -> float:
+        import numpy as np
+
+        d = self._dagger
+        chains: list[Any] = list(np.zeros((DD_BLOCKS, DD_BLOCK_VALUES)))
+        for i in range(w.n):
+            chains[i % DD_BLOCKS] = d.spawn(bump_block, chains[i % DD_BLOCKS])
+        return float(sum(a.sum() for a in await d.gather(*chains)))
 
     async def w4(self, w: Workload) -> list[int]:
         # Worker 0 (this process) runs only tasks scoped to it while subprocess
