@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .api import Options, as_completed, fetch, gather, options, put, spawn, tochunk, wait
     from .cluster import Cluster, WorkerInfo
     from .logs import Logs, disable_logging, enable_logging, fetch_logs
+    from .mutables import mutable, shard
     from .regions import datadeps
     from .taskgroup import TaskGroup
 
@@ -44,6 +45,7 @@ _LAZY = {
     "Logs": "logs", "disable_logging": "logs", "enable_logging": "logs", "fetch_logs": "logs",
     "TaskGroup": "taskgroup",
     "In": "access", "InOut": "access", "Out": "access", "datadeps": "regions",
+    "mutable": "mutables", "shard": "mutables",
 }
 
 
@@ -93,10 +95,12 @@ __all__ = [
     "fetch",
     "fetch_logs",
     "gather",
+    "mutable",
     "options",
     "progress",
     "put",
     "scope",
+    "shard",
     "spawn",
     "tochunk",
     "wait",

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from .access import Access
+from .placed import Placed
 from .task import Chunk, DTask
 
 __all__ = ["LEAF_TYPES", "find_dependencies", "resolve_arguments"]
@@ -70,6 +71,9 @@ def _scan(value: Any, deps: list[DTask[Any]], path: set[int] | None = None) -> b
     if isinstance(value, (DTask, Chunk)):
         if isinstance(value, DTask):
             deps.append(value)
+        return True
+    if isinstance(value, Placed):  # a mutable or shard: the scheduler binds the task to it
+        deps.append(value)  # type: ignore[arg-type]
         return True
     if isinstance(value, Access):
         raise TypeError(

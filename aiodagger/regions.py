@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
-import os
 from collections.abc import Callable
 from types import FunctionType
 from typing import Any
@@ -35,6 +33,7 @@ from ._callables import classify, spawn_callable_error
 from .access import Access, In, InOut, Out, open_regions
 from .aliasing import AccessLog
 from .errors import UpstreamError
+from .placed import Placed, call_dereferenced, call_dereferenced_async, lend, take_back
 from .task import Chunk, DTask
 from .taskoptions import TaskOptions, current_options, scope
 
@@ -65,7 +64,7 @@ class Region:
         self._sched: Any = None
         self._token: Any = None
         self._wrappers: dict[Any, Any] = {}
-        self._refs: list[int] = []  # this region's entries in _LOCAL (worker processes)
+        self._lent: list[Any] = []  # keys of the objects lent to tasks (in a worker process)
         self._scan = False  # whether the task being spawned has arguments to scan
 
     def __repr__(self) -> str:
@@ -146,9 +145,7 @@ class Region:
             first.result()
 
     def _forget_refs(self) -> None:
-        for key in self._refs:
-            _LOCAL.pop(key, None)
-        self._refs.clear()
+        take_back(self._lent)
 
     # -- spawning --------------------------------------------------------------------------
     def spawn(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> DTask[Any]:
@@ -204,7 +201,7 @@ class Region:
         else:
             value, writes = arg, False
         kind = type(value)
-        if kind is list or kind is tuple or kind is dict or isinstance(value, (DTask, Chunk)):
+        if kind is list or kind is tuple or kind is dict or isinstance(value, (DTask, Chunk, Placed)):
             self._scan = True  # the scheduler must look inside for dependencies
         elif kind in LEAF_TYPES:
             if writes:
@@ -222,7 +219,7 @@ class Region:
         entry = log.entry(value)
         log.conflicts(entry, writes, after)
         accesses.append((entry, writes))
-        if writes:
+        if writes and not isinstance(value, Placed):  # a mutable is written where it lives
             written.append((where, value))
         return value
 
@@ -251,17 +248,17 @@ class Region:
             raise ValueError(
                 f"a datadeps region inside a task runs its tasks on that task's worker "
                 f"({home}), but this one has {opts.scope!r}; spawn it with dagger.spawn instead")
-        refs = self._refs
+        lent = self._lent
         for i, arg in enumerate(args):
             if type(arg) not in LEAF_TYPES and not isinstance(arg, (DTask, Chunk)):
-                args[i] = _LocalRef.of(arg, refs)
+                args[i] = lend(arg, lent, home)
         for k, arg in kwargs.items():
             if type(arg) not in LEAF_TYPES and not isinstance(arg, (DTask, Chunk)):
-                kwargs[k] = _LocalRef.of(arg, refs)
+                kwargs[k] = lend(arg, lent, home)
         key = (fn, None)
         wrapper = self._wrappers.get(key)
         if wrapper is None:
-            body = _call_dereferenced_async if classify(fn) == "async" else _call_dereferenced
+            body = call_dereferenced_async if classify(fn) == "async" else call_dereferenced
             wrapper = self._wrappers[key] = functools.partial(body, fn)
         name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
         pinned = opts.merged({"name": name, "scope": scope(worker=home)})
@@ -330,50 +327,3 @@ def copy_into(target: Any, value: Any) -> None:
             f"a task in another process wrote a {type(target).__name__}, which cannot be "
             "updated in place here; give the class __getstate__/__setstate__, or use a numpy "
             "array, list, dict or plain object")
-
-
-# -- regions inside worker processes ---------------------------------------------------
-_LOCAL: dict[int, Any] = {}
-_local_keys = itertools.count(1)
-
-
-class _LocalRef:
-    """An object of this process, passed by reference to a task that runs here."""
-
-    __slots__ = ("key", "pid")
-
-    def __init__(self, key: int, pid: int) -> None:
-        self.key = key
-        self.pid = pid
-
-    @classmethod
-    def of(cls, obj: Any, refs: list[int]) -> _LocalRef:
-        key = next(_local_keys)
-        _LOCAL[key] = obj
-        refs.append(key)
-        return cls(key, os.getpid())
-
-    def get(self) -> Any:
-        if self.pid != os.getpid() or self.key not in _LOCAL:
-            raise RuntimeError(
-                "a task of a datadeps region opened inside a task ran away from that task's "
-                "worker (it was restarted or lost), and the objects it works on stayed there")
-        return _LOCAL[self.key]
-
-    def __reduce__(self) -> Any:
-        return (_LocalRef, (self.key, self.pid))
-
-
-def _dereferenced(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    return (tuple(a.get() if type(a) is _LocalRef else a for a in args),
-            {k: v.get() if type(v) is _LocalRef else v for k, v in kwargs.items()})
-
-
-def _call_dereferenced(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    args, kwargs = _dereferenced(args, kwargs)
-    return fn(*args, **kwargs)
-
-
-async def _call_dereferenced_async(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    args, kwargs = _dereferenced(args, kwargs)
-    return await fn(*args, **kwargs)

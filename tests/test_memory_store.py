@@ -658,3 +658,13 @@ async def test_a_chunk_replaced_while_pinned_keeps_its_pins_apart(base):
         store.unpin("k")  # the deleted chunk's pin
         assert store.stats()["pinned"] == 0
         assert (await store.get("k")).sum() == 10
+
+
+async def test_a_chunk_put_as_unspillable_stays_in_ram(base):
+    async with quiet_store(4 * MiB, base) as store:
+        kept = chunk(99, 1 * MiB)  # the oldest: first to go, were it spillable
+        store.put("kept", kept, spillable=False)
+        for i in range(8):
+            store.put(i, chunk(i, 1 * MiB))
+        await until(lambda: len(spill_files(store)) >= 4, what="the others spilled")
+        assert await store.get("kept") is kept  # never written out and read back as a copy

@@ -224,11 +224,12 @@ class ChunkStore:
 
     # -- chunks --------------------------------------------------------------------
 
-    def put(self, key: Hashable, value: Any, nbytes: int | None = None) -> None:
+    def put(self, key: Hashable, value: Any, nbytes: int | None = None, spillable: bool = True) -> None:
         """Store ``value`` under ``key`` (replacing any chunk there), counted as ``nbytes``.
 
         ``nbytes`` defaults to ``sizeof(value)``. Never blocks: a worker calls
         :meth:`wait_admitted` *before* running the task that produces the value.
+        ``spillable=False`` keeps it in RAM for good (what keeps a mutable alive).
         """
         self._check_running("put")
         if nbytes is None:
@@ -237,7 +238,10 @@ class ChunkStore:
             self.delete(key)
         entry = _Entry(key, value, nbytes)
         self._entries[key] = entry
-        self._evictable[key] = entry
+        if spillable:
+            self._evictable[key] = entry
+        else:
+            entry.unspillable = True
         self._used += nbytes
         self._in_memory += 1
         self._update()

@@ -38,6 +38,7 @@ from ..errors import (
     UpstreamError,
     WorkerLostError,
 )
+from ..placed import Placed, bind
 from ..task import CANCELLED, FAILED, FINISHED, ID_SPACE, PENDING, READY, REMOTE, RUNNING, DTask
 from ..taskoptions import ANY_SCOPE, Scope, TaskOptions
 from .events import Instrument
@@ -122,13 +123,19 @@ class Scheduler:
         if found:
             task._resolve = True
             if deps:
+                placed: list[Any] = []
                 for dep in deps:
-                    if dep._sched is not self:
+                    if type(dep) is not DTask and isinstance(dep, Placed):
+                        placed.append(dep)
+                    elif dep._sched is not self:
                         raise ValueError(
                             f"{dep!r} belongs to another cluster; a task can only depend on "
                             "tasks of its own cluster (fetch the value and pass that instead)"
                         )
-                task._deps = deps
+                if placed:
+                    deps = [dep for dep in deps if not isinstance(dep, Placed)]
+                    bind(self, task, placed)
+                task._deps = deps or None
         self._spawn_in_loop_or_inbox(task)
         return task
 
@@ -246,6 +253,19 @@ class Scheduler:
     def home_worker(self) -> int:
         """The id of the worker whose process this is."""
         return self._local_worker.id
+
+    def placeable_workers(self, scope: Scope) -> list[int]:
+        """The ids of the workers a task with ``scope`` could be placed on now (those in
+        other processes, while there are any and the scope does not name this one)."""
+        if self.runs_elsewhere(scope):
+            assert self.dist is not None
+            found = [w.id for w in self.dist.admitted(scope)] if not scope.gpu else []
+        else:
+            found = [self._local_worker.id] if self._local_worker.admits(scope) else []
+        if not found:
+            raise NoProcessorError(f"no running worker of this cluster satisfies {scope!r}. "
+                                   f"The cluster has: {self.describe_processors()}")
+        return sorted(found)
 
     def runs_elsewhere(self, scope: Scope) -> bool:
         """Whether a task with ``scope`` runs in another process than this one (its

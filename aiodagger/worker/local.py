@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .._bridge import Wakeup
 from ..interfaces import WorkerStatus
 from ..memory import ChunkStore, SpillCorruptedError, admit
+from ..placed import Ref
 from ..task import NOWHERE, REMOTE, DTask
 from .aio import AsyncProc
 from .threads import ThreadProc
@@ -199,7 +200,7 @@ class LocalWorker:
     def _keep(self, task: DTask[Any], value: Any) -> Any:
         """Put a result in the store; its DTask holds REMOTE (and keeps its lineage)."""
         assert self.store is not None
-        self.store.put(task.id, value)
+        self.store.put(task.id, value, spillable=type(value) is not Ref)
         if task._where is NOWHERE:
             task._where = set()
         task._where.add(self.id)

@@ -34,6 +34,7 @@ from ..comm.handshake import client_handshake
 from ..comm.server import Listener, parse_address
 from ..errors import FrameTooLargeError, ProtocolError, TaskCancelledError
 from ..memory import ChunkStore, SpillCorruptedError, admit
+from ..placed import Ref
 from ..task import DTask
 from ..taskoptions import TaskOptions
 from .aio import HURRY_GRACE, AsyncProc
@@ -168,7 +169,7 @@ class WorkerProcess:
                 ok, value = False, exc
             else:
                 size = len(payload) + sum(b.nbytes for b in buffers)
-                self.store.put(task.id, value, nbytes=size)
+                self.store.put(task.id, value, nbytes=size, spillable=type(value) is not Ref)
                 if size <= INLINE_LIMIT:
                     self._record(P.Finished(task.id, attempt, "ok", size, start, seconds,
                                             1 + len(buffers), []),
