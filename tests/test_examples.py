@@ -22,12 +22,14 @@ EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
 def test_every_example_is_run_by_a_test():
     # quickstart and script here; fastapi_app, aiohttp_app and notebook in their own files
     assert sorted(p.name for p in EXAMPLES.iterdir() if not p.name.startswith((".", "__"))) == [
-        "aiohttp_app.py", "fastapi_app.py", "notebook.ipynb", "quickstart.py", "script.py"]
+        "aiohttp_app.py", "datadeps.py", "fastapi_app.py", "notebook.ipynb", "quickstart.py", "script.py"]
 
 
 @pytest.mark.parametrize("script, expected", [
     ("quickstart.py", ["total with tax: 165", "failed upstream: fetch_price -> KeyError"]),
     ("script.py", ["sum of squares: 285"]),
+    ("datadeps.py", ["datadeps: c[:3] = [1.0, 2.0, 3.0]", "tiled matmul matches numpy: True",
+                     "mutable on worker 1: [3.0, 3.0, 3.0, 3.0]", "histogram counts: 100 from 2 pieces"]),
 ])
 def test_example_runs(script, expected):
     proc = subprocess.run([sys.executable, "-W", "error", str(EXAMPLES / script)],
