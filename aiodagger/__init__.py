@@ -29,6 +29,7 @@ from .taskoptions import MISSING, Scope, scope
 if TYPE_CHECKING:
     from .api import Options, as_completed, fetch, gather, options, put, spawn, tochunk, wait
     from .cluster import Cluster, WorkerInfo
+    from .files import File, tofile
     from .logs import Logs, disable_logging, enable_logging, fetch_logs
     from .taskgroup import TaskGroup
 
@@ -39,6 +40,7 @@ _LAZY = {
     "Options": "api", "as_completed": "api", "fetch": "api", "gather": "api",
     "options": "api", "put": "api", "spawn": "api", "tochunk": "api", "wait": "api",
     "Cluster": "cluster", "WorkerInfo": "cluster",
+    "File": "files", "tofile": "files",
     "Logs": "logs", "disable_logging": "logs", "enable_logging": "logs", "fetch_logs": "logs",
     "TaskGroup": "taskgroup",
 }
@@ -66,6 +68,7 @@ __all__ = [
     "Cluster",
     "DTask",
     "DaggerError",
+    "File",
     "FrameTooLargeError",
     "Logs",
     "NoProcessorError",
@@ -92,5 +95,6 @@ __all__ = [
     "scope",
     "spawn",
     "tochunk",
+    "tofile",
     "wait",
 ]

@@ -116,7 +116,7 @@ class Scheduler:
                 return task
         deps, found = find_dependencies(args, kwargs)
         if found:
-            task._resolve = True
+            task._resolve = found
             if deps:
                 for dep in deps:
                     if dep._sched is not self:
