@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .access import In, InOut, Out
     from .api import Options, as_completed, fetch, gather, options, put, spawn, tochunk, wait
     from .cluster import Cluster, WorkerInfo
+    from .files import File, tofile
     from .logs import Logs, disable_logging, enable_logging, fetch_logs
     from .mutables import mutable, shard
     from .regions import datadeps
@@ -42,6 +43,7 @@ _LAZY = {
     "Options": "api", "as_completed": "api", "fetch": "api", "gather": "api",
     "options": "api", "put": "api", "spawn": "api", "tochunk": "api", "wait": "api",
     "Cluster": "cluster", "WorkerInfo": "cluster",
+    "File": "files", "tofile": "files",
     "Logs": "logs", "disable_logging": "logs", "enable_logging": "logs", "fetch_logs": "logs",
     "TaskGroup": "taskgroup",
     "In": "access", "InOut": "access", "Out": "access", "datadeps": "regions",
@@ -71,6 +73,7 @@ __all__ = [
     "Cluster",
     "DTask",
     "DaggerError",
+    "File",
     "FrameTooLargeError",
     "In",
     "InOut",
@@ -103,5 +106,6 @@ __all__ = [
     "shard",
     "spawn",
     "tochunk",
+    "tofile",
     "wait",
 ]

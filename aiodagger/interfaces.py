@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .task import DTask
-    from .taskoptions import Scope
+    from .taskoptions import Scope, TaskOptions
 
 __all__ = ["AsyncProcessor", "LocalWorkerOwner", "LocalWorkerPort", "ProcessorOwner", "TaskOwner",
            "ThreadProcessor", "WorkerStatus"]
@@ -64,6 +64,11 @@ class TaskOwner(Protocol):
 
     def bring_blocking(self, objs: list[Any], timeout: float | None) -> None:
         """:meth:`bring_here` for a thread that is not the owner's loop."""
+        ...
+
+    def spawn(self, opts: TaskOptions, fn: Any, args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> DTask[Any]:
+        """A new task of the same cluster (``tofile`` writes a value beside it so)."""
         ...
 
 

@@ -33,6 +33,7 @@ from ._callables import classify, spawn_callable_error
 from .access import Access, In, InOut, Out, open_regions
 from .aliasing import AccessLog
 from .errors import UpstreamError
+from .files import File
 from .placed import Placed, call_dereferenced, call_dereferenced_async, lend, take_back
 from .task import Chunk, DTask
 from .taskoptions import TaskOptions, current_options, scope
@@ -201,7 +202,7 @@ class Region:
         else:
             value, writes = arg, False
         kind = type(value)
-        if kind is list or kind is tuple or kind is dict or isinstance(value, (DTask, Chunk, Placed)):
+        if kind is list or kind is tuple or kind is dict or isinstance(value, (DTask, Chunk, Placed, File)):
             self._scan = True  # the scheduler must look inside for dependencies
         elif kind in LEAF_TYPES:
             if writes:

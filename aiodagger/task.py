@@ -132,7 +132,7 @@ class DTask(Generic[R]):
         self._npending = -1  # -1 until the scheduler has registered the task
         self._waiters: list[Callable[[DTask[Any]], object]] | None = []
         self._deps: list[DTask[Any]] | None = None
-        self._resolve = False
+        self._resolve: int = False  # what to replace in the arguments (see _args)
         self._attempts = 0
         self._misses = 0  # times a worker could not get this task's inputs
         self._handle: Any = None

@@ -105,7 +105,7 @@ SAMPLES: list[tuple[object, list[bytes]]] = [
     (Values([]), []),
     (Run([RunTask(SPAWNED, NAME, FN, "thread", 0, 3,
                   [Dep(-7, [Holder(1, ADDR), Holder(2, ADDR6)]), Dep(8, [])],
-                  True, True, [-7, 8, BIG]),
+                  True, True, [-7, 8, BIG], True),
           RunTask(1, "", b"", "async", 2**40, 1, [], False, False, [])]), parts(5, 6, 7, 8)),
     (Run([]), []),
     (Done([Finished(1, 0, "ok", BIG, 12345.678, 0.25, 2, []),
@@ -276,7 +276,7 @@ def test_split_parts_gives_each_record_its_own_buffers():
 
 
 # -- malformed messages ------------------------------------------------------------------
-RUN_TASK = [5, "f", b"h", "thread", 0, 1, [], False, False, []]
+RUN_TASK = [5, "f", b"h", "thread", 0, 1, [], False, False, [], False]
 FINISHED = [5, 0, "ok", 10, 1.0, 0.5, 0, []]
 MEMORY = [0, 0, 0, 0]
 HOLDER = [1, ADDR]
@@ -297,13 +297,13 @@ def with_field(base: list, i: int, value) -> list:
 
 
 # A value of a wrong type for each field of RunTask and Finished.
-WRONG_RUN_TASK = ["5", b"f", "h", None, 1.5, "1", {}, 1, None, [1, "2"]]
+WRONG_RUN_TASK = ["5", b"f", "h", None, 1.5, "1", {}, 1, None, [1, "2"], 0]
 WRONG_FINISHED = [None, "0", b"ok", -1, "1.0", None, 1.5, {}]
 
 MALFORMED = [
     # wrong field count, of a message and of its records
-    ("RunTask 9 fields", *run(RUN_TASK[:-1]), r"malformed RunTask: expected 10 fields"),
-    ("RunTask 11 fields", *run([*RUN_TASK, 0]), r"malformed RunTask: expected 10 fields"),
+    ("RunTask 10 fields", *run(RUN_TASK[:-1]), r"malformed RunTask: expected 11 fields"),
+    ("RunTask 12 fields", *run([*RUN_TASK, 0]), r"malformed RunTask: expected 11 fields"),
     ("Finished 7 fields", *done(FINISHED[:-1]), r"malformed Finished: expected 8 fields"),
     ("Memory 3 fields", *done(memory=[0, 0, 0]), r"malformed Memory: expected 4 fields"),
     ("Get no fields", {"op": "get", "a": []}, 0, r"malformed Get: expected 1 fields"),
@@ -404,7 +404,7 @@ MALFORMED = [
     ("a is bytes", {"op": "release", "a": b"\x91\x01"}, 0, r"malformed Release: .* got bytes"),
     # nested records malformed
     ("Run.tasks a map", {"op": "run", "a": [{"x": 1}]}, 0, r"malformed Run: field tasks is dict"),
-    ("RunTask not a list", {"op": "run", "a": [[5]]}, 0, r"malformed RunTask: expected 10 fields"),
+    ("RunTask not a list", {"op": "run", "a": [[5]]}, 0, r"malformed RunTask: expected 11 fields"),
     ("Dep.holders a str", *run(with_field(RUN_TASK, 6, [[1, "x"]])), r"malformed Dep: field holders"),
     ("Dep 1 field", *run(with_field(RUN_TASK, 6, [[1]])), r"malformed Dep: expected 2 fields"),
     ("Holder 1 field", *run(with_field(RUN_TASK, 6, [[1, [[1]]]])), r"malformed Holder: expected 2"),
@@ -471,8 +471,9 @@ def test_valid_edge_values_are_taken():
         wire_decode({"op": "register", "a": ["", 0, "", 0, "", None, []]})
     msg = wire_decode({"op": "done", "a": [[[0, 0, "ok", 0, 0, 0, 0, []]], MEMORY]})
     assert msg.results[0].start == 0 and type(msg.results[0]) is Finished
-    task = wire_decode({"op": "run", "a": [[[5, "f", b"h", "thread", 0, 2, [], True, False, []]]]}, 2)
+    task = wire_decode({"op": "run", "a": [[[5, "f", b"h", "thread", 0, 2, [], True, False, [], True]]]}, 2)
     assert task.tasks[0].callbacks is True and task.tasks[0].nparts == 2
+    assert task.tasks[0].files is True
 
 
 # -- fuzzing the record decoders ---------------------------------------------------------
@@ -870,7 +871,7 @@ async def test_message_not_in_the_table_ends_only_that_connection(start_server):
 @pytest.mark.parametrize("header, nbuffers, match", [
     ({"op": "get", "a": [["x"]]}, 0, r"malformed Get: field keys is str 'x'"),
     ({"op": "get", "a": [[1]], "req": 1}, 1, r"get announces 0 buffer"),
-    ({"op": "run", "a": [[[1, "f"]]]}, 0, r"malformed RunTask: expected 10 fields"),
+    ({"op": "run", "a": [[[1, "f"]]]}, 0, r"malformed RunTask: expected 11 fields"),
     ({"op": "no-such-op", "a": []}, 0, r"unknown op 'no-such-op'"),
 ], ids=["bad-field", "bad-buffers", "bad-record", "unknown-op"])
 async def test_malformed_message_ends_only_that_connection(start_server, header, nbuffers, match):

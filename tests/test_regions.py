@@ -383,3 +383,11 @@ def test_a_region_computes_what_sequential_execution_does(ops):
         for j in range(i):
             if touched[i] & touched[j] and not ops[i][1] == ops[j][1] == "read":
                 assert j in before[i], (ops[j], ops[i])
+
+
+async def test_a_file_argument_is_read_by_its_task(threads4, tmp_path):
+    f = await dagger.tofile(np.arange(3.0), tmp_path / "x.npy")
+    out = np.zeros(3)
+    async with dagger.datadeps() as dd:
+        dd.spawn(read_into, dagger.Out(out), f)
+    assert out.tolist() == [0.0, 1.0, 2.0]

@@ -31,7 +31,7 @@ op                 direction             fields (records in CamelCase)
 ``run``            scheduler -> worker   tasks [RunTask]: key, name, fn_hash, kind,
                                          attempt, nparts, deps [Dep(key, holders
                                          [Holder(worker, address)])], callbacks, refs,
-                                         inputs. Parts: the pickled (restore,
+                                         inputs, files. Parts: the pickled (restore,
                                          checkpoint) pair if ``callbacks``, then the
                                          arguments' pickle and its buffers
 ``done``           worker -> scheduler   results [Finished]: key, attempt, status
@@ -273,7 +273,7 @@ class ValueDef(NamedTuple):
     nparts: int
 
 
-@record(INT, STR, BYTES, STR, INT, COUNT, [Dep], BOOL, BOOL, IDS)
+@record(INT, STR, BYTES, STR, INT, COUNT, [Dep], BOOL, BOOL, IDS, BOOL)
 class RunTask(NamedTuple):
     """One task for a worker to run."""
     key: int
@@ -286,6 +286,7 @@ class RunTask(NamedTuple):
     callbacks: bool    # restore / checkpoint callbacks come first in the parts
     refs: bool         # the arguments hold task/chunk references to substitute
     inputs: list[int]  # every input key the task reads (to load and pin)
+    files: bool = False  # the arguments hold dagger.Files, read by the worker as the task runs
 
 
 @record(INT, [INT])

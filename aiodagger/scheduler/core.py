@@ -121,7 +121,7 @@ class Scheduler:
             return task
         deps, found = find_dependencies(args, kwargs)
         if found:
-            task._resolve = True
+            task._resolve = found
             if deps:
                 placed: list[Any] = []
                 for dep in deps:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
+from .._args import DEPS
 from .._bridge import Wakeup
 from ..comm import protocol as P
 from ..errors import FrameTooLargeError, SerializationError, WorkerLostError
@@ -397,7 +398,12 @@ class WorkerRegistry:
         frame to that worker may be."""
         assert task._fn is not None and task._args is not None and task._kwargs is not None
         fn_hash, fn_bytes = self.fn_cache.get(task._fn)
-        payload, parts, chunks = P.dumps_args(task.name, task._args, task._kwargs, task._resolve)
+        resolve = task._resolve
+        if resolve is False or resolve is True:
+            refs, files = resolve, False
+        else:  # an int of flags: a File is among the arguments
+            refs, files = bool(resolve & DEPS), True
+        payload, parts, chunks = P.dumps_args(task.name, task._args, task._kwargs, refs)
         opts = task._opts
         if opts.restore is not None or opts.checkpoint is not None:
             try:
@@ -438,7 +444,7 @@ class WorkerRegistry:
                 else:
                     deps.append(P.Dep(key, self._holders(dep, worker)))
         worker.runs.add(P.RunTask(task.id, task.name, fn_hash, task._kind, task._attempts,
-                                  len(sent), deps, callbacks, task._resolve, inputs), sent)
+                                  len(sent), deps, callbacks, refs, inputs, files), sent)
         task._est = est = self.sched.runtimes.get(task._fnkey)
         if task._kind != "async":
             worker.queued += 1

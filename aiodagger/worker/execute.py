@@ -1,6 +1,8 @@
 """Running one task's body: arguments resolved, ``restore`` consulted, ``checkpoint`` called.
 
-Shared by every processor so that a task means the same thing wherever it runs.
+Shared by every processor so that a task means the same thing wherever it runs. Files
+among the arguments are read here, where the task runs: on the pool thread for a sync
+function, without blocking the loop for a coroutine function.
 
 A ``restore`` or ``checkpoint`` callback that raises is logged as a warning and
 counted (``callback_errors()``), never the task's failure: a failed restore means
@@ -16,8 +18,9 @@ import logging
 import threading
 from typing import Any
 
-from .._args import resolve_arguments
+from .._args import DEPS, find_files, replace_files, resolve_arguments
 from ..errors import TaskCancelledError
+from ..files import aread_file, read_file
 from ..task import DTask
 from ..taskoptions import MISSING
 
@@ -45,12 +48,43 @@ def _callback_failed(task: DTask[Any], which: str, callback: Any, exc: Exception
                    type(exc).__name__, exc, then, exc_info=exc)
 
 
-def _prepare(task: DTask[Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+def _call_of(task: DTask[Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     fn, args, kwargs = task._fn, task._args, task._kwargs
     if fn is None or args is None or kwargs is None:
         # The loop released the task (cancelled) after this thread picked it up.
         raise TaskCancelledError(f"{task._describe()} was cancelled")
-    if task._resolve:
+    return fn, args, kwargs
+
+
+def _prepare(task: DTask[Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    fn, args, kwargs = _call_of(task)
+    resolve = task._resolve
+    if resolve:
+        if resolve is not True:  # Files among the arguments (_args.FILES): read on this thread
+            files = find_files(args, kwargs)
+            reader = task._describe()
+            args, kwargs = replace_files(args, kwargs, {f: read_file(f, reader) for f in files})
+            if not resolve & DEPS:
+                return fn, args, kwargs
+        args, kwargs = resolve_arguments(args, kwargs, task._inputs)
+    return fn, args, kwargs
+
+
+async def _prepare_async(task: DTask[Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    fn, args, kwargs = _call_of(task)
+    resolve = task._resolve
+    if resolve:
+        if resolve is not True:  # Files: read without blocking this loop, all at once
+            files = find_files(args, kwargs)
+            reader = task._describe()
+            read = await asyncio.gather(*[aread_file(f, reader) for f in files],
+                                        return_exceptions=True)
+            for value in read:
+                if isinstance(value, BaseException):
+                    raise value
+            args, kwargs = replace_files(args, kwargs, dict(zip(files, read, strict=True)))
+            if not resolve & DEPS:
+                return fn, args, kwargs
         args, kwargs = resolve_arguments(args, kwargs, task._inputs)
     return fn, args, kwargs
 
@@ -94,7 +128,7 @@ async def _awaited(awaitable: Any) -> Any:
 
 async def run_async(task: DTask[Any]) -> Any:
     """Run a coroutine-function task on the running loop and return its value."""
-    fn, args, kwargs = _prepare(task)
+    fn, args, kwargs = await _prepare_async(task)
     opts = task._opts
     if opts.restore is not None:
         try:

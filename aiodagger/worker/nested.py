@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from .._args import find_dependencies
+from .._args import DEPS, find_dependencies
 from .._bridge import (
     Wakeup,
     block_until_done,
@@ -67,7 +67,8 @@ class SchedulerClient:
         name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
         deps, found = find_dependencies(args, kwargs)
         fn_hash, fn_bytes = self._fn_cache.get(fn)
-        payload, parts, _ = P.dumps_args(name, args, kwargs, found)
+        refs = found if found is False or found is True else bool(found & DEPS)  # Files too
+        payload, parts, _ = P.dumps_args(name, args, kwargs, refs)
         if opts.after:  # handles of this process: the scheduler knows them by key
             opts = opts.merged({"after": tuple(t.id for t in opts.after)})
         opts_bytes = cloudpickle.dumps(opts)
@@ -81,7 +82,7 @@ class SchedulerClient:
             key = self.worker.worker_id * P.ID_SPACE + next(self._ids)
             task: DTask[Any] = DTask(self, key, name, fn, args, kwargs, opts)
             self.handles[key] = task
-            self._spawns.add(P.SpawnTask(key, fn_hash, 3 + len(parts), found),
+            self._spawns.add(P.SpawnTask(key, fn_hash, 3 + len(parts), refs),
                              (fn_bytes, opts_bytes, payload, *parts))
         weakref.finalize(task, self._forget, key)
         if not self._wakeup.pending:

@@ -25,6 +25,7 @@ from typing import Any
 
 import cloudpickle
 
+from .._args import DEPS, FILES
 from .._bridge import Wakeup
 from .._context import current_cluster_var as _current_cluster
 from .._context import pool_thread as _pool_thread
@@ -35,7 +36,7 @@ from ..comm.server import Listener, parse_address
 from ..errors import FrameTooLargeError, ProtocolError, TaskCancelledError
 from ..memory import ChunkStore, SpillCorruptedError, admit
 from ..placed import Ref
-from ..task import DTask
+from ..task import Chunk, DTask
 from ..taskoptions import TaskOptions
 from .aio import HURRY_GRACE, AsyncProc
 from .execute import callback_errors
@@ -468,13 +469,15 @@ class WorkerProcess:
         store = self.store
         index = 0
         for rec in msg.tasks:  # once per task: split_parts inlined, fields unpacked at once
-            key, name, fn_hash, kind, attempt, nparts, deps, callbacks, refs, inputs = rec
+            key, name, fn_hash, kind, attempt, nparts, deps, callbacks, refs, inputs, files = rec
             parts: Sequence[Any] = buffers[index:index + nparts]
             index += nparts
             task: DTask[Any] = DTask(self.client, key, name, None, (), {}, _PLAIN)
             task._kind = kind
             task._attempts = attempt
-            task._resolve = refs  # here: whether the arguments hold references to resolve
+            # Here: whether the arguments hold references to resolve; an int of _args
+            # flags when they hold Files too (read as the task runs, not on this loop).
+            task._resolve = (FILES | refs) if files else refs
             self.running[key] = task
             try:
                 fn = self.functions.get(fn_hash)
@@ -503,9 +506,17 @@ class WorkerProcess:
         if task._cancelled:
             self.complete(task, task._attempts, False, TaskCancelledError(task._describe()), 0.0, 0.0, None)
             return
+        resolve = task._resolve
         try:
-            task._args, task._kwargs = P.loads_args(parts[0], parts[1:], lookup if task._resolve else None)
-            task._resolve = False  # the values are in place
+            if resolve is False or resolve is True:  # no File: the common case
+                task._args, task._kwargs = P.loads_args(parts[0], parts[1:], lookup if resolve else None)
+                task._resolve = False  # the values are in place
+            else:
+                # Files are read first, and that walk must not enter the inputs' values:
+                # each stays wrapped as a Chunk (a leaf to it) until the values go in.
+                held = None if not resolve & DEPS else (
+                    lambda key: Chunk(lookup(key), self.worker_id, key))
+                task._args, task._kwargs = P.loads_args(parts[0], parts[1:], held)
         except Exception as exc:  # noqa: BLE001 - e.g. a class this worker cannot import
             exc.add_note(f"aiodagger: the arguments of {task._describe()} could not be loaded on "
                          f"worker {self.worker_id}")
