@@ -27,6 +27,7 @@ from .task import Chunk, DTask
 from .taskoptions import MISSING, Scope, scope
 
 if TYPE_CHECKING:
+    from . import array
     from .access import In, InOut, Out
     from .api import Options, as_completed, fetch, gather, options, put, spawn, tochunk, wait
     from .cluster import Cluster, WorkerInfo
@@ -47,7 +48,7 @@ _LAZY = {
     "Logs": "logs", "disable_logging": "logs", "enable_logging": "logs", "fetch_logs": "logs",
     "TaskGroup": "taskgroup",
     "In": "access", "InOut": "access", "Out": "access", "datadeps": "regions",
-    "mutable": "mutables", "shard": "mutables",
+    "mutable": "mutables", "shard": "mutables", "array": "array",
 }
 
 
@@ -57,7 +58,8 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'aiodagger' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    imported = importlib.import_module(f".{module}", __name__)
+    value = imported if module == name else getattr(imported, name)  # a subpackage: dagger.array
     globals()[name] = value  # later lookups are plain attribute reads
     return value
 
@@ -91,6 +93,7 @@ __all__ = [
     "WorkerInfo",
     "WorkerLostError",
     "__version__",
+    "array",
     "as_completed",
     "datadeps",
     "disable_logging",

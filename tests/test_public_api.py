@@ -13,7 +13,7 @@ def test_all_is_exactly_the_contract():
         "WorkerLostError", "__version__", "as_completed", "disable_logging", "enable_logging", "fetch",
         "fetch_logs", "gather", "options", "progress", "put", "scope", "spawn", "tochunk", "wait",
         # Dagger.jl's programming models
-        "In", "InOut", "Out", "datadeps", "mutable", "shard", "tofile",
+        "In", "InOut", "Out", "datadeps", "mutable", "shard", "tofile", "array",
     ])
     for name in aiodagger.__all__:
         assert hasattr(aiodagger, name), name

@@ -1,0 +1,254 @@
+"""DArray: an n-dimensional array cut into numpy blocks, each the value of a task.
+
+Operations spawn one task per output block and return a new DArray at once; the blocks
+are computed on the workers (where their inputs live, as the scheduler places them)
+and stay there until ``collect()`` / ``fetch()`` / ``np.asarray`` brings the whole array
+to the caller. Nothing of a block passes through the caller before that.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Generator
+from typing import Any
+
+import numpy as np
+from numpy.lib.array_utils import normalize_axis_tuple
+
+from ..task import DTask
+from ..taskoptions import ANY_SCOPE, Scope, current_options
+from . import grid
+from .grid import Chunks
+
+__all__ = ["DArray", "block_task", "operation", "placement", "region_of"]
+
+
+# The operations, by name: their modules (elementwise, reductions, functions) register
+# them when the package is imported, so that this module, which they all build on,
+# imports none of them.
+_operations: dict[str, Callable[..., Any]] = {}
+
+
+def operation(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn`` as the operation DArray's methods call ``name``."""
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _operations[name] = fn
+        return fn
+    return register
+
+
+def _scheduler() -> Any:
+    from ..cluster import current_cluster
+
+    return current_cluster()._scheduler
+
+
+def block_task(fn: Callable[..., Any], *args: Any, name: str | None = None,
+               worker: int | None = None, **kwargs: Any) -> DTask[Any]:
+    """Spawn the task that makes one block (on ``worker`` if given), with the options
+    in effect."""
+    from ..api import spawn_with_options
+
+    overrides: dict[str, Any] = {"name": name or getattr(fn, "__name__", type(fn).__name__)}
+    if worker is not None:
+        overrides["scope"] = Scope(frozenset([worker]))
+    return spawn_with_options(current_options().merged(overrides), fn, args, kwargs)
+
+
+def placement(nblocks: int) -> list[int | None]:
+    """Where new blocks with no inputs go: round-robin over the workers that run tasks
+    (None, the scheduler's choice, when there is only one)."""
+    workers = _scheduler().placeable_workers(ANY_SCOPE)
+    if len(workers) == 1:
+        return [None] * nblocks
+    cycle = itertools.cycle(workers)
+    return [next(cycle) for _ in range(nblocks)]
+
+
+class DArray:
+    """A distributed array of numpy blocks (``dagger.array``)."""
+
+    __slots__ = ("_blocks", "chunks", "dtype", "shape")
+    __array_priority__ = 20  # numpy defers to our operators: `ndarray + DArray` is a DArray
+
+    def __init__(self, blocks: np.ndarray, chunks: Chunks, dtype: Any) -> None:
+        self._blocks = blocks  # object array, one DTask per block, in the grid's shape
+        self.chunks = chunks
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(sum(c) for c in chunks)
+
+    # -- description -------------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """The shape of one (full) block."""
+        return tuple(max(c) for c in self.chunks)
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """How many blocks along each axis."""
+        return self._blocks.shape
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d DArray")
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"DArray(shape={self.shape}, dtype={self.dtype}, blocks={self.blocks}, grid={self.grid})"
+
+    # -- getting the values ------------------------------------------------------------
+    async def collect(self) -> Any:
+        """The whole array, as numpy, in this process (a numpy scalar for 0-d)."""
+        from ..api import gather
+
+        values = await gather(*self._blocks.flat)
+        return self._assemble(values)
+
+    def fetch(self, timeout: float | None = None) -> Any:
+        """:meth:`collect` from synchronous code."""
+        values = [t.fetch(timeout) for t in self._blocks.flat]
+        return self._assemble(values)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self.collect().__await__()
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.asarray(self.fetch())
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def _assemble(self, values: list[Any]) -> Any:
+        if self.ndim == 0:
+            return values[0][()] if isinstance(values[0], np.ndarray) else values[0]
+        out = np.empty(self.shape, dtype=self.dtype)
+        for index, value in zip(grid.indices(self.chunks), values, strict=True):
+            out[grid.block_slices(self.chunks, index)] = value
+        return out
+
+    __hash__ = None  # type: ignore[assignment]  # == is elementwise, as numpy's
+
+    # -- operators (elementwise, numpy semantics) -----------------------------------------
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        return _operations["ufunc"](ufunc, method, inputs, kwargs)
+
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        return _operations["function"](func, types, args, kwargs)
+
+    def transpose(self, *axes: Any) -> DArray:
+        """The array with its axes permuted (reversed by default), as numpy's."""
+        if len(axes) == 1 and (axes[0] is None or isinstance(axes[0], (tuple, list))):
+            axes = () if axes[0] is None else tuple(axes[0])
+        order = tuple(reversed(range(self.ndim))) if not axes else normalize_axis_tuple(axes, self.ndim)
+        if sorted(order) != list(range(self.ndim)):
+            raise ValueError("axes don't match array")
+        blocks = np.empty(tuple(self.grid[a] for a in order), dtype=object)
+        for index in grid.indices(self.chunks):
+            blocks[tuple(index[a] for a in order)] = block_task(np.transpose, self._blocks[index], order,
+                                                                name="transpose")
+        return DArray(blocks, tuple(self.chunks[a] for a in order), self.dtype)
+
+    @property
+    def T(self) -> DArray:  # noqa: N802 - numpy's name
+        return self.transpose()
+
+    def map_blocks(self, fn: Callable[..., Any], *args: Any, dtype: Any = None, **kwargs: Any) -> DArray:
+        return _operations["map_blocks"](fn, self, *args, dtype=dtype, **kwargs)
+
+    # reductions
+    def sum(self, axis: Any = None, dtype: Any = None, keepdims: bool = False) -> DArray:
+        return _operations["reduce"]("sum", self, axis, keepdims, dtype=dtype)
+
+    def prod(self, axis: Any = None, dtype: Any = None, keepdims: bool = False) -> DArray:
+        return _operations["reduce"]("prod", self, axis, keepdims, dtype=dtype)
+
+    def min(self, axis: Any = None, keepdims: bool = False) -> DArray:
+        return _operations["reduce"]("min", self, axis, keepdims)
+
+    def max(self, axis: Any = None, keepdims: bool = False) -> DArray:
+        return _operations["reduce"]("max", self, axis, keepdims)
+
+    def any(self, axis: Any = None, keepdims: bool = False) -> DArray:
+        return _operations["reduce"]("any", self, axis, keepdims)
+
+    def all(self, axis: Any = None, keepdims: bool = False) -> DArray:
+        return _operations["reduce"]("all", self, axis, keepdims)
+
+    def mean(self, axis: Any = None, dtype: Any = None, keepdims: bool = False) -> DArray:
+        return _operations["reduce"]("mean", self, axis, keepdims, dtype=dtype)
+
+    def var(self, axis: Any = None, dtype: Any = None, ddof: int = 0, keepdims: bool = False) -> DArray:
+        return _operations["reduce"]("var", self, axis, keepdims, dtype=dtype, ddof=ddof)
+
+    def std(self, axis: Any = None, dtype: Any = None, ddof: int = 0, keepdims: bool = False) -> DArray:
+        return _operations["reduce"]("std", self, axis, keepdims, dtype=dtype, ddof=ddof)
+
+    def argmax(self, axis: int | None = None, keepdims: bool = False) -> DArray:
+        return _operations["arg_reduce"]("argmax", self, axis, keepdims)
+
+    def argmin(self, axis: int | None = None, keepdims: bool = False) -> DArray:
+        return _operations["arg_reduce"]("argmin", self, axis, keepdims)
+
+
+def _binary(ufunc: Any, reflected: bool = False) -> Callable[[DArray, Any], Any]:
+    if reflected:
+        def op(self: DArray, other: Any) -> Any:
+            return ufunc(other, self)
+    else:
+        def op(self: DArray, other: Any) -> Any:
+            return ufunc(self, other)
+    return op
+
+
+for _name, _ufunc in [("add", np.add), ("sub", np.subtract), ("mul", np.multiply),
+                      ("truediv", np.true_divide), ("floordiv", np.floor_divide), ("mod", np.remainder),
+                      ("pow", np.power), ("and", np.bitwise_and), ("or", np.bitwise_or),
+                      ("xor", np.bitwise_xor), ("lshift", np.left_shift), ("rshift", np.right_shift)]:
+    setattr(DArray, f"__{_name}__", _binary(_ufunc))
+    setattr(DArray, f"__r{_name}__", _binary(_ufunc, reflected=True))
+for _name, _compare in [("eq", np.equal), ("ne", np.not_equal), ("lt", np.less), ("le", np.less_equal),
+                      ("gt", np.greater), ("ge", np.greater_equal)]:
+    setattr(DArray, f"__{_name}__", _binary(_compare))
+for _name, _unary in [("neg", np.negative), ("pos", np.positive), ("abs", np.absolute),
+                      ("invert", np.invert)]:
+    setattr(DArray, f"__{_name}__", lambda self, _u=_unary: _u(self))
+
+
+def region_of(arr: DArray, region: tuple[slice, ...]) -> DTask[Any]:
+    """A task whose value is ``arr[region]`` (step-1 slices): the block itself when the
+    region is exactly one block, else the pieces cut and joined by one task."""
+    parts = grid.region_blocks(arr.chunks, region)
+    layout = tuple(len(p) for p in parts)
+    pieces: list[tuple[Any, Any]] = []
+    for combo in itertools.product(*parts):
+        index = tuple(b for b, _ in combo)
+        inner = tuple(s for _, s in combo)
+        block = arr._blocks[index]
+        whole = all(s.start == 0 and s.stop == c[b] for (b, s), c in zip(combo, arr.chunks, strict=True))
+        pieces.append((block, None if whole else inner))
+    if len(pieces) == 1:
+        block, inner = pieces[0]
+        return block if inner is None else block_task(take, block, inner)
+    return block_task(join, layout, [i for _, i in pieces], *[b for b, _ in pieces])
+
+
+def take(block: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
+    return block[index]
+
+
+def join(layout: tuple[int, ...], cuts: list[Any], *pieces: np.ndarray) -> np.ndarray:
+    """Blocks (cut by ``cuts`` where not None) joined in a grid of ``layout``, C order."""
+    nested = np.empty(layout, dtype=object)
+    for i, (piece, cut) in enumerate(zip(pieces, cuts, strict=True)):
+        nested.flat[i] = piece if cut is None else piece[cut]
+    return np.block(nested.tolist())

@@ -1,0 +1,33 @@
+"""numpy functions called on DArrays (``np.sum(a)``, ``np.mean(a, axis=0)``...), through
+``__array_function__``: those with a DArray method run as that method; numpy raises
+its usual ``TypeError`` for the others, rather than the array being brought here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .core import operation
+
+__all__ = ["dispatch"]
+
+_METHODS = {
+    np.sum: "sum", np.prod: "prod", np.min: "min", np.max: "max", np.amin: "min", np.amax: "max",
+    np.mean: "mean", np.var: "var", np.std: "std", np.argmax: "argmax", np.argmin: "argmin",
+    np.any: "any", np.all: "all", np.transpose: "transpose",
+}
+
+
+@operation("function")
+def dispatch(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    method = _METHODS.get(func)
+    if method is None or not args:
+        return NotImplemented
+    target, *rest = args
+    if kwargs.get("out") is not None:
+        raise TypeError(f"np.{func.__name__}(..., out=...): a DArray is not written in place")
+    kwargs = {k: v for k, v in kwargs.items() if k != "out"}
+    if method == "transpose" and "axes" in kwargs:
+        rest = [kwargs.pop("axes")]
+    return getattr(target, method)(*rest, **kwargs)
