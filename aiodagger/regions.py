@@ -21,6 +21,7 @@ Where a task runs decides how its arguments reach it:
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 from collections.abc import Callable
 from types import FunctionType
@@ -34,7 +35,7 @@ from .access import Access, In, InOut, Out, open_regions
 from .aliasing import AccessLog
 from .errors import UpstreamError
 from .files import File
-from .placed import Placed, call_dereferenced, call_dereferenced_async, lend, take_back
+from .placed import Mutable, Placed, call_dereferenced, call_dereferenced_async, lend, take_back
 from .task import Chunk, DTask
 from .taskoptions import TaskOptions, current_options, scope
 
@@ -165,18 +166,21 @@ class Region:
         after: dict[Any, None] = {}
         accesses: list[tuple[Any, bool]] = []
         written: list[tuple[int | str, Any]] = []  # where a written argument sits, and it
+        placed: list[tuple[int | str, Any, bool]] = []  # mutables and shards among them
         plain_args = list(args)
         for i, arg in enumerate(args):
             if type(arg) not in LEAF_TYPES:
-                plain_args[i] = self._access(arg, i, log, after, accesses, written)
+                plain_args[i] = self._access(arg, i, log, after, accesses, written, placed)
         plain_kwargs = kwargs
         if kwargs:
             plain_kwargs = dict(kwargs)
             for key, arg in kwargs.items():
                 if type(arg) not in LEAF_TYPES:
-                    plain_kwargs[key] = self._access(arg, key, log, after, accesses, written)
-        opts = current_options()
+                    plain_kwargs[key] = self._access(arg, key, log, after, accesses, written, placed)
         sched = self._sched
+        if len(placed) > 1 and not sched.in_worker_process:
+            self._read_copies(placed, plain_args, plain_kwargs, accesses)
+        opts = current_options()
         if after:
             opts = opts.with_after(tuple(after))
         if sched.in_worker_process:
@@ -190,8 +194,30 @@ class Region:
         self._tasks.append(task)
         return task
 
+    def _read_copies(self, placed: list[tuple[int | str, Any, bool]], args: list[Any],
+                     kwargs: dict[str, Any], accesses: list[tuple[Any, bool]]) -> None:
+        """A task runs where the mutable it writes lives (else where the first it reads
+        does); a mutable of another worker that it only reads comes to it as a copy, made
+        by a task of the region at this point of its order (Dagger.jl's datadeps moves
+        data the same way)."""
+        mutables = [(where, m, writes) for where, m, writes in placed if isinstance(m, Mutable)]
+        if len({m.worker for _, m, _ in mutables}) < 2:
+            return
+        home = next((m.worker for _, m, writes in mutables if writes), mutables[0][1].worker)
+        for where, m, writes in mutables:
+            if writes or m.worker == home:
+                continue
+            duplicate = self.spawn(_copy_of, m)
+            self._scan = True  # the task being spawned has a DTask argument now
+            if type(where) is int:
+                args[where] = duplicate
+            else:
+                kwargs[str(where)] = duplicate
+            accesses.remove((self._log.entry(m), False))  # the copy was the read
+
     def _access(self, arg: Any, where: int | str, log: AccessLog, after: dict[Any, None],
-                accesses: list[tuple[Any, bool]], written: list[tuple[int | str, Any]]) -> Any:
+                accesses: list[tuple[Any, bool]], written: list[tuple[int | str, Any]],
+                placed: list[tuple[int | str, Any, bool]]) -> Any:
         """Note one argument's access (the tasks it waits for go into ``after``); return
         the argument as the task receives it."""
         kind = type(arg)
@@ -220,7 +246,9 @@ class Region:
         entry = log.entry(value)
         log.conflicts(entry, writes, after)
         accesses.append((entry, writes))
-        if writes and not isinstance(value, Placed):  # a mutable is written where it lives
+        if isinstance(value, Placed):  # a mutable is written where it lives
+            placed.append((where, value, writes))
+        elif writes:
             written.append((where, value))
         return value
 
@@ -264,6 +292,10 @@ class Region:
         name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
         pinned = opts.merged({"name": name, "scope": scope(worker=home)})
         return sched.spawn(pinned, wrapper, tuple(args), kwargs)
+
+
+def _copy_of(obj: Any) -> Any:
+    return copy.deepcopy(obj)
 
 
 def _named(opts: TaskOptions, name: str) -> TaskOptions:

@@ -164,3 +164,32 @@ async def test_in_datadeps_a_mutable_is_ordered_like_any_argument(anycluster):
     assert await length == 20
     assert await dagger.spawn(list, log) == list(range(20))
     assert rows.tolist() == [[0, 0], [1, 1], [2, 2]]
+
+
+def add_into(x, y):
+    x += y
+
+
+def fill_all(x, v):
+    x[...] = v
+
+
+async def test_in_datadeps_a_task_reads_mutables_of_other_workers_as_copies(procs2):
+    one, two = (w.id for w in procs2.workers if w.id != 0)
+    a = await dagger.mutable(np.ones, 3, scope=dagger.scope(worker=one))
+    b = await dagger.mutable(np.full, 3, 5.0, scope=dagger.scope(worker=two))
+    async with dagger.datadeps() as dd:
+        dd.spawn(add_into, dagger.InOut(a), dagger.In(b))   # runs on `one`, b comes as a copy
+        dd.spawn(fill_all, dagger.Out(b), -1.0)             # after that copy was taken
+        dd.spawn(add_into, dagger.InOut(a), b)              # reads b's new value
+    assert (await dagger.spawn(list, a)) == [5.0, 5.0, 5.0]
+    assert (await dagger.spawn(list, b)) == [-1.0, -1.0, -1.0]
+    with pytest.raises(dagger.NoProcessorError, match="different workers"):
+        async with dagger.datadeps() as dd:
+            dd.spawn(add_into, dagger.InOut(a), dagger.InOut(b))
+
+
+@pytest.fixture
+async def procs2():
+    async with dagger.Cluster(processes=2, threads=2) as c:
+        yield c
