@@ -6,9 +6,11 @@
     col_means = await a.mean(axis=0)
 """
 
-from . import functions, reductions  # noqa: F401 - they register DArray's operations
+from . import functions, linalg, reductions  # noqa: F401 - functions, reductions register DArray's operations
 from .core import DArray
 from .creation import distribute, fromfunction, full, ones, rand, randn, zeros
 from .elementwise import map_blocks
+from .linalg import cholesky, lu, solve
 
-__all__ = ["DArray", "distribute", "fromfunction", "full", "map_blocks", "ones", "rand", "randn", "zeros"]
+__all__ = ["DArray", "cholesky", "distribute", "fromfunction", "full", "linalg", "lu", "map_blocks", "ones", "rand",
+           "randn", "solve", "zeros"]

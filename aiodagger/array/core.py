@@ -8,13 +8,15 @@ to the caller. Nothing of a block passes through the caller before that.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import numpy as np
 from numpy.lib.array_utils import normalize_axis_tuple
 
+from ..errors import UpstreamError
 from ..task import DTask
 from ..taskoptions import ANY_SCOPE, Scope, current_options
 from . import grid
@@ -65,6 +67,19 @@ def placement(nblocks: int) -> list[int | None]:
     return [next(cycle) for _ in range(nblocks)]
 
 
+@contextlib.contextmanager
+def _origin_error() -> Iterator[None]:
+    """A block failed because a task it was computed from did: raise what that task
+    raised (numpy's LinAlgError, say), which is what an array's user asks about."""
+    try:
+        yield
+    except UpstreamError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, Exception):
+            raise cause.with_traceback(cause.__traceback__) from exc
+        raise
+
+
 class DArray:
     """A distributed array of numpy blocks (``dagger.array``)."""
 
@@ -113,12 +128,14 @@ class DArray:
         """The whole array, as numpy, in this process (a numpy scalar for 0-d)."""
         from ..api import gather
 
-        values = await gather(*self._blocks.flat)
+        with _origin_error():
+            values = await gather(*self._blocks.flat)
         return self._assemble(values)
 
     def fetch(self, timeout: float | None = None) -> Any:
         """:meth:`collect` from synchronous code."""
-        values = [t.fetch(timeout) for t in self._blocks.flat]
+        with _origin_error():
+            values = [t.fetch(timeout) for t in self._blocks.flat]
         return self._assemble(values)
 
     def __await__(self) -> Generator[Any, None, Any]:

@@ -1,0 +1,321 @@
+"""Tiled linear algebra as datadeps regions (Dagger.jl's ``cholesky``, ``lu``, ``\\``).
+
+The matrix is copied into square tiles, each a :func:`~aiodagger.mutable` on a worker
+(tile column ``j`` on worker ``j mod N``: a panel of LU, one tile column, then lives on
+one worker). The algorithm is written as a sequence of tile kernels in a datadeps
+region: each kernel runs where the tile it writes lives, tiles it only reads come to
+it as copies, and tasks that touch different tiles run in parallel. The input is
+never modified. Kernels are LAPACK's, through scipy (the ``array`` extra).
+
+Functions return a DArray (or a tuple of them) at once; the region's tasks run in the
+background, and an error (numpy's ``LinAlgError`` for a matrix that is not positive
+definite, or singular) is raised when the result is awaited.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..mutables import mutable
+from ..regions import Region
+from ..taskoptions import ANY_SCOPE, Scope
+from .core import DArray, _scheduler, block_task, region_of
+from .creation import distribute
+
+__all__ = ["cholesky", "lu", "solve"]
+
+
+def _lapack() -> Any:
+    try:
+        import scipy.linalg
+    except ImportError as exc:  # pragma: no cover - scipy comes with the "array" extra
+        raise ImportError("dagger.array's linear algebra needs scipy: pip install 'aiodagger[array]'") from exc
+    return scipy.linalg
+
+
+def _square(a: Any, what: str) -> DArray:
+    if not isinstance(a, DArray):
+        a = distribute(np.asarray(a), 512)
+    if a.ndim != 2:
+        raise np.linalg.LinAlgError(f"{a.ndim}-dimensional array given. Array must be two-dimensional")
+    if a.shape[0] != a.shape[1]:
+        raise np.linalg.LinAlgError("Last 2 dimensions of the array must be square")
+    return a
+
+
+class _Tiles:
+    """The matrix's square tiles, as mutables, along ``bounds`` on both axes."""
+
+    def __init__(self, a: DArray, dtype: Any) -> None:
+        self.sizes = a.chunks[0]
+        self.n = len(self.sizes)
+        starts = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int)
+        self.slices = [slice(int(starts[i]), int(starts[i + 1])) for i in range(self.n)]
+        workers = _scheduler().placeable_workers(ANY_SCOPE)
+        self.column_worker = [workers[j % len(workers)] for j in range(self.n)]
+        self.tile = [[mutable(_copy_as, region_of(a, (self.slices[i], self.slices[j])), dtype,
+                              scope=Scope(frozenset([self.column_worker[j]])))
+                      for j in range(self.n)] for i in range(self.n)]
+
+
+def _copy_as(block: np.ndarray, dtype: Any) -> np.ndarray:
+    return np.array(block, dtype=dtype, copy=True, order="F")  # LAPACK's order: no copies in the kernels
+
+
+def _run(body: Any) -> Any:
+    """Run ``body(dd)`` in a datadeps region that is left without waiting: the region's
+    tasks go on in the background, their outcome reaches whoever awaits the results."""
+    region = Region()
+    region._open()
+    try:
+        return body(region)
+    finally:
+        region._close()
+
+
+def _result(tiles: list[list[Any]], dd: Region, sizes: tuple[int, ...], dtype: Any,
+            keep: Any = None) -> DArray:
+    """The DArray of the tiles' final values (a copy each, taken where the tile lives);
+    ``keep(i, j)`` says which part of tile (i, j) to keep ("lower", "upper", "unit", "zero")."""
+    blocks = np.empty((len(tiles), len(tiles[0])), dtype=object)
+    for i, row in enumerate(tiles):
+        for j, tile in enumerate(row):
+            part = keep(i, j) if keep is not None else "all"
+            if part == "zero":
+                blocks[i, j] = block_task(np.zeros, (sizes[i], sizes[j]), dtype)
+            else:
+                blocks[i, j] = dd.spawn(_part, tile, part)
+    return DArray(blocks, (sizes, sizes), dtype)
+
+
+def _part(tile: np.ndarray, part: str) -> np.ndarray:
+    if part == "lower":
+        return np.tril(tile)
+    if part == "upper":
+        return np.triu(tile)
+    if part == "unit":
+        out = np.tril(tile, -1)
+        np.fill_diagonal(out, 1)
+        return out
+    return np.array(tile, order="C")  # a copy: the tile is freed, or written, after
+
+
+# -- Cholesky ------------------------------------------------------------------------------
+def cholesky(a: Any) -> DArray:
+    """The lower Cholesky factor ``L`` of a Hermitian positive-definite ``a`` (numpy's
+    ``np.linalg.cholesky``): ``a == L @ L.conj().T``."""
+    a = _square(a, "cholesky")
+    dtype = np.linalg.cholesky(np.eye(1, dtype=a.dtype)).dtype
+    tiles = _Tiles(a, dtype)
+
+    def body(dd: Region) -> DArray:
+        _factor_cholesky(dd, tiles.tile)
+        return _result(tiles.tile, dd, tiles.sizes, dtype,
+                       lambda i, j: "lower" if i == j else ("all" if i > j else "zero"))
+
+    return _run(body)
+
+
+def _factor_cholesky(dd: Region, t: list[list[Any]]) -> None:
+    from ..access import In, InOut
+
+    n = len(t)
+    for k in range(n):
+        dd.spawn(_potrf, InOut(t[k][k]))
+        for i in range(k + 1, n):
+            dd.spawn(_trsm_right_lower_h, In(t[k][k]), InOut(t[i][k]))
+        for i in range(k + 1, n):
+            dd.spawn(_herk, In(t[i][k]), InOut(t[i][i]))
+            for j in range(k + 1, i):
+                dd.spawn(_gemm_h, In(t[i][k]), In(t[j][k]), InOut(t[i][j]))
+
+
+def _potrf(tile: np.ndarray) -> None:
+    tile[...] = np.linalg.cholesky(tile)  # LinAlgError: not positive definite
+
+
+def _trsm_right_lower_h(lkk: np.ndarray, tile: np.ndarray) -> None:
+    """tile := tile @ inv(L_kk)^H, i.e. solve L_kk X^H = tile^H."""
+    tile[...] = _lapack().solve_triangular(lkk, tile.conj().T, lower=True).conj().T
+
+
+def _herk(aik: np.ndarray, tile: np.ndarray) -> None:
+    tile -= aik @ aik.conj().T
+
+
+def _gemm_h(aik: np.ndarray, ajk: np.ndarray, tile: np.ndarray) -> None:
+    tile -= aik @ ajk.conj().T
+
+
+# -- LU with partial pivoting ----------------------------------------------------------------
+def lu(a: Any) -> tuple[DArray, DArray, DArray]:
+    """``p, l, u`` with ``a == p @ l @ u`` (scipy's ``scipy.linalg.lu``): partial pivoting,
+    ``l`` unit lower triangular, ``u`` upper triangular."""
+    a = _square(a, "lu")
+    dtype = np.linalg.solve(np.eye(1, dtype=a.dtype), np.ones(1, dtype=a.dtype)).dtype
+    tiles = _Tiles(a, dtype)
+
+    def body(dd: Region) -> tuple[DArray, DArray, DArray]:
+        pivots = _factor_lu(dd, tiles)
+        perm = block_task(_permutation, tiles.sizes, *pivots, name="lu-permutation")
+        l_ = _result(tiles.tile, dd, tiles.sizes, dtype,
+                     lambda i, j: "unit" if i == j else ("all" if i > j else "zero"))
+        u_ = _result(tiles.tile, dd, tiles.sizes, dtype,
+                     lambda i, j: "upper" if i == j else ("all" if i < j else "zero"))
+        p_blocks = np.empty((tiles.n, tiles.n), dtype=object)
+        for i in range(tiles.n):
+            for j in range(tiles.n):
+                p_blocks[i, j] = block_task(_permutation_block, perm, tiles.slices[i], tiles.slices[j], dtype)
+        return DArray(p_blocks, (tiles.sizes, tiles.sizes), dtype), l_, u_
+
+    return _run(body)
+
+
+def _factor_lu(dd: Region, tiles: _Tiles) -> list[Any]:
+    """The tiles become L (strictly lower) and U; returns each panel's pivots (tasks)."""
+    from ..access import In, InOut
+
+    t, n = tiles.tile, tiles.n
+    pivots = []
+    for k in range(n):
+        panel = [InOut(t[i][k]) for i in range(k, n)]
+        piv = dd.spawn(_getrf_panel, *panel)  # one tile column: on one worker
+        pivots.append(piv)
+        for j in range(n):
+            if j != k:
+                dd.spawn(_swap_rows, piv, *[InOut(t[i][j]) for i in range(k, n)])
+        for j in range(k + 1, n):
+            dd.spawn(_trsm_left_unit_lower, In(t[k][k]), InOut(t[k][j]))
+        for i in range(k + 1, n):
+            for j in range(k + 1, n):
+                dd.spawn(_gemm_sub, In(t[i][k]), In(t[k][j]), InOut(t[i][j]))
+    return pivots
+
+
+def _getrf_panel(*panel: np.ndarray) -> np.ndarray:
+    stacked = np.concatenate(panel)
+    (getrf,) = _lapack().get_lapack_funcs(("getrf",), (stacked,))
+    lu_, piv, info = getrf(stacked, overwrite_a=True)
+    if info > 0:  # a zero pivot: no row of the panel can make it non-singular
+        raise np.linalg.LinAlgError("Singular matrix")
+    start = 0
+    for tile in panel:
+        tile[...] = lu_[start:start + tile.shape[0]]
+        start += tile.shape[0]
+    return piv
+
+
+def _swap_rows(piv: np.ndarray, *column: np.ndarray) -> None:
+    stacked = np.concatenate(column)
+    for r, p in enumerate(piv):
+        if p != r:
+            stacked[[r, p]] = stacked[[p, r]]
+    start = 0
+    for tile in column:
+        tile[...] = stacked[start:start + tile.shape[0]]
+        start += tile.shape[0]
+
+
+def _trsm_left_unit_lower(lkk: np.ndarray, tile: np.ndarray) -> None:
+    tile[...] = _lapack().solve_triangular(lkk, tile, lower=True, unit_diagonal=True)
+
+
+def _gemm_sub(a: np.ndarray, b: np.ndarray, tile: np.ndarray) -> None:
+    tile -= a @ b
+
+
+def _permutation(sizes: tuple[int, ...], *pivots: np.ndarray) -> np.ndarray:
+    """``perm`` with ``a[perm] == l @ u``: each panel's row swaps applied in order."""
+    perm = np.arange(sum(sizes))
+    start = 0
+    for size, piv in zip(sizes, pivots, strict=True):
+        for r, p in enumerate(piv):
+            if p != r:
+                perm[[start + r, start + p]] = perm[[start + p, start + r]]
+        start += size
+    return perm
+
+
+def _permutation_block(perm: np.ndarray, rows: slice, cols: slice, dtype: Any) -> np.ndarray:
+    """Block (rows, cols) of ``p`` (``p[perm[i], i] == 1``)."""
+    block = np.zeros((rows.stop - rows.start, cols.stop - cols.start), dtype=dtype)
+    for c in range(cols.start, cols.stop):
+        r = perm[c]
+        if rows.start <= r < rows.stop:
+            block[r - rows.start, c - cols.start] = 1
+    return block
+
+
+# -- solve ------------------------------------------------------------------------------------
+def solve(a: Any, b: Any, assume_a: str = "gen") -> DArray:
+    """``x`` with ``a @ x == b`` for a non-singular square ``a`` (numpy's ``np.linalg.solve``):
+    a pivoted LU, or Cholesky with ``assume_a="pos"``; ``b`` a vector or a matrix."""
+    if assume_a not in ("gen", "pos"):
+        raise ValueError(f'assume_a must be "gen" (any non-singular matrix) or "pos" (Hermitian '
+                         f'positive definite), got {assume_a!r}')
+    a = _square(a, "solve")
+    if not isinstance(b, DArray):
+        b = np.asarray(b)
+        b = distribute(b, tuple(max(n, 1) for n in b.shape))
+    if b.ndim not in (1, 2) or b.shape[0] != a.shape[0]:
+        raise ValueError(f"solve: a is {a.shape} and b is {b.shape}; b must have {a.shape[0]} rows")
+    dtype = np.linalg.solve(np.eye(1, dtype=a.dtype), np.ones((1,) * b.ndim, dtype=b.dtype)).dtype
+    tiles = _Tiles(a, dtype)
+    home = Scope(frozenset([tiles.column_worker[0]]))
+    columns = (slice(0, b.shape[1]),) if b.ndim == 2 else ()
+    rhs = [mutable(_copy_as, region_of(b, (tiles.slices[i], *columns)), dtype, scope=home)
+           for i in range(tiles.n)]
+
+    def body(dd: Region) -> DArray:
+        from ..access import In, InOut
+
+        t, n = tiles.tile, tiles.n
+        if assume_a == "pos":
+            _factor_cholesky(dd, t)
+            for k in range(n):  # L y = b
+                dd.spawn(_trsm_lower, In(t[k][k]), InOut(rhs[k]), False)
+                for i in range(k + 1, n):
+                    dd.spawn(_gemm_sub, In(t[i][k]), In(rhs[k]), InOut(rhs[i]))
+            for k in reversed(range(n)):  # L^H x = y
+                dd.spawn(_trsm_lower_h, In(t[k][k]), InOut(rhs[k]))
+                for i in range(k):
+                    dd.spawn(_gemm_h_sub, In(t[k][i]), In(rhs[k]), InOut(rhs[i]))
+        else:
+            pivots = _factor_lu(dd, tiles)
+            for k in range(n):  # P^T b, then L y = P^T b
+                dd.spawn(_swap_rows, pivots[k], *[InOut(rhs[i]) for i in range(k, n)])
+            for k in range(n):
+                dd.spawn(_trsm_lower, In(t[k][k]), InOut(rhs[k]), True)
+                for i in range(k + 1, n):
+                    dd.spawn(_gemm_sub, In(t[i][k]), In(rhs[k]), InOut(rhs[i]))
+            for k in reversed(range(n)):  # U x = y
+                dd.spawn(_trsm_upper, In(t[k][k]), InOut(rhs[k]))
+                for i in range(k):
+                    dd.spawn(_gemm_sub, In(t[i][k]), In(rhs[k]), InOut(rhs[i]))
+        blocks = np.empty((n, 1) if b.ndim == 2 else (n,), dtype=object)
+        for i in range(n):
+            blocks[(i, 0) if b.ndim == 2 else i] = dd.spawn(_part, rhs[i], "all")
+        chunks = (tiles.sizes, (b.shape[1],)) if b.ndim == 2 else (tiles.sizes,)
+        return DArray(blocks, chunks, dtype)
+
+    return _run(body)
+
+
+def _trsm_lower(lkk: np.ndarray, tile: np.ndarray, unit: bool) -> None:
+    tile[...] = _lapack().solve_triangular(lkk, tile, lower=True, unit_diagonal=unit)
+
+
+def _trsm_lower_h(lkk: np.ndarray, tile: np.ndarray) -> None:
+    tile[...] = _lapack().solve_triangular(lkk, tile, lower=True, trans="C")
+
+
+def _trsm_upper(ukk: np.ndarray, tile: np.ndarray) -> None:
+    if np.any(np.diag(ukk) == 0):
+        raise np.linalg.LinAlgError("Singular matrix")
+    tile[...] = _lapack().solve_triangular(ukk, tile, lower=False)
+
+
+def _gemm_h_sub(lki: np.ndarray, yk: np.ndarray, tile: np.ndarray) -> None:
+    tile -= lki.conj().T @ yk
