@@ -78,6 +78,30 @@ def bump_in_place(a: Any) -> None:
     a += 1.0
 
 
+# W7: a binary tree of additions over 1,024 leaves of 1 MiB each (2,047 tasks).
+W7_VALUES = 2**20 // 8
+
+
+def tree_leaf(i: int) -> Any:
+    import numpy as np
+
+    return np.full(W7_VALUES, float(i))
+
+
+def tree_add(a: Any, b: Any) -> Any:
+    return a + b
+
+
+def tree_expected(n: int) -> float:
+    leaves = (n + 1) // 2
+    return float(leaves * (leaves - 1) // 2)
+
+
+def tree_levels(n: int) -> int:
+    """How many leaves a tree of ``n`` tasks has (n = 2 * leaves - 1)."""
+    return (n + 1) // 2
+
+
 DD_BLOCKS = 100
 DD_BLOCK_VALUES = 8
 
@@ -342,6 +366,32 @@ WORKLOADS: dict[str, Workload] = {
             target="dask",
             scalable=False,
             peak_rss_gib=W6_PEAK_RSS_GIB,
+        ),
+        Workload(
+            key="W7",
+            title="tree reduction of 2,047 tasks on 1 MiB arrays",
+            n=2_047,
+            metric=SECONDS,
+            description=(
+                "1,024 tasks each make a 1 MiB float64 array, then a binary tree of 1,023 "
+                "`a + b` tasks adds them up; only the root is fetched (its first value "
+                "checked). Measures a wide-then-narrowing graph whose inputs are medium-sized "
+                "arrays: scheduling plus keeping results where their consumers run."
+            ),
+            expected=tree_expected,
+            target=0.3,
+            scalable=False,
+        ),
+        Workload(
+            key="W7-p",
+            title="W7 on 2 worker processes",
+            n=2_047,
+            metric=SECONDS,
+            description="W7 with 2 subprocess workers: arrays move between processes as the tree narrows.",
+            expected=tree_expected,
+            setup="processes",
+            target=1.0,
+            scalable=False,
         ),
         Workload(
             key="DD",

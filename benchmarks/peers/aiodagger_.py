@@ -28,6 +28,9 @@ from benchmarks.workloads import (
     make_array,
     make_chunk,
     sleep0_identity,
+    tree_add,
+    tree_leaf,
+    tree_levels,
 )
 
 # The public API the workloads use; checked up front so that a half-built or
@@ -108,6 +111,15 @@ class AiodaggerPeer(Peer):
         d = self._dagger
         tasks = [d.spawn(sleep0_identity, i) for i in range(w.n)]
         return list(await d.gather(*tasks))
+
+    async def w7(self, w: Workload) -> float:
+        d = self._dagger
+        level = [d.spawn(tree_leaf, i) for i in range(tree_levels(w.n))]
+        while len(level) > 1:
+            level = [d.spawn(tree_add, level[i], level[i + 1]) for i in range(0, len(level), 2)]
+        return float((await level[0])[0])
+
+    w7_p = w7  # the same graph; the setup has the worker processes
 
     async def dd(self, w: Workload) -> float:
         import numpy as np

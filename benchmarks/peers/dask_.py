@@ -22,6 +22,9 @@ from benchmarks.workloads import (
     inc,
     make_array,
     make_chunk,
+    tree_add,
+    tree_leaf,
+    tree_levels,
 )
 
 log = logging.getLogger(__name__)
@@ -128,6 +131,15 @@ class DaskDistributedPeer(Peer):
     async def w0(self, w: Workload) -> Timed:
         return Timed(*await run_cold(self.name))
 
+    async def w7(self, w: Workload) -> float:
+        submit = self._client.submit
+        level = [submit(tree_leaf, i, pure=False) for i in range(tree_levels(w.n))]
+        while len(level) > 1:
+            level = [submit(tree_add, level[i], level[i + 1], pure=False) for i in range(0, len(level), 2)]
+        return float((await level[0])[0])
+
+    w7_p = w7
+
     async def w4(self, w: Workload) -> list[int]:
         futures = [self._client.submit(inc, i, pure=False) for i in range(w.n)]
         return list(await self._client.gather(futures))
@@ -182,6 +194,15 @@ class DaskDelayedPeer(Peer):
             lambda: dask.compute(*parts, scheduler="threads"), _COMPUTE_TIMEOUT_S
         )
         return list(result)
+
+    async def w7(self, w: Workload) -> float:
+        dask = self._dask
+        leaf, add = dask.delayed(tree_leaf), dask.delayed(tree_add)
+        level = [leaf(i) for i in range(tree_levels(w.n))]
+        while len(level) > 1:
+            level = [add(level[i], level[i + 1]) for i in range(0, len(level), 2)]
+        (root,) = await run_blocking(lambda: dask.compute(level[0], scheduler="threads"), _COMPUTE_TIMEOUT_S)
+        return float(root[0])
 
     async def w2(self, w: Workload) -> int:
         dask = self._dask

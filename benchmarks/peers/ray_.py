@@ -17,6 +17,9 @@ from benchmarks.workloads import (
     inc,
     make_array,
     sleep0_identity,
+    tree_add,
+    tree_leaf,
+    tree_levels,
 )
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,8 @@ class RayPeer(Peer):
     def __init__(self) -> None:
         self._ray: Any = None
         self._inc: Any = None
+        self._leaf: Any = None
+        self._add: Any = None
         self._actor: Any = None
         self._holders: list[Any] = []
 
@@ -71,6 +76,7 @@ class RayPeer(Peer):
             logging_level=logging.ERROR,
         )
         self._inc = ray.remote(inc)
+        self._leaf, self._add = ray.remote(tree_leaf), ray.remote(tree_add)
         self._actor = ray.remote(_AsyncWorker).remote()
         # W5's two ends: actors are processes of their own, so two of them pin the
         # making and the summing to two different worker processes. num_cpus=0: they
@@ -111,6 +117,14 @@ class RayPeer(Peer):
         # its methods interleaved on the actor's event loop).
         refs = [self._actor.run.remote(i) for i in range(w.n)]
         return list(await asyncio.gather(*refs))
+
+    async def w7(self, w: Workload) -> float:
+        level = [self._leaf.remote(i) for i in range(tree_levels(w.n))]
+        while len(level) > 1:
+            level = [self._add.remote(level[i], level[i + 1]) for i in range(0, len(level), 2)]
+        return float((await level[0])[0])
+
+    w7_p = w7  # Ray's tasks always run in its worker processes
 
     async def w4(self, w: Workload) -> list[int]:
         refs = [self._inc.remote(i) for i in range(w.n)]
