@@ -165,6 +165,16 @@ class DArray:
     def map_blocks(self, fn: Callable[..., Any], *args: Any, dtype: Any = None, **kwargs: Any) -> DArray:
         return _operations["map_blocks"](fn, self, *args, dtype=dtype, **kwargs)
 
+    def rechunk(self, blocks: Any) -> DArray:
+        """The same values cut in blocks of shape ``blocks`` (as ``distribute``'s)."""
+        return _operations["rechunk"](self, blocks)
+
+    def reshape(self, *shape: Any, order: str = "C") -> DArray:
+        """The values in a new shape (C order; one entry may be -1), as numpy's."""
+        if len(shape) == 1 and not isinstance(shape[0], (int, np.integer)):
+            shape = tuple(shape[0])
+        return _operations["reshape"](self, shape, order)
+
     # reductions
     def sum(self, axis: Any = None, dtype: Any = None, keepdims: bool = False) -> DArray:
         return _operations["reduce"]("sum", self, axis, keepdims, dtype=dtype)
