@@ -6,7 +6,7 @@
     col_means = await a.mean(axis=0)
 """
 
-from . import functions, rechunk, reductions, reshape  # noqa: F401 - they register DArray's operations
+from . import functions, rechunk, reductions, reshape, slicing  # noqa: F401 - they register DArray's operations
 from .core import DArray
 from .creation import distribute, fromfunction, full, ones, rand, randn, zeros
 from .elementwise import map_blocks

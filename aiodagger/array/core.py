@@ -175,6 +175,10 @@ class DArray:
             shape = tuple(shape[0])
         return _operations["reshape"](self, shape, order)
 
+    def __getitem__(self, key: Any) -> DArray:
+        """Basic indexing (integers, slices, ``...``, None), as numpy's."""
+        return _operations["getitem"](self, key)
+
     # reductions
     def sum(self, axis: Any = None, dtype: Any = None, keepdims: bool = False) -> DArray:
         return _operations["reduce"]("sum", self, axis, keepdims, dtype=dtype)
