@@ -10,5 +10,6 @@ from . import functions, rechunk, reductions, reshape, slicing  # noqa: F401 - t
 from .core import DArray
 from .creation import distribute, fromfunction, full, ones, rand, randn, zeros
 from .elementwise import map_blocks
+from .matmul import matmul
 
-__all__ = ["DArray", "distribute", "fromfunction", "full", "map_blocks", "ones", "rand", "randn", "zeros"]
+__all__ = ["DArray", "distribute", "fromfunction", "full", "map_blocks", "matmul", "ones", "rand", "randn", "zeros"]

@@ -179,6 +179,12 @@ class DArray:
         """Basic indexing (integers, slices, ``...``, None), as numpy's."""
         return _operations["getitem"](self, key)
 
+    def __matmul__(self, other: Any) -> DArray:
+        return _operations["matmul"](self, other)
+
+    def __rmatmul__(self, other: Any) -> DArray:
+        return _operations["matmul"](other, self)
+
     # reductions
     def sum(self, axis: Any = None, dtype: Any = None, keepdims: bool = False) -> DArray:
         return _operations["reduce"]("sum", self, axis, keepdims, dtype=dtype)

@@ -19,6 +19,7 @@ import numpy as np
 from . import grid
 from .core import DArray, block_task, broadcast_region, operation
 from .grid import Chunks
+from .matmul import matmul
 
 __all__ = ["apply_ufunc", "elementwise", "map_blocks"]
 
@@ -34,6 +35,14 @@ def apply_ufunc(ufunc: Any, method: str, inputs: tuple[Any, ...], kwargs: dict[s
                         "use the DArray it returns")
     if not all(isinstance(x, _OPERANDS) for x in inputs):
         return NotImplemented
+    if ufunc.signature is not None:  # a gufunc: matmul is the one a DArray knows
+        if ufunc is not np.matmul:
+            return NotImplemented
+        extra = set(kwargs) - {"dtype", "out"}
+        if extra:
+            raise TypeError(f"np.matmul(..., {', '.join(sorted(extra))}=...) is not supported for DArrays; "
+                            "only dtype= is")
+        return matmul(*inputs, dtype=kwargs.get("dtype"))
     return elementwise(ufunc, inputs, kwargs, ufunc.__name__)
 
 

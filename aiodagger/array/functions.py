@@ -28,6 +28,8 @@ def dispatch(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any
         return getattr(args[0], _ATTRIBUTES[func])
     if func is np.reshape:
         return _reshape(*args, **kwargs)
+    if func is np.dot:
+        return _dot(*args, **kwargs)
     method = _METHODS.get(func)
     if method is None or not args:
         return NotImplemented
@@ -46,3 +48,12 @@ def _reshape(a: Any, shape: Any = None, order: str = "C", *, newshape: Any = Non
     if copy is False:
         raise ValueError("np.reshape(DArray, copy=False): a DArray's blocks are made by new tasks, never views")
     return a.reshape(newshape if shape is None else shape, order=order)
+
+
+def _dot(a: Any, b: Any, out: Any = None) -> Any:
+    # np.dot is np.matmul for vectors and matrices; it differs for stacks and scalars
+    if out is not None:
+        raise TypeError("np.dot(..., out=...): a DArray is not written in place")
+    if not all(1 <= (x.ndim if isinstance(x, DArray) else np.ndim(x)) <= 2 for x in (a, b)):
+        return NotImplemented
+    return a @ b
