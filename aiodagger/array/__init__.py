@@ -11,5 +11,7 @@ from .core import DArray
 from .creation import distribute, fromfunction, full, ones, rand, randn, zeros
 from .elementwise import map_blocks
 from .matmul import matmul
+from .overlap import map_overlap
 
-__all__ = ["DArray", "distribute", "fromfunction", "full", "map_blocks", "matmul", "ones", "rand", "randn", "zeros"]
+__all__ = ["DArray", "distribute", "fromfunction", "full", "map_blocks", "map_overlap", "matmul", "ones", "rand",
+           "randn", "zeros"]

@@ -185,6 +185,10 @@ class DArray:
     def __rmatmul__(self, other: Any) -> DArray:
         return _operations["matmul"](other, self)
 
+    def map_overlap(self, fn: Callable[..., Any], depth: Any, boundary: Any = "none", dtype: Any = None,
+                    **kwargs: Any) -> DArray:
+        return _operations["map_overlap"](fn, self, depth, boundary, dtype, **kwargs)
+
     # reductions
     def sum(self, axis: Any = None, dtype: Any = None, keepdims: bool = False) -> DArray:
         return _operations["reduce"]("sum", self, axis, keepdims, dtype=dtype)
