@@ -53,6 +53,14 @@ def hypothesis_check(body, examples):
                     suppress_health_check=[HealthCheck.too_slow])(given(data=st.data())(body))
 
 
+def on_clusters(in_process, on_processes):
+    """Runs a test taking (``options``, ``examples``) on a cluster in this process and on
+    one of two worker processes, with ``in_process`` and ``on_processes`` examples."""
+    return pytest.mark.parametrize(("options", "examples"),
+                                   [({"threads": 2}, in_process), ({"processes": 2, "threads": 1}, on_processes)],
+                                   ids=["in-process", "worker-processes"])
+
+
 def elementwise_case(data):
     x, xb = data.draw(arrays(dtypes=[d for d in DTYPES if d is not np.bool_]))
     # a second operand broadcastable against x: a trailing part of its shape, some axes 1

@@ -6,11 +6,13 @@
     col_means = await a.mean(axis=0)
 """
 
-from . import functions, linalg, reductions  # noqa: F401 - functions, reductions register DArray's operations
+from . import functions, linalg, rechunk, reductions, reshape, slicing  # noqa: F401 - they register DArray's operations
 from .core import DArray
 from .creation import distribute, fromfunction, full, ones, rand, randn, zeros
 from .elementwise import map_blocks
 from .linalg import cholesky, lu, solve
+from .matmul import matmul
+from .overlap import map_overlap
 
-__all__ = ["DArray", "cholesky", "distribute", "fromfunction", "full", "linalg", "lu", "map_blocks", "ones", "rand",
-           "randn", "solve", "zeros"]
+__all__ = ["DArray", "cholesky", "distribute", "fromfunction", "full", "linalg", "lu", "map_blocks", "map_overlap",
+           "matmul", "ones", "rand", "randn", "solve", "zeros"]

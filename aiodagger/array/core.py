@@ -22,10 +22,10 @@ from ..taskoptions import ANY_SCOPE, Scope, current_options
 from . import grid
 from .grid import Chunks
 
-__all__ = ["DArray", "block_task", "operation", "placement", "region_of"]
+__all__ = ["DArray", "block_task", "broadcast_region", "operation", "placement", "region_of"]
 
 
-# The operations, by name: their modules (elementwise, reductions, functions) register
+# The operations, by name: their modules (elementwise, reductions, slicing...) register
 # them when the package is imported, so that this module, which they all build on,
 # imports none of them.
 _operations: dict[str, Callable[..., Any]] = {}
@@ -182,6 +182,30 @@ class DArray:
     def map_blocks(self, fn: Callable[..., Any], *args: Any, dtype: Any = None, **kwargs: Any) -> DArray:
         return _operations["map_blocks"](fn, self, *args, dtype=dtype, **kwargs)
 
+    def rechunk(self, blocks: Any) -> DArray:
+        """The same values cut in blocks of shape ``blocks`` (as ``distribute``'s)."""
+        return _operations["rechunk"](self, blocks)
+
+    def reshape(self, *shape: Any, order: str = "C") -> DArray:
+        """The values in a new shape (C order; one entry may be -1), as numpy's."""
+        if len(shape) == 1 and not isinstance(shape[0], (int, np.integer)):
+            shape = tuple(shape[0])
+        return _operations["reshape"](self, shape, order)
+
+    def __getitem__(self, key: Any) -> DArray:
+        """Basic indexing (integers, slices, ``...``, None), as numpy's."""
+        return _operations["getitem"](self, key)
+
+    def __matmul__(self, other: Any) -> DArray:
+        return _operations["matmul"](self, other)
+
+    def __rmatmul__(self, other: Any) -> DArray:
+        return _operations["matmul"](other, self)
+
+    def map_overlap(self, fn: Callable[..., Any], depth: Any, boundary: Any = "none", dtype: Any = None,
+                    **kwargs: Any) -> DArray:
+        return _operations["map_overlap"](fn, self, depth, boundary, dtype, **kwargs)
+
     # reductions
     def sum(self, axis: Any = None, dtype: Any = None, keepdims: bool = False) -> DArray:
         return _operations["reduce"]("sum", self, axis, keepdims, dtype=dtype)
@@ -253,19 +277,38 @@ def region_of(arr: DArray, region: tuple[slice, ...]) -> DTask[Any]:
         block = arr._blocks[index]
         whole = all(s.start == 0 and s.stop == c[b] for (b, s), c in zip(combo, arr.chunks, strict=True))
         pieces.append((block, None if whole else inner))
-    if len(pieces) == 1:
-        block, inner = pieces[0]
-        return block if inner is None else block_task(take, block, inner)
-    return block_task(join, layout, [i for _, i in pieces], *[b for b, _ in pieces])
+    # Each part of a block is cut by a task of its own, which runs where that block lives,
+    # so that only the part wanted moves to the task that joins them.
+    cut = [block if inner is None else block_task(take, block, inner) for block, inner in pieces]
+    return cut[0] if len(cut) == 1 else block_task(join, layout, *cut)
+
+
+def broadcast_region(x: Any, region: tuple[slice, ...], shape: tuple[int, ...],
+                     cache: dict[tuple[int, tuple[Any, ...]], Any]) -> Any:
+    """What operand ``x`` (a DArray, a numpy array or a scalar) contributes to ``region``
+    of a result of ``shape``, under numpy's broadcasting; the tasks made are kept in
+    ``cache``, for the other output blocks that need the same region."""
+    if not isinstance(x, (DArray, np.ndarray)):
+        return x
+    lead = len(shape) - x.ndim  # numpy's broadcasting aligns the last axes
+    mapped = tuple(slice(0, 1) if x.shape[a] == 1 and shape[lead + a] != 1 else region[lead + a]
+                   for a in range(x.ndim))
+    if isinstance(x, np.ndarray):
+        return x[mapped]
+    key = (id(x), tuple((s.start, s.stop) for s in mapped))
+    found = cache.get(key)
+    if found is None:
+        found = cache[key] = region_of(x, mapped)
+    return found
 
 
 def take(block: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
     return block[index]
 
 
-def join(layout: tuple[int, ...], cuts: list[Any], *pieces: np.ndarray) -> np.ndarray:
-    """Blocks (cut by ``cuts`` where not None) joined in a grid of ``layout``, C order."""
+def join(layout: tuple[int, ...], *pieces: np.ndarray) -> np.ndarray:
+    """Blocks joined in a grid of ``layout``, C order."""
     nested = np.empty(layout, dtype=object)
-    for i, (piece, cut) in enumerate(zip(pieces, cuts, strict=True)):
-        nested.flat[i] = piece if cut is None else piece[cut]
+    for i, piece in enumerate(pieces):
+        nested.flat[i] = piece
     return np.block(nested.tolist())

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from . import grid
-from .core import DArray, block_task, operation, region_of
+from .core import DArray, block_task, broadcast_region, operation
 from .grid import Chunks
+from .matmul import matmul
 
 __all__ = ["apply_ufunc", "elementwise", "map_blocks"]
 
@@ -34,6 +35,14 @@ def apply_ufunc(ufunc: Any, method: str, inputs: tuple[Any, ...], kwargs: dict[s
                         "use the DArray it returns")
     if not all(isinstance(x, _OPERANDS) for x in inputs):
         return NotImplemented
+    if ufunc.signature is not None:  # a gufunc: matmul is the one a DArray knows
+        if ufunc is not np.matmul:
+            return NotImplemented
+        extra = set(kwargs) - {"dtype", "out"}
+        if extra:
+            raise TypeError(f"np.matmul(..., {', '.join(sorted(extra))}=...) is not supported for DArrays; "
+                            "only dtype= is")
+        return matmul(*inputs, dtype=kwargs.get("dtype"))
     return elementwise(ufunc, inputs, kwargs, ufunc.__name__)
 
 
@@ -54,7 +63,7 @@ def elementwise(fn: Callable[..., Any], operands: tuple[Any, ...], kwargs: dict[
     cache: dict[tuple[int, tuple[Any, ...]], Any] = {}
     for index in grid.indices(chunks):
         region = grid.block_slices(chunks, index)
-        pieces = [_piece(x, region, shape, cache) for x in operands]
+        pieces = [broadcast_region(x, region, shape, cache) for x in operands]
         blocks[index] = block_task(_call, fn, kwargs, *pieces, name=name)
     return DArray(blocks, chunks, dtype)
 
@@ -71,23 +80,6 @@ def _output_chunks(shape: tuple[int, ...], operands: tuple[Any, ...]) -> Chunks:
                     break
         out.append(found)
     return tuple(out)
-
-
-def _piece(x: Any, region: tuple[slice, ...], shape: tuple[int, ...],
-           cache: dict[tuple[int, tuple[Any, ...]], Any]) -> Any:
-    """What operand ``x`` contributes to the output block over ``region``."""
-    if not isinstance(x, (DArray, np.ndarray)):
-        return x
-    lead = len(shape) - x.ndim  # numpy's broadcasting aligns the last axes
-    mapped = tuple(slice(0, 1) if x.shape[a] == 1 and shape[lead + a] != 1 else region[lead + a]
-                   for a in range(x.ndim))
-    if isinstance(x, np.ndarray):
-        return x[mapped]
-    key = (id(x), tuple((s.start, s.stop) for s in mapped))
-    found = cache.get(key)
-    if found is None:
-        found = cache[key] = region_of(x, mapped)
-    return found
 
 
 def _call(fn: Callable[..., Any], kwargs: dict[str, Any], *args: Any) -> Any:

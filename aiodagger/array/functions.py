@@ -1,6 +1,8 @@
-"""numpy functions called on DArrays (``np.sum(a)``, ``np.mean(a, axis=0)``...), through
-``__array_function__``: those with a DArray method run as that method; numpy raises
-its usual ``TypeError`` for the others, rather than the array being brought here."""
+"""numpy functions called on DArrays (``np.sum(a)``, ``np.mean(a, axis=0)``,
+``np.reshape(a, (3, -1))``...), through ``__array_function__``: those with a DArray
+method run as that method; numpy raises its usual ``TypeError`` for the others, rather
+than the array being brought here. (``np.matmul`` is a ufunc: it comes through
+``__array_ufunc__``.)"""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import operation
+from .core import DArray, operation
 
 __all__ = ["dispatch"]
 
@@ -17,10 +19,17 @@ _METHODS = {
     np.mean: "mean", np.var: "var", np.std: "std", np.argmax: "argmax", np.argmin: "argmin",
     np.any: "any", np.all: "all", np.transpose: "transpose",
 }
+_ATTRIBUTES = {np.shape: "shape", np.ndim: "ndim", np.size: "size"}
 
 
 @operation("function")
 def dispatch(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if func in _ATTRIBUTES and len(args) == 1 and not kwargs:
+        return getattr(args[0], _ATTRIBUTES[func])
+    if func is np.reshape:
+        return _reshape(*args, **kwargs)
+    if func is np.dot:
+        return _dot(*args, **kwargs)
     method = _METHODS.get(func)
     if method is None or not args:
         return NotImplemented
@@ -31,3 +40,20 @@ def dispatch(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any
     if method == "transpose" and "axes" in kwargs:
         rest = [kwargs.pop("axes")]
     return getattr(target, method)(*rest, **kwargs)
+
+
+def _reshape(a: Any, shape: Any = None, order: str = "C", *, newshape: Any = None, copy: Any = None) -> Any:
+    if not isinstance(a, DArray):
+        return NotImplemented
+    if copy is False:
+        raise ValueError("np.reshape(DArray, copy=False): a DArray's blocks are made by new tasks, never views")
+    return a.reshape(newshape if shape is None else shape, order=order)
+
+
+def _dot(a: Any, b: Any, out: Any = None) -> Any:
+    # np.dot is np.matmul for vectors and matrices; it differs for stacks and scalars
+    if out is not None:
+        raise TypeError("np.dot(..., out=...): a DArray is not written in place")
+    if not all(1 <= (x.ndim if isinstance(x, DArray) else np.ndim(x)) <= 2 for x in (a, b)):
+        return NotImplemented
+    return a @ b
