@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
+import textwrap
 import threading
 import traceback
 import types
@@ -644,3 +646,34 @@ async def test_put_places_a_copy_on_each_worker_its_scope_names(procs):
 
     with pytest.raises(dagger.NoProcessorError, match="put\\(\\) with"):
         await dagger.put(data, scope=dagger.scope(worker=99))
+
+
+def test_functions_and_classes_of_main_reach_worker_processes(tmp_path):
+    # A script's (or notebook's) own functions and classes, passed as arguments or put:
+    # by name they exist only in the script, so they must travel by value.
+    script = tmp_path / "user_script.py"
+    script.write_text(textwrap.dedent("""
+        import asyncio
+        import aiodagger as dagger
+
+        def double(x):
+            return 2 * x
+
+        class Box:
+            def __init__(self, v):
+                self.v = v
+
+        def apply(fn, box):
+            return fn(box.v)
+
+        async def main():
+            async with dagger.Cluster(processes=2):
+                box = await dagger.put(Box(21), scope=dagger.scope(workers=[1, 2]))
+                print(await dagger.spawn(apply, double, Box(4)), await dagger.spawn(apply, double, box))
+
+        asyncio.run(main())
+    """))
+    proc = subprocess.run([sys.executable, "-W", "error", str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["8", "42"]

@@ -22,7 +22,8 @@ EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
 def test_every_example_is_run_by_a_test():
     # quickstart and script here; fastapi_app, aiohttp_app and notebook in their own files
     assert sorted(p.name for p in EXAMPLES.iterdir() if not p.name.startswith((".", "__"))) == [
-        "aiohttp_app.py", "datadeps.py", "fastapi_app.py", "notebook.ipynb", "quickstart.py", "script.py"]
+        "aiohttp_app.py", "arrays.ipynb", "datadeps.py", "fastapi_app.py", "notebook.ipynb", "quickstart.py",
+        "script.py"]
 
 
 @pytest.mark.parametrize("script, expected", [

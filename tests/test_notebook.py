@@ -54,3 +54,21 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
     widgets = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert len(widgets) == 2  # the two tqdm progress bars, as notebook widgets
     assert list(work.iterdir()) == []  # the notebook wrote no file
+
+
+def test_arrays_notebook_runs_end_to_end(tmp_path, monkeypatch):
+    kernel = isolated_jupyter(tmp_path, monkeypatch)
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(EXAMPLES / "arrays.ipynb", as_version=4)
+    client = NotebookClient(nb, timeout=120, kernel_name=kernel, allow_errors=False,
+                            resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert [o.text for o in outputs if o.output_type == "stream" and o.name == "stderr"] == []
+    stdout = "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stdout")
+    assert "matches numpy: True" in stdout
+    assert "fitted: [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]" in stdout
+    assert "matches numpy's lstsq: True" in stdout

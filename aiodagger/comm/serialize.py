@@ -40,6 +40,7 @@ __all__ = [
     "loads",
     "loads_args",
     "loads_error",
+    "trust_main",
 ]
 
 Buffers = list[memoryview]
@@ -56,7 +57,36 @@ def _ref_id(obj: Any, chunks: list[Any]) -> Any:
     return None
 
 
-class _RefPickler(pickle.Pickler):
+class _FromMain(Exception):
+    """An object of ``__main__``: it goes by value (cloudpickle), not by name."""
+
+
+class _GuardedPickler(pickle.Pickler):
+    """The C pickler, but objects of ``__main__`` (a script's or notebook's functions,
+    classes and their instances) are refused, so cloudpickle sends them by value: by
+    name they resolve here, in the user's script, but in no worker process."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        # Not called for ints, floats, strs, bytes, lists, tuples, dicts...: the common
+        # small arguments pay nothing; an array pays one call.
+        if getattr(obj, "__module__", None) == "__main__":
+            raise _FromMain
+        return NotImplemented
+
+
+# Whether this process's __main__ is the user's (False in a worker process, whose
+# __main__ is aiodagger's own: there the C pickler finds no user name and falls back by
+# itself, and results take the one-call path).
+_guard_main = True
+
+
+def trust_main() -> None:
+    """Called by a worker process at start: see ``_guard_main``."""
+    global _guard_main
+    _guard_main = False
+
+
+class _RefPickler(_GuardedPickler):
     chunks: list[Any]
 
     def persistent_id(self, obj: Any) -> Any:
@@ -184,8 +214,13 @@ def dumps(value: Any) -> tuple[bytes, Buffers]:
     The C pickler's one-call path first, cloudpickle for what it cannot do."""
     collect = _Collector()
     try:
-        payload = pickle.dumps(value, protocol=5, buffer_callback=collect)
-    except Exception:  # noqa: BLE001 - lambdas, local classes...
+        if _guard_main:
+            out = io.BytesIO()
+            _GuardedPickler(out, protocol=5, buffer_callback=collect).dump(value)
+            payload = out.getvalue()
+        else:
+            payload = pickle.dumps(value, protocol=5, buffer_callback=collect)
+    except Exception:  # noqa: BLE001 - lambdas, local classes, objects of __main__...
         collect = _Collector()
         payload = cloudpickle.dumps(value, protocol=5, buffer_callback=collect)
     return payload, collect.views()

@@ -125,6 +125,9 @@ def _die_with_parent() -> None:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    from ..comm.serialize import trust_main
+
+    trust_main()  # this process's __main__ is aiodagger's: results take the fast pickle path
     token = _read_token(args)
     _check_token(args, token)
     client_ssl, server_ssl = _tls(args)
