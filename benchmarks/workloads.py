@@ -111,6 +111,16 @@ def dd_expected(n: int) -> float:
     return float(n * DD_BLOCK_VALUES)
 
 
+def lazy(name: str) -> Callable[[int], Any]:
+    """An expected-value function of benchmarks/arrayruns.py, imported when first called
+    (it imports numpy, which the cold-start child must not)."""
+    def expected(n: int) -> Any:
+        from benchmarks import arrayruns
+
+        return getattr(arrayruns, name)(n)
+    return expected
+
+
 def spill_expected(n: int) -> float:
     return float(sum(i * (W6_CHUNK // 8) for i in range(n)))
 
@@ -391,6 +401,62 @@ WORKLOADS: dict[str, Workload] = {
             expected=tree_expected,
             setup="processes",
             target=1.0,
+            scalable=False,
+        ),
+        Workload(
+            key="LA-mm",
+            title="matmul 4096² in 512² blocks",
+            n=1,
+            metric=SECONDS,
+            description=(
+                "C = A @ B for two 4096×4096 float64 matrices in 512×512 blocks, made on the "
+                "workers first (not timed); timed until every block of C exists. numpy: the "
+                "whole matrices in this process. BLAS threads as the environment sets them, "
+                "the same for every system (OPENBLAS_NUM_THREADS)."
+            ),
+            expected=lazy("expected_matmul"),
+            target="dask",
+            scalable=False,
+        ),
+        Workload(
+            key="LA-chol",
+            title="tiled Cholesky 4096²",
+            n=1,
+            metric=SECONDS,
+            description=(
+                "The lower Cholesky factor of a 4096×4096 symmetric positive-definite matrix "
+                "(4096 on the diagonal plus ones) in 512×512 tiles: aiodagger's datadeps region "
+                "over tiles, dask.array.linalg.cholesky, numpy's on the whole matrix."
+            ),
+            expected=lazy("expected_chol"),
+            target="dask",
+            scalable=False,
+        ),
+        Workload(
+            key="LA-solve",
+            title="solve 4096² (pivoted LU)",
+            n=1,
+            metric=SECONDS,
+            description=(
+                "x with A x = 1 for LA-chol's matrix in 512×512 tiles, by a pivoted LU "
+                "(aiodagger's solve, dask.array.linalg.solve, numpy.linalg.solve)."
+            ),
+            expected=lazy("expected_solve"),
+            target="dask",
+            scalable=False,
+        ),
+        Workload(
+            key="ST",
+            title="stencil: 5-point Laplacian, 8192² in 1024² blocks, 10 steps",
+            n=1,
+            metric=SECONDS,
+            description=(
+                "Ten explicit heat steps on an 8192×8192 float64 grid in 1024×1024 blocks, each "
+                "a map_overlap with a one-cell halo and zero boundary (aiodagger's and "
+                "dask.array's); numpy pads and steps the whole grid."
+            ),
+            expected=lazy("expected_stencil"),
+            target="dask",
             scalable=False,
         ),
         Workload(

@@ -230,3 +230,10 @@ async def test_argmax_ties_go_to_the_first_in_flat_order_not_in_block_order(clus
     assert await a.argmax() == x.argmax() == 2
     y = np.array([[0.0, 0.0, np.nan], [np.nan, 0.0, 0.0]])
     assert await dagger.array.distribute(y, (2, 2)).argmin() == y.argmin() == 2
+
+
+async def test_fromfunction_takes_the_dtype_the_function_makes(cluster):
+    f = dagger.array.fromfunction(lambda i, j: (i + j) / 2, (3, 4), (2, 2), dtype=int)
+    want = np.fromfunction(lambda i, j: (i + j) / 2, (3, 4), dtype=int)
+    assert f.dtype == want.dtype == np.float64
+    assert (await f).tolist() == want.tolist()

@@ -96,7 +96,10 @@ def fromfunction(fn: Callable[..., Any], shape: Any, blocks: Any, dtype: Any = f
     """``np.fromfunction(fn, shape, dtype=dtype)``, block by block on the workers: ``fn``
     gets the coordinate arrays of each block."""
     dtype = np.dtype(dtype)
-    return _build(_shape(shape), blocks, dtype,
+    shape = _shape(shape)
+    # numpy's dtype= is the coordinates'; the array's is whatever fn makes of them.
+    made = np.asarray(fn(*[np.zeros((1,) * len(shape), dtype=dtype)] * len(shape), **kwargs)).dtype
+    return _build(shape, blocks, made,
                   lambda s, r, n: (_from_coordinates, fn, s, tuple(x.start for x in r), dtype, kwargs),
                   getattr(fn, "__name__", "fromfunction"))
 

@@ -18,6 +18,7 @@ PEERS: dict[str, str] = {
     "process-pool": "benchmarks.peers.floors:ProcessPoolPeer",
     "process-pool-map": "benchmarks.peers.floors:ProcessPoolMapPeer",
     "tcp-socket": "benchmarks.peers.floors:SocketPeer",
+    "numpy": "benchmarks.peers.floors:NumpyPeer",
     "dask": "benchmarks.peers.dask_:DaskDistributedPeer",
     "dask-delayed": "benchmarks.peers.dask_:DaskDelayedPeer",
     "ray": "benchmarks.peers.ray_:RayPeer",

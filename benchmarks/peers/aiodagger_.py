@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from benchmarks import arrayruns
 from benchmarks.coldstart import run_cold
 from benchmarks.peers.base import Peer, Timed, Unavailable
 from benchmarks.spillrun import peak_rss, raw_disk_gb_s
@@ -120,6 +121,11 @@ class AiodaggerPeer(Peer):
         return float((await level[0])[0])
 
     w7_p = w7  # the same graph; the setup has the worker processes
+
+    async def la_mm(self, w: Workload) -> Timed:
+        return await arrayruns.aiodagger_run(self._dagger, w.key)
+
+    la_chol = la_solve = st = la_mm
 
     async def dd(self, w: Workload) -> float:
         import numpy as np

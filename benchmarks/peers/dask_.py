@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+from benchmarks import arrayruns
 from benchmarks.coldstart import run_cold
 from benchmarks.peers.base import Peer, Timed, require, run_blocking
 from benchmarks.spillrun import peak_rss, raw_disk_gb_s
@@ -140,6 +141,11 @@ class DaskDistributedPeer(Peer):
 
     w7_p = w7
 
+    async def la_mm(self, w: Workload) -> Timed:
+        return await arrayruns.dask_distributed_run(self._client, w.key)
+
+    la_chol = la_solve = st = la_mm
+
     async def w4(self, w: Workload) -> list[int]:
         futures = [self._client.submit(inc, i, pure=False) for i in range(w.n)]
         return list(await self._client.gather(futures))
@@ -203,6 +209,11 @@ class DaskDelayedPeer(Peer):
             level = [add(level[i], level[i + 1]) for i in range(0, len(level), 2)]
         (root,) = await run_blocking(lambda: dask.compute(level[0], scheduler="threads"), _COMPUTE_TIMEOUT_S)
         return float(root[0])
+
+    async def la_mm(self, w: Workload) -> Timed:
+        return await arrayruns.dask_threads_run(self._dask, w.key)
+
+    la_chol = la_solve = st = la_mm
 
     async def w2(self, w: Workload) -> int:
         dask = self._dask

@@ -19,6 +19,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, ClassVar
 
+from benchmarks import arrayruns
 from benchmarks.coldstart import run_cold
 from benchmarks.peers.base import Peer, Timed, run_blocking
 from benchmarks.workloads import (
@@ -292,3 +293,14 @@ class SocketPeer(Peer):
         total, seconds = await run_blocking(timed, _BLOCKING_TIMEOUT_S)
         await self._call(sender, None, wait_only=True)  # "sent"
         return Timed(total, seconds)
+
+
+class NumpyPeer(Peer):
+    """numpy on the whole array, in this process: the floor of the array workloads."""
+
+    name: ClassVar[str] = "numpy"
+
+    async def la_mm(self, w: Workload) -> Timed:
+        return await arrayruns.numpy_run(w.key)
+
+    la_chol = la_solve = st = la_mm
