@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .api import Options, as_completed, fetch, gather, options, put, spawn, tochunk, wait
     from .cluster import Cluster, WorkerInfo
     from .logs import Logs, disable_logging, enable_logging, fetch_logs
+    from .streaming import Stream, spawn_streaming
     from .taskgroup import TaskGroup
 
 # Loaded on first use. A worker process imports this package too, and never needs the
@@ -40,6 +41,7 @@ _LAZY = {
     "options": "api", "put": "api", "spawn": "api", "tochunk": "api", "wait": "api",
     "Cluster": "cluster", "WorkerInfo": "cluster",
     "Logs": "logs", "disable_logging": "logs", "enable_logging": "logs", "fetch_logs": "logs",
+    "Stream": "streaming", "spawn_streaming": "streaming",
     "TaskGroup": "taskgroup",
 }
 
@@ -73,6 +75,7 @@ __all__ = [
     "ProtocolError",
     "Scope",
     "SerializationError",
+    "Stream",
     "TaskCancelledError",
     "TaskGroup",
     "TaskTimeoutError",
@@ -91,6 +94,7 @@ __all__ = [
     "put",
     "scope",
     "spawn",
+    "spawn_streaming",
     "tochunk",
     "wait",
 ]

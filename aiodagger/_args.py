@@ -15,18 +15,23 @@ from typing import Any
 
 from .task import Chunk, DTask
 
-__all__ = ["LEAF_TYPES", "find_dependencies", "resolve_arguments"]
+__all__ = ["LEAF_TYPES", "STREAM", "find_dependencies", "resolve_arguments"]
 
 _CONTAINERS = (list, tuple, dict)
 # Types that cannot hold a dependency: skipped without a function call, since most
 # arguments of small tasks are numbers and strings (this runs on every spawn).
 LEAF_TYPES = frozenset((int, float, str, bytes, bool, type(None), complex))
+# What the scan finds, or-ed together: True (a task or chunk), STREAM (a Stream, read
+# while it runs rather than waited for: aiodagger/streaming.py), or both (True | STREAM).
+STREAM = 2
 
 
-def find_dependencies(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[DTask[Any]], bool]:
-    """Return (unique DTask dependencies in first-seen order, whether anything needs resolving)."""
+def find_dependencies(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[DTask[Any]], int]:
+    """Return (unique DTask dependencies in first-seen order, whether anything needs
+    resolving): exactly True for tasks and chunks only, an int with the STREAM bit if a
+    stream is among them (streams are not dependencies)."""
     deps: list[DTask[Any]] = []
-    found = False
+    found: int = False
     for value in args:
         if type(value) not in LEAF_TYPES:
             found |= _scan(value, deps)
@@ -39,7 +44,7 @@ def find_dependencies(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[li
     return deps, found
 
 
-def _scan(value: Any, deps: list[DTask[Any]], path: set[int] | None = None) -> bool:
+def _scan(value: Any, deps: list[DTask[Any]], path: set[int] | None = None) -> int:
     kind = type(value)
     if kind is DTask:
         deps.append(value)
@@ -56,7 +61,7 @@ def _scan(value: Any, deps: list[DTask[Any]], path: set[int] | None = None) -> b
             path.add(0)
             return False
         path.add(id(value))
-        found = False
+        found: int = False
         for item in value.values() if kind is dict else value:
             found |= _scan(item, deps, path)
         path.discard(id(value))
@@ -68,6 +73,8 @@ def _scan(value: Any, deps: list[DTask[Any]], path: set[int] | None = None) -> b
         return found
     if isinstance(value, (DTask, Chunk)):
         if isinstance(value, DTask):
+            if value._streaming:
+                return STREAM
             deps.append(value)
         return True
     return False

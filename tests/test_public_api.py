@@ -9,9 +9,10 @@ def test_all_is_exactly_the_contract():
     assert sorted(aiodagger.__all__) == sorted([
         "MISSING", "AuthenticationError", "Chunk", "Cluster", "DTask", "DaggerError",
         "FrameTooLargeError", "Logs", "NoProcessorError", "Options", "ProtocolError", "Scope", "SerializationError",
-        "TaskCancelledError", "TaskGroup", "TaskTimeoutError", "UpstreamError", "WorkerInfo",
+        "Stream", "TaskCancelledError", "TaskGroup", "TaskTimeoutError", "UpstreamError", "WorkerInfo",
         "WorkerLostError", "__version__", "as_completed", "disable_logging", "enable_logging", "fetch",
-        "fetch_logs", "gather", "options", "progress", "put", "scope", "spawn", "tochunk", "wait",
+        "fetch_logs", "gather", "options", "progress", "put", "scope", "spawn", "spawn_streaming",
+        "tochunk", "wait",
     ])
     for name in aiodagger.__all__:
         assert hasattr(aiodagger, name), name
