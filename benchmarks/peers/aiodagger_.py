@@ -17,6 +17,7 @@ from benchmarks.workloads import (
     PROCESS_WORKERS,
     W6_CHUNK,
     W6_LIMIT,
+    W7_WINDOW,
     Workload,
     array_sum,
     chunk_sum,
@@ -24,6 +25,8 @@ from benchmarks.workloads import (
     make_array,
     make_chunk,
     sleep0_identity,
+    stream_sum,
+    stream_values,
 )
 
 # The public API the workloads use; checked up front so that a half-built or
@@ -51,7 +54,10 @@ class AiodaggerPeer(Peer):
     W6L run on one worker process with a memory limit, W6-0 on worker 0 with it."""
 
     name: ClassVar[str] = "aiodagger"
-    notes: ClassVar[dict[str, str]] = {"W5": "pinned with scope(worker=...) to the two worker processes"}
+    notes: ClassVar[dict[str, str]] = {
+        "W5": "pinned with scope(worker=...) to the two worker processes",
+        "W7": "pinned with scope(worker=...); batches relayed by the scheduler's process",
+    }
 
     def __init__(self) -> None:
         self._dagger: Any = None
@@ -114,7 +120,7 @@ class AiodaggerPeer(Peer):
 
     async def w5(self, w: Workload) -> Timed:
         d = self._dagger
-        first, second = sorted(info.id for info in self._cluster.workers if info.id != 0)[:2]
+        first, second = self._two_workers()
         made = d.options(scope=d.scope(worker=first)).spawn(make_array, w.n)
         await made.wait()  # done on worker 1, its value left there: not fetched
         exc = made.exception()
@@ -123,6 +129,17 @@ class AiodaggerPeer(Peer):
         t0 = time.perf_counter()
         total = await d.options(scope=d.scope(worker=second)).spawn(array_sum, made)
         return Timed(total, time.perf_counter() - t0)
+
+    async def w7(self, w: Workload) -> tuple[int, int]:
+        d = self._dagger
+        first, second = self._two_workers()
+        with d.options(scope=d.scope(worker=first)):
+            stream = d.spawn_streaming(stream_values, w.n, buffer=W7_WINDOW)
+        count, total = await d.options(scope=d.scope(worker=second)).spawn(stream_sum, stream)
+        return count, total
+
+    def _two_workers(self) -> list[int]:
+        return sorted(info.id for info in self._cluster.workers if info.id != 0)[:2]
 
     async def w6(self, w: Workload) -> Timed:
         cluster = self._cluster

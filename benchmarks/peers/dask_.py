@@ -48,6 +48,7 @@ class DaskDistributedPeer(Peer):
     not_applicable: ClassVar[dict[str, str]] = {
         "W3": _NO_ASYNC,
         "W6-0": "n/a (aiodagger's worker 0 against its own W6; no comparable in-process variant)",
+        "W7": "n/a (no streaming between tasks: a task's result is one value)",
     }
     notes: ClassVar[dict[str, str]] = {"W5": "pinned with submit(..., workers=[address])"}
 
