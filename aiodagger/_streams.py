@@ -456,6 +456,7 @@ class _ReaderBase:
         inlet = self._inlet = Inlet(self._key, self._id)
         # Dropped before the end (a consumer that stops reading): it leaves then.
         self._finalizer = weakref.finalize(self, port.leave, inlet)
+        self._finalizer.atexit = False  # at exit the loops are gone: nobody to tell
         port.call(port.attach, inlet)
         return inlet
 

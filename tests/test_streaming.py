@@ -426,3 +426,14 @@ async def spawns_a_stream():
 async def test_spawn_streaming_in_a_worker_process_says_where_to_spawn_it(procs):
     with pytest.raises(RuntimeError, match="spawn the stream where the cluster runs"):
         await asyncio.wait_for(dagger.spawn(spawns_a_stream), T)
+
+
+async def test_a_stream_of_another_cluster_is_refused_before_anything_joins(cluster):
+    theirs = dagger.spawn_streaming(count_to, 5, buffer=2)
+    async with dagger.Cluster(threads=1) as other:
+        ours = dagger.spawn_streaming(count_to, 5, buffer=2)  # other's, entered last
+        with pytest.raises(ValueError, match="belongs to another cluster"):
+            dagger.spawn(collect, [ours, theirs])
+        assert other._scheduler.stream_hub._feeds[ours.id].readers == {}  # ours not joined
+        assert await asyncio.wait_for(dagger.spawn(collect, ours), T) == list(range(5))
+    assert await asyncio.wait_for(dagger.spawn(collect, theirs), T) == list(range(5))

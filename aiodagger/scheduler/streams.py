@@ -141,15 +141,20 @@ class StreamHub(StreamPort):
         joined: list[tuple[int, int]] = []
         reader_cls = AsyncReader if task._kind == "async" else Reader
 
-        def make(stream: Stream) -> Any:
+        def check(stream: Stream) -> Stream:
             if stream._sched is not self.sched:
                 raise ValueError(f"{stream!r} belongs to another cluster; a task can only read "
                                  "streams of its own cluster")
+            return stream
+
+        def make(stream: Stream) -> Any:
             rid = next(self._reader_ids)
             joined.append((stream.id, rid))
             self.call(self._join, stream, rid)
             return reader_cls(stream.id, rid, stream.buffer, self)
 
+        for value in (*args, *kwargs.values()):  # all checked before any joins
+            bind_readers(value, check)
         args = tuple([bind_readers(a, make) for a in args])
         kwargs = {k: bind_readers(v, make) for k, v in kwargs.items()}
         task._on_done(functools.partial(self.call, self._consumer_done, joined))
