@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .logs import Logs, disable_logging, enable_logging, fetch_logs
     from .mutables import mutable, shard
     from .regions import datadeps
+    from .streaming import Stream, spawn_streaming
     from .taskgroup import TaskGroup
 
 # Loaded on first use. A worker process imports this package too, and never needs the
@@ -46,6 +47,7 @@ _LAZY = {
     "Cluster": "cluster", "WorkerInfo": "cluster",
     "File": "files", "tofile": "files",
     "Logs": "logs", "disable_logging": "logs", "enable_logging": "logs", "fetch_logs": "logs",
+    "Stream": "streaming", "spawn_streaming": "streaming",
     "TaskGroup": "taskgroup",
     "In": "access", "InOut": "access", "Out": "access", "datadeps": "regions",
     "mutable": "mutables", "shard": "mutables", "array": "array",
@@ -86,6 +88,7 @@ __all__ = [
     "ProtocolError",
     "Scope",
     "SerializationError",
+    "Stream",
     "TaskCancelledError",
     "TaskGroup",
     "TaskTimeoutError",
@@ -108,6 +111,7 @@ __all__ = [
     "scope",
     "shard",
     "spawn",
+    "spawn_streaming",
     "tochunk",
     "tofile",
     "wait",

@@ -26,11 +26,14 @@ from .files import File
 from .placed import Placed
 from .task import Chunk, DTask
 
-__all__ = ["DEPS", "FILES", "LEAF_TYPES", "find_dependencies", "find_files", "replace_files",
+__all__ = ["DEPS", "FILES", "LEAF_TYPES", "STREAM", "find_dependencies", "find_files", "replace_files",
            "resolve_arguments"]
 
 DEPS = 1  # DTasks or Chunks to replace by their values
 FILES = 2  # Files to read where the task runs
+# A Stream, read while it runs rather than waited for (aiodagger/streaming.py): the
+# scheduler binds the task to it at spawn, and it is no dependency.
+STREAM = 4
 
 _CONTAINERS = (list, tuple, dict)
 # Types that cannot hold a dependency: skipped without a function call, since most
@@ -40,7 +43,7 @@ LEAF_TYPES = frozenset((int, float, str, bytes, bool, type(None), complex))
 
 def find_dependencies(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[DTask[Any]], int]:
     """Return (unique DTask dependencies in first-seen order, what needs resolving: see
-    the module's docstring)."""
+    the module's docstring; STREAM also if a stream is among them)."""
     deps: list[DTask[Any]] = []
     found: int = False
     for value in args:
@@ -89,6 +92,8 @@ def _scan(value: Any, deps: list[DTask[Any]], path: set[int] | None = None) -> i
         return FILES
     if isinstance(value, (DTask, Chunk)):
         if isinstance(value, DTask):
+            if value._streaming:
+                return STREAM
             deps.append(value)
         return True
     if isinstance(value, Placed):  # a mutable or shard: the scheduler binds the task to it

@@ -114,6 +114,9 @@ class DTask(Generic[R]):
         "name",
     )
 
+    # A Stream (aiodagger/streaming.py) given as an argument is read, not waited for.
+    _streaming = False
+
     def __init__(self, sched: TaskOwner, id: int, name: str, fn: Callable[..., Any] | None,
                  args: tuple[Any, ...], kwargs: dict[str, Any], opts: TaskOptions) -> None:
         self.id = id

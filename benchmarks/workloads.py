@@ -125,6 +125,33 @@ def spill_expected(n: int) -> float:
     return float(sum(i * (W6_CHUNK // 8) for i in range(n)))
 
 
+async def stream_values(n: int) -> Any:
+    """W7's producer: ``n`` small values, 0..n-1, as they are made."""
+    for i in range(n):
+        yield i
+
+
+def stream_values_sync(n: int) -> Any:
+    """W7's producer where the system streams from a sync generator (Ray)."""
+    # Not `yield from range(n)`: Ray's executor calls send() on the generator, which a
+    # range iterator delegated to does not have.
+    for i in range(n):  # noqa: UP028
+        yield i
+
+
+async def stream_sum(values: Any) -> tuple[int, int]:
+    """W7's reader: how many values came, and their sum."""
+    count = total = 0
+    async for v in values:
+        count += 1
+        total += v
+    return count, total
+
+
+def stream_expected(n: int) -> tuple[int, int]:
+    return n, n * (n - 1) // 2
+
+
 # -- what a figure is --------------------------------------------------------------------
 
 
@@ -167,6 +194,7 @@ TASKS_PER_S = Metric("tasks/s", True, lambda s, n: n / s, digits=0)
 # n is the number of float64 values moved: 8n bytes, in decimal GB per second.
 GB_PER_S = Metric("GB/s", True, lambda s, n: 8 * n / s / 1e9, digits=2)
 SECONDS = Metric("s", False, lambda s, n: s, digits=3)
+VALUES_PER_S = Metric("values/s", True, lambda s, n: n / s, digits=0)
 
 
 @dataclass(frozen=True)
@@ -231,6 +259,8 @@ W6_LIMIT = "1GiB"
 W6_PEAK_RSS_GIB = (2**30 + W6_CHUNK + 200 * 2**20) / 2**30
 # W6L: 8 GiB, well past the kernel's dirty-page limit on a machine of tens of GiB.
 W6L_CHUNKS = 64
+# W7: how far a producer may run ahead of its reader, in values, in every system.
+S1_WINDOW = 1024
 
 WORKLOADS: dict[str, Workload] = {
     w.key: w
@@ -485,6 +515,23 @@ WORKLOADS: dict[str, Workload] = {
                 "DD's overhead."
             ),
             expected=dd_expected,
+        ),
+        Workload(
+            key="S1",
+            title="streaming worker to worker",
+            n=100_000,
+            metric=VALUES_PER_S,
+            description=(
+                "100,000 small values (the ints 0..n-1) from a streaming producer on worker "
+                f"process 1 to a reader on worker process 2 that counts and sums them, the "
+                f"producer never more than {S1_WINDOW:,} values ahead of the reader "
+                f"(aiodagger `spawn_streaming(..., buffer={S1_WINDOW})`). The figure is values "
+                "per second from starting the stream to the reader's result. Floor: an "
+                f"`asyncio.Queue(maxsize={S1_WINDOW})` between two coroutines in one process."
+            ),
+            expected=stream_expected,
+            setup="processes",
+            target=100_000,
         ),
     )
 }

@@ -54,6 +54,11 @@ from aiodagger.comm.protocol import (
     SpawnTask,
     Stats,
     StatsReply,
+    StreamAck,
+    StreamCredit,
+    StreamEnd,
+    StreamItems,
+    StreamOpen,
     TaskDone,
     ValueDef,
     Values,
@@ -140,6 +145,16 @@ SAMPLES: list[tuple[object, list[bytes]]] = [
     (TaskDone(2, "cancelled", [], "cancelled by the caller"), []),
     (Forget([SPAWNED]), []),
     (CancelSpawned([]), []),
+    (StreamOpen(SPAWNED), []),
+    (StreamCredit(7, 0), []),
+    (StreamCredit(7, BIG), []),
+    (StreamCredit(7, -1), []),
+    (StreamItems(7, 0, 1, []), parts(12)),
+    (StreamItems(SPAWNED, BIG, 4096, [1, 2, 3]), parts(30, 100_000, 0)),
+    (StreamAck(7, 1, 0, False), []),
+    (StreamAck(7, 2, BIG, True), []),
+    (StreamEnd(7, "finished", [1, 2]), []),
+    (StreamEnd(7, "error", [3]), parts(40)),
 ]
 
 RECORD_TYPES = {Holder, Dep, FunctionDef, ValueDef, RunTask, Missing, Finished, Memory, Item, Oversized,
@@ -154,8 +169,8 @@ def sample_id(sample) -> str:
 def takes_any_buffers(msg) -> bool:
     """The messages whose buffer count is the sender's choice (at least one): a value's
     pickle and its buffers, sent by itself."""
-    return type(msg) is Put or (type(msg) is TaskDone and msg.status == "finished"
-                                and not msg.holders)
+    return type(msg) in (Put, StreamItems) or (type(msg) is TaskDone and msg.status == "finished"
+                                              and not msg.holders)
 
 
 # -- the wire ----------------------------------------------------------------------------
@@ -426,6 +441,20 @@ MALFORMED = [
      r"malformed Heartbeat: field stats is list"),
     ("TaskDone.holders records", {"op": "task-done", "a": [1, "cancelled", [[1, b"a"]], ""]}, 0,
      r"malformed Holder: field address is bytes"),
+    ("StreamItems no values", {"op": "stream-items", "a": [1, 0, 0, []]}, 1,
+     r"malformed StreamItems: no values"),
+    ("StreamItems without its batch", {"op": "stream-items", "a": [1, 0, 3, []]}, 0,
+     r"stream-items came without the buffers"),
+    ("StreamItems.first negative", {"op": "stream-items", "a": [1, -1, 3, []]}, 1,
+     r"malformed StreamItems: field first is int -1"),
+    ("StreamCredit below -1", {"op": "stream-credit", "a": [1, -2]}, 0,
+     r"malformed StreamCredit: limit -2"),
+    ("StreamAck.done int", {"op": "stream-ack", "a": [1, 2, 3, 1]}, 0,
+     r"malformed StreamAck: field done is int 1"),
+    ("StreamEnd unknown status", {"op": "stream-end", "a": [1, "cancelled", []]}, 0,
+     r"malformed StreamEnd: unknown status 'cancelled'"),
+    ("StreamEnd error without it", {"op": "stream-end", "a": [1, "error", [2]]}, 0,
+     r"stream-end announces 1 buffer\(s\) and came with 0"),
 ]
 
 

@@ -9,11 +9,11 @@ def test_all_is_exactly_the_contract():
     assert sorted(aiodagger.__all__) == sorted([
         "MISSING", "AuthenticationError", "Chunk", "Cluster", "DTask", "DaggerError", "File",
         "FrameTooLargeError", "Logs", "NoProcessorError", "Options", "ProtocolError", "Scope", "SerializationError",
-        "TaskCancelledError", "TaskGroup", "TaskTimeoutError", "UpstreamError", "WorkerInfo",
+        "Stream", "TaskCancelledError", "TaskGroup", "TaskTimeoutError", "UpstreamError", "WorkerInfo",
         "WorkerLostError", "__version__", "as_completed", "disable_logging", "enable_logging", "fetch",
         "fetch_logs", "gather", "options", "progress", "put", "scope", "spawn", "tochunk", "wait",
         # Dagger.jl's programming models
-        "In", "InOut", "Out", "datadeps", "mutable", "shard", "tofile", "array",
+        "In", "InOut", "Out", "datadeps", "mutable", "shard", "tofile", "array", "spawn_streaming",
     ])
     for name in aiodagger.__all__:
         assert hasattr(aiodagger, name), name

@@ -62,6 +62,20 @@ op                 direction             fields (records in CamelCase)
                                          parts: its value or its error, if sent
 ``forget``         worker -> scheduler   ids of spawned tasks the worker dropped
 ``cancel-spawned`` worker -> scheduler   ids of spawned tasks to cancel
+``stream-open``    worker -> scheduler   stream: a streaming task's producer started
+                                         here; its credit is sent here from now on
+``stream-credit``  scheduler -> worker   stream, limit: the producer may have produced
+                                         ``limit`` values in all; -1: stop
+``stream-items``   both ways             stream, first, nvalues, to: ``nvalues`` values of
+                                         the stream from number ``first`` on, for the
+                                         readers ``to`` (none from a producer); parts:
+                                         the pickled list of values and its buffers
+``stream-ack``     worker -> scheduler   stream, reader, consumed, done: a reader has
+                                         taken ``consumed`` values (its first ack says
+                                         where it reads); ``done``: it reads no more
+``stream-end``     scheduler -> worker   stream, status (finished | error), to: the
+                                         stream ended for readers ``to``; an error
+                                         carries one part, the exception
 =================  ====================  ==============================================
 
 Keys: a task's key is its id, a chunk's is minus its id. Tasks spawned on worker N
@@ -102,8 +116,8 @@ __all__ = [
     "Blocked", "Forget", "FunctionDef", "Functions", "Get", "Heartbeat", "Holder", "Holding",
     "ID_SPACE", "Item", "Items", "Memory", "Missing", "Oversized", "Put", "Register", "Registered",
     "Release", "Replicate",
-    "Run", "RunTask", "Shutdown", "Spawn", "SpawnTask", "Stats", "StatsReply", "TaskDone",
-    "ValueDef", "Values", "decode", "decode_record", "encode", "message_types", "split_parts",
+    "Run", "RunTask", "Shutdown", "Spawn", "SpawnTask", "Stats", "StatsReply", "StreamAck",
+    "StreamCredit", "StreamEnd", "StreamItems", "StreamOpen", "TaskDone", "ValueDef", "Values", "decode", "decode_record", "encode", "message_types", "split_parts",
     # the one serializer (comm/serialize.py), for the payloads messages carry
     "BATCH_BYTES", "BATCH_RECORDS", "DEFAULT_MAX_FRAME", "MAX_BUFFERS", "MAX_OUT_OF_BAND", "ProtocolError",
     "Comm", "FunctionCache", "dumps", "dumps_args", "dumps_error", "loads", "loads_args",
@@ -484,6 +498,44 @@ class CancelSpawned(NamedTuple):
     ids: list[int]
 
 
+# -- streams (aiodagger/streaming.py): values of a streaming task, batched, with credit --
+@message("stream-open", INT)
+class StreamOpen(NamedTuple):
+    stream: int
+
+
+@message("stream-credit", INT, INT)
+class StreamCredit(NamedTuple):
+    stream: int
+    limit: int  # values the producer may have produced in all; -1: stop now
+
+
+@message("stream-items", INT, COUNT, COUNT, IDS, buffers=lambda m: None)
+class StreamItems(NamedTuple):
+    stream: int
+    first: int       # the number of the first value in the stream
+    nvalues: int
+    to: list[int]    # the readers they are for; none from a producer
+
+
+@message("stream-ack", INT, INT, COUNT, BOOL)
+class StreamAck(NamedTuple):
+    stream: int
+    reader: int
+    consumed: int    # values the reader has taken so far
+    done: bool       # it reads no more (finished, closed, or dropped)
+
+
+STREAM_END_STATUSES = frozenset(("finished", "error"))
+
+
+@message("stream-end", INT, STR, IDS, buffers=lambda m: 1 if m.status == "error" else 0)
+class StreamEnd(NamedTuple):
+    stream: int
+    status: str      # "finished"; "error": one part, the exception (a cancellation too)
+    to: list[int]
+
+
 def message_types() -> dict[str, type]:
     """Every message class, by op."""
     return dict(_MESSAGES)
@@ -547,6 +599,12 @@ def _check_values(msg: Any) -> None:
                 raise ProtocolError(f"malformed {type(v).__name__}: a value takes at least one part")
     elif type(msg) is TaskDone and msg.status not in TASK_DONE_STATUSES:
         raise ProtocolError(f"malformed TaskDone: unknown status {msg.status!r}")
+    elif type(msg) is StreamItems and msg.nvalues < 1:
+        raise ProtocolError("malformed StreamItems: no values")
+    elif type(msg) is StreamEnd and msg.status not in STREAM_END_STATUSES:
+        raise ProtocolError(f"malformed StreamEnd: unknown status {msg.status!r}")
+    elif type(msg) is StreamCredit and msg.limit < -1:
+        raise ProtocolError(f"malformed StreamCredit: limit {msg.limit}")
     elif type(msg) is Blocked and msg.threads < 0:
         raise ProtocolError(f"malformed Blocked: {msg.threads} threads")
     elif type(msg) is Register and msg.threads < 1:

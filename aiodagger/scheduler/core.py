@@ -20,7 +20,7 @@ import types
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from .._args import LEAF_TYPES, find_dependencies
+from .._args import DEPS, LEAF_TYPES, STREAM, find_dependencies
 from .._bridge import (
     Wakeup,
     block_until_done,
@@ -47,6 +47,7 @@ from .placement import RuntimeEstimates, function_key
 if TYPE_CHECKING:
     from ..interfaces import LocalWorkerPort
     from .registry import WorkerRegistry
+    from .streams import StreamHub
 
 __all__ = ["Scheduler"]
 
@@ -54,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 # Times a task may find its inputs unobtainable (and have them recomputed) before it fails.
 MAX_INPUT_MISSES = 5
+_streams_lock = threading.Lock()
 
 class Scheduler:
     """Owns every task of one cluster, on that cluster's loop.
@@ -86,6 +88,7 @@ class Scheduler:
         # Worker 0 keeps results in a store of its own (a memory limit): its DTasks hold REMOTE.
         self._stored = False
         self._admission_waiting = False
+        self.stream_hub: StreamHub | None = None  # made when a stream is first spawned or read
 
     def attach_local(self, local: LocalWorkerPort) -> None:
         """Drive ``local`` as worker 0 (the cluster calls this once, before any spawn)."""
@@ -99,14 +102,16 @@ class Scheduler:
 
     # -- spawning (any thread) -----------------------------------------------------------
     def spawn(self, opts: TaskOptions, fn: Any, args: tuple[Any, ...],
-              kwargs: dict[str, Any], key: int | None = None, scan: bool = True) -> DTask[Any]:
-        """A new task (``key``: an id given by a worker that spawned it; ``scan=False``:
-        the caller knows no argument holds a DTask or Chunk)."""
+              kwargs: dict[str, Any], key: int | None = None, scan: bool = True,
+              cls: type[DTask[Any]] = DTask) -> DTask[Any]:
+        """A new task (``key``: an id given by a worker that spawned it, or taken with
+        :meth:`new_id`; ``scan=False``: the caller knows no argument holds a DTask or
+        Chunk; ``cls``: a subclass of DTask, a Stream)."""
         if self.closed:
             raise RuntimeError("this cluster is closed; spawn inside `async with dagger.Cluster()`")
         kind = classify(fn)
         name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
-        task: DTask[Any] = DTask(self, next(self._ids) if key is None else key, name, fn, args, kwargs, opts)
+        task = cls(self, next(self._ids) if key is None else key, name, fn, args, kwargs, opts)
         task._kind = kind
         # Most small tasks take numbers and strings: skip the walk for those.
         for value in args:
@@ -121,7 +126,10 @@ class Scheduler:
             return task
         deps, found = find_dependencies(args, kwargs)
         if found:
-            task._resolve = found
+            if found & STREAM:  # a stream among them: read as it runs, not waited for
+                task._args, task._kwargs = self.streams.bind(task, args, kwargs)
+                found = (found & ~STREAM) | DEPS
+            task._resolve = True if found == DEPS else found
             if deps:
                 placed: list[Any] = []
                 for dep in deps:
@@ -138,6 +146,26 @@ class Scheduler:
                 task._deps = deps or None
         self._spawn_in_loop_or_inbox(task)
         return task
+
+    def new_id(self) -> int:
+        """An id for a task spawned next, known before the task exists (a stream's
+        producer is given its own)."""
+        return next(self._ids)
+
+    @property
+    def streams(self) -> StreamHub:
+        """The hub of this cluster's streams (worker 0's stream port)."""
+        hub = self.stream_hub
+        if hub is None:
+            # Made once, by whichever thread first spawns or reads a stream: the one lock
+            # here, taken once per cluster.
+            with _streams_lock:
+                hub = self.stream_hub
+                if hub is None:
+                    from .streams import StreamHub
+
+                    hub = self.stream_hub = StreamHub(self)
+        return hub
 
     def _spawn_in_loop_or_inbox(self, task: DTask[Any]) -> None:
         if threading.get_ident() == self.loop_thread_id:

@@ -240,7 +240,13 @@ class WorkerRegistry:
             P.Spawn: functools.partial(self._on_spawn, worker),
             P.Forget: self._on_forget,
             P.CancelSpawned: self._on_cancel_spawned,
+            P.StreamOpen: functools.partial(self._on_stream, worker),
+            P.StreamItems: functools.partial(self._on_stream, worker),
+            P.StreamAck: functools.partial(self._on_stream, worker),
         }
+
+    def _on_stream(self, worker: RemoteWorker, msg: Any, buffers: list[Any]) -> None:
+        self.sched.streams.on_message(worker, msg, buffers)
 
     def _register(self, endpoint: P.Endpoint, holder: list[RemoteWorker], msg: P.Register,
                   buffers: list[Any]) -> tuple[P.Registered, Sequence[Any]]:
@@ -777,6 +783,8 @@ class WorkerRegistry:
         for task in running:
             task._handle = None
             self.sched.run_lost(task, worker.id, worker.address, reason)
+        if self.sched.stream_hub is not None:
+            self.sched.stream_hub.worker_lost(worker.id)
         self.sched.request_flush()
 
     async def retire(self, worker: RemoteWorker, timeout: float = 60.0) -> None:

@@ -60,12 +60,18 @@ class SchedulerClient:
     def home_worker(self) -> int:
         return self.worker.worker_id
 
+    @property
+    def streams(self) -> Any:
+        """This worker's stream port, where readers and producers here find their ends."""
+        return self.worker.streams
+
     # -- spawning (any thread of the worker) ------------------------------------------------
     def spawn(self, opts: TaskOptions, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DTask[Any]:
         if self.worker.worker_id < 0:
             raise RuntimeError("this worker is not connected to a cluster right now")
         name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
-        deps, found = find_dependencies(args, kwargs)
+        deps, refs = find_dependencies(args, kwargs)
+        found = bool(refs)  # no Stream here: one cannot be pickled into a worker process
         fn_hash, fn_bytes = self._fn_cache.get(fn)
         refs = found if found is False or found is True else bool(found & DEPS)  # Files too
         payload, parts, _ = P.dumps_args(name, args, kwargs, refs)

@@ -21,7 +21,7 @@ import socket
 import threading
 import types
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
@@ -43,6 +43,9 @@ from .execute import callback_errors
 from .nested import NestedCluster, SchedulerClient
 from .threads import ThreadProc
 
+if TYPE_CHECKING:
+    from .streams import WorkerStreams
+
 __all__ = ["INLINE_LIMIT", "WorkerProcess"]
 
 logger = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ INLINE_LIMIT = 64 << 10
 
 
 _PLAIN = TaskOptions()
+_streams_lock = threading.Lock()
 
 
 class MissingDependency(Exception):
@@ -121,6 +125,22 @@ class WorkerProcess:
         self._hurry = asyncio.Event()
         self._listener: Listener | None = None
         self._backoff = 0.1
+        self._streams: WorkerStreams | None = None
+
+    @property
+    def streams(self) -> WorkerStreams:
+        """The ends of the streams produced or read here (made on first use, which may
+        be on a pool thread and the loop at once: a reader and a producer starting)."""
+        if self._streams is None:
+            with _streams_lock:
+                if self._streams is None:
+                    from .streams import WorkerStreams
+
+                    self._streams = WorkerStreams(self)
+        return self._streams
+
+    def _on_stream(self, msg: Any, buffers: list[Any]) -> None:
+        self.streams.on_message(msg, buffers)
 
     @property
     def stopping(self) -> bool:
@@ -297,6 +317,9 @@ class WorkerProcess:
             P.Replicate: self._replicate,
             P.Shutdown: self._on_shutdown,
             P.Heartbeat: self._on_heartbeat,
+            P.StreamItems: self._on_stream,
+            P.StreamEnd: self._on_stream,
+            P.StreamCredit: self._on_stream,
         }
 
     async def _session(self) -> None:
@@ -329,6 +352,8 @@ class WorkerProcess:
             await asyncio.gather(heartbeat, serving, return_exceptions=True)
             self.endpoint = None
             await endpoint.close()
+            if self._streams is not None:
+                self._streams.disconnected()
             self._cancel_all()
 
     async def _heartbeat(self, endpoint: P.Endpoint) -> None:

@@ -18,6 +18,7 @@ from benchmarks.workloads import (
     DD_BLOCK_VALUES,
     DD_BLOCKS,
     PROCESS_WORKERS,
+    S1_WINDOW,
     W6_CHUNK,
     W6_LIMIT,
     Workload,
@@ -29,6 +30,8 @@ from benchmarks.workloads import (
     make_array,
     make_chunk,
     sleep0_identity,
+    stream_sum,
+    stream_values,
     tree_add,
     tree_leaf,
     tree_levels,
@@ -59,7 +62,10 @@ class AiodaggerPeer(Peer):
     W6L run on one worker process with a memory limit, W6-0 on worker 0 with it."""
 
     name: ClassVar[str] = "aiodagger"
-    notes: ClassVar[dict[str, str]] = {"W5": "pinned with scope(worker=...) to the two worker processes"}
+    notes: ClassVar[dict[str, str]] = {
+        "W5": "pinned with scope(worker=...) to the two worker processes",
+        "S1": "pinned with scope(worker=...); batches relayed by the scheduler's process",
+    }
 
     def __init__(self) -> None:
         self._dagger: Any = None
@@ -156,7 +162,7 @@ class AiodaggerPeer(Peer):
 
     async def w5(self, w: Workload) -> Timed:
         d = self._dagger
-        first, second = sorted(info.id for info in self._cluster.workers if info.id != 0)[:2]
+        first, second = self._two_workers()
         made = d.options(scope=d.scope(worker=first)).spawn(make_array, w.n)
         await made.wait()  # done on worker 1, its value left there: not fetched
         exc = made.exception()
@@ -165,6 +171,17 @@ class AiodaggerPeer(Peer):
         t0 = time.perf_counter()
         total = await d.options(scope=d.scope(worker=second)).spawn(array_sum, made)
         return Timed(total, time.perf_counter() - t0)
+
+    async def s1(self, w: Workload) -> tuple[int, int]:
+        d = self._dagger
+        first, second = self._two_workers()
+        with d.options(scope=d.scope(worker=first)):
+            stream = d.spawn_streaming(stream_values, w.n, buffer=S1_WINDOW)
+        count, total = await d.options(scope=d.scope(worker=second)).spawn(stream_sum, stream)
+        return count, total
+
+    def _two_workers(self) -> list[int]:
+        return sorted(info.id for info in self._cluster.workers if info.id != 0)[:2]
 
     async def w6(self, w: Workload) -> Timed:
         cluster = self._cluster

@@ -53,6 +53,7 @@ class DaskDistributedPeer(Peer):
         "W3": _NO_ASYNC,
         "W6-0": "n/a (aiodagger's worker 0 against its own W6; no comparable in-process variant)",
         "DD": "n/a (no datadeps: tasks cannot be ordered by the memory they access)",
+        "S1": "n/a (no streaming between tasks: a task's result is one value)",
     }
     notes: ClassVar[dict[str, str]] = {"W5": "pinned with submit(..., workers=[address])"}
 

@@ -1,7 +1,8 @@
 """The floors: what the same work costs with no framework at all.
 
 They bound from below what any asyncio-based framework can reach: ``asyncio``
-for coroutine work (W3), ``executor`` for thread-pool work (W1),
+for coroutine work (W3) and for a bounded stream of values (W7, in one process),
+``executor`` for thread-pool work (W1),
 ``process-pool`` and ``process-pool-map`` for work in two worker processes (W4,
 and W0's cold start), ``tcp-socket`` for moving an array between two processes
 (W5). A floor has rows only for the workloads it bounds.
@@ -24,11 +25,13 @@ from benchmarks.coldstart import run_cold
 from benchmarks.peers.base import Peer, Timed, run_blocking
 from benchmarks.workloads import (
     PROCESS_WORKERS,
+    S1_WINDOW,
     Workload,
     array_sum,
     inc,
     make_array,
     sleep0_identity,
+    stream_values,
 )
 
 # How long the floors' own blocking steps may take before they are given up on;
@@ -65,6 +68,23 @@ class AsyncioPeer(Peer):
     async def w3(self, w: Workload) -> list[int]:
         tasks = [asyncio.create_task(sleep0_identity(i)) for i in range(w.n)]
         return await asyncio.gather(*tasks)
+
+    async def s1(self, w: Workload) -> tuple[int, int]:
+        # The same window as the streaming systems, in one process: no pickling, no wire.
+        queue: asyncio.Queue[int | None] = asyncio.Queue(maxsize=S1_WINDOW)
+
+        async def produce() -> None:
+            async for v in stream_values(w.n):
+                await queue.put(v)
+            await queue.put(None)
+
+        producer = asyncio.create_task(produce())
+        count = total = 0
+        while (v := await queue.get()) is not None:
+            count += 1
+            total += v
+        await producer
+        return count, total
 
 
 class ExecutorPeer(Peer):

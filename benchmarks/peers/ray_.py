@@ -12,11 +12,13 @@ from benchmarks.coldstart import run_cold
 from benchmarks.peers.base import Peer, Timed, require, run_blocking
 from benchmarks.workloads import (
     PROCESS_WORKERS,
+    S1_WINDOW,
     Workload,
     array_sum,
     inc,
     make_array,
     sleep0_identity,
+    stream_values_sync,
     tree_add,
     tree_leaf,
     tree_levels,
@@ -40,6 +42,8 @@ class RayPeer(Peer):
         "W4": "the same remote tasks as its W1 row",
         "W5": "made and summed by two actors (two processes); the array goes through "
         "Ray's shared-memory object store, mapped by the second, not over a socket",
+        "S1": "a streaming generator method of one actor, iterated by a method of the other "
+        f"(_generator_backpressure_num_objects={S1_WINDOW}); each value is an object",
     }
 
     def __init__(self) -> None:
@@ -78,8 +82,8 @@ class RayPeer(Peer):
         self._inc = ray.remote(inc)
         self._leaf, self._add = ray.remote(tree_leaf), ray.remote(tree_add)
         self._actor = ray.remote(_AsyncWorker).remote()
-        # W5's two ends: actors are processes of their own, so two of them pin the
-        # making and the summing to two different worker processes. num_cpus=0: they
+        # W5's and W7's two ends: actors are processes of their own, so two of them pin
+        # the making and the summing to two different worker processes. num_cpus=0: they
         # must not take the CPUs the tasks of the other workloads run on.
         holder = ray.remote(num_cpus=0)(_ArrayHolder)
         self._holders = [holder.remote(), holder.remote()]
@@ -144,6 +148,13 @@ class RayPeer(Peer):
         total = await second.total.remote(made)
         return Timed(total, time.perf_counter() - t0)
 
+    async def s1(self, w: Workload) -> tuple[int, int]:
+        # A generator's ObjectRefGenerator cannot be passed to another task, so the
+        # reading actor is the one that calls the producing actor's generator method.
+        first, second = self._holders
+        count, total = await second.read_stream.remote(first, w.n)
+        return count, total
+
 
 class _AsyncWorker:
     """Wrapped by ray.remote at start-up, so importing this module never needs Ray."""
@@ -156,7 +167,7 @@ class _AsyncWorker:
 
 
 class _ArrayHolder:
-    """W5's actor, wrapped by ray.remote at start-up."""
+    """W5's and W7's actor, wrapped by ray.remote at start-up."""
 
     def pid(self) -> int:
         return os.getpid()
@@ -166,3 +177,17 @@ class _ArrayHolder:
 
     def total(self, a: Any) -> float:
         return array_sum(a)
+
+    def stream(self, n: int) -> Any:
+        for v in stream_values_sync(n):  # noqa: UP028 - Ray calls send() on the generator
+            yield v
+
+    def read_stream(self, producer: Any, n: int) -> tuple[int, int]:
+        import ray
+
+        count = total = 0
+        values = producer.stream.options(_generator_backpressure_num_objects=S1_WINDOW).remote(n)
+        for ref in values:
+            count += 1
+            total += ray.get(ref)
+        return count, total

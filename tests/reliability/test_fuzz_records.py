@@ -159,10 +159,24 @@ def id_list(op: str, other_ids: st.SearchStrategy[int]) -> st.SearchStrategy[Fra
     return st.lists(other_ids, max_size=5).map(lambda ids: ({"op": op, "a": [ids]}, []))
 
 
+def streams(other_ids: st.SearchStrategy[int]) -> st.SearchStrategy[Frame]:
+    """Stream messages as a worker sends them, about streams it does not run (the scheduler
+    stops such a producer, drops its values and ends such a reader)."""
+    def items(key: int, first: int, n: int) -> Frame:
+        return {"op": "stream-items", "a": [key, first, n, []]}, [P.dumps(list(range(n)))[0]]
+    return st.one_of(
+        other_ids.map(lambda key: ({"op": "stream-open", "a": [key]}, [])),
+        st.builds(items, other_ids, st.integers(0, 5), st.integers(1, 4)),
+        st.builds(lambda key, reader, n, done: ({"op": "stream-ack", "a": [key, reader, n, done]}, []),
+                  other_ids, st.integers(-3, 1 << 40), st.integers(0, 1 << 40), st.booleans()),
+    )
+
+
 def not_taken_here() -> st.SearchStrategy[Frame]:
     """Ops a worker never sends (a second register among them), and ops that do not exist."""
     ops = sorted(set(P.message_types()) - {"done", "holding", "heartbeat", "spawn", "forget",
-                                           "cancel-spawned"})
+                                           "cancel-spawned", "stream-open", "stream-items",
+                                           "stream-ack"})
     register = st.just({"op": "register", "req": 7,
                         "a": ["again", 1, "h", 1, "tcp://127.0.0.1:9", None]})
     other = st.builds(lambda op, a: {"op": op, "a": a},
@@ -186,7 +200,7 @@ def messages(key: int, attempt: int, fake_id: int, held: int) -> st.SearchStrate
         right_done(key, attempt), done(key, attempt, other_ids), done(key, attempt, other_ids),
         spawn(other_ids, fake_id), heartbeat(),
         id_list("holding", other_ids), id_list("forget", other_ids), id_list("cancel-spawned", other_ids),
-        not_taken_here(),
+        streams(other_ids), not_taken_here(),
     )
 
 
@@ -321,6 +335,8 @@ class Fuzzing:
             P.Replicate: lambda msg, buffers: (P.Ack(), []),
             P.TaskDone: lambda msg, buffers: None,
             P.Put: lambda msg, buffers: None,
+            P.StreamCredit: lambda msg, buffers: None,
+            P.StreamEnd: lambda msg, buffers: None,
         }
         retries = data.draw(st.integers(0, 1), label="retries")
         task = dagger.options(scope=dagger.scope(worker=fake.id), retries=retries).spawn(double, 21)
