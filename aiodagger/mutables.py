@@ -17,7 +17,7 @@ from typing import Any
 
 from ._callables import classify, spawn_callable_error
 from .placed import Mutable, Shard, create, create_async, new_key
-from .taskoptions import ANY_SCOPE, Scope, TaskOptions
+from .taskoptions import ANY_SCOPE, Scope, current_options
 
 __all__ = ["Mutable", "Shard", "mutable", "shard"]
 
@@ -40,7 +40,8 @@ _round_robin = itertools.count()
 
 def mutable(fn: Callable[..., Any], /, *args: Any, scope: Scope | None = None, **kwargs: Any) -> Mutable:
     """Create ``fn(*args, **kwargs)`` on one worker (one ``scope`` admits) and keep it
-    there; tasks given the handle run on that worker and receive the object itself."""
+    there; tasks given the handle run on that worker and receive the object itself.
+    The options in effect (priority...) apply to the task that creates it."""
     make = _creator(fn)
     if scope is not None and not isinstance(scope, Scope):
         raise TypeError(f"mutable(..., scope=...) takes dagger.scope(...), got {scope!r}")
@@ -49,7 +50,7 @@ def mutable(fn: Callable[..., Any], /, *args: Any, scope: Scope | None = None, *
     worker = workers[next(_round_robin) % len(workers)]
     key = new_key("mutable")
     name = getattr(fn, "__qualname__", type(fn).__name__)
-    opts = TaskOptions(name=f"mutable {name}", scope=Scope(frozenset([worker])))
+    opts = current_options().merged({"name": f"mutable {name}", "scope": Scope(frozenset([worker]))})
     creator = sched.spawn(opts, functools.partial(make, fn, key, worker), args, kwargs)
     return Mutable(sched, key, name, {worker: creator})
 
@@ -63,7 +64,7 @@ def shard(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Shard:
     name = getattr(fn, "__qualname__", type(fn).__name__)
     creators = {}
     for worker in sched.placeable_workers(ANY_SCOPE):
-        opts = TaskOptions(name=f"shard {name}", scope=Scope(frozenset([worker])))
+        opts = current_options().merged({"name": f"shard {name}", "scope": Scope(frozenset([worker]))})
         creators[worker] = sched.spawn(opts, functools.partial(make, fn, key, None), args, kwargs)
     return Shard(sched, key, name, creators)
 

@@ -15,10 +15,10 @@ from tests.test_array import hypothesis_check
 def matrices(draw, kind="spd"):
     n = draw(st.integers(1, 12))
     tile = draw(st.integers(1, n + 1))
-    dtype = draw(st.sampled_from([np.float64, np.complex128, np.float32]))
+    dtype = draw(st.sampled_from([np.float64, np.complex128, np.float32, np.complex64]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     m = rng.standard_normal((n, n))
-    if dtype is np.complex128:
+    if np.dtype(dtype).kind == "c":
         m = m + 1j * rng.standard_normal((n, n))
     if kind == "spd":
         m = m @ m.conj().T + n * np.eye(n)
