@@ -23,7 +23,7 @@ def test_every_example_is_run_by_a_test():
     # quickstart and script here; fastapi_app, aiohttp_app and notebook in their own files
     assert sorted(p.name for p in EXAMPLES.iterdir() if not p.name.startswith((".", "__"))) == [
         "aiohttp_app.py", "arrays.ipynb", "datadeps.py", "fastapi_app.py", "notebook.ipynb", "quickstart.py",
-        "script.py"]
+        "script.py", "streaming_files.py"]
 
 
 @pytest.mark.parametrize("script, expected", [
@@ -31,6 +31,7 @@ def test_every_example_is_run_by_a_test():
     ("script.py", ["sum of squares: 285"]),
     ("datadeps.py", ["datadeps: c[:3] = [1.0, 2.0, 3.0]", "tiled matmul matches numpy: True",
                      "mutable on worker 1: [3.0, 3.0, 3.0, 3.0]", "histogram counts: 100 from 2 pieces"]),
+    ("streaming_files.py", ["values streamed: 1000 mean: 4.5", "file: grid.npy trace: 30.0"]),
 ])
 def test_example_runs(script, expected):
     proc = subprocess.run([sys.executable, "-W", "error", str(EXAMPLES / script)],
