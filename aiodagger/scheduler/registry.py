@@ -182,12 +182,6 @@ class WorkerRegistry:
         self._ids = itertools.count(1)
         # Workers a peer could not fetch from, until when: placed on last (see _trusted).
         self._suspect: dict[int, float] = {}
-        # The worker the last task without inputs went to: such siblings, spawned in a
-        # burst, go there in runs while it is about as loaded as the least loaded one,
-        # not alternately, so that their consumers (which usually take neighbours) find
-        # both inputs in one place, as Dask co-assigns root tasks. W7-p (a tree over
-        # 1,024 leaves): 1.04 -> 0.95 s here.
-        self._last_root: RemoteWorker | None = None
         self._dirty: set[RemoteWorker] = set()
         self._send_wakeup = Wakeup(sched.loop, self._send, threadsafe=False)
         self._registered = asyncio.Condition()
@@ -371,13 +365,8 @@ class WorkerRegistry:
             room = self._trusted(room)
         if len(room) == 1:
             return room[0]
-        if not task._deps:  # nothing to move: the least loaded worker, but see _last_root
-            best = min(room, key=_load)
-            last = self._last_root
-            if last is not None and last in room and _load(last) < _load(best) + REMOTE_HORIZON_S:
-                return last
-            self._last_root = best
-            return best
+        if not task._deps:  # nothing to move: the least loaded worker
+            return min(room, key=_load)
         held: dict[int, int] = {}
         for dep in task._deps or ():
             if dep._value is REMOTE:
