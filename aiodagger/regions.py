@@ -68,6 +68,7 @@ class Region:
         self._wrappers: dict[Any, Any] = {}
         self._lent: list[Any] = []  # keys of the objects lent to tasks (in a worker process)
         self._scan = False  # whether the task being spawned has arguments to scan
+        self._copies: dict[tuple[int, int], tuple[DTask[Any], Any]] = {}  # see _read_copies
 
     def __repr__(self) -> str:
         return f"<dagger.datadeps region {self._state}, {len(self._tasks)} task(s)>"
@@ -207,7 +208,15 @@ class Region:
         for where, m, writes in mutables:
             if writes or m.worker == home:
                 continue
-            duplicate = self.spawn(_copy_of, m)
+            # One copy per version of the object and worker: a tiled LU reads each panel
+            # tile in every update of its row, on the same few workers.
+            writer = self._log.entry(m).writer
+            cached = self._copies.get((id(m), home))
+            if cached is not None and cached[1] is writer:
+                duplicate = cached[0]
+            else:
+                duplicate = self.spawn(_copy_of, m)
+                self._copies[(id(m), home)] = (duplicate, writer)
             self._scan = True  # the task being spawned has a DTask argument now
             if type(where) is int:
                 args[where] = duplicate

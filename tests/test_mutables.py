@@ -184,6 +184,15 @@ async def test_in_datadeps_a_task_reads_mutables_of_other_workers_as_copies(proc
         dd.spawn(add_into, dagger.InOut(a), b)              # reads b's new value
     assert (await dagger.spawn(list, a)) == [5.0, 5.0, 5.0]
     assert (await dagger.spawn(list, b)) == [-1.0, -1.0, -1.0]
+    c = await dagger.mutable(np.zeros, 3, scope=dagger.scope(worker=one))
+    async with dagger.datadeps() as dd:
+        dd.spawn(add_into, dagger.InOut(a), b)
+        dd.spawn(add_into, dagger.InOut(c), b)  # b unchanged since: the same copy serves
+        assert len(dd._tasks) == 3
+        dd.spawn(fill_all, dagger.Out(b), 2.0)
+        dd.spawn(add_into, dagger.InOut(c), b)  # a new version: a new copy
+        assert len(dd._tasks) == 6
+    assert (await dagger.spawn(list, c)) == [1.0, 1.0, 1.0]
     with pytest.raises(dagger.NoProcessorError, match="different workers"):
         async with dagger.datadeps() as dd:
             dd.spawn(add_into, dagger.InOut(a), dagger.InOut(b))
