@@ -202,3 +202,12 @@ async def test_in_datadeps_a_task_reads_mutables_of_other_workers_as_copies(proc
 async def procs2():
     async with dagger.Cluster(processes=2, threads=2) as c:
         yield c
+
+
+def make_a_mutable_inside():
+    return dagger.mutable(list)
+
+
+async def test_inside_a_worker_process_task_a_clear_error(procs2):
+    with pytest.raises(RuntimeError, match="cannot do yet"):
+        await asyncio.wait_for(dagger.spawn(make_a_mutable_inside), 30)

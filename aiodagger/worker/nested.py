@@ -60,6 +60,12 @@ class SchedulerClient:
     def home_worker(self) -> int:
         return self.worker.worker_id
 
+    def placeable_workers(self, scope: Any) -> list[int]:
+        raise RuntimeError(
+            "dagger.mutable, dagger.shard and dagger.array place objects on chosen workers, "
+            "which a task running in a worker process cannot do yet: create them in the "
+            "cluster's own process and pass them to the task")
+
     @property
     def streams(self) -> Any:
         """This worker's stream port, where readers and producers here find their ends."""
