@@ -88,6 +88,11 @@ class ProcessorOwner(Protocol):
         """One run of ``task`` ended: its value, or the exception it raised if not ``ok``."""
         ...
 
+    def ready_priority(self) -> float:
+        """The priority of the best task waiting to run (-inf if none), read from pool
+        threads: a chain of continuations yields to a higher one."""
+        ...
+
     def request_flush(self) -> None:
         """The processor has room again: the owner may hand it more work."""
         ...

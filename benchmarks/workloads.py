@@ -102,6 +102,26 @@ def tree_levels(n: int) -> int:
     return (n + 1) // 2
 
 
+def fib_step(a: Any, b: Any) -> Any:
+    """W2b's node: the mean of the previous two results (vectors of 10 floats), a
+    Fibonacci-shaped graph whose values stay finite."""
+    return 0.5 * (a + b)
+
+
+def fib_start() -> tuple[Any, Any]:
+    import numpy as np
+
+    return np.zeros(10), np.ones(10)
+
+
+def fib_expected(n: int) -> float:
+    """The last node's first value, computed the plain way (rounded to 6 digits)."""
+    a, b = 0.0, 1.0
+    for _ in range(n - 2):
+        a, b = b, 0.5 * (a + b)
+    return float(f"{b:.6e}")
+
+
 DD_BLOCKS = 100
 DD_BLOCK_VALUES = 8
 
@@ -304,6 +324,20 @@ WORKLOADS: dict[str, Workload] = {
                 "runs in parallel, so every link pays the full hand-off."
             ),
             expected=lambda n: n,
+        ),
+        Workload(
+            key="W2b",
+            title="two-input chain (Fibonacci-shaped)",
+            n=100_000,
+            metric=per_unit_us("node"),
+            description=(
+                "100,000 nodes `y[k] = f(y[k-2], y[k-1])` on vectors of 10 floats, each node a "
+                "task taking the previous two results; only the last is awaited. Measures "
+                "dependency hand-off when tasks have more than one input. Floor: the same "
+                "additions in a plain Python loop."
+            ),
+            expected=fib_expected,
+            target=10,
         ),
         Workload(
             key="W3",

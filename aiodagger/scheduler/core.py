@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 # Times a task may find its inputs unobtainable (and have them recomputed) before it fails.
 MAX_INPUT_MISSES = 5
 _streams_lock = threading.Lock()
+_NONE_WAITING = float("-inf")
 
 class Scheduler:
     """Owns every task of one cluster, on that cluster's loop.
@@ -351,6 +352,18 @@ class Scheduler:
         heapq.heappush(self._ready, (-task._opts.priority, 0 if first else 1, task.id, task))
         if not self._flush_wakeup.pending:
             self._flush_wakeup.request()
+
+    def ready_priority(self) -> float:
+        """The priority of the best task waiting in the ready heap (-inf if none): a pool
+        thread's chain of continuations yields to a higher one. Read from pool threads,
+        unlocked: a heuristic, which at worst yields once too often or too few."""
+        ready = self._ready
+        if not ready:  # the common case on a chain: no exception raised per link
+            return _NONE_WAITING
+        try:
+            return -ready[0][0]
+        except IndexError:  # emptied by the loop meanwhile
+            return _NONE_WAITING
 
     def request_flush(self) -> None:
         if self._ready and not self._flush_wakeup.pending:

@@ -184,6 +184,9 @@ class LocalWorker:
     def request_flush(self) -> None:
         self._owner.request_flush()
 
+    def ready_priority(self) -> float:
+        return self._owner.ready_priority()
+
     def complete(self, task: DTask[Any], attempt: int, ok: bool, value: Any,
                  start: float, seconds: float, proc: Any) -> None:
         store = self.store

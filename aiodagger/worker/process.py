@@ -153,6 +153,9 @@ class WorkerProcess:
     # -- ProcessorOwner: what ThreadProc / AsyncProc report to ---------------------------
     timed = False  # observers live with the scheduler; coroutines are not timed here
 
+    def ready_priority(self) -> float:
+        return float("-inf")  # tasks here have no dependents to continue with
+
     def request_flush(self) -> None:
         """A pool thread began or ended waiting in ``fetch()``: tell the scheduler, which
         meters what it sends by free slots (see protocol.Blocked)."""

@@ -8,9 +8,13 @@ costs 20-40 µs here while the tasks we care about take a microsecond:
 * threads -> loop: a finished task is appended to a deque, and only the first append
   after the loop last drained it pays for ``call_soon_threadsafe``.
 
-Continuation: when a task finishes and its only dependent now has every input, the
-same thread runs that dependent at once instead of a round trip through the loop.
-This is what makes long chains of small tasks cheap; the scheduler is told after.
+Continuation: when a task finishes and a dependent now has every input (whatever their
+number: the others finished earlier, in this process), the same thread runs that
+dependent at once instead of a round trip through the loop; the scheduler is told
+after, and makes any other dependents ready itself. This is what makes long chains
+of small tasks cheap. A chain yields (the dependent goes through the loop) after
+MAX_CONTINUATIONS links, or when a task of higher priority is waiting, so that it
+cannot starve other work.
 
 A pool thread that blocks in ``fetch()`` hands its slot back: another thread is
 started while it waits, and the surplus retires when it is done.
@@ -43,6 +47,11 @@ logger = logging.getLogger(__name__)
 # How much estimated work (seconds per thread) may sit queued in the pool. Past it,
 # ready tasks wait in the scheduler's heap, where priority still orders them.
 QUEUE_HORIZON_S = 2e-3
+
+# Links a thread runs in a row before its chain goes through the loop once: other
+# ready tasks of the same priority get their turn, at one loop round trip per chain
+# of this length (W2's 1,000 links: 4 round trips).
+MAX_CONTINUATIONS = 256
 
 # A completion record: (task, attempt, ok, value, start, seconds, dispatched)
 Record = tuple[DTask[Any], int, bool, Any, float, float, bool]
@@ -177,6 +186,12 @@ class ThreadProc:
 
     def _run_chain(self, task: DTask[Any] | None) -> None:
         dispatched = True
+        links = 0
+        waiting = self._owner.ready_priority
+        # The last tasks this chain ran: their records may not be on the loop's books yet,
+        # so a dependent still counts them among its pending inputs (a two-input chain
+        # made every other node wait for the loop until this was taken into account).
+        recent: deque[DTask[Any]] = deque(maxlen=4)
         while task is not None:
             attempt = task._attempts
             if task._cancelled:
@@ -190,9 +205,11 @@ class ThreadProc:
                 value, ok = exc, False
             seconds = perf_counter() - start
             follow = None
-            if ok:
+            if ok and links < MAX_CONTINUATIONS:
                 task._value = value  # published before the dependent reads it below
-                follow = _claim_continuation(task)
+                follow = _claim_continuation(task, waiting, recent)
+                recent.append(task)
+                links += 1
             self._post((task, attempt, ok, value, start, seconds, dispatched))
             dispatched = False
             task = follow
@@ -222,20 +239,38 @@ class ThreadProc:
         return self._blocked
 
 
-def _claim_continuation(task: DTask[Any]) -> DTask[Any] | None:
+def _claim_continuation(task: DTask[Any], waiting: Callable[[], float],
+                        recent: deque[DTask[Any]]) -> DTask[Any] | None:
     """The dependent this thread may run next, marked running; None if there is none.
 
-    Runs on a pool thread and reads loop-owned state. That is safe here: a dependent
-    whose only missing input is ``task`` cannot change on the loop until the loop sees
-    ``task`` finish, and that record is posted only after this claim.
+    Runs on a pool thread and reads loop-owned state. That is safe here: ``task`` is not
+    counted yet in any dependent's pending inputs (its record is posted after this
+    claim), so a dependent whose only pending input is ``task`` cannot change on the loop
+    until the loop sees ``task`` finish, and the loop then skips it (RUNNING).
+
+    Inputs this chain finished just before (``recent``) may still be counted pending: one
+    is taken off when its record is not on the loop's books yet, which its
+    ``_dependents`` still being there says (the loop clears them before counting). The
+    count is read first: the loop booking one meanwhile makes this undercount, never over.
+    ``waiting`` is the priority of the best task waiting on the loop (a heuristic read).
     """
     if task._opts.timeout is not None or task._cancelled:
         return None
     dependents = task._dependents
-    if dependents is None or len(dependents) != 1:
+    if not dependents:
         return None
-    nxt = dependents[0]
-    if nxt._npending != 1 or nxt._state is not PENDING or nxt._cancelled or not nxt._thread_ok:
+    best = None
+    for nxt in dependents:
+        pending = nxt._npending
+        if pending > 1:
+            for done in recent:
+                theirs = done._dependents
+                if theirs is not None and nxt in theirs:
+                    pending -= 1
+        if (pending == 1 and nxt._state is PENDING and not nxt._cancelled and nxt._thread_ok
+                and (best is None or nxt._opts.priority > best._opts.priority)):
+            best = nxt
+    if best is None or best._opts.priority < waiting():
         return None
-    nxt._state = RUNNING
-    return nxt
+    best._state = RUNNING
+    return best

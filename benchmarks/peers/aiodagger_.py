@@ -26,6 +26,8 @@ from benchmarks.workloads import (
     bump_block,
     bump_in_place,
     chunk_sum,
+    fib_start,
+    fib_step,
     inc,
     make_array,
     make_chunk,
@@ -113,6 +115,14 @@ class AiodaggerPeer(Peer):
         for _ in range(w.n - 1):
             t = d.spawn(inc, t)
         return int(await t)
+
+    async def w2b(self, w: Workload) -> float:
+        d = self._dagger
+        x, y = fib_start()
+        a, b = d.spawn(fib_step, x, x), d.spawn(fib_step, y, y)
+        for _ in range(w.n - 2):
+            a, b = b, d.spawn(fib_step, a, b)
+        return float(f"{(await b)[0]:.6e}")
 
     async def w3(self, w: Workload) -> list[int]:
         d = self._dagger

@@ -20,6 +20,8 @@ from benchmarks.workloads import (
     Workload,
     array_sum,
     chunk_sum,
+    fib_start,
+    fib_step,
     inc,
     make_array,
     make_chunk,
@@ -133,6 +135,14 @@ class DaskDistributedPeer(Peer):
     async def w0(self, w: Workload) -> Timed:
         return Timed(*await run_cold(self.name))
 
+    async def w2b(self, w: Workload) -> float:
+        submit = self._client.submit
+        x, y = fib_start()
+        a, b = submit(fib_step, x, x, pure=False), submit(fib_step, y, y, pure=False)
+        for _ in range(w.n - 2):
+            a, b = b, submit(fib_step, a, b, pure=False)
+        return float(f"{(await b)[0]:.6e}")
+
     async def w7(self, w: Workload) -> float:
         submit = self._client.submit
         level = [submit(tree_leaf, i, pure=False) for i in range(tree_levels(w.n))]
@@ -201,6 +211,16 @@ class DaskDelayedPeer(Peer):
             lambda: dask.compute(*parts, scheduler="threads"), _COMPUTE_TIMEOUT_S
         )
         return list(result)
+
+    async def w2b(self, w: Workload) -> float:
+        dask = self._dask
+        step = dask.delayed(fib_step)
+        x, y = fib_start()
+        a, b = step(x, x), step(y, y)
+        for _ in range(w.n - 2):
+            a, b = b, step(a, b)
+        (last,) = await run_blocking(lambda: dask.compute(b, scheduler="threads"), _COMPUTE_TIMEOUT_S)
+        return float(f"{last[0]:.6e}")
 
     async def w7(self, w: Workload) -> float:
         dask = self._dask

@@ -28,6 +28,8 @@ from benchmarks.workloads import (
     S1_WINDOW,
     Workload,
     array_sum,
+    fib_start,
+    fib_step,
     inc,
     make_array,
     sleep0_identity,
@@ -64,6 +66,14 @@ class AsyncioPeer(Peer):
         for _ in range(w.n - 1):
             t = asyncio.create_task(_link(t))
         return await t
+
+    async def w2b(self, w: Workload) -> float:
+        # The floor: the same additions in a plain loop, no tasks at all.
+        x, y = fib_start()
+        a, b = fib_step(x, x), fib_step(y, y)
+        for _ in range(w.n - 2):
+            a, b = b, fib_step(a, b)
+        return float(f"{b[0]:.6e}")
 
     async def w3(self, w: Workload) -> list[int]:
         tasks = [asyncio.create_task(sleep0_identity(i)) for i in range(w.n)]
