@@ -340,6 +340,19 @@ WORKLOADS: dict[str, Workload] = {
             target=10,
         ),
         Workload(
+            key="W2b-p",
+            title="two-input chain on 2 worker processes",
+            n=100_000,
+            metric=SECONDS,
+            description=(
+                "W2b with 2 subprocess workers: every node's inputs are results held in a "
+                "worker process. The figure is the whole chain's time (goal: 3 s for 100,000 nodes)."
+            ),
+            expected=fib_expected,
+            setup="processes",
+            target=3.0,
+        ),
+        Workload(
             key="W3",
             title="async def tasks",
             n=10_000,

@@ -143,6 +143,8 @@ class DaskDistributedPeer(Peer):
             a, b = b, submit(fib_step, a, b, pure=False)
         return float(f"{(await b)[0]:.6e}")
 
+    w2b_p = w2b
+
     async def w7(self, w: Workload) -> float:
         submit = self._client.submit
         level = [submit(tree_leaf, i, pure=False) for i in range(tree_levels(w.n))]

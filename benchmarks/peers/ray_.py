@@ -15,6 +15,8 @@ from benchmarks.workloads import (
     S1_WINDOW,
     Workload,
     array_sum,
+    fib_start,
+    fib_step,
     inc,
     make_array,
     sleep0_identity,
@@ -50,6 +52,7 @@ class RayPeer(Peer):
         self._ray: Any = None
         self._inc: Any = None
         self._leaf: Any = None
+        self._fib: Any = None
         self._add: Any = None
         self._actor: Any = None
         self._holders: list[Any] = []
@@ -81,6 +84,7 @@ class RayPeer(Peer):
         )
         self._inc = ray.remote(inc)
         self._leaf, self._add = ray.remote(tree_leaf), ray.remote(tree_add)
+        self._fib = ray.remote(fib_step)
         self._actor = ray.remote(_AsyncWorker).remote()
         # W5's and W7's two ends: actors are processes of their own, so two of them pin
         # the making and the summing to two different worker processes. num_cpus=0: they
@@ -121,6 +125,16 @@ class RayPeer(Peer):
         # its methods interleaved on the actor's event loop).
         refs = [self._actor.run.remote(i) for i in range(w.n)]
         return list(await asyncio.gather(*refs))
+
+    async def w2b(self, w: Workload) -> float:
+        fib = self._fib
+        x, y = fib_start()
+        a, b = fib.remote(x, x), fib.remote(y, y)
+        for _ in range(w.n - 2):
+            a, b = b, fib.remote(a, b)
+        return float(f"{(await b)[0]:.6e}")
+
+    w2b_p = w2b  # Ray's tasks always run in its worker processes
 
     async def w7(self, w: Workload) -> float:
         level = [self._leaf.remote(i) for i in range(tree_levels(w.n))]
