@@ -73,3 +73,31 @@ async def test_gathering_more_values_than_one_reply_carries(one_worker):
     await asyncio.wait_for(dagger.wait(tasks), 120)
     values = await asyncio.wait_for(dagger.gather(*tasks), 120)
     assert [float(v[0]) for v in values] == [float(i) for i in range(2100)]
+
+
+def named(i):
+    return i
+
+
+async def test_a_record_that_does_not_encode_fails_its_task_only(one_worker):
+    """A task name that is not valid UTF-8 makes its run record unencodable: that task
+    fails with SerializationError saying so, the 999 others in its batch run."""
+    bad = dagger.options(name="bad\udcff").spawn(named, -1)
+    good = [dagger.spawn(named, i) for i in range(999)]
+    with pytest.raises(dagger.SerializationError, match="did not encode.*valid UTF-8"):
+        await asyncio.wait_for(bad, 30)
+    assert await asyncio.wait_for(dagger.gather(*good), 60) == list(range(999))
+    assert await asyncio.wait_for(dagger.spawn(named, 7), 30) == 7
+
+
+async def test_a_nested_spawn_that_does_not_encode_fails_with_a_clear_error(one_worker):
+    """The same from a task on the worker process: its spawn record goes to the cluster."""
+    async def parent():
+        child = dagger.options(name="bad\udcff").spawn(named, 1)
+        try:
+            await child
+        except Exception as exc:
+            return type(exc).__name__
+        return "no error"
+
+    assert await asyncio.wait_for(dagger.spawn(parent), 30) == "SerializationError"

@@ -714,6 +714,15 @@ class Scheduler:
             task._timer = None
 
     # -- workers in other processes --------------------------------------------------------
+    def fail_unsent(self, task: DTask[Any], exc: BaseException) -> None:
+        """``task`` was placed on a worker but its record could not be sent: fail it at
+        once (a retry would not encode any better)."""
+        if task.done():
+            return
+        self._disarm_timeout(task)
+        self._fail(task, exc, annotate=False)
+        self.request_flush()
+
     def run_lost(self, task: DTask[Any], wid: int, address: str, reason: str) -> None:
         """``task`` was running on a worker that died."""
         if task.done():

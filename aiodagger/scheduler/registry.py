@@ -495,9 +495,47 @@ class WorkerRegistry:
         try:
             async with worker.sending:
                 for msg, buffers in frames:
-                    await worker.endpoint.send(msg, buffers)
+                    try:
+                        await worker.endpoint.send(msg, buffers)
+                    except (ConnectionError, FrameTooLargeError):
+                        raise
+                    except Exception as exc:  # nothing was written: frames are encoded whole first
+                        if type(msg) is not P.Run:
+                            raise
+                        await self._send_one_by_one(worker, msg, buffers, exc)
         except ConnectionError as exc:
             self.lost(worker, str(exc))
+        except Exception as exc:
+            # A definition frame that cannot be encoded: the worker cannot run what needs
+            # it, so it is treated as lost (its tasks are retried or fail with that reason).
+            logger.error("could not send to worker %d: %r", worker.id, exc)
+            self.lost(worker, f"a frame to it could not be encoded: {exc!r}")
+
+    async def _send_one_by_one(self, worker: RemoteWorker, msg: P.Run, buffers: list[Any],
+                               exc: Exception) -> None:
+        """A batch of runs did not encode: send each task alone, failing only those whose
+        own record does not (a name that is not valid UTF-8, say), never leaving them to
+        hang."""
+        logger.warning("a batch of %d tasks for worker %d did not encode (%r); sending them "
+                       "one by one", len(msg.tasks), worker.id, exc)
+        index = 0
+        for rec in msg.tasks:
+            parts = buffers[index:index + rec.nparts]
+            index += rec.nparts
+            try:
+                await worker.endpoint.send(P.Run([rec]), parts)
+            except (ConnectionError, FrameTooLargeError):
+                raise
+            except Exception as err:
+                task = worker.running.pop(rec.key, None)
+                if task is None or task._attempts != rec.attempt:
+                    continue
+                self._account_done(worker, task)
+                task._handle = None
+                self.sched.fail_unsent(task, SerializationError(
+                    f"{task._describe()} could not be sent to worker {worker.id}: its run record "
+                    f"did not encode ({err}). Give the task a name that is valid UTF-8 "
+                    f"(dagger.options(name=...))"))
 
     def cancel(self, task: DTask[Any], worker: RemoteWorker) -> None:
         if worker.running.pop(task.id, None) is not None:
