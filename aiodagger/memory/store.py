@@ -57,7 +57,8 @@ _BATCH_CHUNKS = 256
 # (perf record -a), most of it at the pause threshold waiting for that one write.
 _WRITERS = 2
 # Dropped chunks can stay in the C heap, where RSS shows them as unmanaged memory:
-# the heap is trimmed once this much was dropped. Putting 1 GiB of 16 MiB chunks
+# a store with a memory limit trims the heap once this much was dropped (one without
+# keeps the memory for the next results: see memory.process.tune_heap). Putting 1 GiB of 16 MiB chunks
 # through a 256 MiB store and reading them back peaked at 246-294 MiB RSS without
 # trimming, 214-245 MiB with it (4 runs each).
 _TRIM_AFTER = 8 << 20
@@ -552,10 +553,12 @@ class ChunkStore:
         """Wake the spill loop and recompute the gates; O(1), after every change."""
         if self.state is not StoreState.RUNNING:
             return
-        if self._dropped >= _TRIM_AFTER and not self._trimming:
-            self._trim()
         if self.memory_limit is None:
+            # Nothing counts RSS against a limit: freed blocks stay for the next results
+            # (W7-p: trimming every 8 MiB dropped made each array fresh, faulted-in pages).
             return  # no thresholds, no gates: twice per task in a worker without a limit (W4)
+        if self._dropped >= _TRIM_AFTER and not self._trimming:
+            self._trim()  # no thresholds, no gates: twice per task in a worker without a limit (W4)
         disabled = self._spill_disabled
         if (not disabled and self._evictable and len(self._writers) < _WRITERS
                 and self._pressure.excess(self._used) > self._writing_bytes):

@@ -23,12 +23,16 @@ from ..comm.server import is_loopback, parse_address
 from ..comm.tls import worker_contexts
 from ..comm.tokens import MAKE_ONE, entropy_bits, weak_token_message
 from ..errors import AuthenticationError
+from ..memory import process
 from .process import WorkerProcess
 
 __all__ = ["add_worker_arguments", "main", "run_worker"]
 
 logger = logging.getLogger(__name__)
 
+# Freed heap kept for reuse at most (a quarter of the memory limit where there is one):
+# see memory.process.tune_heap.
+RETAIN = 512 << 20
 _TOKEN_READ_LIMIT = 1 << 16  # a token, not whatever file or pipe we were pointed at
 
 
@@ -144,6 +148,8 @@ def run_worker(args: argparse.Namespace) -> int:
         memory_limit = parse_memory_limit(args.memory_limit)
     if args.subprocess:
         _die_with_parent()
+    # Before any thread starts: each thread would get an arena of its own.
+    process.tune_heap(RETAIN if memory_limit is None else min(RETAIN, memory_limit // 4))
     worker = WorkerProcess(
         args.scheduler, token, threads=args.threads,
         name=args.name or f"{os.uname().nodename}-{os.getpid()}",
