@@ -28,7 +28,7 @@ from typing import Any
 from .comm.framing import DEFAULT_MAX_FRAME
 from .comm.handshake import ServerKey, new_token
 from .comm.server import Listener, check_listen, is_loopback, parse_address
-from .memory import spilldir
+from .memory import shared, spilldir
 from .scheduler.core import Scheduler
 from .scheduler.registry import RemoteWorker, WorkerRegistry
 from .worker.local import WorkerInfo
@@ -85,6 +85,8 @@ class WorkerLauncher:
 
     async def start(self, processes: int) -> None:
         self.sched.dist = self.dist
+        if processes:  # what workers killed outright left in /dev/shm, by any cluster here
+            await asyncio.get_running_loop().run_in_executor(None, shared.remove_stale)
         self.dist.start()
         key = ServerKey(self.token)
         self._internal = Listener(self.dist.handle_connection, key, max_frame=self.max_frame)
@@ -179,6 +181,8 @@ class WorkerLauncher:
         MAX_RESTARTS a minute: a task that kills every worker it runs on must not make
         the cluster fork forever."""
         code = await proc.wait()
+        if code != 0:  # killed outright, say: its shared segments are stale now
+            await asyncio.get_running_loop().run_in_executor(None, shared.remove_stale)
         if self._closing or name in self._leaving or self._procs.get(name) is not proc:
             return
         del self._procs[name]

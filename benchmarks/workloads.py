@@ -387,10 +387,25 @@ WORKLOADS: dict[str, Workload] = {
                 "A 256 MiB float64 array made on worker process 1 and summed on worker "
                 "process 2. The array is made first and waited for without fetching it; "
                 "the timed region is the dependent sum, from the array existing on worker 1 "
-                "to the sum arriving, so the figure is 256 MiB over the transfer plus the sum."
+                "to the sum arriving, so the figure is 256 MiB over the transfer plus the sum. "
+                "On one machine aiodagger hands it through shared memory, as Ray does."
             ),
             expected=arange_sum,
             setup="processes",
+            target="ray",
+        ),
+        Workload(
+            key="W5-tcp",
+            title="W5 over TCP (AIODAGGER_SHM=0)",
+            n=W5_VALUES,
+            metric=GB_PER_S,
+            description=(
+                "W5 with shared memory turned off (`AIODAGGER_SHM=0` in the workers' "
+                "environment), so the array crosses a loopback TCP connection as it would "
+                "between machines; Dask's W5 is TCP too, and `tcp-socket` is the floor."
+            ),
+            expected=arange_sum,
+            setup="processes-tcp",
             target="dask",
         ),
         Workload(

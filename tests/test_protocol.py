@@ -49,6 +49,7 @@ from aiodagger.comm.protocol import (
     Replicate,
     Run,
     RunTask,
+    Shared,
     Shutdown,
     Spawn,
     SpawnTask,
@@ -128,8 +129,10 @@ SAMPLES: list[tuple[object, list[bytes]]] = [
     (Put(SPAWNED), parts(0)),
     (Get([1, -2, BIG]), []),
     (Get([]), []),
-    (Items([Item(1, 2), Item(-2, 1)], [BIG], [NEG], [Oversized(7, BIG)]), parts(3, 4, 5)),
-    (Items([], [1, 2], [], []), []),
+    (Get([4], "boot:37:1"), []),
+    (Items([Item(1, 2), Item(-2, 1)], [BIG], [NEG], [Oversized(7, BIG)], []), parts(3, 4, 5)),
+    (Items([Item(1, 1)], [], [], [], [Shared(-3, "/dev/shm/aiodagger-shm-1-w@0123abcd/v-3", BIG)]), parts(3)),
+    (Items([], [1, 2], [], [], []), []),
     (Stats(), []),
     (StatsReply({"rss": 1 << 30, "workers": {"a": [1, 2]}, "名前": None}), []),
     (Ack(), []),
@@ -157,7 +160,7 @@ SAMPLES: list[tuple[object, list[bytes]]] = [
     (StreamEnd(7, "error", [3]), parts(40)),
 ]
 
-RECORD_TYPES = {Holder, Dep, FunctionDef, ValueDef, RunTask, Missing, Finished, Memory, Item, Oversized,
+RECORD_TYPES = {Holder, Dep, FunctionDef, ValueDef, RunTask, Missing, Finished, Memory, Item, Oversized, Shared,
                 SpawnTask}
 
 
@@ -262,7 +265,7 @@ def test_message_round_trips_through_msgpack(sample):
     assert_same(decode(header, len(buffers)), msg)
 
 
-@pytest.mark.parametrize("reply", [Registered(7), Items([Item(-1, 1)], [2], [], []),
+@pytest.mark.parametrize("reply", [Registered(7), Items([Item(-1, 1)], [2], [], [], []),
                                    StatsReply({"a": 1}), Ack()], ids=lambda m: type(m).__name__)
 def test_reply_decodes_as_the_type_its_request_expects(reply):
     """A reply's header says op "reply": decode(header, n, cls) checks it as ``cls``."""
@@ -321,8 +324,9 @@ MALFORMED = [
     ("RunTask 12 fields", *run([*RUN_TASK, 0]), r"malformed RunTask: expected 11 fields"),
     ("Finished 7 fields", *done(FINISHED[:-1]), r"malformed Finished: expected 8 fields"),
     ("Memory 3 fields", *done(memory=[0, 0, 0]), r"malformed Memory: expected 4 fields"),
-    ("Get no fields", {"op": "get", "a": []}, 0, r"malformed Get: expected 1 fields"),
-    ("Get 2 fields", {"op": "get", "a": [[1], [2]]}, 0, r"malformed Get: expected 1 fields"),
+    ("Get no fields", {"op": "get", "a": []}, 0, r"malformed Get: expected 2 fields"),
+    ("Get 3 fields", {"op": "get", "a": [[1], "", [2]]}, 0, r"malformed Get: expected 2 fields"),
+    ("Get.shm bytes", {"op": "get", "a": [[1], b"k"]}, 0, r"malformed Get: field shm is bytes"),
     ("Stats a field", {"op": "stats", "a": [1]}, 0, r"malformed Stats: expected 0 fields"),
     ("Done 1 field", {"op": "done", "a": [[]]}, 0, r"malformed Done: expected 2 fields"),
     # a wrong type in each field of RunTask and Finished
@@ -339,7 +343,7 @@ MALFORMED = [
     ("Finished.start bool", *done(with_field(FINISHED, 4, True)), r"Finished: field start is bool"),
     ("Holder.worker bool", *run(with_field(RUN_TASK, 6, [[1, [[True, ADDR]]]])),
      r"malformed Holder: field worker is bool"),
-    ("Get keys bool", {"op": "get", "a": [[1, True]]}, 0, r"malformed Get: field keys is bool"),
+    ("Get keys bool", {"op": "get", "a": [[1, True], ""]}, 0, r"malformed Get: field keys is bool"),
     ("Registered bool", {"op": "registered", "a": [False]}, 0,
      r"malformed Registered: field worker_id is bool"),
     ("Register.memory_limit bool", {"op": "register", "a": ["w", 1, "h", 1, ADDR, False, []]}, 0,
@@ -353,7 +357,7 @@ MALFORMED = [
     ("RunTask.nparts -1", *run(with_field(RUN_TASK, 5, -1)), r"RunTask: field nparts is int -1"),
     ("Finished.nparts -1", *done(with_field(FINISHED, 6, -1)), r"Finished: field nparts is int -1"),
     ("ValueDef.nparts -1", {"op": "values", "a": [[[1, -1]]]}, 0, r"ValueDef: field nparts is int"),
-    ("Item.nparts -1", {"op": "items", "a": [[[1, -1]], [], [], []]}, 0, r"Item: field nparts is int"),
+    ("Item.nparts -1", {"op": "items", "a": [[[1, -1]], [], [], [], []]}, 0, r"Item: field nparts is int"),
     ("SpawnTask.nparts -1", {"op": "spawn", "a": [[[1, b"h", -1, False]]]}, 0,
      r"SpawnTask: field nparts is int"),
     ("Memory.running -1", *done(memory=[0, 0, 0, -1]), r"Memory: field running is int -1"),
@@ -388,9 +392,9 @@ MALFORMED = [
     ("functions 2 defs, 3 buffers", {"op": "functions", "a": [[[b"a"], [b"b"]]]}, 3,
      r"functions announces 2 buffer"),
     ("done ok 2 parts, 0 buffers", *done(with_field(FINISHED, 6, 2)), r"done announces 2 buffer"),
-    ("items 1 part, 0 buffers", {"op": "items", "a": [[[1, 1]], [], [], []]}, 0, r"items announces 1"),
+    ("items 1 part, 0 buffers", {"op": "items", "a": [[[1, 1]], [], [], [], []]}, 0, r"items announces 1"),
     ("put without buffers", {"op": "put", "a": [1]}, 0, r"put came without the buffers"),
-    ("get with a buffer", {"op": "get", "a": [[1]]}, 1, r"get announces 0 buffer\(s\) and came with 1"),
+    ("get with a buffer", {"op": "get", "a": [[1], ""]}, 1, r"get announces 0 buffer\(s\) and came with 1"),
     ("ack with a buffer", {"op": "ack", "a": []}, 1, r"ack announces 0 buffer"),
     ("task-done cancelled, 1 buffer", {"op": "task-done", "a": [1, "cancelled", [], ""]}, 1,
      r"task-done announces 0 buffer"),
@@ -410,7 +414,7 @@ MALFORMED = [
     ("empty op", {"op": "", "a": []}, 0, r"unknown op ''"),
     ("a reply without its type", {"op": "reply", "reply_to": 1, "a": []}, 0, r"unknown op 'reply'"),
     # "a" missing, or not a list
-    ("get without a", {"op": "get"}, 0, r"malformed Get: expected 1 fields in a list, got tuple"),
+    ("get without a", {"op": "get"}, 0, r"malformed Get: expected 2 fields in a list, got tuple"),
     ("stats without a", {"op": "stats"}, 0, r"malformed Stats: expected 0 fields in a list"),
     ("a is a map", {"op": "get", "a": {"keys": [1]}}, 0, r"malformed Get: .* got dict"),
     ("a is a str", {"op": "holding", "a": "1"}, 0, r"malformed Holding: .* got str"),
@@ -430,8 +434,10 @@ MALFORMED = [
      r"malformed Missing: field holders is str '1'"),
     ("Replicate Holder 3 fields", {"op": "replicate", "a": [[[1, [[1, ADDR, 3]]]]]}, 0,
      r"malformed Holder: expected 2 fields"),
-    ("Items.items not records", {"op": "items", "a": [[1], [], [], []]}, 0, r"malformed Item: expected 2"),
-    ("Items.missing a str", {"op": "items", "a": [[], "12", [], []]}, 0, r"malformed Items: field missing"),
+    ("Items.items not records", {"op": "items", "a": [[1], [], [], [], []]}, 0, r"malformed Item: expected 2"),
+    ("Items.missing a str", {"op": "items", "a": [[], "12", [], [], []]}, 0, r"malformed Items: field missing"),
+    ("Shared 2 fields", {"op": "items", "a": [[], [], [], [], [[1, "/dev/shm/x"]]]}, 0,
+     r"malformed Shared: expected 3 fields"),
     ("SpawnTask.refs int", {"op": "spawn", "a": [[[1, b"h", 3, 1]]]}, 3,
      r"malformed SpawnTask: field refs is int 1"),
     ("FunctionDef.hash str", {"op": "functions", "a": [[["h"]]]}, 1,
@@ -785,7 +791,7 @@ def serve_get(msg: Get, buffers):
         if key in STORE:
             items.append(Item(key, len(STORE[key])))
             out += STORE[key]
-    return Items(items, [k for k in msg.keys if k not in STORE], [], []), out
+    return Items(items, [k for k in msg.keys if k not in STORE], [], [], []), out
 
 
 async def test_request_gets_its_typed_reply_with_buffers(start_server):
@@ -794,11 +800,11 @@ async def test_request_gets_its_typed_reply_with_buffers(start_server):
     async with server.connect() as (client, _):
         reply, buffers = await client.request(Get([1, 99, -2, 3]), timeout=10)
         assert type(reply) is Items and all(type(i) is Item for i in reply.items)
-        assert reply == Items([Item(1, 2), Item(-2, 2), Item(3, 1)], [99], [], [])
+        assert reply == Items([Item(1, 2), Item(-2, 2), Item(3, 1)], [99], [], [], [])
         got = {item.key: [bytes(b) for b in bufs] for item, bufs in split_parts(reply.items, buffers)}
         assert got == STORE
         reply, buffers = await client.request(Get([]), timeout=10)
-        assert reply == Items([], [], [], []) and buffers == []
+        assert reply == Items([], [], [], [], []) and buffers == []
 
 
 async def test_awaitable_reply_is_awaited_while_serving_goes_on(start_server):
@@ -814,7 +820,7 @@ async def test_awaitable_reply_is_awaited_while_serving_goes_on(start_server):
         return pending[-1]  # settled by the release that follows
 
     def release(msg, buffers):
-        pending.pop(0).set_result((Items([Item(k, 1) for k in msg.keys], [], [], []), [b"v"] * len(msg.keys)))
+        pending.pop(0).set_result((Items([Item(k, 1) for k in msg.keys], [], [], [], []), [b"v"] * len(msg.keys)))
 
     server = await start_server(lambda ep: {Stats: slow_stats, Get: get_later, Release: release})
     async with server.connect() as (client, _):
@@ -824,7 +830,7 @@ async def test_awaitable_reply_is_awaited_while_serving_goes_on(start_server):
         assert not waiting.done()
         await client.send(Release([5]))
         reply, buffers = await asyncio.wait_for(waiting, 10)
-        assert reply == Items([Item(5, 1)], [], [], []) and [bytes(b) for b in buffers] == [b"v"]
+        assert reply == Items([Item(5, 1)], [], [], [], []) and [bytes(b) for b in buffers] == [b"v"]
 
 
 async def test_one_way_messages_reach_their_handler_in_order(start_server):
@@ -881,7 +887,7 @@ async def assert_only_that_connection_ends(server: Server, other, send_bad) -> B
             await asyncio.wait_for(bad_serving, 10)
         assert bad.closed
     reply, _ = await other.request(Get([3]), timeout=10)
-    assert reply == Items([Item(3, 1)], [], [], [])
+    assert reply == Items([Item(3, 1)], [], [], [], [])
     async with server.connect() as (fresh, _):
         assert (await fresh.request(Get([1]), timeout=10))[0].items == [Item(1, 2)]
     return ended
@@ -898,8 +904,8 @@ async def test_message_not_in_the_table_ends_only_that_connection(start_server):
 
 
 @pytest.mark.parametrize("header, nbuffers, match", [
-    ({"op": "get", "a": [["x"]]}, 0, r"malformed Get: field keys is str 'x'"),
-    ({"op": "get", "a": [[1]], "req": 1}, 1, r"get announces 0 buffer"),
+    ({"op": "get", "a": [["x"], ""]}, 0, r"malformed Get: field keys is str 'x'"),
+    ({"op": "get", "a": [[1], ""], "req": 1}, 1, r"get announces 0 buffer"),
     ({"op": "run", "a": [[[1, "f"]]]}, 0, r"malformed RunTask: expected 11 fields"),
     ({"op": "no-such-op", "a": []}, 0, r"unknown op 'no-such-op'"),
 ], ids=["bad-field", "bad-buffers", "bad-record", "unknown-op"])
@@ -932,7 +938,7 @@ async def test_handler_table_change_takes_effect_mid_connection(start_server):
     async with server.connect() as (client, _):
         reply, _ = await client.request(Register(NAME, 1, "h", 1, ADDR, None), timeout=10)
         assert reply == Registered(1) and registered == [NAME]
-        assert (await client.request(Get([3]), timeout=10))[0] == Items([Item(3, 1)], [], [], [])
+        assert (await client.request(Get([3]), timeout=10))[0] == Items([Item(3, 1)], [], [], [], [])
         with pytest.raises(ConnectionError):
             await client.request(Register("again", 1, "h", 1, ADDR, None), timeout=10)
         assert "'register', which is not taken here" in str(await server.next_end())

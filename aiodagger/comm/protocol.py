@@ -43,12 +43,16 @@ op                 direction             fields (records in CamelCase)
 ``cancel``         scheduler -> worker   ids of tasks to cancel
 ``release``        scheduler -> worker   keys whose results nobody needs any more
 ``put``            scheduler -> worker   key; the value's pickle and buffers
-``get``            any -> worker         ids; reply ``Items(items [Item(key, nparts)],
-                   (request)             missing, later, oversized [Oversized(key,
-                                         size)])``, the values' parts in item order;
-                                         ``later``: held, but past one frame's limits
-                                         (ask for them again); ``oversized``: held, but
-                                         larger than a frame of this connection may be
+``get``            any -> worker         ids, shm; reply ``Items(items [Item(key,
+                   (request)             nparts)], missing, later, oversized
+                                         [Oversized(key, size)], shared [Shared(key,
+                                         path, size)])``, the values' parts in item
+                                         order; ``later``: held, but past one frame's
+                                         limits (ask for them again); ``oversized``:
+                                         held, but larger than a frame of this
+                                         connection may be; ``shared``: in a segment
+                                         of ``/dev/shm`` (only when ``shm``, the asker's
+                                         machine key, is the holder's own)
 ``stats``          scheduler -> worker   reply ``StatsReply(stats)`` (a map)
                    (request)
 ``replicate``      scheduler -> worker   items [Dep]: fetch these from their holders;
@@ -98,6 +102,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from ..errors import ProtocolError
+from ..memory.shared import host_key as shm_key
+from ..memory.shared import load as load_shared
 from ..task import ID_SPACE
 from .framing import DEFAULT_MAX_FRAME, MAX_BUFFERS, Comm
 from .serialize import (
@@ -118,6 +124,9 @@ __all__ = [
     "Release", "Replicate",
     "Run", "RunTask", "Shutdown", "Spawn", "SpawnTask", "Stats", "StatsReply", "StreamAck",
     "StreamCredit", "StreamEnd", "StreamItems", "StreamOpen", "TaskDone", "ValueDef", "Values", "decode", "decode_record", "encode", "message_types", "split_parts",
+    # values that come through /dev/shm instead of a frame (memory/shared.py): what
+    # names this machine's /dev/shm in a get, and reading a reply's shared segment
+    "load_shared", "shm_key",
     # the one serializer (comm/serialize.py), for the payloads messages carry
     "BATCH_BYTES", "BATCH_RECORDS", "DEFAULT_MAX_FRAME", "MAX_BUFFERS", "MAX_OUT_OF_BAND", "ProtocolError",
     "Comm", "FunctionCache", "dumps", "dumps_args", "dumps_error", "loads", "loads_args",
@@ -343,6 +352,14 @@ class Item(NamedTuple):
     nparts: int
 
 
+@record(INT, STR, COUNT)
+class Shared(NamedTuple):
+    """A value in a ``get`` reply's place, in a shared segment on the asker's machine."""
+    key: int
+    path: str
+    size: int
+
+
 @record(INT, COUNT)
 class Oversized(NamedTuple):
     """A value in a ``get`` reply's place that no frame of the connection could carry."""
@@ -432,17 +449,19 @@ class Put(NamedTuple):
     key: int
 
 
-@message("items", [Item], IDS, IDS, [Oversized], buffers=lambda m: _sum_parts(m.items))
+@message("items", [Item], IDS, IDS, [Oversized], [Shared], buffers=lambda m: _sum_parts(m.items))
 class Items(NamedTuple):
     items: list[Item]
     missing: list[int]
     later: list[int]  # held, but past what one frame carries: ask again
     oversized: list[Oversized]  # held, but larger than any frame of this connection
+    shared: list[Shared]  # in shared segments (only for a get with the holder's shm key)
 
 
-@message("get", IDS, reply=Items)
+@message("get", IDS, STR, reply=Items)
 class Get(NamedTuple):
     keys: list[int]
+    shm: str = ""  # the asker's memory.shared.host_key(): same machine, segments welcome
 
 
 @message("stats-reply", MAP)

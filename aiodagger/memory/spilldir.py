@@ -40,7 +40,10 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "aiodagger-spill-"
 OWNER = ".owner"
-_NAME_RE = re.compile(r"^aiodagger-spill-(?P<pid>\d+)-(?P<worker>.+)@(?P<tag>[0-9a-f]{8})$")
+# Spill directories, and the directories of shared segments in /dev/shm (memory.shared):
+# the same names, owners and locks, so that one sweep removes both kinds of leftovers.
+KINDS = ("spill", "shm")
+_NAME_RE = re.compile(r"^aiodagger-(?:spill|shm)-(?P<pid>\d+)-(?P<worker>.+)@(?P<tag>[0-9a-f]{8})$")
 _WORKER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # What a lock attempt raises on a filesystem that has no locks (some FUSE and network
 # filesystems): there the PID is all there is to go by.
@@ -77,14 +80,17 @@ def host_tag() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def path_for(spill_dir: str | os.PathLike[str] | None, worker_name: str) -> Path:
-    """Where a store of ``worker_name`` in this process keeps its files."""
+def path_for(spill_dir: str | os.PathLike[str] | None, worker_name: str, kind: str = "spill") -> Path:
+    """Where a store of ``worker_name`` in this process keeps its files (``kind``
+    "spill"), or its shared segments ("shm", in ``/dev/shm``)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: one of {KINDS}")
     if not isinstance(worker_name, str) or not _WORKER_NAME_RE.match(worker_name):
         raise ValueError(f"worker_name={worker_name!r} is used in a directory name: use letters, "
                          "digits, '.', '_' and '-' only, starting with a letter or digit "
                          "(for example 'w0' or 'worker-3')")
     base = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
-    return base / f"{PREFIX}{os.getpid()}-{worker_name}@{host_tag()}"
+    return base / f"aiodagger-{kind}-{os.getpid()}-{worker_name}@{host_tag()}"
 
 
 def claim(path: Path) -> None:
@@ -102,7 +108,8 @@ def release(path: Path) -> None:
 
 
 def remove_stale(base: Path) -> list[Path]:
-    """Remove the spill directories in ``base`` whose owner is gone; return them."""
+    """Remove the spill (and shared-segment) directories in ``base`` whose owner is
+    gone; return them."""
     removed: list[Path] = []
     try:
         children = list(os.scandir(base))

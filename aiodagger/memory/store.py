@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Hashable, Iterable
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -136,6 +136,9 @@ class ChunkStore:
         self._spill_disabled = False
         self._unspillable = 0
         self._dropped = 0  # bytes dropped from RAM since malloc_trim last ran
+        # Called with a key whose value leaves RAM (deleted, replaced or spilled): what a
+        # worker keeps beside the store for that value (its shared segment) goes with it.
+        self.on_drop: Callable[[Hashable], None] | None = None
         self._trimming = False
 
         self._executor: ThreadPoolExecutor | None = None
@@ -281,6 +284,16 @@ class ChunkStore:
         self._update()
         self._sent_from_disk += 1
         return parts
+
+    def swap(self, key: Hashable, old: Any, new: Any) -> bool:
+        """Hold ``new`` (an equal value: the same data elsewhere in memory) in place of
+        ``old`` under ``key``, if ``old`` is what is held there and in RAM; no other
+        change. False if not."""
+        entry = self._entries.get(key)
+        if entry is None or entry.value is not old:
+            return False
+        entry.value = new
+        return True
 
     def peek_in_memory(self, key: Hashable, default: Any = None) -> Any:
         """The value if it is in RAM now, else ``default``; no I/O and no LRU touch."""
@@ -528,6 +541,8 @@ class ChunkStore:
                 self._evictable.move_to_end(entry.key, last=False)
 
     def _drop_value(self, entry: _Entry) -> None:
+        if self.on_drop is not None:
+            self.on_drop(entry.key)
         entry.value = _MISSING
         self._used -= entry.nbytes
         self._in_memory -= 1

@@ -31,7 +31,7 @@ import cloudpickle
 from .._args import DEPS
 from .._bridge import Wakeup
 from ..comm import protocol as P
-from ..errors import FrameTooLargeError, SerializationError, WorkerLostError
+from ..errors import DaggerError, FrameTooLargeError, SerializationError, WorkerLostError
 from ..interfaces import WorkerStatus
 from ..task import FINISHED, NOWHERE, REMOTE, Chunk, DTask
 from ..taskoptions import ANY_SCOPE
@@ -761,8 +761,14 @@ class WorkerRegistry:
         by_key = {_key(o): o for o in objs}
         keys = list(by_key)
         missing: list[Any] = []
+        shm = P.shm_key()
         while keys:  # a reply carries what fits in one frame, and names the rest "later"
-            reply, buffers = await worker.endpoint.request(P.Get(keys))
+            reply, buffers = await worker.endpoint.request(P.Get(keys, shm))
+            unmapped = await self._map_shared(reply.shared, by_key)
+            if unmapped:  # released meanwhile, or not this machine's /dev/shm after all
+                shm = ""
+                keys = [*unmapped, *reply.later]
+                continue
             if reply.oversized:
                 big = reply.oversized[0]
                 obj = by_key.get(big.key)
@@ -778,6 +784,22 @@ class WorkerRegistry:
                 raise P.ProtocolError(f"worker {worker.id} answered a get with nothing but 'later'")
             keys = reply.later
         return missing
+
+    async def _map_shared(self, segments: list[P.Shared], by_key: dict[int, Any]) -> list[int]:
+        """Load the values a holder put in shared segments; return the keys of those that
+        could not be mapped here (to be asked for over the socket)."""
+        unmapped = []
+        loop = self.sched.loop
+        for seg in segments:
+            obj = by_key.get(seg.key)
+            if obj is None or obj._value is not REMOTE:
+                continue
+            try:
+                obj._value = await loop.run_in_executor(None, P.load_shared, seg.path)
+            except (OSError, ValueError, DaggerError) as exc:  # DaggerError: a segment not whole
+                logger.info("segment %s not mapped (%s); asking over TCP", seg.path, exc)
+                unmapped.append(seg.key)
+        return unmapped
 
     def admitted(self, scope: Any) -> list[RemoteWorker]:
         """The running workers ``scope`` admits."""

@@ -34,7 +34,7 @@ from ..comm.framing import DEFAULT_MAX_FRAME, Comm, open_comm
 from ..comm.handshake import client_handshake
 from ..comm.server import Listener, parse_address
 from ..errors import FrameTooLargeError, ProtocolError, TaskCancelledError
-from ..memory import ChunkStore, SpillCorruptedError, admit
+from ..memory import ChunkStore, SpillCorruptedError, admit, shared
 from ..placed import Ref
 from ..task import Chunk, DTask
 from ..taskoptions import TaskOptions
@@ -98,6 +98,14 @@ class WorkerProcess:
         self.worker_id = -1
         # Results and inputs by key (task id, or -chunk id), spilled to disk past the
         # memory limit. Running tasks pin what they read.
+        # Values handed to readers on this machine through /dev/shm, and what names
+        # this machine's /dev/shm to holders we ask ("" : not used).
+        self._segments = shared.Segments(name)
+        self._shm_key = shared.host_key()
+        # Set once a reader on this machine took a value through a segment, where there
+        # is no memory limit (a segment is RAM the store does not count): from then on,
+        # large results are shared as they are made.
+        self._share_eagerly = False
         self.store: ChunkStore = self._new_store()
         # What each running attempt pinned, by (task id, attempt): a task whose timed-out
         # attempt still runs in its thread may run again here meanwhile.
@@ -148,7 +156,9 @@ class WorkerProcess:
         return self._stopping
 
     def _new_store(self) -> ChunkStore:
-        return ChunkStore(self.memory_limit, self.spill_dir, worker_name=self.name)
+        store = ChunkStore(self.memory_limit, self.spill_dir, worker_name=self.name)
+        store.on_drop = self._segments.drop
+        return store
 
     # -- ProcessorOwner: what ThreadProc / AsyncProc report to ---------------------------
     timed = False  # observers live with the scheduler; coroutines are not timed here
@@ -194,6 +204,12 @@ class WorkerProcess:
             else:
                 size = len(payload) + sum(b.nbytes for b in buffers)
                 self.store.put(task.id, value, nbytes=size, spillable=type(value) is not Ref)
+                if self._share_eagerly and size >= shared.EAGER_BYTES and type(value) is not Ref:
+                    sharing = asyncio.ensure_future(self._share_then_record(
+                        task, attempt, value, payload, list(buffers), size, start, seconds))
+                    self._preparing.add(sharing)
+                    sharing.add_done_callback(self._preparing.discard)
+                    return
                 if size <= INLINE_LIMIT:
                     self._record(P.Finished(task.id, attempt, "ok", size, start, seconds,
                                             1 + len(buffers), []),
@@ -209,6 +225,27 @@ class WorkerProcess:
             payload = P.dumps_error(FrameTooLargeError.of(
                 f"the {type(error).__name__} raised by {task._describe()}, pickled,", len(payload), limit))
         self._record(P.Finished(task.id, attempt, "error", 0, start, seconds, 1, []), [payload])
+
+    async def _share_then_record(self, task: DTask[Any], attempt: int, value: Any, payload: bytes,
+                                 buffers: list[Any], size: int, start: float, seconds: float) -> None:
+        """Write a large result into a shared segment, hold the segment's mapping in its
+        place (the process's own copy is freed), then report it done (see EAGER_BYTES)."""
+        try:
+            await self._share(task.id, value, payload, buffers)
+        except (OSError, KeyError, ValueError, SpillCorruptedError) as exc:
+            logger.info("worker %s: result of %s not shared (%s)", self.name, task._describe(), exc)
+        del value, payload, buffers
+        self._record(P.Finished(task.id, attempt, "ok", size, start, seconds, 0, []))
+
+    async def _share(self, key: int, held: Any, payload: Any, buffers: list[Any]) -> tuple[str, int]:
+        """Put ``key``'s value (its parts) in a shared segment; where the store still holds
+        ``held`` in RAM, it holds the segment's mapping instead from then on, so the data
+        is in memory once (a segment is RAM too). Returns the segment's (path, size)."""
+        made = await self._segments.offer(key, payload, buffers)
+        if held is not None:
+            mapped = await self.loop.run_in_executor(None, shared.load, made[0])
+            self.store.swap(key, held, mapped)
+        return made
 
     def _record(self, rec: P.Finished, buffers: Sequence[Any] = ()) -> None:
         self._done.add(rec, buffers)
@@ -415,6 +452,7 @@ class WorkerProcess:
                 await asyncio.gather(winding_down, hurry, return_exceptions=True)
         finally:
             await self._close_store()
+            self._segments.close()
 
     async def _wind_down(self) -> None:
         """Wait for the cancelled tasks to end, at most the shutdown timeout."""
@@ -621,7 +659,14 @@ class WorkerProcess:
         for holder in holders:
             try:
                 peer = await self._peer(holder.address)
-                reply, buffers = await self._ask(peer, P.Get([key]))
+                reply, buffers = await self._ask(peer, P.Get([key], self._shm_key))
+                if reply.shared:
+                    value = await self._map_shared(reply.shared[0])
+                    if value is not _NOT_MAPPED:
+                        self.store.put(key, value)
+                        self._holding.append(key)
+                        return []
+                    reply, buffers = await self._ask(peer, P.Get([key]))  # over the socket
             except (ConnectionError, OSError, TimeoutError, ProtocolError) as exc:
                 # Unreachable from here counts as not holding it: the scheduler gets it
                 # elsewhere or computes it again, rather than sending this task back here.
@@ -639,6 +684,16 @@ class WorkerProcess:
                     reply.oversized[0].size, peer.comm.limit)
             without.append(holder.worker)
         return without
+
+    async def _map_shared(self, seg: P.Shared) -> Any:
+        """The value in a holder's shared segment, or _NOT_MAPPED if it cannot be mapped
+        here (released meanwhile, or another /dev/shm after all): then ask over TCP."""
+        try:
+            return await self.loop.run_in_executor(None, shared.load, seg.path)
+        except (OSError, ValueError, SpillCorruptedError) as exc:
+            logger.info("worker %s: segment %s of %d not mapped (%s); asking over TCP",
+                        self.name, seg.path, seg.key, exc)
+            return _NOT_MAPPED
 
     async def _ask(self, peer: P.Endpoint, msg: Any) -> tuple[Any, list[Any]]:
         """``peer.request(msg)``, given up (TimeoutError, its connection closed) once not a
@@ -715,22 +770,45 @@ class WorkerProcess:
         later: list[int] = []
         oversized: list[P.Oversized] = []
         out: list[Any] = []
+        segments: list[P.Shared] = []
+        same_host = bool(msg.shm) and msg.shm == shared.host_key()
         size = 0
         for index, key in enumerate(msg.keys):
             if items and (len(out) + 1 + P.MAX_OUT_OF_BAND > P.MAX_BUFFERS or size >= batch):
                 later = msg.keys[index:]  # one reply is one frame: the rest on the next ask
                 break
+            made = self._segments.get(key) if same_host else None
+            if made is not None:
+                segments.append(P.Shared(key, *made))
+                continue
             try:
                 # A spilled chunk goes out as its file's parts: the file is in the wire's
                 # format, so it is neither unpickled nor loaded back into the store.
                 chunk_parts: tuple[Any, Sequence[Any]] | None = await self.store.read_spilled(key)
+                # Under a memory limit a spilled value stays out of RAM: a segment is RAM.
+                shareable = same_host and (chunk_parts is None or self.memory_limit is None)
+                held = None
                 if chunk_parts is None:
-                    chunk_parts = P.dumps(await self.store.get(key))
+                    held = await self.store.get(key)
+                    chunk_parts = P.dumps(held)
             except (KeyError, SpillCorruptedError):
                 missing.append(key)
                 continue
             payload, parts = chunk_parts
             nbytes = len(payload) + sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+            if shareable and nbytes - len(payload) >= shared.MIN_BYTES:
+                try:
+                    path, seg_size = await self._share(key, held, payload, list(parts))
+                except KeyError:  # released while it was being written
+                    missing.append(key)
+                    continue
+                except (OSError, ValueError, SpillCorruptedError) as exc:
+                    # /dev/shm full, say: this one goes over the socket
+                    logger.warning("worker %s: no shared segment for %d (%s)", self.name, key, exc)
+                else:
+                    segments.append(P.Shared(key, path, seg_size))
+                    self._share_eagerly = self.memory_limit is None
+                    continue
             if nbytes > limit:
                 oversized.append(P.Oversized(key, nbytes))
                 continue
@@ -741,7 +819,10 @@ class WorkerProcess:
             out.append(payload)
             out.extend(parts)
             size += nbytes
-        return P.Items(items, missing, later, oversized), out
+        return P.Items(items, missing, later, oversized, segments), out
+
+
+_NOT_MAPPED = object()
 
 
 class _Unloadable:

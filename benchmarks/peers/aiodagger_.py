@@ -66,6 +66,7 @@ class AiodaggerPeer(Peer):
     name: ClassVar[str] = "aiodagger"
     notes: ClassVar[dict[str, str]] = {
         "W5": "pinned with scope(worker=...) to the two worker processes",
+        "W5-tcp": "pinned as in W5; AIODAGGER_SHM=0",
         "S1": "pinned with scope(worker=...); batches relayed by the scheduler's process",
     }
 
@@ -74,12 +75,23 @@ class AiodaggerPeer(Peer):
         self._cluster: Any = None
         self._stack = contextlib.AsyncExitStack()
 
+    def setup_of(self, workload: Workload) -> str:
+        return workload.setup  # "processes-tcp" is a cluster of its own here
+
     async def start(self, setup: str) -> None:
         dagger = load()
         self._dagger = dagger
         if setup == "local":
             self._cluster = await self._stack.enter_async_context(dagger.Cluster())
         elif setup == "processes":
+            self._cluster = await self._stack.enter_async_context(
+                dagger.Cluster(processes=PROCESS_WORKERS)
+            )
+        elif setup == "processes-tcp":
+            # Read by each worker process as it starts, and by this one: no segments.
+            previous = os.environ.get("AIODAGGER_SHM")
+            os.environ["AIODAGGER_SHM"] = "0"
+            self._stack.callback(_restore_env, "AIODAGGER_SHM", previous)
             self._cluster = await self._stack.enter_async_context(
                 dagger.Cluster(processes=PROCESS_WORKERS)
             )
@@ -184,6 +196,8 @@ class AiodaggerPeer(Peer):
         total = await d.options(scope=d.scope(worker=second)).spawn(array_sum, made)
         return Timed(total, time.perf_counter() - t0)
 
+    w5_tcp = w5  # the same run; the setup turned shared memory off
+
     async def s1(self, w: Workload) -> tuple[int, int]:
         d = self._dagger
         first, second = self._two_workers()
@@ -243,3 +257,10 @@ class AiodaggerPeer(Peer):
         measured["raw disk GB/s"] = self._raw_gb_s
         measured["peak RSS GiB"] = peak[0] / 2**30
         return Timed(total, seconds, measured)
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value

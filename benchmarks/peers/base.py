@@ -57,8 +57,9 @@ class Peer:
     def setup_of(self, workload: Workload) -> str:
         """The setup to start in for ``workload``. Workloads whose setups map to the
         same value share one start: Ray, always multi-process, serves the local and
-        the processes workloads from one ``ray.init``."""
-        return workload.setup
+        the processes workloads from one ``ray.init``. "processes-tcp" is "processes"
+        for every system but aiodagger, which turns its shared memory off there."""
+        return "processes" if workload.setup == "processes-tcp" else workload.setup
 
     async def start(self, setup: str) -> None:
         """Import the system and bring it up for ``setup``; raise Unavailable if it cannot be."""

@@ -61,7 +61,8 @@ class DaskDistributedPeer(Peer):
         "W2b": _NO_LONG_CHAIN,
         "W2b-p": _NO_LONG_CHAIN,
     }
-    notes: ClassVar[dict[str, str]] = {"W5": "pinned with submit(..., workers=[address])"}
+    notes: ClassVar[dict[str, str]] = {"W5": "pinned with submit(..., workers=[address])",
+                                       "W5-tcp": "W5 itself: Dask moves it over TCP"}
 
     def __init__(self) -> None:
         self._client: Any = None
@@ -169,6 +170,8 @@ class DaskDistributedPeer(Peer):
         return Timed(total, time.perf_counter() - t0)
 
 
+
+    w5_tcp = w5  # Dask's same-host transfers are TCP already
     async def w6(self, w: Workload) -> Timed:
         client = self._client
         (pid,) = (await client.run(os.getpid)).values()

@@ -325,6 +325,8 @@ class SocketPeer(Peer):
         return Timed(total, seconds)
 
 
+    w5_tcp = w5  # the floor of both: W5 over TCP is what this measures
+
 class NumpyPeer(Peer):
     """numpy on the whole array, in this process: the floor of the array workloads."""
 

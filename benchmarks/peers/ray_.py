@@ -48,6 +48,10 @@ class RayPeer(Peer):
         f"(_generator_backpressure_num_objects={S1_WINDOW}); each value is an object",
     }
 
+    not_applicable: ClassVar[dict[str, str]] = {
+        "W5-tcp": "n/a (on one node Ray's objects always go through its shared-memory store)",
+    }
+
     def __init__(self) -> None:
         self._ray: Any = None
         self._inc: Any = None

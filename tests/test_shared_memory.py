@@ -1,0 +1,246 @@
+"""Same-host shared memory: worker processes on one machine hand values of 1 MiB and
+more through segments in /dev/shm (memory.shared) instead of the socket. Each segment
+lives as long as its value on the holder: gone after release, after kill -9 of the
+holder, after the cluster closes; a reader never sees a partial one."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import gc
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import aiodagger as dagger
+from aiodagger.comm import serialize
+from aiodagger.memory import SpillCorruptedError, shared, spilldir, spillfile
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(shared.host_key() == "", reason="no writable /dev/shm on this machine")]
+
+MiB = 1 << 20
+
+
+def make(n: int, fill: float = 1.0) -> np.ndarray:
+    return np.full(n, fill)
+
+
+def total(a: np.ndarray) -> float:
+    return float(a.sum())
+
+
+def bump_and_total(a: np.ndarray) -> float:
+    a += 1.0  # a private mapping: this reader's pages only
+    return float(a.sum())
+
+
+def mapped_from_shm(a: np.ndarray) -> bool:
+    """Whether ``a``'s memory is a mapping of a file in /dev/shm (what this reader got)."""
+    address = a.__array_interface__["data"][0]
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= address < high:
+                return len(fields) > 5 and fields[5].startswith("/dev/shm/aiodagger-shm-")
+    return False
+
+
+def segments_of(pids: list[int]) -> list[Path]:
+    """The segment files of these worker processes (other test runs may have theirs)."""
+    out: list[Path] = []
+    for d in Path("/dev/shm").glob("aiodagger-shm-*"):
+        if any(d.name.startswith(f"aiodagger-shm-{pid}-") for pid in pids):
+            out.extend(p for p in d.iterdir() if p.name != spilldir.OWNER)
+    return out
+
+
+def dirs_of(pids: list[int]) -> list[Path]:
+    return [d for d in Path("/dev/shm").glob("aiodagger-shm-*")
+            if any(d.name.startswith(f"aiodagger-shm-{pid}-") for pid in pids)]
+
+
+async def eventually(check, timeout: float = 15.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not within {timeout} s")
+        await asyncio.sleep(0.05)
+
+
+def on(worker: int) -> dagger.Options:
+    return dagger.options(scope=dagger.scope(worker=worker))
+
+
+@pytest.fixture
+async def two_workers():
+    async with dagger.Cluster(processes=2) as cluster:
+        yield cluster, [w for w in cluster.workers if w.id != 0]
+
+
+async def test_a_large_value_crosses_through_a_segment_that_goes_with_it(two_workers):
+    cluster, (w1, w2) = two_workers
+    a = on(w1.id).spawn(make, 4 * MiB // 8, 2.0)
+    assert await asyncio.wait_for(on(w2.id).spawn(total, a), 30) == 4 * MiB // 8 * 2.0
+    assert await asyncio.wait_for(on(w2.id).spawn(mapped_from_shm, a), 30)
+    assert [p.name for p in segments_of([w1.pid])] == [f"v{a.id}"]
+    del a
+    gc.collect()
+    await eventually(lambda: not segments_of([w1.pid]))  # released: removed
+
+
+async def test_once_read_here_large_results_are_shared_as_they_are_made(two_workers):
+    cluster, (w1, w2) = two_workers
+    first = on(w1.id).spawn(make, 2 * MiB // 8)
+    assert await asyncio.wait_for(on(w2.id).spawn(total, first), 30) == 2 * MiB // 8
+    small = on(w1.id).spawn(make, 2 * MiB // 8)  # below EAGER_BYTES: when asked for
+    big = on(w1.id).spawn(make, shared.EAGER_BYTES // 8, 5.0)
+    await asyncio.wait_for(dagger.wait([small, big]), 30)
+    names = [p.name for p in segments_of([w1.pid])]
+    assert f"v{big.id}" in names and f"v{small.id}" not in names  # nobody asked for it yet
+    # The holder keeps the segment's mapping in place of its own copy: the data is in RAM once.
+    assert await asyncio.wait_for(on(w1.id).spawn(mapped_from_shm, big), 30)
+    assert await asyncio.wait_for(on(w2.id).spawn(total, big), 30) == 5.0 * shared.EAGER_BYTES // 8
+
+
+async def test_small_values_and_readers_that_opt_out_use_the_socket(two_workers):
+    cluster, (w1, w2) = two_workers
+    small = on(w1.id).spawn(make, MiB // 16)
+    assert await asyncio.wait_for(on(w2.id).spawn(mapped_from_shm, small), 30) is False
+    assert segments_of([w1.pid]) == []
+
+
+async def test_with_shm_off_values_go_over_tcp(monkeypatch):
+    monkeypatch.setenv("AIODAGGER_SHM", "0")  # the workers inherit it
+    async with dagger.Cluster(processes=2) as cluster:
+        w1, w2 = [w for w in cluster.workers if w.id != 0]
+        a = on(w1.id).spawn(make, 4 * MiB // 8)
+        assert await asyncio.wait_for(on(w2.id).spawn(mapped_from_shm, a), 30) is False
+        assert await asyncio.wait_for(on(w2.id).spawn(total, a), 30) == 4 * MiB // 8
+        assert dirs_of([w1.pid, w2.pid]) == []
+
+
+async def test_a_reader_may_write_its_input_without_touching_the_holders(two_workers):
+    cluster, (w1, w2) = two_workers
+    n = 2 * MiB // 8
+    a = on(w1.id).spawn(make, n, 1.0)
+    assert await asyncio.wait_for(on(w2.id).spawn(bump_and_total, a), 30) == 2.0 * n
+    assert await asyncio.wait_for(on(w1.id).spawn(total, a), 30) == 1.0 * n
+    assert float((await asyncio.wait_for(a, 30))[0]) == 1.0  # and the caller, through it too
+
+
+async def test_the_caller_reads_a_large_result_through_a_segment(two_workers):
+    cluster, (w1, _) = two_workers
+    a = on(w1.id).spawn(make, 4 * MiB // 8, 3.0)
+    value = await asyncio.wait_for(a, 30)
+    assert mapped_from_shm(value) and float(value.sum()) == 3.0 * 4 * MiB // 8
+
+
+async def test_kill_9_of_the_holder_leaves_nothing_in_dev_shm(two_workers):
+    cluster, (w1, w2) = two_workers
+    a = on(w1.id).spawn(make, 4 * MiB // 8)
+    assert await asyncio.wait_for(on(w2.id).spawn(total, a), 30) == 4 * MiB // 8
+    assert dirs_of([w1.pid])
+    os.kill(w1.pid, signal.SIGKILL)
+    await eventually(lambda: not dirs_of([w1.pid]))
+
+
+async def test_closing_the_cluster_leaves_nothing_in_dev_shm():
+    async with dagger.Cluster(processes=2) as cluster:
+        w1, w2 = [w for w in cluster.workers if w.id != 0]
+        pids = [w1.pid, w2.pid]
+        values = [on(w1.id).spawn(make, 2 * MiB // 8, float(i)) for i in range(3)]
+        assert await asyncio.wait_for(dagger.gather(*[on(w2.id).spawn(total, v) for v in values]), 30) \
+            == [float(i) * 2 * MiB // 8 for i in range(3)]
+        assert len(segments_of(pids)) == 3
+    assert dirs_of(pids) == []
+
+
+async def test_a_cluster_removes_stale_segment_directories_at_start(tmp_path):
+    """A directory left by a process that died (its owner lock free) goes at the next start."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys; from aiodagger.memory import shared\n"
+        "seg = shared.Segments('stale')\n"
+        "import asyncio\n"
+        "asyncio.run(seg.offer(1, b'p', [bytes(2 << 20)]))\n"
+        "print(seg.directory, flush=True); os._exit(0)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    stale = Path(out.stdout.strip())
+    assert stale.is_dir() and (stale / "v1").exists()
+    async with dagger.Cluster(processes=1):
+        assert not stale.exists()
+
+
+async def test_readers_waiting_for_a_segment_being_written_get_it_whole(tmp_path):
+    segments = shared.Segments("readers")
+    try:
+        payload, buffers = serialize.dumps(np.arange(16 * MiB // 8, dtype=np.float64))
+        results = await asyncio.gather(*(segments.offer(7, payload, list(buffers)) for _ in range(5)))
+        assert len({r for r in results}) == 1
+        value = shared.load(results[0][0])
+        assert np.array_equal(value, np.arange(16 * MiB // 8, dtype=np.float64))
+        # Released while being written: the writer's readers are told it is gone.
+        writing = asyncio.ensure_future(segments.offer(8, payload, list(buffers)))
+        await asyncio.sleep(0)
+        segments.drop(8)
+        with pytest.raises(KeyError):
+            await writing
+        assert not (segments.directory / "v8").exists()
+    finally:
+        segments.close()
+    assert segments.directory is None
+
+
+def test_a_partial_or_foreign_segment_is_refused(tmp_path):
+    segments = shared.Segments("partial")
+    try:
+        payload, buffers = serialize.dumps(np.ones(MiB // 8))
+        path, size = asyncio.run(segments.offer(3, payload, list(buffers)))
+        os.truncate(path, size - 1)
+        with pytest.raises(SpillCorruptedError, match="truncated"):
+            shared.load(path)
+        os.unlink(path)
+        with pytest.raises(FileNotFoundError):
+            shared.load(path)
+        with pytest.raises(ValueError, match="not a shared segment"):
+            shared.load("/etc/passwd")
+        other = tmp_path / "v1"
+        spillfile.write_parts(other, payload, buffers, spillfile.ALIGNED)
+        with pytest.raises(ValueError, match="not a shared segment"):
+            shared.load(str(other))
+    finally:
+        segments.close()
+
+
+def test_segment_parts_are_aligned_for_numpy(tmp_path):
+    path = tmp_path / "aligned"
+    payload, buffers = serialize.dumps([np.arange(3, dtype=np.int8), np.arange(1000.0)])
+    spillfile.write_parts(path, payload, buffers, spillfile.ALIGNED | spillfile.UNCHECKED)
+    mapped_payload, mapped = spillfile.map_parts(path)
+    assert all(np.frombuffer(b, np.uint8).ctypes.data % 64 == 0 for b in mapped)
+    small, big = serialize.loads(mapped_payload, mapped)
+    assert list(small) == [0, 1, 2] and np.array_equal(big, np.arange(1000.0))
+    assert spillfile.load(path)[1].sum() == np.arange(1000.0).sum()  # read_parts too
+
+
+def test_the_owner_lock_is_held_while_segments_live():
+    segments = shared.Segments("locked")
+    try:
+        asyncio.run(segments.offer(1, b"x", [bytes(MiB)]))
+        fd = os.open(segments.directory / spilldir.OWNER, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        assert shared.remove_stale() == [] or segments.directory.exists()
+        assert segments.directory.exists()
+    finally:
+        segments.close()
