@@ -42,8 +42,9 @@ from .tokens import new_token
 __all__ = ["HANDSHAKE_TIMEOUT", "PROTOCOL_VERSION", "ServerKey", "client_handshake", "new_token",
            "server_handshake"]
 
-# 2: the messages of comm/protocol.py; 3: the client proves first; 4: RunTask.files
-PROTOCOL_VERSION = 4
+# 2: the messages of comm/protocol.py; 3: the client proves first; 4: RunTask.files;
+# 5: RunTask.waits and .priority (tasks sent ahead of their inputs), status "dropped"
+PROTOCOL_VERSION = 5
 # The whole handshake, from the first byte: a peer that has not proved itself by then
 # holds one of the listener's few pending slots for nothing.
 HANDSHAKE_TIMEOUT = 5.0
