@@ -490,7 +490,7 @@ class WorkerRegistry:
         worker or here, and it is a plain thread task for any worker of the cluster
         (no timeout, which would count from dispatch; no ``after``; no Files). None if not."""
         if (task._state is not PENDING or task._cancelled or task._kind != "thread"
-                or worker.status is not WorkerStatus.RUNNING):
+                or type(task) is not DTask or worker.status is not WorkerStatus.RUNNING):
             return None
         opts = task._opts
         if opts.timeout is not None or opts.after or type(task._resolve) is not bool:
@@ -519,6 +519,8 @@ class WorkerRegistry:
         stack = [task]
         while stack:
             for dep in stack.pop()._dependents or ():
+                if dep._state is not PENDING:
+                    continue  # the common case: held already
                 waits = self._waits_on(dep, worker)
                 if waits is not None and self._hold(dep, worker, waits):
                     stack.append(dep)
@@ -669,8 +671,9 @@ class WorkerRegistry:
             if task is None or task._attempts != rec.attempt:
                 continue  # cancelled, or a record of an attempt that is not the one running
             del worker.running[rec.key]
-            if worker.ahead and rec.key in worker.ahead:
-                worker.ahead.discard(rec.key)  # held: it took no slot
+            held = bool(worker.ahead) and rec.key in worker.ahead
+            if held:
+                worker.ahead.discard(rec.key)  # it took no slot
             else:
                 self._account_done(worker, task)
             task._handle = None
@@ -694,11 +697,16 @@ class WorkerRegistry:
                                rec.seconds, proc)
             elif status == "missing":
                 sched.dependencies_lost(task, [self._missing(worker, m) for m in rec.missing])
-            elif status == "dropped":
+            elif status == "dropped" and held:
                 # Held, and an input it waited for ended there without a result: that
                 # input's record came first, and decided (a retry, a failure that has
                 # failed this task too). Still to run: it waits for its inputs again.
                 self._unhold(task)
+            elif status == "dropped":  # a run it was sent to do, never held: over all the same
+                sched.complete(task, rec.attempt, False, WorkerLostError(
+                    f"worker {worker.id} ended the run of {task._describe()} without a result (it "
+                    "reported a held task dropped, and it held none by that id)"), rec.start,
+                    rec.seconds, proc)
             elif not task._cancelled:  # "cancelled" by the worker alone: the run is over all the same
                 sched.complete(task, rec.attempt, False, WorkerLostError(
                     f"worker {worker.id} ended the run of {task._describe()} without a result (it "
