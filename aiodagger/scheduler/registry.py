@@ -12,6 +12,12 @@ messages, which carry its memory counters. A result stays on the worker that mad
 (``task._where``), and only its size comes back unless it is small enough to travel
 inline; values move to the caller only when awaited, and to another worker straight
 from the holder.
+
+A task whose unfinished inputs all run on one worker is sent there ahead of them
+(send_ahead, at most MAX_AHEAD held per worker): the worker starts it as they finish,
+on the finishing thread where it can, so that a chain costs no round trip per link. An
+input that ends there without a result sends it back ("dropped"), and the scheduler
+decides, as for a task that was never sent.
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ the same processors as worker 0 (a ThreadProc and an AsyncProc, to which it is t
 ChunkStore. Results leave only when asked: the scheduler asks when a caller awaits
 one; another worker asks, through this worker's data server, when a task there needs
 it. Completions go back in one "done" batch per loop iteration, with the store's
-counters. Messages are those of :mod:`aiodagger.comm.protocol`, each handled by the
-method its handler table names.
+counters. A task sent ahead of inputs still running here is held until they finish,
+then started, as a continuation on the thread that finished the last of them when its
+other inputs are in memory (see ``_hold``). Messages are those of
+:mod:`aiodagger.comm.protocol`, each handled by the method its handler table names.
 """
 
 from __future__ import annotations
