@@ -122,6 +122,27 @@ def fib_expected(n: int) -> float:
     return float(f"{b:.6e}")
 
 
+def fan_sum(*values: Any) -> Any:
+    """W2b-f's last task: the sum of its inputs (one vector of 10 floats each)."""
+    total = values[0].copy()
+    for v in values[1:]:
+        total += v
+    return total
+
+
+def fan_inputs(nodes: list[Any]) -> list[Any]:
+    """W2b-f's fan-in: every second node of the chain, and the last (50,001 of 100,000)."""
+    return [*nodes[::2], nodes[-1]] if len(nodes) % 2 == 0 else nodes[::2]
+
+
+def fan_expected(n: int) -> float:
+    """W2b-f's sum's first value, computed the plain way (rounded to 6 digits)."""
+    ys = [0.0, 1.0]
+    for _ in range(n - 2):
+        ys.append(0.5 * (ys[-2] + ys[-1]))
+    return float(f"{sum(fan_inputs(ys)):.6e}")
+
+
 DD_BLOCKS = 100
 DD_BLOCK_VALUES = 8
 
@@ -338,6 +359,19 @@ WORKLOADS: dict[str, Workload] = {
             ),
             expected=fib_expected,
             target=10,
+        ),
+        Workload(
+            key="W2b-f",
+            title="two-input chain with a 50,001-input fan-in",
+            n=100_000,
+            metric=per_unit_us("node"),
+            description=(
+                "W2b's 100,000 nodes, then one task summing every second node's result and "
+                "the last one's (a fan-in of 50,001 inputs); only that sum is awaited. Measures "
+                "the chain's hand-off while one task waits on half of it, and a task with "
+                "50,001 inputs."
+            ),
+            expected=fan_expected,
         ),
         Workload(
             key="W2b-p",

@@ -291,6 +291,23 @@ async def test_a_run_reported_cancelled_that_nobody_cancelled_is_not_left_runnin
     assert [w.id for w in cluster.workers] == [0, fake.id]  # a bad run, not a bad worker
 
 
+async def test_a_run_reported_dropped_that_was_never_held_is_not_run_again_for_good(cluster, fake):
+    """A worker says it dropped a held task (an input it waited for ended without a
+    result) for a task it was sent to run, not held: the run is over, the task runs again
+    within its retries, then fails, rather than being sent back again and again."""
+    task, record = await placed_on(fake, retries=1)
+    assert record.waits == []
+    for attempt in (0, 1):
+        assert record.attempt == attempt
+        fake.endpoint.send_nowait(P.Done([P.Finished(record.key, record.attempt, "dropped",
+                                                     0, 0.0, 0.0, 0, [])], P.Memory(0, 0, 0, 0)))
+        if attempt == 0:
+            (record,) = (await asyncio.wait_for(fake.runs.get(), WAIT)).tasks
+    with pytest.raises(dagger.WorkerLostError, match="held none by that id"):
+        await asyncio.wait_for(task, WAIT)
+    assert [w.id for w in cluster.workers] == [0, fake.id]
+
+
 @pytest.mark.parametrize("counter", [float("inf"), -5, 1.5, "7", None])
 async def test_heartbeat_counters_that_are_not_counts_are_ignored(cluster, fake, counter, caplog):
     """A heartbeat's memory counters are taken only when each is a count (an int >= 0),

@@ -112,12 +112,15 @@ SAMPLES: list[tuple[object, list[bytes]]] = [
     (Run([RunTask(SPAWNED, NAME, FN, "thread", 0, 3,
                   [Dep(-7, [Holder(1, ADDR), Holder(2, ADDR6)]), Dep(8, [])],
                   True, True, [-7, 8, BIG], True),
-          RunTask(1, "", b"", "async", 2**40, 1, [], False, False, [])]), parts(5, 6, 7, 8)),
+          RunTask(1, "", b"", "async", 2**40, 1, [], False, False, []),
+          RunTask(2, "", b"", "thread", 0, 1, [], False, True, [1, -3, BIG], False, [1, BIG], -7)]),
+     parts(5, 6, 7, 8, 9)),
     (Run([]), []),
     (Done([Finished(1, 0, "ok", BIG, 12345.678, 0.25, 2, []),
            Finished(2, 1, "error", 0, 0, 0.0, 1, []),
            Finished(-3, 0, "missing", 0, 1.5, 2, 0, [Missing(-9, [1, 2]), Missing(NEG, [])]),
            Finished(4, 0, "cancelled", 0, 0.0, 0.0, 0, []),
+           Finished(6, 2, "dropped", 0, 0.0, 0.0, 0, []),
            Finished(5, 0, "ok", 24, 1e-9, 1e9, 0, [])],
           Memory(2**40, BIG, 3, 5)), parts(9, 1, 40)),
     (Done([], Memory(0, 0, 0, 0)), []),
@@ -286,15 +289,15 @@ def test_split_parts_gives_each_record_its_own_buffers():
     header, got = over_the_wire(encode(done), buffers)
     msg = decode(header, len(got))
     split = [(rec.key, [bytes(b) for b in bufs]) for rec, bufs in split_parts(msg.results, got)]
-    assert split == [(1, buffers[0:2]), (2, buffers[2:3]), (-3, []), (4, []), (5, [])]
+    assert split == [(1, buffers[0:2]), (2, buffers[2:3]), (-3, []), (4, []), (6, []), (5, [])]
     (run, run_buffers), = [s for s in SAMPLES if type(s[0]) is Run and s[0].tasks]
     assert [(t.key, list(b)) for t, b in split_parts(run.tasks, run_buffers)] == [
-        (SPAWNED, run_buffers[:3]), (1, run_buffers[3:])]
+        (SPAWNED, run_buffers[:3]), (1, run_buffers[3:4]), (2, run_buffers[4:])]
     assert list(split_parts([], [])) == []
 
 
 # -- malformed messages ------------------------------------------------------------------
-RUN_TASK = [5, "f", b"h", "thread", 0, 1, [], False, False, [], False]
+RUN_TASK = [5, "f", b"h", "thread", 0, 1, [], False, False, [], False, [], 0]
 FINISHED = [5, 0, "ok", 10, 1.0, 0.5, 0, []]
 MEMORY = [0, 0, 0, 0]
 HOLDER = [1, ADDR]
@@ -315,13 +318,13 @@ def with_field(base: list, i: int, value) -> list:
 
 
 # A value of a wrong type for each field of RunTask and Finished.
-WRONG_RUN_TASK = ["5", b"f", "h", None, 1.5, "1", {}, 1, None, [1, "2"], 0]
+WRONG_RUN_TASK = ["5", b"f", "h", None, 1.5, "1", {}, 1, None, [1, "2"], 0, [True], 1.5]
 WRONG_FINISHED = [None, "0", b"ok", -1, "1.0", None, 1.5, {}]
 
 MALFORMED = [
     # wrong field count, of a message and of its records
-    ("RunTask 10 fields", *run(RUN_TASK[:-1]), r"malformed RunTask: expected 11 fields"),
-    ("RunTask 12 fields", *run([*RUN_TASK, 0]), r"malformed RunTask: expected 11 fields"),
+    ("RunTask 12 fields", *run(RUN_TASK[:-1]), r"malformed RunTask: expected 13 fields"),
+    ("RunTask 14 fields", *run([*RUN_TASK, 0]), r"malformed RunTask: expected 13 fields"),
     ("Finished 7 fields", *done(FINISHED[:-1]), r"malformed Finished: expected 8 fields"),
     ("Memory 3 fields", *done(memory=[0, 0, 0]), r"malformed Memory: expected 4 fields"),
     ("Get no fields", {"op": "get", "a": []}, 0, r"malformed Get: expected 2 fields"),
@@ -385,6 +388,13 @@ MALFORMED = [
     ("Finished cancelled 2 parts",
      *done(with_field(FINISHED, 2, "cancelled")[:6] + [2, []], nbuffers=2),
      r"malformed Finished: status 'cancelled' with 2 part"),
+    ("Finished dropped 1 part", *done(with_field(FINISHED, 2, "dropped")[:6] + [1, []], nbuffers=1),
+     r"malformed Finished: status 'dropped' with 1 part"),
+    # a task held for inputs it does not read, or for itself
+    ("RunTask waits for what it does not read", *run(with_field(with_field(RUN_TASK, 9, [1]), 11, [2])),
+     r"malformed RunTask: task 5 waits for \[2\]"),
+    ("RunTask waits for itself", *run(with_field(with_field(RUN_TASK, 9, [5]), 11, [5])),
+     r"malformed RunTask: task 5 waits for \[5\]"),
     # buffers that do not match what the records announce
     ("run 2 parts, 1 buffer", *run(with_field(RUN_TASK, 5, 2), nbuffers=1),
      r"run announces 2 buffer\(s\) and came with 1"),
@@ -423,7 +433,7 @@ MALFORMED = [
     ("a is bytes", {"op": "release", "a": b"\x91\x01"}, 0, r"malformed Release: .* got bytes"),
     # nested records malformed
     ("Run.tasks a map", {"op": "run", "a": [{"x": 1}]}, 0, r"malformed Run: field tasks is dict"),
-    ("RunTask not a list", {"op": "run", "a": [[5]]}, 0, r"malformed RunTask: expected 11 fields"),
+    ("RunTask not a list", {"op": "run", "a": [[5]]}, 0, r"malformed RunTask: expected 13 fields"),
     ("Dep.holders a str", *run(with_field(RUN_TASK, 6, [[1, "x"]])), r"malformed Dep: field holders"),
     ("Dep 1 field", *run(with_field(RUN_TASK, 6, [[1]])), r"malformed Dep: expected 2 fields"),
     ("Holder 1 field", *run(with_field(RUN_TASK, 6, [[1, [[1]]]])), r"malformed Holder: expected 2"),
@@ -506,7 +516,7 @@ def test_valid_edge_values_are_taken():
         wire_decode({"op": "register", "a": ["", 0, "", 0, "", None, []]})
     msg = wire_decode({"op": "done", "a": [[[0, 0, "ok", 0, 0, 0, 0, []]], MEMORY]})
     assert msg.results[0].start == 0 and type(msg.results[0]) is Finished
-    task = wire_decode({"op": "run", "a": [[[5, "f", b"h", "thread", 0, 2, [], True, False, [], True]]]}, 2)
+    task = wire_decode({"op": "run", "a": [[[5, "f", b"h", "thread", 0, 2, [], True, False, [], True, [], 0]]]}, 2)
     assert task.tasks[0].callbacks is True and task.tasks[0].nparts == 2
     assert task.tasks[0].files is True
 
@@ -906,7 +916,7 @@ async def test_message_not_in_the_table_ends_only_that_connection(start_server):
 @pytest.mark.parametrize("header, nbuffers, match", [
     ({"op": "get", "a": [["x"], ""]}, 0, r"malformed Get: field keys is str 'x'"),
     ({"op": "get", "a": [[1], ""], "req": 1}, 1, r"get announces 0 buffer"),
-    ({"op": "run", "a": [[[1, "f"]]]}, 0, r"malformed RunTask: expected 11 fields"),
+    ({"op": "run", "a": [[[1, "f"]]]}, 0, r"malformed RunTask: expected 13 fields"),
     ({"op": "no-such-op", "a": []}, 0, r"unknown op 'no-such-op'"),
 ], ids=["bad-field", "bad-buffers", "bad-record", "unknown-op"])
 async def test_malformed_message_ends_only_that_connection(start_server, header, nbuffers, match):

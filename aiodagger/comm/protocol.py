@@ -31,13 +31,15 @@ op                 direction             fields (records in CamelCase)
 ``run``            scheduler -> worker   tasks [RunTask]: key, name, fn_hash, kind,
                                          attempt, nparts, deps [Dep(key, holders
                                          [Holder(worker, address)])], callbacks, refs,
-                                         inputs, files. Parts: the pickled (restore,
-                                         checkpoint) pair if ``callbacks``, then the
-                                         arguments' pickle and its buffers
+                                         inputs, files, waits, priority. Parts: the
+                                         pickled (restore, checkpoint) pair if
+                                         ``callbacks``, then the arguments' pickle and
+                                         its buffers. ``waits``: inputs running here
+                                         still; the task is held until they finish
 ``done``           worker -> scheduler   results [Finished]: key, attempt, status
-                                         (ok | error | missing | cancelled), size,
-                                         start, seconds, nparts, missing [Missing(key,
-                                         holders)]; memory: Memory(used, spilled_bytes,
+                                         (ok | error | missing | cancelled | dropped),
+                                         size, start, seconds, nparts, missing
+                                         [Missing(key, holders)]; memory: Memory(used, spilled_bytes,
                                          spill_errors, running), current as of this batch
 ``holding``        worker -> scheduler   keys this worker fetched or was handed, and holds
 ``cancel``         scheduler -> worker   ids of tasks to cancel
@@ -296,9 +298,9 @@ class ValueDef(NamedTuple):
     nparts: int
 
 
-@record(INT, STR, BYTES, STR, INT, COUNT, [Dep], BOOL, BOOL, IDS, BOOL)
+@record(INT, STR, BYTES, STR, INT, COUNT, [Dep], BOOL, BOOL, IDS, BOOL, IDS, INT)
 class RunTask(NamedTuple):
-    """One task for a worker to run."""
+    """One task for a worker to run; with ``waits``, one sent ahead of its inputs."""
     key: int
     name: str
     fn_hash: bytes
@@ -310,6 +312,11 @@ class RunTask(NamedTuple):
     refs: bool         # the arguments hold task/chunk references to substitute
     inputs: list[int]  # every input key the task reads (to load and pin)
     files: bool = False  # the arguments hold dagger.Files, read by the worker as the task runs
+    # Inputs still running (or held) on this worker: the task is held until each has
+    # finished here, then starts; one that ends otherwise drops it ("dropped"). Each is
+    # among ``inputs``.
+    waits: list[int] = []
+    priority: int = 0  # the task's priority: a chain of held tasks yields to a higher one
 
 
 @record(INT, [INT])
@@ -319,7 +326,7 @@ class Missing(NamedTuple):
     holders: list[int]
 
 
-FINISHED_STATUSES = frozenset(("ok", "error", "missing", "cancelled"))
+FINISHED_STATUSES = frozenset(("ok", "error", "missing", "cancelled", "dropped"))
 _INF = float("inf")
 
 
@@ -328,7 +335,9 @@ class Finished(NamedTuple):
     """One run of a task ended on a worker."""
     key: int
     attempt: int
-    status: str            # "ok" (1 + buffers parts if inline), "error" (1 part), "missing", "cancelled"
+    status: str            # "ok" (1 + buffers parts if inline), "error" (1 part), "missing",
+                           # "cancelled", "dropped": a held task that did not start, an input
+                           # it waited for having ended here without a result
     size: int              # bytes of the result
     start: float           # perf_counter on the worker
     seconds: float
@@ -601,12 +610,16 @@ def _check_values(msg: Any) -> None:
             if not (0.0 <= r.seconds < _INF and -_INF < r.start < _INF):
                 raise ProtocolError(f"malformed Finished: a run that started at {r.start!r} and "
                                     f"took {r.seconds!r} s (times are finite, durations >= 0)")
-            if (r.status == "error" and r.nparts != 1) or (r.status in ("missing", "cancelled") and r.nparts):
+            if (r.status == "error" and r.nparts != 1) or (r.status in ("missing", "cancelled", "dropped")
+                                                           and r.nparts):
                 raise ProtocolError(f"malformed Finished: status {r.status!r} with {r.nparts} part(s)")
     elif type(msg) is Run:
         for t in msg.tasks:
             if t.nparts < 1 + t.callbacks:
                 raise ProtocolError(f"malformed RunTask: {t.nparts} part(s) cannot hold its arguments")
+            if t.waits and (t.key in t.waits or not set(t.waits) <= set(t.inputs)):
+                raise ProtocolError(f"malformed RunTask: task {t.key} waits for {t.waits!r}, which are "
+                                    f"not all among its inputs {t.inputs!r} (or include itself)")
     elif type(msg) is Spawn:
         for s in msg.tasks:
             if s.nparts < 3:

@@ -221,6 +221,8 @@ class Scheduler:
         task._npending = pending
         if pending == 0:
             self._make_ready(task)
+        elif self.dist is not None and self.dist.workers:
+            self.dist.consider(task)  # its inputs may all run on one worker: sent ahead there
 
     def _link(self, task: DTask[Any], dep: DTask[Any], needs_value: bool = True) -> int | None:
         """Make ``task`` wait for ``dep``: 1 if it must wait, 0 if dep's value is there,

@@ -12,6 +12,12 @@ messages, which carry its memory counters. A result stays on the worker that mad
 (``task._where``), and only its size comes back unless it is small enough to travel
 inline; values move to the caller only when awaited, and to another worker straight
 from the holder.
+
+A task whose unfinished inputs all run on one worker is sent there ahead of them
+(send_ahead, at most MAX_AHEAD held per worker): the worker starts it as they finish,
+on the finishing thread where it can, so that a chain costs no round trip per link. An
+input that ends there without a result sends it back ("dropped"), and the scheduler
+decides, as for a task that was never sent.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from .._bridge import Wakeup
 from ..comm import protocol as P
 from ..errors import DaggerError, FrameTooLargeError, SerializationError, WorkerLostError
 from ..interfaces import WorkerStatus
-from ..task import FINISHED, NOWHERE, REMOTE, Chunk, DTask
+from ..task import FINISHED, NOWHERE, PENDING, REMOTE, RUNNING, Chunk, DTask
 from ..taskoptions import ANY_SCOPE
 from .placement import DEFAULT_BANDWIDTH, Candidate, choose_processor
 
@@ -49,6 +55,16 @@ _MEMORY_STATS = ("memory_used", "spilled_bytes", "spill_errors", "running")
 
 # Estimated work (seconds) queued per worker thread beyond which tasks wait in the heap.
 REMOTE_HORIZON_S = 5e-3
+
+# Tasks a worker may hold at once, sent ahead of inputs still running there (see
+# send_ahead). Held tasks take no slot: a pool thread runs each as it finishes its last
+# input, so a chain runs there without a round trip per link, and the scheduler tops
+# them up from each batch of completions. The bound keeps what holding costs small and
+# fixed: the held tasks' arguments in the worker's memory; the work one lost worker
+# sends back to be placed again; and how far a chain runs past the scheduler's view of
+# it (its records come back in batches). Two of a pool thread's runs of continuations
+# (threads.MAX_CONTINUATIONS) keep a chain going while the next completions travel.
+MAX_AHEAD = 512
 
 
 class ProcView:
@@ -91,6 +107,10 @@ class RemoteWorker:
         # Memory counters as of the worker's last completion (or heartbeat).
         self.memory = P.Memory(0, 0, 0, 0)
         self.running: dict[int, DTask[Any]] = {}
+        # Keys of the tasks in ``running`` that were sent ahead of their inputs and take
+        # no slot (MAX_AHEAD); tasks that could go ahead but for that bound, by id.
+        self.ahead: set[int] = set()
+        self.deferred: dict[int, DTask[Any]] = {}
         # Cancelled thread runs whose thread still runs them, (key, attempt) -> estimate:
         # their slots stay taken until the worker reports the run ended.
         self.ending: dict[tuple[int, int], float] = {}
@@ -398,10 +418,11 @@ class WorkerRegistry:
         workers = self.workers
         return [P.Holder(wid, _address_for(workers[wid], to)) for wid in obj._where if wid in workers]
 
-    def dispatch(self, task: DTask[Any], worker: RemoteWorker) -> None:
+    def dispatch(self, task: DTask[Any], worker: RemoteWorker, waits: list[int] | None = None) -> None:
         """Queue ``task`` for ``worker``; raises SerializationError if it cannot be sent,
         FrameTooLargeError if its function, arguments or an input here is larger than a
-        frame to that worker may be."""
+        frame to that worker may be. ``waits``: its inputs still running on ``worker``
+        (send_ahead), which the worker waits for before it starts the task."""
         assert task._fn is not None and task._args is not None and task._kwargs is not None
         fn_hash, fn_bytes = self.fn_cache.get(task._fn)
         resolve = task._resolve
@@ -439,8 +460,8 @@ class WorkerRegistry:
             for dep in [*(task._deps or ()), *chunks]:
                 key = _key(dep)
                 inputs.append(key)
-                if worker.id in dep._where:
-                    continue
+                if worker.id in dep._where or (waits and key in waits):
+                    continue  # there, or to be made there
                 if dep._value is not REMOTE:  # the value is in this process: send it along once
                     p, b = P.dumps(dep._value)
                     if (size := len(p) + sum(v.nbytes for v in b)) > limit:
@@ -450,9 +471,12 @@ class WorkerRegistry:
                 else:
                     deps.append(P.Dep(key, self._holders(dep, worker)))
         worker.runs.add(P.RunTask(task.id, task.name, fn_hash, task._kind, task._attempts,
-                                  len(sent), deps, callbacks, refs, inputs, files), sent)
+                                  len(sent), deps, callbacks, refs, inputs, files, waits or [],
+                                  opts.priority), sent)
         task._est = est = self.sched.runtimes.get(task._fnkey)
-        if task._kind != "async":
+        if waits:
+            worker.ahead.add(task.id)
+        elif task._kind != "async":
             worker.queued += 1
             worker.backlog_s += est
         worker.running[task.id] = task
@@ -460,6 +484,84 @@ class WorkerRegistry:
         self._dirty.add(worker)
         if not self._send_wakeup.pending:
             self._send_wakeup.request()
+        if task._dependents is not None:
+            self.send_ahead(task, worker)
+
+    # -- tasks sent ahead of their inputs ------------------------------------------------------
+    def _waits_on(self, task: DTask[Any], worker: RemoteWorker) -> list[int] | None:
+        """The keys of ``task``'s inputs still running (or held) on ``worker``, if it may
+        be sent there ahead of them: every unfinished input is there (a task with inputs
+        running on two workers waits here, to be placed once it is ready, so that holding
+        never decides placement for the scheduler), every finished one is on a live
+        worker or here, and it is a plain thread task for any worker of the cluster
+        (no timeout, which would count from dispatch; no ``after``; no Files). None if not."""
+        if (task._state is not PENDING or task._cancelled or task._kind != "thread"
+                or type(task) is not DTask or worker.status is not WorkerStatus.RUNNING):
+            return None
+        opts = task._opts
+        if opts.timeout is not None or opts.after or type(task._resolve) is not bool:
+            return None
+        scope = opts.scope
+        if scope is not ANY_SCOPE and (scope.gpu or not self.sched.runs_elsewhere(scope)
+                                       or not scope.admits_worker(worker.id, worker.pid)):
+            return None
+        waits: list[int] = []
+        workers = self.workers
+        running = worker.running
+        for dep in task._deps or ():
+            state = dep._state
+            if state is FINISHED:
+                if dep._value is REMOTE and not any(w in workers for w in dep._where):
+                    return None  # lost: placed once ready, which computes it again
+            elif state is RUNNING and dep._handle is worker and running.get(dep.id) is dep:
+                waits.append(dep.id)
+            else:
+                return None
+        return waits or None
+
+    def send_ahead(self, task: DTask[Any], worker: RemoteWorker) -> None:
+        """``task`` was just sent to ``worker``: send along each dependent that may go
+        ahead of it (_waits_on), and theirs in turn, up to MAX_AHEAD held there."""
+        stack = [task]
+        while stack:
+            for dep in stack.pop()._dependents or ():
+                if dep._state is not PENDING:
+                    continue  # the common case: held already
+                waits = self._waits_on(dep, worker)
+                if waits is not None and self._hold(dep, worker, waits):
+                    stack.append(dep)
+
+    def consider(self, task: DTask[Any]) -> None:
+        """``task`` was just spawned, and waits for inputs: send it ahead to the worker
+        they run on, if it may go (a chain spawned as it runs)."""
+        for dep in task._deps or ():
+            worker = dep._handle
+            if type(worker) is RemoteWorker and dep._state is RUNNING:
+                waits = self._waits_on(task, worker)
+                if waits is not None:
+                    self._hold(task, worker, waits)
+                return
+
+    def _hold(self, task: DTask[Any], worker: RemoteWorker, waits: list[int]) -> bool:
+        if len(worker.ahead) >= MAX_AHEAD:
+            worker.deferred[task.id] = task  # tried again as held tasks end there
+            return False
+        try:
+            self.dispatch(task, worker, waits)
+        except (SerializationError, FrameTooLargeError):
+            return False  # it fails with that once ready, as any task sent then
+        task._state = RUNNING
+        return True
+
+    def _top_up(self, worker: RemoteWorker) -> None:
+        """Send ahead the tasks that waited for room among ``worker``'s held tasks."""
+        deferred = worker.deferred
+        while deferred and len(worker.ahead) < MAX_AHEAD:
+            task = deferred.pop(next(iter(deferred)))
+            if task._handle is None:
+                waits = self._waits_on(task, worker)
+                if waits is not None and self._hold(task, worker, waits) and task._dependents:
+                    self.send_ahead(task, worker)
 
     def _note_holder(self, obj: Any, key: int, worker: RemoteWorker) -> None:
         if obj._where is NOWHERE:
@@ -530,7 +632,10 @@ class WorkerRegistry:
                 task = worker.running.pop(rec.key, None)
                 if task is None or task._attempts != rec.attempt:
                     continue
-                self._account_done(worker, task)
+                if rec.key in worker.ahead:
+                    worker.ahead.discard(rec.key)
+                else:
+                    self._account_done(worker, task)
                 task._handle = None
                 self.sched.fail_unsent(task, SerializationError(
                     f"{task._describe()} could not be sent to worker {worker.id}: its run record "
@@ -539,7 +644,9 @@ class WorkerRegistry:
 
     def cancel(self, task: DTask[Any], worker: RemoteWorker) -> None:
         if worker.running.pop(task.id, None) is not None:
-            if task._kind != "async":  # a thread cannot be stopped: it stays busy until it returns
+            if task.id in worker.ahead:  # held: it takes no slot (if it runs, nobody waits)
+                worker.ahead.discard(task.id)
+            elif task._kind != "async":  # a thread cannot be stopped: it stays busy until it returns
                 worker.ending[(task.id, task._attempts)] = task._est
             worker.send_quietly(P.Cancel([task.id]))
 
@@ -570,7 +677,11 @@ class WorkerRegistry:
             if task is None or task._attempts != rec.attempt:
                 continue  # cancelled, or a record of an attempt that is not the one running
             del worker.running[rec.key]
-            self._account_done(worker, task)
+            held = bool(worker.ahead) and rec.key in worker.ahead
+            if held:
+                worker.ahead.discard(rec.key)  # it took no slot
+            else:
+                self._account_done(worker, task)
             task._handle = None
             proc = worker.async_view if task._kind == "async" else worker.thread_view
             status = rec.status
@@ -592,11 +703,34 @@ class WorkerRegistry:
                                rec.seconds, proc)
             elif status == "missing":
                 sched.dependencies_lost(task, [self._missing(worker, m) for m in rec.missing])
+            elif status == "dropped" and held:
+                # Held, and an input it waited for ended there without a result: that
+                # input's record came first, and decided (a retry, a failure that has
+                # failed this task too). Still to run: it waits for its inputs again.
+                self._unhold(task)
+            elif status == "dropped":  # a run it was sent to do, never held: over all the same
+                sched.complete(task, rec.attempt, False, WorkerLostError(
+                    f"worker {worker.id} ended the run of {task._describe()} without a result (it "
+                    "reported a held task dropped, and it held none by that id)"), rec.start,
+                    rec.seconds, proc)
             elif not task._cancelled:  # "cancelled" by the worker alone: the run is over all the same
                 sched.complete(task, rec.attempt, False, WorkerLostError(
                     f"worker {worker.id} ended the run of {task._describe()} without a result (it "
                     "reported the run cancelled, which nobody asked for)"), rec.start, rec.seconds, proc)
+        if worker.deferred and len(worker.ahead) < MAX_AHEAD:
+            self._top_up(worker)
         sched.request_flush()
+
+    def _unhold(self, task: DTask[Any]) -> None:
+        """A task that was held on a worker did not run there: back to waiting for its
+        inputs (ready at once if they have all finished), then perhaps sent ahead again."""
+        if task.done() or task._state is not RUNNING:
+            return
+        task._state = PENDING
+        if task._npending <= 0:
+            self.sched._make_ready(task, freed=True)
+        else:
+            self.consider(task)
 
     def _missing(self, reporter: RemoteWorker, missing: P.Missing) -> Any:
         """An input that its holders said they lack (or hold corrupted), or that
@@ -840,8 +974,16 @@ class WorkerRegistry:
             obj = self.object(key)
             if obj is not None:
                 obj._where.discard(worker.id)
+        held, worker.ahead = worker.ahead, set()
+        worker.deferred.clear()
         for task in running:
             task._handle = None
+            if task.id in held and task._npending > 0:
+                # An input it waited for had not finished as far as anyone here knows, so
+                # it had not started: placed again once its inputs are, and no retry spent
+                # (those inputs spend theirs, should this task be what kills workers).
+                self._unhold(task)
+                continue
             self.sched.run_lost(task, worker.id, worker.address, reason)
         if self.sched.stream_hub is not None:
             self.sched.stream_hub.worker_lost(worker.id)

@@ -6,8 +6,10 @@ the same processors as worker 0 (a ThreadProc and an AsyncProc, to which it is t
 ChunkStore. Results leave only when asked: the scheduler asks when a caller awaits
 one; another worker asks, through this worker's data server, when a task there needs
 it. Completions go back in one "done" batch per loop iteration, with the store's
-counters. Messages are those of :mod:`aiodagger.comm.protocol`, each handled by the
-method its handler table names.
+counters. A task sent ahead of inputs still running here is held until they finish,
+then started, as a continuation on the thread that finished the last of them when its
+other inputs are in memory (see ``_hold``). Messages are those of
+:mod:`aiodagger.comm.protocol`, each handled by the method its handler table names.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ..comm.server import Listener, parse_address
 from ..errors import FrameTooLargeError, ProtocolError, TaskCancelledError
 from ..memory import ChunkStore, SpillCorruptedError, admit, shared
 from ..placed import Ref
-from ..task import Chunk, DTask
+from ..task import CANCELLED, PENDING, RUNNING, Chunk, DTask
 from ..taskoptions import TaskOptions
 from .aio import HURRY_GRACE, AsyncProc
 from .execute import callback_errors
@@ -56,6 +58,7 @@ INLINE_LIMIT = 64 << 10
 
 
 _PLAIN = TaskOptions()
+_NONE_WAITING = float("-inf")
 _streams_lock = threading.Lock()
 
 
@@ -112,6 +115,15 @@ class WorkerProcess:
         self._pins: dict[tuple[int, int], list[Any]] = {}
         self.functions: dict[bytes, Any] = {}
         self.running: dict[int, DTask[Any]] = {}
+        # Tasks sent ahead of inputs still running here (RunTask.waits), by key, with
+        # their parts, the inputs to fetch and the input keys: each starts once those
+        # inputs finish here (on the finishing thread when it can, see _hold). They are
+        # in ``running`` too, which is what cancels and the end of a session walk.
+        self.held: dict[int, tuple[DTask[Any], Sequence[Any], list[P.Dep], list[int]]] = {}
+        # Tasks handed to the pool with a priority other than 0, until they end: a chain
+        # of held tasks yields to one of them waiting (ready_priority).
+        self._urgent: list[DTask[Any]] = []
+        self._priorities: dict[int, TaskOptions] = {}
         self.loop: asyncio.AbstractEventLoop
         self.loop_thread_id = 0
         self.endpoint: P.Endpoint | None = None
@@ -164,7 +176,13 @@ class WorkerProcess:
     timed = False  # observers live with the scheduler; coroutines are not timed here
 
     def ready_priority(self) -> float:
-        return float("-inf")  # tasks here have no dependents to continue with
+        """The best priority among tasks waiting for a pool thread (read from pool
+        threads, unlocked: a heuristic, as the scheduler's). Only tasks with a priority
+        other than 0 are tracked, and one counts as waiting while anything is queued."""
+        urgent = self._urgent
+        if not urgent or not self.thread_proc.waiting():
+            return _NONE_WAITING
+        return max([t._opts.priority for t in urgent], default=_NONE_WAITING)
 
     def request_flush(self) -> None:
         """A pool thread began or ended waiting in ``fetch()``: tell the scheduler, which
@@ -189,11 +207,16 @@ class WorkerProcess:
             return
         self._forget_running(task)
         task._fn = task._args = task._kwargs = None
+        if self.held:
+            self.held.pop(task.id, None)  # a held task a pool thread ran as a continuation
+        if self._urgent and task._opts.priority and task in self._urgent:
+            self._urgent.remove(task)
         pins = self._pins.pop((task.id, attempt), None)
         if pins is not None:
             self.store.unpin_all(pins)
         if task._cancelled:
             self._record(P.Finished(task.id, attempt, "cancelled", 0, start, seconds, 0, []))
+            self._drop_held(task)
             return
         if ok:
             try:
@@ -216,6 +239,8 @@ class WorkerProcess:
                                  [payload, *[bytes(b) for b in buffers]])
                 else:
                     self._record(P.Finished(task.id, attempt, "ok", size, start, seconds, 0, []))
+                if task._dependents is not None:
+                    self._finished_here(task, value)
                 return
         error = value if isinstance(value, BaseException) else RuntimeError(repr(value))
         error.add_note(f"aiodagger: raised by {task._describe()} on worker {self.worker_id} "
@@ -225,6 +250,112 @@ class WorkerProcess:
             payload = P.dumps_error(FrameTooLargeError.of(
                 f"the {type(error).__name__} raised by {task._describe()}, pickled,", len(payload), limit))
         self._record(P.Finished(task.id, attempt, "error", 0, start, seconds, 1, []), [payload])
+        self._drop_held(task)
+
+    # -- tasks sent ahead of their inputs (RunTask.waits) ----------------------------------
+    def _finished_here(self, task: DTask[Any], value: Any) -> None:
+        """``task`` finished here: start each held task that waited for it last.
+
+        As the scheduler's _finish: the list is taken off ``task`` before any count goes
+        down, which is how a pool thread's _claim_continuation knows that this record is
+        on the books (see threads.py); a dependent a thread claimed is RUNNING, skipped."""
+        dependents = task._dependents
+        task._dependents = None
+        task._value = value  # what a held task's arguments read (they hold this DTask)
+        for dep in dependents or ():
+            left = dep._npending - 1
+            dep._npending = left
+            if left == 0 and dep._state is PENDING and not dep._cancelled:
+                self._release_held(dep)
+
+    def _drop_held(self, task: DTask[Any]) -> None:
+        """``task`` ended here without a result (error, cancelled, inputs missing): the
+        tasks held for it, and those held for them, will not start here. Each is
+        reported "dropped", after ``task``'s own record: the scheduler decides what
+        becomes of it, as it does for a task whose input failed."""
+        stack = task._dependents
+        if not stack:
+            return
+        task._dependents = None
+        stack = list(stack)
+        held = self.held
+        while stack:
+            dep = stack.pop()
+            entry = held.get(dep.id)
+            if entry is None or entry[0] is not dep or dep._state is not PENDING:
+                continue  # started already (a thread claimed it), or ended
+            del held[dep.id]
+            self._forget_running(dep)
+            dep._cancelled = True  # never claimed or released from here on
+            dep._state = CANCELLED
+            dep._fn = dep._args = dep._kwargs = None
+            self._record(P.Finished(dep.id, dep._attempts, "dropped", 0, 0.0, 0.0, 0, []))
+            if dep._dependents:
+                stack.extend(dep._dependents)
+                dep._dependents = None
+
+    def _hold(self, task: DTask[Any], parts: Sequence[Any], deps: list[P.Dep],
+              inputs: list[int], waits: list[int]) -> None:
+        """Keep ``task`` until ``waits``, inputs running or held here, have finished.
+
+        One that is neither running here nor finished here (it failed, or never came)
+        drops the task at once. When every other input is in memory here and nothing
+        can be spilled, the arguments are loaded now, with the DTasks of the awaited
+        inputs in their place (read as the task starts): a pool thread that finishes
+        the last of them runs the task at once (a continuation, threads.py), as worker
+        0 runs its chains, with no trip through this loop or the scheduler."""
+        running = self.running
+        store = self.store
+        pending: dict[int, DTask[Any]] = {}
+        for key in waits:
+            dep = running.get(key)
+            if dep is not None and not dep._cancelled:
+                pending[key] = dep
+            elif key not in store or dep is not None:
+                task._dependents = None
+                self.held[task.id] = (task, parts, deps, inputs)
+                task._state = PENDING
+                source: DTask[Any] = DTask(self.client, key, "", None, (), {}, _PLAIN)
+                source._dependents = [task]
+                self._drop_held(source)
+                return
+        task._state = PENDING
+        task._npending = len(pending)
+        self.held[task.id] = (task, parts, deps, inputs)
+        if (task._kind == "thread" and store.memory_limit is None and not task._resolve & FILES
+                and all(d.key in store for d in deps)):
+            peek = store.peek_in_memory
+
+            def lookup(key: int) -> Any:
+                dep = pending.get(key)
+                return dep if dep is not None else peek(key)
+            try:
+                task._args, task._kwargs = P.loads_args(parts[0], parts[1:], lookup if task._resolve else None)
+            except Exception:  # noqa: BLE001 - loaded again as it starts, and reported then
+                task._args = task._kwargs = None
+            else:
+                task._resolve = bool(pending)  # DTasks in place of those inputs
+                task._thread_ok = True
+        for dep in pending.values():
+            if dep._dependents is None:
+                dep._dependents = [task]
+            else:
+                dep._dependents.append(task)
+        if not pending:
+            self._release_held(task)
+
+    def _release_held(self, task: DTask[Any]) -> None:
+        """Every input ``task`` waited for finished here: start it from the loop."""
+        entry = self.held.pop(task.id, None)
+        if entry is None:
+            return
+        _, parts, deps, inputs = entry
+        task._state = RUNNING
+        if task._thread_ok:
+            self._submit(task)  # its arguments are in place
+        else:
+            task._thread_ok = False
+            self._prepare_or_start(task, parts, deps, inputs)
 
     async def _share_then_record(self, task: DTask[Any], attempt: int, value: Any, payload: bytes,
                                  buffers: list[Any], size: int, start: float, seconds: float) -> None:
@@ -258,7 +389,8 @@ class WorkerProcess:
 
     def _memory(self) -> P.Memory:
         store = self.store
-        return P.Memory(store.used, store.spilled_bytes, store.spill_errors, len(self.running))
+        return P.Memory(store.used, store.spilled_bytes, store.spill_errors,
+                        len(self.running) - len(self.held))
 
     def _done_message(self, results: list[P.Finished]) -> P.Done:
         return P.Done(results, self._memory())
@@ -416,7 +548,7 @@ class WorkerProcess:
     def _stats(self) -> dict[str, Any]:
         stats = self.store.stats()
         stats["memory_used"] = stats["used"]
-        stats["running"] = len(self.running)
+        stats["running"] = len(self.running) - len(self.held)
         stats.update(callback_errors())
         return stats
 
@@ -426,6 +558,7 @@ class WorkerProcess:
             if task._handle is not None:
                 self.async_proc.cancel(task._handle)
         self.running.clear()
+        self.held.clear()
 
     async def _shutdown(self) -> None:
         self._stopping = True
@@ -503,6 +636,15 @@ class WorkerProcess:
                 task._cancelled = True
                 if task._handle is not None:
                     self.async_proc.cancel(task._handle)
+                entry = self.held.get(key)
+                if entry is not None and entry[0] is task and task._state is PENDING:
+                    del self.held[key]  # never started: nothing will report it
+                    self._forget_running(task)
+                    task._state = CANCELLED
+                    task._fn = task._args = task._kwargs = None
+                # What was held for it will not get its value here (a run cancelled for
+                # its timeout may also run on for long in its thread).
+                self._drop_held(task)
 
     def _on_put(self, msg: P.Put, buffers: list[Any]) -> None:
         self.store.put(msg.key, P.loads(buffers[0], buffers[1:]))
@@ -532,10 +674,9 @@ class WorkerProcess:
                 logger.error("worker %s: cannot load input %d: %s", self.name, vdef.key, exc)
 
     def _on_run(self, msg: P.Run, buffers: list[Any]) -> None:
-        store = self.store
         index = 0
         for rec in msg.tasks:  # once per task: split_parts inlined, fields unpacked at once
-            key, name, fn_hash, kind, attempt, nparts, deps, callbacks, refs, inputs, files = rec
+            key, name, fn_hash, kind, attempt, nparts, deps, callbacks, refs, inputs, files, waits, priority = rec
             parts: Sequence[Any] = buffers[index:index + nparts]
             index += nparts
             task: DTask[Any] = DTask(self.client, key, name, None, (), {}, _PLAIN)
@@ -554,19 +695,38 @@ class WorkerProcess:
                 task._fn = fn
                 if callbacks:
                     restore, checkpoint = cloudpickle.loads(parts[0])
-                    task._opts = TaskOptions(name=name, restore=restore, checkpoint=checkpoint)
+                    task._opts = TaskOptions(name=name, restore=restore, checkpoint=checkpoint,
+                                             priority=priority)
                     parts = parts[1:]
+                elif priority:
+                    task._opts = self._with_priority(priority)
             except Exception as exc:  # noqa: BLE001
                 exc.add_note(f"aiodagger: {task._describe()} could not be loaded on worker {self.worker_id}")
                 self.complete(task, attempt, False, exc, 0.0, 0.0, None)
                 continue
-            missing = [d for d in deps if d.key not in store] if deps else deps
-            if missing or (inputs and store.memory_limit is not None) or store.paused:
-                preparing = asyncio.ensure_future(self._prepare_then_start(task, parts, missing, inputs))
-                self._preparing.add(preparing)
-                preparing.add_done_callback(self._preparing.discard)
-            else:  # everything is in RAM and nothing can be spilled: start at once
-                self._start(task, parts, store.peek_in_memory)
+            if waits:
+                self._hold(task, parts, deps, inputs, waits)
+            else:
+                self._prepare_or_start(task, parts, deps, inputs)
+
+    def _with_priority(self, priority: int) -> TaskOptions:
+        opts = self._priorities.get(priority)
+        if opts is None:
+            if len(self._priorities) > 1024:  # priorities taken from a counter, say
+                self._priorities.clear()
+            opts = self._priorities[priority] = TaskOptions(priority=priority)
+        return opts
+
+    def _prepare_or_start(self, task: DTask[Any], parts: Sequence[Any], deps: list[P.Dep],
+                          inputs: list[int]) -> None:
+        store = self.store
+        missing = [d for d in deps if d.key not in store] if deps else deps
+        if missing or (inputs and store.memory_limit is not None) or store.paused:
+            preparing = asyncio.ensure_future(self._prepare_then_start(task, parts, missing, inputs))
+            self._preparing.add(preparing)
+            preparing.add_done_callback(self._preparing.discard)
+        else:  # everything is in RAM and nothing can be spilled: start at once
+            self._start(task, parts, store.peek_in_memory)
 
     def _start(self, task: DTask[Any], parts: Sequence[Any], lookup: Any) -> None:
         if task._cancelled:
@@ -591,7 +751,12 @@ class WorkerProcess:
         if task._kind == "async":
             self.async_proc.submit(task)
         else:
-            self.thread_proc.submit(task)
+            self._submit(task)
+
+    def _submit(self, task: DTask[Any]) -> None:
+        if task._opts.priority:
+            self._urgent.append(task)
+        self.thread_proc.submit(task)
 
     async def _prepare_then_start(self, task: DTask[Any], parts: Sequence[Any],
                                   missing: list[P.Dep], keys: list[int]) -> None:
@@ -623,6 +788,7 @@ class WorkerProcess:
                                         [P.Missing(k, h) for k, h in bad.items()]))
             else:
                 self._record(P.Finished(task.id, task._attempts, "cancelled", 0, 0.0, 0.0, 0, []))
+            self._drop_held(task)
             return
         self._pins[task.id, task._attempts] = list(values)
         self._start(task, parts, values.__getitem__)

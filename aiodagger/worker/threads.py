@@ -104,6 +104,10 @@ class ThreadProc:
         slots = self.nthreads + self._blocked
         return self.queued < slots or self.backlog_s < QUEUE_HORIZON_S * slots
 
+    def waiting(self) -> bool:
+        """Whether tasks wait in the queue for a thread (read from any thread)."""
+        return not self._queue.empty()
+
     def submit(self, task: DTask[Any]) -> None:
         self.queued += 1
         self.backlog_s += task._est

@@ -26,6 +26,8 @@ from benchmarks.workloads import (
     bump_block,
     bump_in_place,
     chunk_sum,
+    fan_inputs,
+    fan_sum,
     fib_start,
     fib_step,
     inc,
@@ -137,6 +139,18 @@ class AiodaggerPeer(Peer):
         return float(f"{(await b)[0]:.6e}")
 
     w2b_p = w2b  # the same chain; the setup has the worker processes
+
+    async def w2b_f(self, w: Workload) -> float:
+        d = self._dagger
+        x, y = fib_start()
+        nodes = [d.spawn(fib_step, x, x), d.spawn(fib_step, y, y)]
+        a, b = nodes
+        for _ in range(w.n - 2):
+            a, b = b, d.spawn(fib_step, a, b)
+            nodes.append(b)
+        total = d.spawn(fan_sum, *fan_inputs(nodes))
+        del nodes, a, b  # only the sum is held, as in W2b only the last node
+        return float(f"{(await total)[0]:.6e}")
 
     async def w3(self, w: Workload) -> list[int]:
         d = self._dagger

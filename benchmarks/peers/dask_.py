@@ -60,6 +60,7 @@ class DaskDistributedPeer(Peer):
         "S1": "n/a (no streaming between tasks: a task's result is one value)",
         "W2b": _NO_LONG_CHAIN,
         "W2b-p": _NO_LONG_CHAIN,
+        "W2b-f": _NO_LONG_CHAIN,
     }
     notes: ClassVar[dict[str, str]] = {"W5": "pinned with submit(..., workers=[address])",
                                        "W5-tcp": "W5 itself: Dask moves it over TCP"}
@@ -200,6 +201,7 @@ class DaskDelayedPeer(Peer):
         # Measured here: building and computing the 100,000-node chain did not finish
         # within the runner's 3-minute watchdog, which ends the whole run.
         "W2b": "n/a (the 100,000-node chain did not finish within 3 minutes here)",
+        "W2b-f": "n/a (W2b's 100,000-node chain, which it extends, did not finish within 3 minutes here)",
     }
 
     def __init__(self) -> None:

@@ -28,6 +28,8 @@ from benchmarks.workloads import (
     S1_WINDOW,
     Workload,
     array_sum,
+    fan_inputs,
+    fan_sum,
     fib_start,
     fib_step,
     inc,
@@ -74,6 +76,13 @@ class AsyncioPeer(Peer):
         for _ in range(w.n - 2):
             a, b = b, fib_step(a, b)
         return float(f"{b[0]:.6e}")
+
+    async def w2b_f(self, w: Workload) -> float:
+        x, y = fib_start()
+        nodes = [fib_step(x, x), fib_step(y, y)]
+        for _ in range(w.n - 2):
+            nodes.append(fib_step(nodes[-2], nodes[-1]))
+        return float(f"{fan_sum(*fan_inputs(nodes))[0]:.6e}")
 
     async def w3(self, w: Workload) -> list[int]:
         tasks = [asyncio.create_task(sleep0_identity(i)) for i in range(w.n)]

@@ -15,6 +15,8 @@ from benchmarks.workloads import (
     S1_WINDOW,
     Workload,
     array_sum,
+    fan_inputs,
+    fan_sum,
     fib_start,
     fib_step,
     inc,
@@ -89,6 +91,7 @@ class RayPeer(Peer):
         self._inc = ray.remote(inc)
         self._leaf, self._add = ray.remote(tree_leaf), ray.remote(tree_add)
         self._fib = ray.remote(fib_step)
+        self._fan = ray.remote(fan_sum)
         self._actor = ray.remote(_AsyncWorker).remote()
         # W5's and W7's two ends: actors are processes of their own, so two of them pin
         # the making and the summing to two different worker processes. num_cpus=0: they
@@ -139,6 +142,16 @@ class RayPeer(Peer):
         return float(f"{(await b)[0]:.6e}")
 
     w2b_p = w2b  # Ray's tasks always run in its worker processes
+
+    async def w2b_f(self, w: Workload) -> float:
+        fib = self._fib
+        x, y = fib_start()
+        nodes = [fib.remote(x, x), fib.remote(y, y)]
+        for _ in range(w.n - 2):
+            nodes.append(fib.remote(nodes[-2], nodes[-1]))
+        total = self._fan.remote(*fan_inputs(nodes))
+        del nodes
+        return float(f"{(await total)[0]:.6e}")
 
     async def w7(self, w: Workload) -> float:
         level = [self._leaf.remote(i) for i in range(tree_levels(w.n))]
