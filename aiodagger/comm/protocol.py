@@ -758,32 +758,36 @@ class Endpoint:
         self.last_seen = loop.time()
         try:
             while True:
-                header, buffers = await comm.recv()
+                # Handled in a call of its own: a local here would keep the message's
+                # buffers (a 256 MiB value, say) alive until the next message came.
+                self._handle(*await comm.recv())
                 self.last_seen = loop.time()
-                reply_to = header.get("reply_to")
-                if reply_to is not None:
-                    self._settle(reply_to, header, buffers)
-                    continue
-                msg = decode(header, len(buffers))
-                req = header.get("req")
-                if (req is None) != (msg.REPLY is None) or (req is not None and type(req) is not int):
-                    raise ProtocolError(f"{self.peer} sent {msg.OP!r} with req {_brief(req)}: "
-                                        f"{'a request needs' if msg.REPLY else 'a one-way message takes no'} "
-                                        "request id")
-                handler = self.handlers.get(type(msg))
-                if handler is None:
-                    raise ProtocolError(f"{self.peer} sent {msg.OP!r}, which is not taken here now")
-                result = handler(msg, buffers)
-                if req is not None:
-                    self._spawn(self._answer(req, result))
-                elif result is not None:
-                    self._spawn(result)
         finally:
             err = ConnectionResetError(f"connection to {comm.peer} lost")
             for fut, _ in self._pending.values():
                 if not fut.done():
                     fut.set_exception(err)
             self._pending.clear()
+
+    def _handle(self, header: dict[str, Any], buffers: list[Any]) -> None:
+        reply_to = header.get("reply_to")
+        if reply_to is not None:
+            self._settle(reply_to, header, buffers)
+            return
+        msg = decode(header, len(buffers))
+        req = header.get("req")
+        if (req is None) != (msg.REPLY is None) or (req is not None and type(req) is not int):
+            raise ProtocolError(f"{self.peer} sent {msg.OP!r} with req {_brief(req)}: "
+                                f"{'a request needs' if msg.REPLY else 'a one-way message takes no'} "
+                                "request id")
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            raise ProtocolError(f"{self.peer} sent {msg.OP!r}, which is not taken here now")
+        result = handler(msg, buffers)
+        if req is not None:
+            self._spawn(self._answer(req, result))
+        elif result is not None:
+            self._spawn(result)
 
     def _settle(self, reply_to: Any, header: Mapping[str, Any], buffers: list[Any]) -> None:
         if type(reply_to) is not int:

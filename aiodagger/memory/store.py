@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 import psutil
 
+from ..comm import framing
 from ..errors import SerializationError
 from . import process, spilldir, spillfile
 from .pressure import Pressure
@@ -549,6 +550,7 @@ class ChunkStore:
         self._dropped += entry.nbytes
 
     def _trim(self) -> None:
+        framing.drop_warm_buffers()  # idle receive buffers are the first memory to give back
         self._dropped = 0
         self._trimming = True
         fut = self._track(self._run_io(process.trim_heap))

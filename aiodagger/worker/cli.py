@@ -18,7 +18,7 @@ import ssl
 import sys
 
 from .._loopthread import new_event_loop
-from ..comm.framing import DEFAULT_MAX_FRAME, check_max_frame
+from ..comm.framing import DEFAULT_MAX_FRAME, check_max_frame, keep_warm_buffers
 from ..comm.server import is_loopback, parse_address
 from ..comm.tls import worker_contexts
 from ..comm.tokens import MAKE_ONE, entropy_bits, weak_token_message
@@ -30,8 +30,8 @@ __all__ = ["add_worker_arguments", "main", "run_worker"]
 
 logger = logging.getLogger(__name__)
 
-# Freed heap kept for reuse at most (a quarter of the memory limit where there is one):
-# see memory.process.tune_heap.
+# Freed heap, and idle receive buffers, kept for reuse at most (each; a quarter of the
+# memory limit where there is one): see memory.process.tune_heap, comm.framing.WarmBuffers.
 RETAIN = 512 << 20
 _TOKEN_READ_LIMIT = 1 << 16  # a token, not whatever file or pipe we were pointed at
 
@@ -149,7 +149,9 @@ def run_worker(args: argparse.Namespace) -> int:
     if args.subprocess:
         _die_with_parent()
     # Before any thread starts: each thread would get an arena of its own.
-    process.tune_heap(RETAIN if memory_limit is None else min(RETAIN, memory_limit // 4))
+    retain = RETAIN if memory_limit is None else min(RETAIN, memory_limit // 4)
+    process.tune_heap(retain)
+    keep_warm_buffers(retain)
     worker = WorkerProcess(
         args.scheduler, token, threads=args.threads,
         name=args.name or f"{os.uname().nodename}-{os.getpid()}",
