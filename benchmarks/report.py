@@ -61,7 +61,7 @@ def target_note(w: Workload, result: Result, by_system: dict[str, Result]) -> st
         other = by_system.get(w.target)
         if other is None or other.median is None:
             return f"target {w.target_text}: no {w.target} figure to compare"
-        met = w.metric.meets(result.median, other.median)
+        met = w.metric.meets(result.median, other.median * w.target_factor)
     else:
         met = w.metric.meets(result.median, w.target)
     return f"target {w.target_text}: {'met' if met else 'missed'}"
