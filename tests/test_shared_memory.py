@@ -1,4 +1,4 @@
-"""Same-host shared memory: worker processes on one machine hand values of 1 MiB and
+"""Same-host shared memory: worker processes on one machine hand values of 16 MiB and
 more through segments in /dev/shm (memory.shared) instead of the socket. Each segment
 lives as long as its value on the holder: gone after release, after kill -9 of the
 holder, after the cluster closes; a reader never sees a partial one."""
@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(shared.host_key() == "", reason="no writable /dev/shm on this machine")]
 
 MiB = 1 << 20
+BIG = shared.MIN_BYTES // 8  # float64 values in the smallest value a segment carries
 
 
 def make(n: int, fill: float = 1.0) -> np.ndarray:
@@ -84,8 +85,8 @@ async def two_workers():
 
 async def test_a_large_value_crosses_through_a_segment_that_goes_with_it(two_workers):
     cluster, (w1, w2) = two_workers
-    a = on(w1.id).spawn(make, 4 * MiB // 8, 2.0)
-    assert await asyncio.wait_for(on(w2.id).spawn(total, a), 30) == 4 * MiB // 8 * 2.0
+    a = on(w1.id).spawn(make, BIG, 2.0)
+    assert await asyncio.wait_for(on(w2.id).spawn(total, a), 30) == BIG * 2.0
     assert await asyncio.wait_for(on(w2.id).spawn(mapped_from_shm, a), 30)
     assert [p.name for p in segments_of([w1.pid])] == [f"v{a.id}"]
     del a
@@ -95,9 +96,9 @@ async def test_a_large_value_crosses_through_a_segment_that_goes_with_it(two_wor
 
 async def test_once_read_here_large_results_are_shared_as_they_are_made(two_workers):
     cluster, (w1, w2) = two_workers
-    first = on(w1.id).spawn(make, 2 * MiB // 8)
-    assert await asyncio.wait_for(on(w2.id).spawn(total, first), 30) == 2 * MiB // 8
-    small = on(w1.id).spawn(make, 2 * MiB // 8)  # below EAGER_BYTES: when asked for
+    first = on(w1.id).spawn(make, BIG)
+    assert await asyncio.wait_for(on(w2.id).spawn(total, first), 30) == BIG
+    small = on(w1.id).spawn(make, BIG // 2)  # below the threshold: never in a segment
     big = on(w1.id).spawn(make, shared.EAGER_BYTES // 8, 5.0)
     await asyncio.wait_for(dagger.wait([small, big]), 30)
     names = [p.name for p in segments_of([w1.pid])]
@@ -109,7 +110,7 @@ async def test_once_read_here_large_results_are_shared_as_they_are_made(two_work
 
 async def test_small_values_and_readers_that_opt_out_use_the_socket(two_workers):
     cluster, (w1, w2) = two_workers
-    small = on(w1.id).spawn(make, MiB // 16)
+    small = on(w1.id).spawn(make, BIG // 2)
     assert await asyncio.wait_for(on(w2.id).spawn(mapped_from_shm, small), 30) is False
     assert segments_of([w1.pid]) == []
 
@@ -118,15 +119,15 @@ async def test_with_shm_off_values_go_over_tcp(monkeypatch):
     monkeypatch.setenv("AIODAGGER_SHM", "0")  # the workers inherit it
     async with dagger.Cluster(processes=2) as cluster:
         w1, w2 = [w for w in cluster.workers if w.id != 0]
-        a = on(w1.id).spawn(make, 4 * MiB // 8)
+        a = on(w1.id).spawn(make, BIG)
         assert await asyncio.wait_for(on(w2.id).spawn(mapped_from_shm, a), 30) is False
-        assert await asyncio.wait_for(on(w2.id).spawn(total, a), 30) == 4 * MiB // 8
+        assert await asyncio.wait_for(on(w2.id).spawn(total, a), 30) == BIG
         assert dirs_of([w1.pid, w2.pid]) == []
 
 
 async def test_a_reader_may_write_its_input_without_touching_the_holders(two_workers):
     cluster, (w1, w2) = two_workers
-    n = 2 * MiB // 8
+    n = BIG
     a = on(w1.id).spawn(make, n, 1.0)
     assert await asyncio.wait_for(on(w2.id).spawn(bump_and_total, a), 30) == 2.0 * n
     assert await asyncio.wait_for(on(w1.id).spawn(total, a), 30) == 1.0 * n
@@ -135,15 +136,15 @@ async def test_a_reader_may_write_its_input_without_touching_the_holders(two_wor
 
 async def test_the_caller_reads_a_large_result_through_a_segment(two_workers):
     cluster, (w1, _) = two_workers
-    a = on(w1.id).spawn(make, 4 * MiB // 8, 3.0)
+    a = on(w1.id).spawn(make, BIG, 3.0)
     value = await asyncio.wait_for(a, 30)
-    assert mapped_from_shm(value) and float(value.sum()) == 3.0 * 4 * MiB // 8
+    assert mapped_from_shm(value) and float(value.sum()) == 3.0 * BIG
 
 
 async def test_kill_9_of_the_holder_leaves_nothing_in_dev_shm(two_workers):
     cluster, (w1, w2) = two_workers
-    a = on(w1.id).spawn(make, 4 * MiB // 8)
-    assert await asyncio.wait_for(on(w2.id).spawn(total, a), 30) == 4 * MiB // 8
+    a = on(w1.id).spawn(make, BIG)
+    assert await asyncio.wait_for(on(w2.id).spawn(total, a), 30) == BIG
     assert dirs_of([w1.pid])
     os.kill(w1.pid, signal.SIGKILL)
     await eventually(lambda: not dirs_of([w1.pid]))
@@ -153,9 +154,9 @@ async def test_closing_the_cluster_leaves_nothing_in_dev_shm():
     async with dagger.Cluster(processes=2) as cluster:
         w1, w2 = [w for w in cluster.workers if w.id != 0]
         pids = [w1.pid, w2.pid]
-        values = [on(w1.id).spawn(make, 2 * MiB // 8, float(i)) for i in range(3)]
+        values = [on(w1.id).spawn(make, BIG, float(i)) for i in range(3)]
         assert await asyncio.wait_for(dagger.gather(*[on(w2.id).spawn(total, v) for v in values]), 30) \
-            == [float(i) * 2 * MiB // 8 for i in range(3)]
+            == [float(i) * BIG for i in range(3)]
         assert len(segments_of(pids)) == 3
     assert dirs_of(pids) == []
 

@@ -42,16 +42,20 @@ logger = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 ENV = "AIODAGGER_SHM"
-# Below this a value goes over the socket: a segment costs a file, a mapping and their
-# system calls (about 60 µs here), which a socket beats for small values.
-MIN_BYTES = 1 << 20
+# Below this a value goes over the socket. Every segment is fresh pages of /dev/shm,
+# which the kernel allocates and zeroes: W7-p (2,047 tasks on 1 MiB arrays, 2 worker
+# processes) ran in 0.61-1.34 s with its 1 MiB values in segments (130,000-190,000 page
+# faults per worker and run) and in 0.29-0.51 s over TCP into warm receive buffers
+# (next to none), taking turns on the same machine. Large values are where copies
+# through a socket cost more than fresh pages (W5, 256 MiB: 6.7-7.8 GB/s through a
+# segment made as the value was, 3.35 over TCP).
+MIN_BYTES = 16 << 20
 # A worker whose values readers on its machine have taken through segments writes each
 # new result of this size or more into a segment as it is made (as Ray puts results in
 # its shared object store), before reporting it done, and keeps the segment's mapping as
 # the value. A reader then maps it at once: W5 (256 MiB) paid 0.10 s writing the segment
-# and 0.03 s reading it while it waited, against 0.03 s. Smaller values are written when
-# first asked for: a copy of every 1 MiB result would cost W7-p more than it saves.
-EAGER_BYTES = 16 << 20
+# and 0.03 s reading it while it waited, against 0.03 s.
+EAGER_BYTES = MIN_BYTES
 _FLAGS = spillfile.ALIGNED | spillfile.UNCHECKED
 _SEGMENT_RE = re.compile(r"^aiodagger-shm-\d+-[A-Za-z0-9._-]+@[0-9a-f]{8}/v-?\d+$")
 
