@@ -716,7 +716,7 @@ WORKLOADS: dict[str, Workload] = {
                 "G10k's tree over 10,000,000 leaves (10,101,011 tasks). The figure is the wall "
                 "time from the first spawn to the root's value; the note adds the spawn and run "
                 "rates and seconds, the bytes per pending task and this process's peak RSS "
-                "(sampled every 20 ms). Not in a default run (minutes, and about 8 GiB): name "
+                "(sampled every 20 ms). Not in a default run (minutes, and about 7 GiB): name "
                 "it, `--only G10M --repeat 1`."
             ),
             expected=graph_expected,
