@@ -76,7 +76,42 @@ def relative_note(w: Workload, result: Result, by_workload: dict[str, dict[str, 
     if other is None or other.median is None or other.median <= 0 or result.median <= 0:
         return f"goal {goal.text}: no {goal.key} figure in this run to compare"
     cost = w.metric.cost_ratio(result.median, other.median)
-    return f"{_ratio(cost)} {goal.key}'s median; goal {goal.text}: {'met' if cost <= goal.within else 'missed'}"
+    verdict = f"goal {goal.text}: {'met' if cost <= goal.within else 'missed'}"
+    if w.metric.higher_is_better:  # a rate: say the ratio of the figures too, not only of costs
+        return f"{result.median / other.median:.2f}× {goal.key}'s median (cost {_ratio(cost)}); {verdict}"
+    return f"{_ratio(cost)} {goal.key}'s median; {verdict}"
+
+
+def stage_goal_notes(w: Workload, result: Result, by_workload: dict[str, dict[str, Result]]) -> list[str]:
+    """'spawn tasks/s 0.93× G10k's (cost 1.08×); goal within 1.5× of G10k's: met' and
+    'B/task pending 640 ≤ 1,024: met', one per goal on a measurement besides the figure."""
+    notes = []
+    for goal in w.stage_goals:
+        mine = result.stages.get(goal.stage)
+        if not mine:
+            notes.append(f"goal {goal.stage} {goal.text}: not measured")
+            continue
+        value = statistics.median(mine)
+        if goal.key is None:
+            assert goal.bound is not None
+            met = value >= goal.bound if goal.higher_is_better else value <= goal.bound
+            notes.append(f"{goal.stage} {stage_value(value)} {goal.text}: {'met' if met else 'missed'}")
+            continue
+        other = by_workload.get(goal.key, {}).get(result.system)
+        theirs = other.stages.get(goal.stage) if other is not None else None
+        if not theirs or value <= 0:
+            notes.append(f"goal {goal.stage} {goal.text}: no {goal.key} figure in this run to compare")
+            continue
+        reference = statistics.median(theirs)
+        cost = goal.cost_ratio(value, reference)
+        notes.append(f"{goal.stage} {value / reference:.2f}× {goal.key}'s (cost {_ratio(cost)}); "
+                     f"goal {goal.text}: {'met' if cost <= goal.within else 'missed'}")
+    return notes
+
+
+def stage_value(value: float) -> str:
+    """A measurement in a note: thousands separated from 100 up, three decimals below."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3f}"
 
 
 def peak_rss_note(w: Workload, result: Result) -> str:
@@ -91,7 +126,7 @@ def peak_rss_note(w: Workload, result: Result) -> str:
 def stages_note(result: Result) -> str:
     if not result.stages:
         return ""
-    parts = [f"{name} {statistics.median(v):.3f}" for name, v in result.stages.items() if v]
+    parts = [f"{name} {stage_value(statistics.median(v))}" for name, v in result.stages.items() if v]
     # W0 splits its seconds into stages; W6 reports measurements named with their units.
     prefix = "median split, s: " if result.workload == "W0" else "medians: "
     return prefix + ", ".join(parts)
@@ -115,7 +150,8 @@ def rows(results: Sequence[Result], reference: str) -> list[list[str]]:
         )
         notes = [r.note, stages_note(r), peak_rss_note(w, r)]
         if r.system == reference:
-            notes += [target_note(w, r, peers), relative_note(w, r, by_workload)]
+            notes += [target_note(w, r, peers), relative_note(w, r, by_workload),
+                      *stage_goal_notes(w, r, by_workload)]
         out.append(
             [
                 w.label,
@@ -206,6 +242,9 @@ def markdown_section(
         target = f" Target for {reference}: {w.target_text}." if w.target is not None else ""
         if w.relative is not None:
             target += f" Goal for {reference}: {w.relative.text}, in the same run."
+        for goal in w.stage_goals:
+            target += f" Goal for {reference}: {goal.stage} {goal.text}" + (
+                ", in the same run." if goal.key is not None else ".")
         lines.append(f"- **{key}**, {unit_cell(w.metric)}: {w.description}{target}")
     lines += ["", "Machine:", ""]
     lines += [f"- {label}: {value}" for label, value in machine.items()]

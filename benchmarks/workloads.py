@@ -143,6 +143,36 @@ def fan_expected(n: int) -> float:
     return float(f"{sum(fan_inputs(ys)):.6e}")
 
 
+# G10k, G1M, G10M: a tree reduction, every FAN tasks gathered by one (benchmarks/graphscale.py).
+FAN = 100
+
+
+def tree_total(*values: int) -> int:
+    """A reducer of the G workloads' tree: the sum of its inputs."""
+    return sum(values)
+
+
+def graph_tasks(n: int) -> int:
+    """How many tasks the G workloads' tree over ``n`` leaves has (benchmarks.graphscale):
+    full groups of FAN reduced level by level, the partial groups carried up to one root."""
+    tasks, carry = n, 0
+    while True:
+        width = n + carry
+        if width <= 1:
+            return tasks
+        full, rest = divmod(n, FAN)
+        tasks += full
+        # the partial group of this level and what came up from below: one task if > 1
+        left = rest + carry
+        n, carry = full, (1 if left > 1 else left)
+        tasks += 1 if left > 1 else 0
+
+
+def graph_expected(n: int) -> int:
+    """The root's value: the sum of inc(i) for i < n."""
+    return n * (n + 1) // 2
+
+
 DD_BLOCKS = 100
 DD_BLOCK_VALUES = 8
 
@@ -236,6 +266,8 @@ TASKS_PER_S = Metric("tasks/s", True, lambda s, n: n / s, digits=0)
 GB_PER_S = Metric("GB/s", True, lambda s, n: 8 * n / s / 1e9, digits=2)
 SECONDS = Metric("s", False, lambda s, n: s, digits=3)
 VALUES_PER_S = Metric("values/s", True, lambda s, n: n / s, digits=0)
+# The G workloads: n is the tree's leaves; the figure counts every task of the tree.
+GRAPH_TASKS_PER_S = Metric("tasks/s", True, lambda s, n: graph_tasks(n) / s, digits=0)
 
 
 @dataclass(frozen=True)
@@ -250,6 +282,29 @@ class Relative:
     @property
     def text(self) -> str:
         return f"within {self.within:g}× of {self.what}"
+
+
+@dataclass(frozen=True)
+class StageGoal:
+    """A goal on one of the measurements a run reports besides its figure (a stage of
+    its ``Timed``, by name): at most or at least ``bound``, or a cost within ``within``
+    times the same measurement of workload ``key`` in the same run."""
+
+    stage: str  # "spawn tasks/s", "B/task pending"
+    higher_is_better: bool
+    bound: float | None = None
+    key: str | None = None
+    within: float = 1.0
+
+    @property
+    def text(self) -> str:
+        if self.key is not None:
+            return f"within {self.within:g}× of {self.key}'s"
+        op = "≥" if self.higher_is_better else "≤"
+        return f"{op} {self.bound:,g}"
+
+    def cost_ratio(self, value: float, reference: float) -> float:
+        return reference / value if self.higher_is_better else value / reference
 
 
 @dataclass(frozen=True)
@@ -273,6 +328,12 @@ class Workload:
     peak_rss_gib: float | None = None
     # aiodagger's goal against another of its own figures in the same run.
     relative: Relative | None = None
+    # aiodagger's goals on measurements besides the figure (Timed stages).
+    stage_goals: tuple[StageGoal, ...] = ()
+    # False: run only when named in --only (too long for a default run).
+    default: bool = True
+    # Seconds one run may take at least, whatever --timeout says (a run known to be long).
+    min_timeout: float = 0.0
 
     @property
     def label(self) -> str:
@@ -617,6 +678,57 @@ WORKLOADS: dict[str, Workload] = {
                 "DD's overhead."
             ),
             expected=dd_expected,
+        ),
+        Workload(
+            key="G10k",
+            title="a tree of 10,101 tasks: spawn, memory, run",
+            n=10_000,
+            metric=GRAPH_TASKS_PER_S,
+            description=(
+                "A tree reduction: 10,000 leaves `inc(i)`, every 100 summed by one task, every "
+                "100 of those by another, up to one root (10,101 tasks), spawned as it is built "
+                "(the caller holds at most 100 handles per level), then only the root awaited. "
+                "The figure is the run rate: tasks per second from the first await to the root's "
+                "value. The note gives the spawn rate (tasks per second while spawning, nothing "
+                "awaited) and the bytes per pending task (the allocators' bytes in use after "
+                "spawning minus before, over the tasks; see benchmarks/graphscale.py). The "
+                "reference for G1M."
+            ),
+            expected=graph_expected,
+        ),
+        Workload(
+            key="G1M",
+            title="a tree of 1,010,101 tasks: spawn, memory, run",
+            n=1_000_000,
+            metric=GRAPH_TASKS_PER_S,
+            description=(
+                "G10k's tree over 1,000,000 leaves (1,010,101 tasks), measured the same way. "
+                "Goals: at most 1 KiB per pending task, and spawn and run rates within 1.5× of "
+                "G10k's in the same run: per-task costs that do not grow with the graph."
+            ),
+            expected=graph_expected,
+            relative=Relative("G10k", 1.5, "G10k's run rate"),
+            stage_goals=(
+                StageGoal("spawn tasks/s", True, key="G10k", within=1.5),
+                StageGoal("B/task pending", False, bound=1024),
+            ),
+        ),
+        Workload(
+            key="G10M",
+            title="a tree of 10,101,011 tasks completes (opt-in)",
+            n=10_000_000,
+            metric=SECONDS,
+            description=(
+                "G10k's tree over 10,000,000 leaves (10,101,011 tasks). The figure is the wall "
+                "time from the first spawn to the root's value; the note adds the spawn and run "
+                "rates and seconds, the bytes per pending task and this process's peak RSS "
+                "(sampled every 20 ms). Not in a default run (minutes, and about 7 GiB): name "
+                "it, `--only G10M --repeat 1`."
+            ),
+            expected=graph_expected,
+            stage_goals=(StageGoal("B/task pending", False, bound=1024),),
+            default=False,
+            min_timeout=1800.0,
         ),
         Workload(
             key="S1",

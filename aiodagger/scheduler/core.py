@@ -42,6 +42,7 @@ from ..placed import Placed, bind
 from ..task import CANCELLED, FAILED, FINISHED, ID_SPACE, PENDING, READY, REMOTE, RUNNING, DTask
 from ..taskoptions import ANY_SCOPE, Scope, TaskOptions
 from .events import Instrument
+from .gcspacing import GraphSize
 from .placement import RuntimeEstimates, function_key
 
 if TYPE_CHECKING:
@@ -52,6 +53,10 @@ if TYPE_CHECKING:
 __all__ = ["Scheduler"]
 
 logger = logging.getLogger(__name__)
+
+# The keyword arguments of every task spawned without any: one empty dict, not one per
+# task (64 bytes of a pending task's ~700). Never changed in place.
+_NO_KWARGS: dict[str, Any] = {}
 
 # Times a task may find its inputs unobtainable (and have them recomputed) before it fails.
 MAX_INPUT_MISSES = 5
@@ -84,6 +89,9 @@ class Scheduler:
         self._inbox: deque[DTask[Any]] = deque()
         self._inbox_wakeup = Wakeup(loop, self._drain_inbox)
         self._live: set[DTask[Any]] = set()  # registered and not done
+        # How many there are, when that doubles or halves past 65,536: the collector's
+        # full passes are spaced out while a large graph is held (see gcspacing).
+        self._graph = GraphSize()
         self.instruments: list[Instrument] = []
         self.dist: WorkerRegistry | None = None  # set when the cluster has workers in other processes
         # Worker 0 keeps results in a store of its own (a memory limit): its DTasks hold REMOTE.
@@ -112,7 +120,8 @@ class Scheduler:
             raise RuntimeError("this cluster is closed; spawn inside `async with dagger.Cluster()`")
         kind = classify(fn)
         name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
-        task = cls(self, next(self._ids) if key is None else key, name, fn, args, kwargs, opts)
+        task = cls(self, next(self._ids) if key is None else key, name, fn, args,
+                   kwargs or _NO_KWARGS, opts)
         task._kind = kind
         # Most small tasks take numbers and strings: skip the walk for those.
         for value in args:
@@ -186,7 +195,10 @@ class Scheduler:
     def _register(self, task: DTask[Any]) -> None:
         if task._cancelled:  # cancelled from another thread before it got here
             return
-        self._live.add(task)
+        live = self._live
+        live.add(task)
+        if len(live) >= self._graph.up:
+            self._graph.crossed(len(live))
         if task._kind != "async":  # run times are learned for thread tasks only
             task._fnkey = function_key(task._fn)
         if self.instruments:  # before any early exit: observers see every task's edges
@@ -702,7 +714,10 @@ class Scheduler:
     # -- lifecycle -----------------------------------------------------------------------
     def _release(self, task: DTask[Any]) -> None:
         """Drop what a done task no longer needs, so its inputs can be freed."""
-        self._live.discard(task)
+        live = self._live
+        live.discard(task)
+        if len(live) < self._graph.down:
+            self._graph.crossed(len(live))
         task._handle = None
         if task._value is not REMOTE:
             task._fn = task._args = task._kwargs = task._deps = None
@@ -808,6 +823,7 @@ class Scheduler:
         for task in live:
             if not task.done():
                 self._cancel_from(task, None)
+        self._graph.close()
         return len(live)
 
 

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from benchmarks import arrayruns
+from benchmarks import arrayruns, graphscale
 from benchmarks.coldstart import run_cold
 from benchmarks.peers.base import Peer, Timed, Unavailable
 from benchmarks.spillrun import peak_rss, raw_disk_gb_s
@@ -39,6 +39,7 @@ from benchmarks.workloads import (
     tree_add,
     tree_leaf,
     tree_levels,
+    tree_total,
 )
 
 # The public API the workloads use; checked up front so that a half-built or
@@ -219,6 +220,27 @@ class AiodaggerPeer(Peer):
             stream = d.spawn_streaming(stream_values, w.n, buffer=S1_WINDOW)
         count, total = await d.options(scope=d.scope(worker=second)).spawn(stream_sum, stream)
         return count, total
+
+    async def g10k(self, w: Workload) -> Timed:
+        """The tree spawned with dagger.spawn, the root awaited; timed: the run phase."""
+        value, _, run_s, stages = await self._tree(w, rss=False)
+        return Timed(value, run_s, stages)
+
+    g1m = g10k
+
+    async def g10m(self, w: Workload) -> Timed:
+        """Timed: from the first spawn to the root's value."""
+        value, spawn_s, run_s, stages = await self._tree(w, rss=True)
+        return Timed(value, spawn_s + run_s, stages)
+
+    async def _tree(self, w: Workload, rss: bool) -> tuple[int, float, float, dict[str, float]]:
+        spawn = self._dagger.spawn
+
+        async def wait(root: Any) -> int:
+            return int(await root)
+
+        return await graphscale.run_tree(
+            lambda i: spawn(inc, i), lambda *xs: spawn(tree_total, *xs), wait, w.n, rss=rss)
 
     def _two_workers(self) -> list[int]:
         return sorted(info.id for info in self._cluster.workers if info.id != 0)[:2]
