@@ -226,9 +226,9 @@ async def put(obj: R, scope: Scope | None = None) -> Chunk[R]:
     if scope is None:
         return chunk
     dist = sched.dist
-    targets = dist.admitted(scope) if dist is not None and not scope.gpu else []
+    targets = dist.admitted(scope) if dist is not None and not scope.wants_gpu else []
     if not targets:
-        if scope.gpu or not scope.admits_worker(local.id, os.getpid()):
+        if scope.wants_gpu or not scope.admits_worker(local.id, os.getpid()):
             raise NoProcessorError(
                 f"put() with {scope!r}: no worker of this cluster satisfies it. "
                 f"The cluster has: {sched.describe_processors()}"

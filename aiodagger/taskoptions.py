@@ -65,6 +65,12 @@ class Scope:
         self.process = process
 
     @property
+    def wants_gpu(self) -> bool:
+        """Whether only a GPU processor will do: ``gpu=True`` or a device number, device 0
+        included (a test of ``self.gpu``'s truth would read ``gpu=0`` as "no GPU")."""
+        return self.gpu is not None and self.gpu is not False
+
+    @property
     def is_any(self) -> bool:
         return self.workers is None and self.thread is None and self.gpu is None and self.process is None
 
@@ -132,6 +138,8 @@ def scope(
         )
     if gpu is not None and not isinstance(gpu, (bool, int)):
         raise TypeError(f"scope(gpu=...) takes True or a device number, got {gpu!r}")
+    if gpu is not None and not isinstance(gpu, bool) and gpu < 0:
+        raise ValueError(f"scope(gpu=...) takes True or a device number (0, 1, ...), got {gpu!r}")
     if process is not None:
         _check_int("process", process)
     if thread and gpu not in (None, False):

@@ -240,6 +240,25 @@ async def test_scope_with_no_processor_fails_at_once(cluster):
         await g
 
 
+@pytest.mark.parametrize("processes", [0, 1])
+async def test_gpu_device_0_is_a_gpu_not_any_processor(processes):
+    """scope(gpu=0) names device 0: with no GPU it fails saying what the cluster has; it
+    never runs on a CPU thread (a truth test of gpu=0 read it as "no GPU")."""
+    async with dagger.Cluster(processes=processes):
+        for gpu in (0, 1, True):
+            t = dagger.options(scope=dagger.scope(gpu=gpu)).spawn(inc, 1)
+            with pytest.raises(dagger.NoProcessorError, match=rf"gpu={gpu!r}.*The cluster has: .*ThreadProc"):
+                await asyncio.wait_for(t, 30)
+        with pytest.raises(dagger.NoProcessorError):
+            await dagger.put(1, scope=dagger.scope(gpu=0))
+        assert await asyncio.wait_for(dagger.options(scope=dagger.scope(gpu=False)).spawn(inc, 1), 30) == 2
+
+
+def test_a_negative_gpu_is_refused():
+    with pytest.raises(ValueError, match=r"scope\(gpu=...\) takes True or a device number"):
+        dagger.scope(gpu=-1)
+
+
 async def test_scope_admitting_local_worker_runs(cluster):
     assert await dagger.options(scope=dagger.scope(worker=0)).spawn(inc, 1) == 2
     assert await dagger.options(scope=dagger.scope("any")).spawn(inc, 1) == 2

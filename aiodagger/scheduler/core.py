@@ -302,7 +302,7 @@ class Scheduler:
         other processes, while there are any and the scope does not name this one)."""
         if self.runs_elsewhere(scope):
             assert self.dist is not None
-            found = [w.id for w in self.dist.admitted(scope)] if not scope.gpu else []
+            found = [w.id for w in self.dist.admitted(scope)] if not scope.wants_gpu else []
         else:
             found = [self._local_worker.id] if self._local_worker.admits(scope) else []
         if not found:

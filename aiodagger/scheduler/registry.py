@@ -370,7 +370,7 @@ class WorkerRegistry:
         scope = task._opts.scope
         if scope is ANY_SCOPE:
             return [w for w in self.workers.values() if w.status is WorkerStatus.RUNNING]
-        if scope.gpu:
+        if scope.wants_gpu:
             return []
         return [w for w in self.workers.values()
                 if w.status is WorkerStatus.RUNNING and scope.admits_worker(w.id, w.pid)]
@@ -502,7 +502,7 @@ class WorkerRegistry:
         if opts.timeout is not None or opts.after or type(task._resolve) is not bool:
             return None
         scope = opts.scope
-        if scope is not ANY_SCOPE and (scope.gpu or not self.sched.runs_elsewhere(scope)
+        if scope is not ANY_SCOPE and (scope.wants_gpu or not self.sched.runs_elsewhere(scope)
                                        or not scope.admits_worker(worker.id, worker.pid)):
             return None
         waits: list[int] = []

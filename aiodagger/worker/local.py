@@ -118,7 +118,7 @@ class LocalWorker:
             await admit(self.store)
 
     def admits(self, scope: Scope) -> bool:
-        return scope.admits_worker(self.id, os.getpid()) and not scope.gpu
+        return scope.admits_worker(self.id, os.getpid()) and not scope.wants_gpu
 
     def run(self, task: DTask[Any], stored: list[DTask[Any]]) -> None:
         if stored:
