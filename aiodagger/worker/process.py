@@ -99,6 +99,7 @@ class WorkerProcess:
         self.memory_limit = memory_limit
         self.spill_dir = spill_dir
         self.worker_id = -1
+        self._early_runs: list[tuple[P.Run, list[Any]]] = []  # read before the id was taken
         # Results and inputs by key (task id, or -chunk id), spilled to disk past the
         # memory limit. Running tasks pin what they read.
         # Values handed to readers on this machine through /dev/shm, and what names
@@ -504,6 +505,7 @@ class WorkerProcess:
         endpoint = P.Endpoint(comm, self._handlers())
         self.endpoint = endpoint
         self._blocked_sent = 0
+        self._early_runs = []
         serving = asyncio.ensure_future(endpoint.serve())
         heartbeat = asyncio.ensure_future(self._heartbeat(endpoint))
         try:
@@ -515,6 +517,9 @@ class WorkerProcess:
                 [k for k in self.store.keys() if type(k) is int]),
                 timeout=30)
             self.worker_id = reply.worker_id
+            early, self._early_runs = self._early_runs, []
+            for msg, buffers in early:
+                self._on_run(msg, buffers)
             self._backoff = 0.1
             logger.info("worker %s registered as worker %d", self.name, self.worker_id)
             await serving
@@ -674,6 +679,12 @@ class WorkerProcess:
                 logger.error("worker %s: cannot load input %d: %s", self.name, vdef.key, exc)
 
     def _on_run(self, msg: P.Run, buffers: list[Any]) -> None:
+        if self.worker_id < 0:
+            # Read with the registration's reply, before the session coroutine has taken
+            # its id (two loop steps later): its tasks would start as a worker with no
+            # id, and a task spawning another at once failed ("not connected").
+            self._early_runs.append((msg, buffers))
+            return
         index = 0
         for rec in msg.tasks:  # once per task: split_parts inlined, fields unpacked at once
             key, name, fn_hash, kind, attempt, nparts, deps, callbacks, refs, inputs, files, waits, priority = rec
