@@ -1,0 +1,90 @@
+"""Device arrays as the rest of aiodagger sees them: which values live on a GPU, their
+size there, and moving them between host and device.
+
+cupy is imported lazily and only where a value could be one of its arrays: a process
+that never touches a GPU never imports it (importing cupy costs ~0.3 s and, before a
+fork, would leave the child a broken CUDA context). Every function here works without
+cupy installed; then no value is a device array.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+__all__ = ["array_module", "cupy_module", "device_nbytes", "device_of", "is_device_array", "to_device",
+           "to_host"]
+
+
+def cupy_module() -> Any | None:
+    """cupy if it is installed and imports, else None (imported at the first call)."""
+    mod = sys.modules.get("cupy")
+    if mod is not None:
+        return mod
+    try:
+        import cupy
+    except Exception:  # noqa: BLE001 - a broken install means "no cupy", said by gpu.devices
+        return None
+    return cupy
+
+
+def is_device_array(value: Any) -> bool:
+    """Whether ``value`` is a cupy array. Never imports cupy: a value can only be one if
+    its module was imported already."""
+    mod = sys.modules.get("cupy")
+    return mod is not None and isinstance(value, mod.ndarray)
+
+
+def device_nbytes(value: Any) -> int:
+    """The device memory ``value`` holds: its nbytes if a cupy array, else 0."""
+    return int(value.nbytes) if is_device_array(value) else 0
+
+
+def device_of(value: Any) -> int | None:
+    """The device number a cupy array lives on, else None."""
+    return int(value.device.id) if is_device_array(value) else None
+
+
+def array_module(*values: Any) -> Any:
+    """cupy if any of ``values`` is a cupy array, else numpy (as ``cupy.get_array_module``,
+    without importing cupy for host values)."""
+    if any(is_device_array(v) for v in values):
+        return sys.modules["cupy"]
+    import numpy
+
+    return numpy
+
+
+def to_host(value: Any, stream: Any = None) -> Any:
+    """A cupy array copied to a numpy array, ordered on ``stream`` (the producer's: the
+    copy then follows the work that made the value, whatever stream is current here);
+    any other value as it is."""
+    if not is_device_array(value):
+        return value
+    cupy = sys.modules["cupy"]
+    with cupy.cuda.Device(value.device.id):
+        if stream is None:
+            return cupy.asnumpy(value)
+        host = cupy.asnumpy(value, stream=stream)
+        stream.synchronize()  # asnumpy on a stream only enqueues the copy
+        return host
+
+
+def to_device(value: Any, device: int, stream: Any = None) -> Any:
+    """A numpy array (or anything with the array interface but a cupy array) copied to
+    ``device`` on ``stream``; a cupy array on another device copied across; else as is."""
+    import numpy
+
+    cupy = cupy_module()
+    if cupy is None:
+        raise RuntimeError("moving a value to a GPU needs cupy: pip install 'aiodagger[gpu]'")
+    if isinstance(value, cupy.ndarray):
+        if value.device.id == device:
+            return value
+    elif not isinstance(value, numpy.ndarray):
+        return value
+    with cupy.cuda.Device(device):
+        if stream is None:
+            return cupy.asarray(value)
+        with stream:
+            return cupy.asarray(value)
