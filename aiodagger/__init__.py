@@ -27,7 +27,7 @@ from .task import Chunk, DTask
 from .taskoptions import MISSING, Scope, scope
 
 if TYPE_CHECKING:
-    from . import array
+    from . import array, gpu
     from .access import In, InOut, Out
     from .api import Options, as_completed, fetch, gather, options, put, spawn, tochunk, wait
     from .cluster import Cluster, WorkerInfo
@@ -50,7 +50,7 @@ _LAZY = {
     "Stream": "streaming", "spawn_streaming": "streaming",
     "TaskGroup": "taskgroup",
     "In": "access", "InOut": "access", "Out": "access", "datadeps": "regions",
-    "mutable": "mutables", "shard": "mutables", "array": "array",
+    "mutable": "mutables", "shard": "mutables", "array": "array", "gpu": "gpu",
 }
 
 
@@ -104,6 +104,7 @@ __all__ = [
     "fetch",
     "fetch_logs",
     "gather",
+    "gpu",
     "mutable",
     "options",
     "progress",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import itertools
-import os
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from types import FunctionType
@@ -226,9 +225,9 @@ async def put(obj: R, scope: Scope | None = None) -> Chunk[R]:
     if scope is None:
         return chunk
     dist = sched.dist
-    targets = dist.admitted(scope) if dist is not None and not scope.wants_gpu else []
+    targets = dist.admitted(scope) if dist is not None else []
     if not targets:
-        if scope.wants_gpu or not scope.admits_worker(local.id, os.getpid()):
+        if not local.admits(scope):
             raise NoProcessorError(
                 f"put() with {scope!r}: no worker of this cluster satisfies it. "
                 f"The cluster has: {sched.describe_processors()}"

@@ -32,6 +32,7 @@ from ._loopthread import LoopThread
 from .comm.framing import DEFAULT_MAX_FRAME, check_max_frame
 from .comm.server import check_listen
 from .comm.tls import worker_contexts
+from .gpu.discovery import check_spec
 from .memory import parse_memory_limit
 from .scheduler.core import Scheduler
 from .worker.aio import HURRY_GRACE
@@ -121,8 +122,8 @@ class Cluster:
                 "listen= and no processes=, set it on the remote workers instead "
                 "(aiodagger worker ... --memory-limit 8GiB)")
         self.spill_dir = None if spill_dir is None else os.fspath(spill_dir)
-        if gpus not in ("auto", 0, False, None):
-            raise NotImplementedError(f"Cluster(gpus={gpus!r}): GPU processors are not supported yet")
+        # Checked here; the devices are found by each worker in its own process.
+        self.gpus = check_spec(gpus)
         cpus = os.cpu_count() or 1
         self.threads = threads or cpus
         self.processes = processes
@@ -215,7 +216,9 @@ class Cluster:
         # a memory limit; with other workers the limit is theirs.
         own_limit = self.memory_limit if not self.processes and self.listen is None else None
         self._local = LocalWorker(sched, self.threads, task_context, self._init_pool_thread,
-                                  memory_limit=own_limit, spill_dir=self.spill_dir)
+                                  memory_limit=own_limit, spill_dir=self.spill_dir,
+                                  # with processes=N, worker 0 runs only what names it
+                                  gpus=self.gpus if not self.processes else 0)
         sched.attach_local(self._local)
         self._sched = sched
         self._closed_event = asyncio.Event()
@@ -252,7 +255,7 @@ class Cluster:
             threads=self._worker_threads, heartbeat_interval=self._heartbeat[0],
             heartbeat_timeout=self._heartbeat[1], memory_limit=self.memory_limit,
             spill_dir=self.spill_dir, shutdown_timeout=self.shutdown_timeout, max_frame=self.max_frame,
-            worker_tls=self._worker_tls)
+            worker_tls=self._worker_tls, gpus=self.gpus)
         await self._launcher.start(self.processes)
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 from .comm.framing import DEFAULT_MAX_FRAME
 from .comm.handshake import ServerKey, new_token
 from .comm.server import Listener, check_listen, is_loopback, parse_address
+from .gpu.discovery import GpuSpec, gpus_argument
 from .memory import shared, spilldir
 from .scheduler.core import Scheduler
 from .scheduler.registry import RemoteWorker, WorkerRegistry
@@ -55,7 +56,7 @@ class WorkerLauncher:
                  threads: int, heartbeat_interval: float, heartbeat_timeout: float,
                  memory_limit: int | None = None, spill_dir: str | None = None,
                  shutdown_timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME,
-                 worker_tls: dict[str, str] | None = None) -> None:
+                 worker_tls: dict[str, str] | None = None, gpus: GpuSpec = "auto") -> None:
         if listen is not None:
             check_listen(listen, token)
         self.sched = sched
@@ -67,6 +68,7 @@ class WorkerLauncher:
         self.memory_limit = memory_limit
         self.spill_dir = spill_dir
         self.max_frame = max_frame
+        self.gpus = gpus
         self.worker_tls = worker_tls or {}  # "--tls-cert": path...: paths, never key material
         self.dist = WorkerRegistry(sched, heartbeat_interval, heartbeat_timeout)
         self._internal: Listener | None = None
@@ -127,6 +129,7 @@ class WorkerLauncher:
             extra += ["--memory-limit", str(self.memory_limit)]
         if self.spill_dir is not None:
             extra += ["--spill-dir", self.spill_dir]
+        extra += ["--gpus", gpus_argument(self.gpus)]
         for _ in range(n):
             name = f"proc-{next(self._serial)}"
             token_fd = self._token_pipe()
@@ -249,7 +252,7 @@ class WorkerLauncher:
             memory = w.memory  # as of its last completion or heartbeat
             out.append(WorkerInfo(
                 id=w.id, address=w.address, host=w.host, pid=w.pid, status=w.status.value,
-                processors=(repr(w.async_view), repr(w.thread_view)),
+                processors=w.processors(),
                 memory_used=memory.used, memory_limit=w.memory_limit,
                 spilled_bytes=memory.spilled_bytes, spill_errors=memory.spill_errors,
                 tasks_running=len(w.running),

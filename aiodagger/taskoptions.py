@@ -74,6 +74,15 @@ class Scope:
     def is_any(self) -> bool:
         return self.workers is None and self.thread is None and self.gpu is None and self.process is None
 
+    def admits_gpus(self, devices: Collection[int]) -> bool:
+        """Whether a worker with GPU processors on ``devices`` has one this scope takes
+        (any worker does, for a scope that does not ask for a GPU)."""
+        if not self.wants_gpu:
+            return True
+        if self.gpu is True:
+            return bool(devices)
+        return self.gpu in devices
+
     def admits_worker(self, worker_id: int, pid: int) -> bool:
         if self.workers is not None and worker_id not in self.workers:
             return False

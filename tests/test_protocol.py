@@ -98,6 +98,7 @@ SAMPLES: list[tuple[object, list[bytes]]] = [
     (Register(NAME, 4242, "höst.example", 8, ADDR, 16 << 30), []),
     (Register("w", 1, "h", 1, ADDR6, None), []),
     (Register("w", 1, "h", 1, ADDR, None, [3, -4, 2**40]), []),
+    (Register("w", 1, "h", 1, ADDR, None, [], [0, 3]), []),
     (Registered(0), []),
     (Blocked(0), []),
     (Blocked(3), []),
@@ -349,13 +350,15 @@ MALFORMED = [
     ("Get keys bool", {"op": "get", "a": [[1, True], ""]}, 0, r"malformed Get: field keys is bool"),
     ("Registered bool", {"op": "registered", "a": [False]}, 0,
      r"malformed Registered: field worker_id is bool"),
-    ("Register.memory_limit bool", {"op": "register", "a": ["w", 1, "h", 1, ADDR, False, []]}, 0,
+    ("Register.memory_limit bool", {"op": "register", "a": ["w", 1, "h", 1, ADDR, False, [], []]}, 0,
      r"malformed Register: field memory_limit is bool"),
-    ("Register.memory_limit str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, "16G", []]}, 0,
+    ("Register.memory_limit str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, "16G", [], []]}, 0,
      r"malformed Register: field memory_limit is str"),
     ("Blocked negative", {"op": "blocked", "a": [-1]}, 0, r"malformed Blocked: -1 threads"),
-    ("Register.holds str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, None, ["7"]]}, 0,
+    ("Register.holds str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, None, ["7"], []]}, 0,
      r"malformed Register: field holds"),
+    ("Register.gpus str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, None, [], ["0"]]}, 0,
+     r"malformed Register: field gpus"),
     # negative counts
     ("RunTask.nparts -1", *run(with_field(RUN_TASK, 5, -1)), r"RunTask: field nparts is int -1"),
     ("Finished.nparts -1", *done(with_field(FINISHED, 6, -1)), r"Finished: field nparts is int -1"),
@@ -511,9 +514,9 @@ def test_deeply_nested_field_is_a_protocol_error(op):
 def test_valid_edge_values_are_taken():
     """The edges of each type are valid: nil memory limit, zero counts, an int for a float
     (a worker's thread count is the exception: at least one)."""
-    assert wire_decode({"op": "register", "a": ["", 0, "", 1, "", None, []]}).memory_limit is None
+    assert wire_decode({"op": "register", "a": ["", 0, "", 1, "", None, [], []]}).memory_limit is None
     with pytest.raises(ProtocolError, match="threads >= 1"):
-        wire_decode({"op": "register", "a": ["", 0, "", 0, "", None, []]})
+        wire_decode({"op": "register", "a": ["", 0, "", 0, "", None, [], []]})
     msg = wire_decode({"op": "done", "a": [[[0, 0, "ok", 0, 0, 0, 0, []]], MEMORY]})
     assert msg.results[0].start == 0 and type(msg.results[0]) is Finished
     task = wire_decode({"op": "run", "a": [[[5, "f", b"h", "thread", 0, 2, [], True, False, [], True, [], 0]]]}, 2)

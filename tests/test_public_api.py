@@ -14,6 +14,8 @@ def test_all_is_exactly_the_contract():
         "fetch_logs", "gather", "options", "progress", "put", "scope", "spawn", "tochunk", "wait",
         # Dagger.jl's programming models
         "In", "InOut", "Out", "datadeps", "mutable", "shard", "tofile", "array", "spawn_streaming",
+        # GPUs: dagger.gpu.synchronize, dagger.gpu.devices
+        "gpu",
     ])
     for name in aiodagger.__all__:
         assert hasattr(aiodagger, name), name

@@ -304,7 +304,7 @@ class RunTask(NamedTuple):
     key: int
     name: str
     fn_hash: bytes
-    kind: str          # "thread", "async", "thread-async"
+    kind: str          # "thread", "async", "thread-async"; "gpu", "gpu-async", with ":N" for device N
     attempt: int
     nparts: int        # (callbacks pickle if callbacks), arguments pickle, its buffers
     deps: list[Dep]    # inputs the worker lacks, with their holders
@@ -391,7 +391,7 @@ class Registered(NamedTuple):
     worker_id: int
 
 
-@message("register", STR, INT, STR, INT, STR, OPT_INT, IDS, reply=Registered)
+@message("register", STR, INT, STR, INT, STR, OPT_INT, IDS, IDS, reply=Registered)
 class Register(NamedTuple):
     name: str
     pid: int
@@ -402,6 +402,8 @@ class Register(NamedTuple):
     # Keys a reconnecting worker still holds from before: the scheduler keeps those it
     # still needs (no recomputation) and releases the rest.
     holds: list[int] = []
+    # The devices of its GPU processors (none without cupy or a CUDA device).
+    gpus: list[int] = []
 
 
 @message("heartbeat", MAP)

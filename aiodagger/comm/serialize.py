@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,7 @@ import cloudpickle
 from tblib import pickling_support
 
 from ..errors import SerializationError
+from ..gpu.arrays import host_reducers
 from ..task import Chunk, DTask
 
 __all__ = [
@@ -214,7 +216,14 @@ def dumps(value: Any) -> tuple[bytes, Buffers]:
     The C pickler's one-call path first, cloudpickle for what it cannot do."""
     collect = _Collector()
     try:
-        if _guard_main:
+        if "cupy" in sys.modules and (table := host_reducers()) is not None:
+            # Device arrays travel as host arrays (the reader may have no GPU).
+            out = io.BytesIO()
+            pickler = _GuardedPickler(out, protocol=5, buffer_callback=collect)
+            pickler.dispatch_table = table
+            pickler.dump(value)
+            payload = out.getvalue()
+        elif _guard_main:
             out = io.BytesIO()
             _GuardedPickler(out, protocol=5, buffer_callback=collect).dump(value)
             payload = out.getvalue()

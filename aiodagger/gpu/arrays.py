@@ -88,3 +88,48 @@ def to_device(value: Any, device: int, stream: Any = None) -> Any:
             return cupy.asarray(value)
         with stream:
             return cupy.asarray(value)
+
+
+_CONTAINERS = (list, tuple, dict)
+
+
+def map_arrays(args: tuple[Any, ...], kwargs: dict[str, Any], convert: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``args``/``kwargs`` with ``convert`` applied to every value that is not a list,
+    tuple or dict (walked, as dependencies are found: aiodagger/_args.py); a container is
+    rebuilt only where something in it changed."""
+    new_args = _map(args, convert)
+    new_kwargs = _map(kwargs, convert) if kwargs else kwargs
+    return new_args, new_kwargs
+
+
+def _map(value: Any, convert: Any) -> Any:
+    kind = type(value)
+    if kind is list or kind is tuple:
+        items = [_map(v, convert) for v in value]
+        if all(a is b for a, b in zip(items, value, strict=True)):
+            return value
+        return items if kind is list else tuple(items)
+    if kind is dict:
+        out = {k: _map(v, convert) for k, v in value.items()}
+        if all(out[k] is v for k, v in value.items()):
+            return value
+        return out
+    return convert(value)
+
+
+def host_reducers() -> dict[type, Any] | None:
+    """A pickler's dispatch table that sends cupy arrays as numpy ones, or None when cupy
+    was never imported here. Values cross processes as host arrays (the reader may have
+    no GPU, or another one); a GPU task that reads one gets it back on its device."""
+    mod = sys.modules.get("cupy")
+    if mod is None:
+        return None
+    import copyreg
+
+    table = dict(copyreg.dispatch_table)
+    table[mod.ndarray] = _reduce_to_host
+    return table
+
+
+def _reduce_to_host(value: Any) -> Any:
+    return to_host(value).__reduce_ex__(5)

@@ -302,7 +302,7 @@ class Scheduler:
         other processes, while there are any and the scope does not name this one)."""
         if self.runs_elsewhere(scope):
             assert self.dist is not None
-            found = [w.id for w in self.dist.admitted(scope)] if not scope.wants_gpu else []
+            found = [w.id for w in self.dist.admitted(scope)]
         else:
             found = [self._local_worker.id] if self._local_worker.admits(scope) else []
         if not found:
@@ -326,6 +326,8 @@ class Scheduler:
         fits = local.admits(scope) or bool(self.dist is not None and self.dist.candidates(task))
         if fits and scope.thread and task._kind == "async":
             task._kind = "thread-async"
+        elif fits and scope.wants_gpu:  # run by a GPUProc: a coroutine there, else a device thread
+            task._kind = "gpu-async" if task._kind == "async" else "gpu"
         if not fits:
             err = NoProcessorError(
                 f"{task._describe()} has {scope!r}, which no processor of this cluster "
@@ -403,6 +405,11 @@ class Scheduler:
                 if not self._flush_stored(task):
                     break
                 continue
+            if task._kind[0] == "g":  # "gpu"/"gpu-async": device work queues on its streams
+                heapq.heappop(ready)
+                task._state = RUNNING
+                self.local.run(task, [])  # arms its timeout (starting())
+                continue
             if not proc.has_room():
                 break
             heapq.heappop(ready)
@@ -433,6 +440,11 @@ class Scheduler:
                 task._state = RUNNING
                 self._arm_timeout(task)
                 self._local_worker.async_proc.submit(task)
+                return True
+            if task._kind[0] == "g":
+                heapq.heappop(self._ready)
+                task._state = RUNNING
+                self._local_worker.run(task, [])  # arms its timeout (starting())
                 return True
             proc = self._local_worker.thread_proc
             if not proc.has_room():
@@ -537,6 +549,9 @@ class Scheduler:
             return  # timed out (and perhaps retried) while its inputs came
         if task._kind == "async":
             self._local_worker.async_proc.submit(task)
+        elif task._kind[0] == "g":
+            self._disarm_timeout(task)  # armed again, as it starts there (starting())
+            self._local_worker.run(task, [])
         else:
             task._est = self.runtimes.get(task._fnkey)
             self._local_worker.thread_proc.submit(task)

@@ -100,6 +100,7 @@ class RemoteWorker:
         self.reach_host = _reach_host(endpoint)
         self.threads = info.threads  # >= 1: checked when the message was decoded
         self.memory_limit = info.memory_limit
+        self.gpus = list(info.gpus)  # its GPU processors' devices
         self.status = WorkerStatus.RUNNING
         self.last_seen = 0.0
         self.bytes_seen = 0  # what its connection had received at the last watch
@@ -143,7 +144,11 @@ class RemoteWorker:
 
     def describe(self) -> str:
         return (f"worker {self.id} (pid {self.pid} on {self.host}, {self.address}): "
-                f"{self.async_view!r}, {self.thread_view!r}")
+                + ", ".join(self.processors()))
+
+    def processors(self) -> tuple[str, ...]:
+        return (repr(self.async_view), repr(self.thread_view),
+                *[f"GPUProc(worker={self.id}, device={d})" for d in self.gpus])
 
 
 def _load_error(payload: Any, task: DTask[Any]) -> BaseException:
@@ -370,10 +375,9 @@ class WorkerRegistry:
         scope = task._opts.scope
         if scope is ANY_SCOPE:
             return [w for w in self.workers.values() if w.status is WorkerStatus.RUNNING]
-        if scope.wants_gpu:
-            return []
         return [w for w in self.workers.values()
-                if w.status is WorkerStatus.RUNNING and scope.admits_worker(w.id, w.pid)]
+                if w.status is WorkerStatus.RUNNING and scope.admits_worker(w.id, w.pid)
+                and scope.admits_gpus(w.gpus)]
 
     def place(self, task: DTask[Any], candidates: list[RemoteWorker]) -> RemoteWorker | None:
         """The worker with the lowest estimated finish time that has room, or None."""
@@ -470,7 +474,10 @@ class WorkerRegistry:
                     self._note_holder(dep, key, worker)
                 else:
                     deps.append(P.Dep(key, self._holders(dep, worker)))
-        worker.runs.add(P.RunTask(task.id, task.name, fn_hash, task._kind, task._attempts,
+        kind = task._kind
+        if kind[0] == "g" and type(opts.scope.gpu) is int:
+            kind = f"{kind}:{opts.scope.gpu}"  # the device the scope names ("gpu:1", "gpu-async:0")
+        worker.runs.add(P.RunTask(task.id, task.name, fn_hash, kind, task._attempts,
                                   len(sent), deps, callbacks, refs, inputs, files, waits or [],
                                   opts.priority), sent)
         task._est = est = self.sched.runtimes.get(task._fnkey)
@@ -946,7 +953,8 @@ class WorkerRegistry:
     def admitted(self, scope: Any) -> list[RemoteWorker]:
         """The running workers ``scope`` admits."""
         return [w for w in self.workers.values()
-                if w.status is WorkerStatus.RUNNING and scope.admits_worker(w.id, w.pid)]
+                if w.status is WorkerStatus.RUNNING and scope.admits_worker(w.id, w.pid)
+                and scope.admits_gpus(w.gpus)]
 
     async def put(self, chunk: Chunk[Any], targets: list[RemoteWorker]) -> None:
         """Place a copy of ``chunk`` on each of ``targets`` (pickled once). The caller's

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import sys
 from collections.abc import Coroutine
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -58,7 +59,8 @@ class AsyncProc:
         start = perf_counter() if timed else 0.0
         try:
             if coro is None:
-                if task._resolve or task._opts.restore is not None or task._opts.checkpoint is not None:
+                if (task._resolve or task._opts.restore is not None or task._opts.checkpoint is not None
+                        or "cupy" in sys.modules):  # device arrays among the inputs go to host
                     coro = run_async(task)
                 else:  # the common case, one coroutine frame fewer
                     fn, args, kwargs = task._fn, task._args, task._kwargs

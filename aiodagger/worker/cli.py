@@ -16,6 +16,7 @@ import os
 import signal
 import ssl
 import sys
+from typing import Any
 
 from .._loopthread import new_event_loop
 from ..comm.framing import DEFAULT_MAX_FRAME, check_max_frame, keep_warm_buffers
@@ -23,6 +24,7 @@ from ..comm.server import is_loopback, parse_address
 from ..comm.tls import worker_contexts
 from ..comm.tokens import MAKE_ONE, entropy_bits, weak_token_message
 from ..errors import AuthenticationError
+from ..gpu.discovery import check_spec, choose
 from ..memory import process
 from .process import WorkerProcess
 
@@ -57,6 +59,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"the largest frame, in bytes, a connection of this worker carries "
                              f"(default {DEFAULT_MAX_FRAME}); larger values fail their tasks")
     parser.add_argument("--subprocess", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--gpus", default="auto",
+                        help="GPU processors: 'auto' (every CUDA device this worker sees; none without "
+                             "cupy), a count N (the first N), or device numbers as a list, '[0,2]'")
     parser.add_argument("--data-host", help="the address this worker's data server listens on, "
                                             "where peers fetch inputs (default 0.0.0.0)")
 
@@ -128,6 +133,21 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def _gpus(text: str) -> list[int]:
+    """The devices this worker runs GPU processors on, found here, in its own process
+    (CUDA started before the fork would break this process's context)."""
+    text = text.strip()
+    spec: Any = text
+    try:
+        if text.startswith("["):
+            spec = [int(v) for v in text.strip("[]").split(",") if v.strip()]
+        elif text != "auto":
+            spec = int(text)
+        return choose(check_spec(spec))
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"aiodagger worker: --gpus {text}: {exc}") from None
+
+
 def run_worker(args: argparse.Namespace) -> int:
     from ..comm.serialize import trust_main
 
@@ -152,6 +172,7 @@ def run_worker(args: argparse.Namespace) -> int:
     retain = RETAIN if memory_limit is None else min(RETAIN, memory_limit // 4)
     process.tune_heap(retain)
     keep_warm_buffers(retain)
+    gpus = _gpus(args.gpus)
     worker = WorkerProcess(
         args.scheduler, token, threads=args.threads,
         name=args.name or f"{os.uname().nodename}-{os.getpid()}",
@@ -161,6 +182,7 @@ def run_worker(args: argparse.Namespace) -> int:
         ssl_scheduler=None if args.subprocess else client_ssl,
         heartbeat_timeout=args.heartbeat_timeout, memory_limit=memory_limit, spill_dir=args.spill_dir,
         shutdown_timeout=args.shutdown_timeout, max_frame=max_frame, data_host=args.data_host,
+        gpus=gpus,
     )
 
     def on_signal(sig: signal.Signals) -> None:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from .._args import DEPS, find_files, replace_files, resolve_arguments
@@ -89,9 +91,26 @@ async def _prepare_async(task: DTask[Any]) -> tuple[Any, tuple[Any, ...], dict[s
     return fn, args, kwargs
 
 
-def run_sync(task: DTask[Any]) -> Any:
+# What a processor does to a task's resolved arguments before the call: a GPU
+# processor moves host arrays to its device.
+Convert = Callable[[tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+def _on_host(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Device arrays among a CPU task's arguments, copied to host (asked only once cupy
+    was imported in this process: nothing else can hold one)."""
+    from ..gpu.streams import host_arguments
+
+    return host_arguments(args, kwargs)
+
+
+def run_sync(task: DTask[Any], convert: Convert | None = None) -> Any:
     """Run a task on the calling (pool) thread and return its value."""
     fn, args, kwargs = _prepare(task)
+    if convert is not None:
+        args, kwargs = convert(args, kwargs)
+    elif "cupy" in sys.modules:
+        args, kwargs = _on_host(args, kwargs)
     opts = task._opts
     if opts.restore is not None:
         try:
@@ -126,9 +145,13 @@ async def _awaited(awaitable: Any) -> Any:
     return await awaitable
 
 
-async def run_async(task: DTask[Any]) -> Any:
+async def run_async(task: DTask[Any], convert: Convert | None = None) -> Any:
     """Run a coroutine-function task on the running loop and return its value."""
     fn, args, kwargs = await _prepare_async(task)
+    if convert is not None:
+        args, kwargs = convert(args, kwargs)
+    elif "cupy" in sys.modules:
+        args, kwargs = _on_host(args, kwargs)
     opts = task._opts
     if opts.restore is not None:
         try:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._bridge import Wakeup
+from ..gpu.discovery import GpuSpec, choose, missing_reason, pick_gpu
 from ..interfaces import WorkerStatus
 from ..memory import ChunkStore, SpillCorruptedError, admit
 from ..placed import Ref
@@ -32,6 +33,7 @@ from .aio import AsyncProc
 from .threads import ThreadProc
 
 if TYPE_CHECKING:
+    from ..gpu.proc import GPUProc
     from ..interfaces import LocalWorkerOwner
     from ..taskoptions import Scope
 
@@ -64,7 +66,7 @@ class LocalWorker:
 
     def __init__(self, owner: LocalWorkerOwner, nthreads: int, task_context: contextvars.Context,
                  thread_init: Callable[[], None], memory_limit: int | None = None,
-                 spill_dir: str | None = None) -> None:
+                 spill_dir: str | None = None, gpus: GpuSpec = 0) -> None:
         self._owner = owner
         self.loop = owner.loop
         self.memory_limit = memory_limit
@@ -74,6 +76,12 @@ class LocalWorker:
         reports_to = self if memory_limit is not None else owner
         self.thread_proc = ThreadProc(self.id, nthreads, reports_to, thread_init)
         self.async_proc = AsyncProc(self.id, reports_to, task_context)
+        self._reports_to = reports_to
+        self._task_context = task_context
+        self._gpu_spec = gpus
+        # Made at the first GPU-scoped task or GPU question, not at start: finding
+        # devices imports cupy and starts CUDA, which a CPU-only program never needs.
+        self._gpu_procs: dict[int, GPUProc] | None = None
         self.store: ChunkStore | None = None
         self._pins: dict[int, list[Any]] = {}
         self._drops: deque[int] = deque()
@@ -82,6 +90,8 @@ class LocalWorker:
 
     # -- life ----------------------------------------------------------------------------
     def start(self) -> None:
+        if self._gpu_spec != "auto" and self._gpu_spec != 0:
+            self.gpu_procs()  # devices asked for by number or count: missing ones fail the start
         self.thread_proc.start()
         self.status = WorkerStatus.RUNNING
 
@@ -99,6 +109,8 @@ class LocalWorker:
         deadline = self.loop.time() + timeout
         clean = await self.async_proc.close(timeout)
         clean = await self.thread_proc.close(max(0.0, deadline - self.loop.time())) and clean
+        for gpu in (self._gpu_procs or {}).values():
+            clean = await gpu.close(max(0.0, deadline - self.loop.time())) and clean
         if self.store is not None:
             await self.store.close()
         self.status = WorkerStatus.CLOSED
@@ -118,7 +130,23 @@ class LocalWorker:
             await admit(self.store)
 
     def admits(self, scope: Scope) -> bool:
-        return scope.admits_worker(self.id, os.getpid()) and not scope.wants_gpu
+        if not scope.admits_worker(self.id, os.getpid()):
+            return False
+        return not scope.wants_gpu or scope.admits_gpus(self.gpu_procs())
+
+    def gpu_procs(self) -> dict[int, GPUProc]:
+        """This worker's GPU processors by device, found at the first call."""
+        if self._gpu_procs is None:
+            procs: dict[int, GPUProc] = {}
+            devices = choose(self._gpu_spec) if self._gpu_spec != 0 else []
+            if devices:
+                from ..gpu.proc import GPUProc
+
+                free = self.store.free_device if self.store is not None and hasattr(self.store, "free_device") else None
+                for d in devices:
+                    procs[d] = GPUProc(self.id, d, self._reports_to, self._task_context, free_device=free)
+            self._gpu_procs = procs
+        return self._gpu_procs
 
     def run(self, task: DTask[Any], stored: list[DTask[Any]]) -> None:
         if stored:
@@ -130,6 +158,8 @@ class LocalWorker:
         self._owner.starting(task)
         if task._kind == "async":
             self.async_proc.submit(task)
+        elif task._kind[0] == "g":
+            pick_gpu(self.gpu_procs(), task._opts.scope.gpu).submit(task)
         else:
             self.thread_proc.submit(task)
 
@@ -174,7 +204,14 @@ class LocalWorker:
                 obj._where.discard(0)
 
     def describe(self) -> str:
-        return f"worker {self.id} (pid {os.getpid()}, this process): {self.async_proc!r}, {self.thread_proc!r}"
+        text = f"worker {self.id} (pid {os.getpid()}, this process): " + ", ".join(self._processors())
+        if self._gpu_procs == {} and self._gpu_spec != 0:
+            text += f" (no GPU processor: {missing_reason() or 'none asked for'})"
+        return text
+
+    def _processors(self) -> tuple[str, ...]:
+        gpus = self._gpu_procs or {}
+        return (repr(self.async_proc), repr(self.thread_proc), *[repr(g) for g in gpus.values()])
 
     # -- ProcessorOwner, with a store: keep results, release inputs ---------------------
     @property
@@ -232,10 +269,11 @@ class LocalWorker:
             host=socket.gethostname(),
             pid=os.getpid(),
             status=self.status.value,
-            processors=(repr(self.async_proc), repr(self.thread_proc)),
+            processors=self._processors(),
             memory_used=store.used if store else 0,
             memory_limit=store.memory_limit if store else None,
             spilled_bytes=store.spilled_bytes if store else 0,
             spill_errors=store.spill_errors if store else 0,
-            tasks_running=self.thread_proc.queued + self.async_proc.running,
+            tasks_running=(self.thread_proc.queued + self.async_proc.running
+                           + sum(g.running for g in (self._gpu_procs or {}).values())),
         )

@@ -35,7 +35,9 @@ from ..comm import protocol as P
 from ..comm.framing import DEFAULT_MAX_FRAME, Comm, open_comm
 from ..comm.handshake import client_handshake
 from ..comm.server import Listener, parse_address
-from ..errors import FrameTooLargeError, ProtocolError, TaskCancelledError
+from ..errors import FrameTooLargeError, NoProcessorError, ProtocolError, TaskCancelledError
+from ..gpu.arrays import device_nbytes, is_device_array
+from ..gpu.discovery import parse_kind, pick_gpu
 from ..memory import ChunkStore, SpillCorruptedError, admit, shared
 from ..placed import Ref
 from ..task import CANCELLED, PENDING, RUNNING, Chunk, DTask
@@ -80,7 +82,7 @@ class WorkerProcess:
                  heartbeat_interval: float = 1.0, heartbeat_timeout: float = 10.0,
                  memory_limit: int | None = None, spill_dir: str | None = None,
                  shutdown_timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME,
-                 data_host: str | None = None) -> None:
+                 data_host: str | None = None, gpus: list[int] | None = None) -> None:
         self.scheduler_host, self.scheduler_port = parse_address(scheduler)
         # Where the data server listens: a remote worker for peers anywhere; a subprocess
         # worker on loopback, unless its cluster takes remote workers (they fetch from it).
@@ -98,6 +100,8 @@ class WorkerProcess:
         self.heartbeat_timeout = heartbeat_timeout
         self.memory_limit = memory_limit
         self.spill_dir = spill_dir
+        self.gpus = list(gpus or [])  # devices found by the CLI, in this process
+        self.gpu_procs: dict[int, Any] = {}
         self.worker_id = -1
         self._early_runs: list[tuple[P.Run, list[Any]]] = []  # read before the id was taken
         # Results and inputs by key (task id, or -chunk id), spilled to disk past the
@@ -218,6 +222,14 @@ class WorkerProcess:
         if task._cancelled:
             self._record(P.Finished(task.id, attempt, "cancelled", 0, start, seconds, 0, []))
             self._drop_held(task)
+            return
+        if ok and is_device_array(value):
+            # Stays on its device; pickled (to host) only if a reader elsewhere asks.
+            size = device_nbytes(value)
+            self.store.put(task.id, value, nbytes=size)
+            self._record(P.Finished(task.id, attempt, "ok", size, start, seconds, 0, []))
+            if task._dependents is not None:
+                self._finished_here(task, value)
             return
         if ok:
             try:
@@ -426,6 +438,11 @@ class WorkerProcess:
 
         self.thread_proc = ThreadProc(0, self.threads, self, thread_init)
         self.async_proc = AsyncProc(0, self, task_context)
+        if self.gpus:
+            from ..gpu.proc import GPUProc
+
+            free = getattr(self.store, "free_device", None)
+            self.gpu_procs = {d: GPUProc(0, d, self, task_context, free_device=free) for d in self.gpus}
         self.thread_proc.start()
         await self.store.start()
         self._listener = Listener(self._serve_peer, self.token, ssl=self.ssl_server,
@@ -514,7 +531,7 @@ class WorkerProcess:
             reply, _ = await endpoint.request(P.Register(
                 self.name, os.getpid(), socket.gethostname(), self.threads,
                 f"tcp://{host}:{self._listener.port}", self.memory_limit,
-                [k for k in self.store.keys() if type(k) is int]),
+                [k for k in self.store.keys() if type(k) is int], self.gpus),
                 timeout=30)
             self.worker_id = reply.worker_id
             early, self._early_runs = self._early_runs, []
@@ -597,6 +614,8 @@ class WorkerProcess:
         deadline = self.loop.time() + self.shutdown_timeout
         await self.async_proc.close(self.shutdown_timeout)
         await self.thread_proc.close(max(0.0, deadline - self.loop.time()))
+        for gpu in self.gpu_procs.values():
+            await gpu.close(max(0.0, deadline - self.loop.time()))
 
     async def _close_store(self) -> None:
         """Close the store, and only then give way to a cancellation (a signal).
@@ -761,8 +780,22 @@ class WorkerProcess:
             return
         if task._kind == "async":
             self.async_proc.submit(task)
+        elif task._kind[0] == "g":
+            self._submit_gpu(task)
         else:
             self._submit(task)
+
+    def _submit_gpu(self, task: DTask[Any]) -> None:
+        try:
+            task._kind, device = parse_kind(task._kind)
+            if not self.gpu_procs or (device is not None and device not in self.gpu_procs):
+                raise NoProcessorError(f"{task._describe()} asks for GPU {'any' if device is None else device} "
+                                       f"and worker {self.worker_id} has "
+                                       f"{sorted(self.gpu_procs) or 'no GPU processor'}")
+        except (ValueError, NoProcessorError) as exc:
+            self.complete(task, task._attempts, False, exc, 0.0, 0.0, None)
+            return
+        pick_gpu(self.gpu_procs, device if device is not None else True).submit(task)
 
     def _submit(self, task: DTask[Any]) -> None:
         if task._opts.priority:
