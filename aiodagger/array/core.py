@@ -18,11 +18,11 @@ from numpy.lib.array_utils import normalize_axis_tuple
 
 from ..errors import UpstreamError
 from ..task import DTask
-from ..taskoptions import ANY_SCOPE, Scope, current_options
+from ..taskoptions import Scope, current_options
 from . import grid
 from .grid import Chunks
 
-__all__ = ["DArray", "block_task", "broadcast_region", "operation", "placement", "region_of"]
+__all__ = ["DArray", "block_task", "broadcast_region", "operation", "pin", "placement", "region_of"]
 
 
 # The operations, by name: their modules (elementwise, reductions, slicing...) register
@@ -45,22 +45,30 @@ def _scheduler() -> Any:
     return current_cluster()._scheduler
 
 
+def pin(scope: Scope, worker: int) -> Scope:
+    """``scope`` narrowed to ``worker``: what it asks of the processor (a GPU, a thread)
+    still holds there. A bare ``Scope({worker})`` put a block meant for a GPU on one of
+    the worker's CPU threads."""
+    return Scope(frozenset([worker]), scope.thread, scope.gpu, scope.process)
+
+
 def block_task(fn: Callable[..., Any], *args: Any, name: str | None = None,
                worker: int | None = None, **kwargs: Any) -> DTask[Any]:
     """Spawn the task that makes one block (on ``worker`` if given), with the options
     in effect."""
     from ..api import spawn_with_options
 
+    options = current_options()
     overrides: dict[str, Any] = {"name": name or getattr(fn, "__name__", type(fn).__name__)}
     if worker is not None:
-        overrides["scope"] = Scope(frozenset([worker]))
-    return spawn_with_options(current_options().merged(overrides), fn, args, kwargs)
+        overrides["scope"] = pin(options.scope, worker)
+    return spawn_with_options(options.merged(overrides), fn, args, kwargs)
 
 
 def placement(nblocks: int) -> list[int | None]:
-    """Where new blocks with no inputs go: round-robin over the workers that run tasks
-    (None, the scheduler's choice, when there is only one)."""
-    workers = _scheduler().placeable_workers(ANY_SCOPE)
+    """Where new blocks with no inputs go: round-robin over the workers the scope in
+    effect admits (None, the scheduler's choice, when there is only one)."""
+    workers = _scheduler().placeable_workers(current_options().scope)
     if len(workers) == 1:
         return [None] * nblocks
     cycle = itertools.cycle(workers)

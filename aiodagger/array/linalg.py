@@ -20,9 +20,9 @@ import numpy as np
 
 from ..mutables import mutable
 from ..regions import Region
-from ..taskoptions import ANY_SCOPE, Scope
+from ..taskoptions import current_options
 from . import _blas
-from .core import DArray, _scheduler, block_task, region_of
+from .core import DArray, _scheduler, block_task, pin, region_of
 from .creation import distribute
 
 __all__ = ["cholesky", "lu", "solve"]
@@ -47,20 +47,24 @@ def _square(a: Any, what: str) -> DArray:
 
 
 class _Tiles:
-    """The matrix's square tiles, as mutables, along ``bounds`` on both axes."""
+    """The matrix's square tiles, as mutables, along ``bounds`` on both axes, over the
+    workers the scope in effect admits; each tile's scope is that scope pinned to its
+    worker, so a GPU scope makes it on a GPU there."""
 
     def __init__(self, a: DArray, dtype: Any) -> None:
         self.sizes = a.chunks[0]
         self.n = len(self.sizes)
         starts = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int)
         self.slices = [slice(int(starts[i]), int(starts[i + 1])) for i in range(self.n)]
-        workers = _scheduler().placeable_workers(ANY_SCOPE)
+        scope = current_options().scope
+        workers = _scheduler().placeable_workers(scope)
         self.column_worker = [workers[j % len(workers)] for j in range(self.n)]
+        self.column_scope = [pin(scope, w) for w in self.column_worker]
         from ..api import options
 
         with options(priority=10 * self.n + 10):  # before any step: every step waits for them
             self.tile = [[mutable(_copy_as, region_of(a, (self.slices[i], self.slices[j])), dtype,
-                                  scope=Scope(frozenset([self.column_worker[j]])))
+                                  scope=self.column_scope[j])
                           for j in range(self.n)] for i in range(self.n)]
 
 
@@ -290,7 +294,7 @@ def solve(a: Any, b: Any, assume_a: str = "gen") -> DArray:
         raise ValueError(f"solve: a is {a.shape} and b is {b.shape}; b must have {a.shape[0]} rows")
     dtype = np.linalg.solve(np.eye(1, dtype=a.dtype), np.ones((1,) * b.ndim, dtype=b.dtype)).dtype
     tiles = _Tiles(a, dtype)
-    home = Scope(frozenset([tiles.column_worker[0]]))
+    home = tiles.column_scope[0]
     columns = (slice(0, b.shape[1]),) if b.ndim == 2 else ()
     rhs = [mutable(_rhs_tile, region_of(b, (tiles.slices[i], *columns)), dtype, scope=home)
            for i in range(tiles.n)]
