@@ -18,6 +18,19 @@ def pytest_asyncio_loop_factories(config, item):
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
+def gpu_skip_reason() -> str | None:
+    """Why GPU tests cannot run here (cupy missing, or no CUDA device), or None."""
+    try:
+        import cupy
+    except ImportError:
+        return "cupy is not installed (pip install 'aiodagger[gpu]')"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # cupy's CUDARuntimeError, or a driver library it cannot load
+        return f"no CUDA device: {exc}"
+    return None if count else "no CUDA device: cupy sees none"
+
+
 def aiodagger_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("aiodagger")]
 

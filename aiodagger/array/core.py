@@ -4,25 +4,32 @@ Operations spawn one task per output block and return a new DArray at once; the 
 are computed on the workers (where their inputs live, as the scheduler places them)
 and stay there until ``collect()`` / ``fetch()`` / ``np.asarray`` brings the whole array
 to the caller. Nothing of a block passes through the caller before that.
+
+Under a GPU scope (``with dagger.options(scope=dagger.scope(gpu=True)):``) the blocks
+are made and kept on GPU processors, as cupy arrays: the functions the tasks run take
+their array module from their blocks (``array_module``), and a block made from nothing
+(``zeros``, ``rand``...) is told at spawn time whether its task goes to a GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from numpy.lib.array_utils import normalize_axis_tuple
 
 from ..errors import UpstreamError
+from ..gpu.arrays import array_module, cupy_module, to_host
 from ..task import DTask
-from ..taskoptions import ANY_SCOPE, Scope, current_options
+from ..taskoptions import Scope, current_options
 from . import grid
 from .grid import Chunks
 
-__all__ = ["DArray", "block_task", "broadcast_region", "operation", "placement", "region_of"]
+__all__ = ["DArray", "block_task", "broadcast_region", "join_grid", "new_block", "new_block_module", "on_gpu",
+           "operation", "pin", "placement", "region_of"]
 
 
 # The operations, by name: their modules (elementwise, reductions, slicing...) register
@@ -45,22 +52,54 @@ def _scheduler() -> Any:
     return current_cluster()._scheduler
 
 
+def pin(scope: Scope, worker: int) -> Scope:
+    """``scope`` narrowed to ``worker``: what it asks of the processor (a GPU, a thread)
+    still holds there. A bare ``Scope({worker})`` put a block meant for a GPU on one of
+    the worker's CPU threads."""
+    return Scope(frozenset([worker]), scope.thread, scope.gpu, scope.process)
+
+
+def on_gpu() -> bool:
+    """Whether tasks spawned now go to GPU processors (the scope in effect asks for one)."""
+    return current_options().scope.wants_gpu
+
+
+def new_block_module(gpu: bool) -> Any:
+    """The array module for a block a task makes from nothing: cupy where the task was
+    spawned for a GPU (``gpu``, from :func:`on_gpu` at spawn time; such a task has no
+    input block to take its module from), else numpy."""
+    if not gpu:
+        return np
+    cupy = cupy_module()
+    if cupy is None:
+        raise RuntimeError("making a block on a GPU needs cupy: pip install 'aiodagger[gpu]'")
+    return cupy
+
+
+def new_block(kind: str, shape: tuple[int, ...], dtype: Any, gpu: bool, fill_value: Any = None) -> Any:
+    """A block of ``xp.zeros``, ``xp.ones`` or ``xp.full`` (``kind``), for a task spawned
+    with ``gpu=on_gpu()``."""
+    xp = new_block_module(gpu)
+    return xp.full(shape, fill_value, dtype) if kind == "full" else getattr(xp, kind)(shape, dtype)
+
+
 def block_task(fn: Callable[..., Any], *args: Any, name: str | None = None,
                worker: int | None = None, **kwargs: Any) -> DTask[Any]:
     """Spawn the task that makes one block (on ``worker`` if given), with the options
     in effect."""
     from ..api import spawn_with_options
 
+    options = current_options()
     overrides: dict[str, Any] = {"name": name or getattr(fn, "__name__", type(fn).__name__)}
     if worker is not None:
-        overrides["scope"] = Scope(frozenset([worker]))
-    return spawn_with_options(current_options().merged(overrides), fn, args, kwargs)
+        overrides["scope"] = pin(options.scope, worker)
+    return spawn_with_options(options.merged(overrides), fn, args, kwargs)
 
 
 def placement(nblocks: int) -> list[int | None]:
-    """Where new blocks with no inputs go: round-robin over the workers that run tasks
-    (None, the scheduler's choice, when there is only one)."""
-    workers = _scheduler().placeable_workers(ANY_SCOPE)
+    """Where new blocks with no inputs go: round-robin over the workers the scope in
+    effect admits (None, the scheduler's choice, when there is only one)."""
+    workers = _scheduler().placeable_workers(current_options().scope)
     if len(workers) == 1:
         return [None] * nblocks
     cycle = itertools.cycle(workers)
@@ -81,7 +120,7 @@ def _origin_error() -> Iterator[None]:
 
 
 class DArray:
-    """A distributed array of numpy blocks (``dagger.array``)."""
+    """A distributed array of numpy blocks, cupy on GPUs (``dagger.array``)."""
 
     __slots__ = ("_blocks", "chunks", "dtype", "shape")
     __array_priority__ = 20  # numpy defers to our operators: `ndarray + DArray` is a DArray
@@ -147,10 +186,11 @@ class DArray:
 
     def _assemble(self, values: list[Any]) -> Any:
         if self.ndim == 0:
-            return values[0][()] if isinstance(values[0], np.ndarray) else values[0]
+            value = to_host(values[0])
+            return value[()] if isinstance(value, np.ndarray) else value
         out = np.empty(self.shape, dtype=self.dtype)
         for index, value in zip(grid.indices(self.chunks), values, strict=True):
-            out[grid.block_slices(self.chunks, index)] = value
+            out[grid.block_slices(self.chunks, index)] = to_host(value)  # cupy refuses a silent copy
         return out
 
     __hash__ = None  # type: ignore[assignment]  # == is elementwise, as numpy's
@@ -171,7 +211,7 @@ class DArray:
             raise ValueError("axes don't match array")
         blocks = np.empty(tuple(self.grid[a] for a in order), dtype=object)
         for index in grid.indices(self.chunks):
-            blocks[tuple(index[a] for a in order)] = block_task(np.transpose, self._blocks[index], order,
+            blocks[tuple(index[a] for a in order)] = block_task(_transpose, self._blocks[index], order,
                                                                 name="transpose")
         return DArray(blocks, tuple(self.chunks[a] for a in order), self.dtype)
 
@@ -306,9 +346,30 @@ def take(block: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
     return block[index]
 
 
+def _transpose(block: np.ndarray, order: tuple[int, ...]) -> np.ndarray:
+    return block.transpose(order)
+
+
 def join(layout: tuple[int, ...], *pieces: np.ndarray) -> np.ndarray:
     """Blocks joined in a grid of ``layout``, C order."""
-    nested = np.empty(layout, dtype=object)
-    for i, piece in enumerate(pieces):
-        nested.flat[i] = piece
-    return np.block(nested.tolist())
+    return join_grid(layout, pieces)
+
+
+def join_grid(layout: tuple[int, ...], pieces: Sequence[Any]) -> Any:
+    """``pieces`` (C order) joined in a grid of ``layout``, one grid axis per array axis,
+    as ``np.block`` does; always a new array."""
+    xp = array_module(*pieces)
+    if xp is np:
+        nested = np.empty(layout, dtype=object)
+        for i, piece in enumerate(pieces):
+            nested.flat[i] = piece
+        return np.block(nested.tolist())
+    return _concatenate(xp, layout, pieces, 0)  # cupy has no block()
+
+
+def _concatenate(xp: Any, layout: tuple[int, ...], pieces: Sequence[Any], axis: int) -> Any:
+    step = len(pieces) // layout[0]
+    parts = [pieces[i * step] if len(layout) == 1 else
+             _concatenate(xp, layout[1:], pieces[i * step:(i + 1) * step], axis + 1)
+             for i in range(layout[0])]
+    return xp.concatenate(parts, axis=axis)

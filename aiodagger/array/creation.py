@@ -1,6 +1,7 @@
 """Making DArrays: from a numpy array (``distribute``), or on the workers from nothing
 (``zeros``, ``ones``, ``full``, ``rand``, ``randn``, ``fromfunction``), so that no block
-passes through the caller. New blocks are spread over the workers in turn."""
+passes through the caller. New blocks are spread over the workers in turn (those the
+scope in effect admits; under a GPU scope they are made on GPUs, as cupy arrays)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from . import grid
-from .core import DArray, block_task, placement
+from .core import DArray, block_task, new_block, new_block_module, on_gpu, placement
 
 __all__ = ["distribute", "fromfunction", "full", "ones", "rand", "randn", "zeros"]
 
@@ -46,22 +47,24 @@ def distribute(x: Any, blocks: Any) -> DArray:
 
 
 def _block(piece: np.ndarray) -> np.ndarray:
-    return piece
+    return piece  # on a GPU processor, the processor has moved it there
 
 
 def full(shape: Any, blocks: Any, fill_value: Any, dtype: Any = None) -> DArray:
     dtype = np.asarray(fill_value).dtype if dtype is None else np.dtype(dtype)
-    return _build(_shape(shape), blocks, dtype, lambda s, r, n: (np.full, s, fill_value, dtype), "full")
+    gpu = on_gpu()
+    return _build(_shape(shape), blocks, dtype, lambda s, r, n: (new_block, "full", s, dtype, gpu, fill_value),
+                  "full")
 
 
 def zeros(shape: Any, blocks: Any, dtype: Any = float) -> DArray:
-    dtype = np.dtype(dtype)
-    return _build(_shape(shape), blocks, dtype, lambda s, r, n: (np.zeros, s, dtype), "zeros")
+    dtype, gpu = np.dtype(dtype), on_gpu()
+    return _build(_shape(shape), blocks, dtype, lambda s, r, n: (new_block, "zeros", s, dtype, gpu), "zeros")
 
 
 def ones(shape: Any, blocks: Any, dtype: Any = float) -> DArray:
-    dtype = np.dtype(dtype)
-    return _build(_shape(shape), blocks, dtype, lambda s, r, n: (np.ones, s, dtype), "ones")
+    dtype, gpu = np.dtype(dtype), on_gpu()
+    return _build(_shape(shape), blocks, dtype, lambda s, r, n: (new_block, "ones", s, dtype, gpu), "ones")
 
 
 def _random(kind: str, shape: Any, blocks: Any, dtype: Any, seed: Any) -> DArray:
@@ -72,13 +75,15 @@ def _random(kind: str, shape: Any, blocks: Any, dtype: Any, seed: Any) -> DArray
     shape = _shape(shape)
     nblocks = int(np.prod([len(c) for c in grid.chunks_of(shape, blocks)], dtype=np.int64))
     # Independent streams per block (numpy's SeedSequence.spawn): the same seed gives the
-    # same array whatever the workers.
+    # same array whatever the workers. On GPUs cupy's generator, seeded alike, draws
+    # them: the same array whatever the GPUs, but not numpy's values.
     seeds = np.random.SeedSequence(seed).spawn(nblocks)
-    return _build(shape, blocks, dtype, lambda s, r, n: (_draw, kind, s, dtype, seeds[n]), kind)
+    gpu = on_gpu()
+    return _build(shape, blocks, dtype, lambda s, r, n: (_draw, kind, s, dtype, seeds[n], gpu), kind)
 
 
-def _draw(kind: str, shape: tuple[int, ...], dtype: Any, seed: np.random.SeedSequence) -> np.ndarray:
-    rng = np.random.default_rng(seed)
+def _draw(kind: str, shape: tuple[int, ...], dtype: Any, seed: np.random.SeedSequence, gpu: bool) -> Any:
+    rng = new_block_module(gpu).random.default_rng(seed)
     return rng.random(shape, dtype=dtype) if kind == "rand" else rng.standard_normal(shape, dtype=dtype)
 
 
@@ -99,12 +104,15 @@ def fromfunction(fn: Callable[..., Any], shape: Any, blocks: Any, dtype: Any = f
     shape = _shape(shape)
     # numpy's dtype= is the coordinates'; the array's is whatever fn makes of them.
     made = np.asarray(fn(*[np.zeros((1,) * len(shape), dtype=dtype)] * len(shape), **kwargs)).dtype
+    gpu = on_gpu()
     return _build(shape, blocks, made,
-                  lambda s, r, n: (_from_coordinates, fn, s, tuple(x.start for x in r), dtype, kwargs),
+                  lambda s, r, n: (_from_coordinates, fn, s, tuple(x.start for x in r), dtype, kwargs, gpu),
                   getattr(fn, "__name__", "fromfunction"))
 
 
 def _from_coordinates(fn: Callable[..., Any], shape: tuple[int, ...], origin: tuple[int, ...],
-                      dtype: Any, kwargs: dict[str, Any]) -> np.ndarray:
-    coords = [np.arange(o, o + n, dtype=dtype) for o, n in zip(origin, shape, strict=True)]
-    return np.asarray(fn(*np.meshgrid(*coords, indexing="ij"), **kwargs))
+                      dtype: Any, kwargs: dict[str, Any], gpu: bool) -> Any:
+    """``fn`` of the block's coordinates (cupy arrays on a GPU)."""
+    xp = new_block_module(gpu)
+    coords = [xp.arange(o, o + n, dtype=dtype) for o, n in zip(origin, shape, strict=True)]
+    return xp.asarray(fn(*xp.meshgrid(*coords, indexing="ij"), **kwargs))

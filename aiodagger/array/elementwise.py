@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..gpu.arrays import array_module
 from . import grid
 from .core import DArray, block_task, broadcast_region, operation
 from .grid import Chunks
@@ -83,7 +84,20 @@ def _output_chunks(shape: tuple[int, ...], operands: tuple[Any, ...]) -> Chunks:
 
 
 def _call(fn: Callable[..., Any], kwargs: dict[str, Any], *args: Any) -> Any:
+    if isinstance(fn, np.ufunc):
+        xp = array_module(*args)
+        if xp is not np:  # blocks on a GPU: the ufunc of the same name there
+            fn = _device_ufunc(xp, fn)
     return fn(*args, **kwargs)
+
+
+def _device_ufunc(xp: Any, ufunc: np.ufunc) -> Any:
+    found = getattr(xp, ufunc.__name__, None)
+    if found is None:
+        raise NotImplementedError(
+            f"np.{ufunc.__name__} on blocks on a GPU: {xp.__name__} has no {ufunc.__name__}. Run it "
+            "outside the GPU scope (a CPU task receives the blocks as numpy arrays)")
+    return found
 
 
 @operation("map_blocks")

@@ -5,7 +5,12 @@ The matrix is copied into square tiles, each a :func:`~aiodagger.mutable` on a w
 one worker). The algorithm is written as a sequence of tile kernels in a datadeps
 region: each kernel runs where the tile it writes lives, tiles it only reads come to
 it as copies, and tasks that touch different tiles run in parallel. The input is
-never modified. Kernels are LAPACK's, through scipy (the ``array`` extra).
+never modified. Kernels are LAPACK's, through scipy (the ``array`` extra), or, for
+tiles on a GPU, cuSOLVER's and cuBLAS's through cupy (:mod:`._gpu_tiles`).
+
+Under a GPU scope (``with dagger.options(scope=dagger.scope(gpu=True)):``) the tiles
+are made on the GPUs of the workers that scope admits, and the same region's tasks
+run there, on cupy tiles.
 
 Functions return a DArray (or a tuple of them) at once; the region's tasks run in the
 background, and an error (numpy's ``LinAlgError`` for a matrix that is not positive
@@ -18,11 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from ..gpu.arrays import array_module, is_device_array, to_host
 from ..mutables import mutable
 from ..regions import Region
-from ..taskoptions import ANY_SCOPE, Scope
+from ..taskoptions import current_options
 from . import _blas
-from .core import DArray, _scheduler, block_task, region_of
+from . import _gpu_tiles as _gpu
+from .core import DArray, _scheduler, block_task, new_block, on_gpu, pin, region_of
 from .creation import distribute
 
 __all__ = ["cholesky", "lu", "solve"]
@@ -47,25 +54,29 @@ def _square(a: Any, what: str) -> DArray:
 
 
 class _Tiles:
-    """The matrix's square tiles, as mutables, along ``bounds`` on both axes."""
+    """The matrix's square tiles, as mutables, along ``bounds`` on both axes, over the
+    workers the scope in effect admits; each tile's scope is that scope pinned to its
+    worker, so a GPU scope makes it on a GPU there."""
 
     def __init__(self, a: DArray, dtype: Any) -> None:
         self.sizes = a.chunks[0]
         self.n = len(self.sizes)
         starts = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int)
         self.slices = [slice(int(starts[i]), int(starts[i + 1])) for i in range(self.n)]
-        workers = _scheduler().placeable_workers(ANY_SCOPE)
+        scope = current_options().scope
+        workers = _scheduler().placeable_workers(scope)
         self.column_worker = [workers[j % len(workers)] for j in range(self.n)]
+        self.column_scope = [pin(scope, w) for w in self.column_worker]
         from ..api import options
 
         with options(priority=10 * self.n + 10):  # before any step: every step waits for them
             self.tile = [[mutable(_copy_as, region_of(a, (self.slices[i], self.slices[j])), dtype,
-                                  scope=Scope(frozenset([self.column_worker[j]])))
+                                  scope=self.column_scope[j])
                           for j in range(self.n)] for i in range(self.n)]
 
 
 def _copy_as(block: np.ndarray, dtype: Any) -> np.ndarray:
-    return np.array(block, dtype=dtype, copy=True, order="C")
+    return array_module(block).array(block, dtype=dtype, copy=True, order="C")
 
 
 def _run(body: Any) -> Any:
@@ -88,22 +99,24 @@ def _result(tiles: list[list[Any]], dd: Region, sizes: tuple[int, ...], dtype: A
         for j, tile in enumerate(row):
             part = keep(i, j) if keep is not None else "all"
             if part == "zero":
-                blocks[i, j] = block_task(np.zeros, (sizes[i], sizes[j]), dtype)
+                blocks[i, j] = block_task(new_block, "zeros", (sizes[i], sizes[j]), dtype, on_gpu(),
+                                          name="zeros")
             else:
                 blocks[i, j] = dd.spawn(_part, tile, part)
     return DArray(blocks, (sizes, sizes), dtype)
 
 
 def _part(tile: np.ndarray, part: str) -> np.ndarray:
+    xp = array_module(tile)
     if part == "lower":
-        return np.tril(tile)
+        return xp.tril(tile)
     if part == "upper":
-        return np.triu(tile)
+        return xp.triu(tile)
     if part == "unit":
-        out = np.tril(tile, -1)
-        np.fill_diagonal(out, 1)
+        out = xp.tril(tile, -1)
+        xp.fill_diagonal(out, 1)
         return out
-    return np.array(tile, order="C")  # a copy: the tile is freed, or written, after
+    return xp.array(tile, order="C")  # a copy: the tile is freed, or written, after
 
 
 # -- Cholesky ------------------------------------------------------------------------------
@@ -148,6 +161,8 @@ def _factor_cholesky(dd: Region, t: list[list[Any]]) -> None:
 
 
 def _potrf(tile: np.ndarray) -> None:
+    if is_device_array(tile):
+        return _gpu.potrf(tile)
     tile[...] = np.linalg.cholesky(tile)  # LinAlgError: not positive definite
 
 
@@ -158,17 +173,23 @@ def _potrf(tile: np.ndarray) -> None:
 def _trsm_right_lower_h(lkk: np.ndarray, tile: np.ndarray) -> None:
     """tile := tile @ inv(L)^H; transposed: tile^T := inv(conj(L)) @ tile^T, and conj(L)
     is op("C") of lkk.T, whose upper triangle holds L^T."""
+    if is_device_array(tile):
+        return _gpu.trsm_right_lower_h(lkk, tile)
     _blas.trsm("L", "U", "C", "N", 1.0, lkk.T, tile.T)
 
 
 def _herk(aik: np.ndarray, tile: np.ndarray) -> None:
     """tile -= aik @ aik^H, the lower triangle only (all potrf reads): half a gemm.
     Transposed: tile^T -= (aik^T)^H @ aik^T, the upper triangle of tile^T."""
+    if is_device_array(tile):
+        return _gpu.herk(aik, tile)
     _blas.herk("U", "C", -1.0, aik.T, 1.0, tile.T)
 
 
 def _gemm_h(aik: np.ndarray, ajk: np.ndarray, tile: np.ndarray) -> None:
     """tile -= aik @ ajk^H; transposed: tile^T -= (ajk^T)^H @ aik^T."""
+    if is_device_array(tile):
+        return _gpu.gemm_h(aik, ajk, tile)
     _blas.gemm("C", "N", -1.0, ajk.T, aik.T, 1.0, tile.T)
 
 
@@ -219,6 +240,8 @@ def _factor_lu(dd: Region, tiles: _Tiles) -> list[Any]:
 
 
 def _getrf_panel(*panel: np.ndarray) -> np.ndarray:
+    if is_device_array(panel[0]):
+        return _gpu.getrf_panel(*panel)
     stacked = np.concatenate(panel)
     (getrf,) = _lapack().get_lapack_funcs(("getrf",), (stacked,))
     lu_, piv, info = getrf(stacked, overwrite_a=True)
@@ -232,6 +255,8 @@ def _getrf_panel(*panel: np.ndarray) -> np.ndarray:
 
 
 def _swap_rows(piv: np.ndarray, *column: np.ndarray) -> None:
+    if is_device_array(column[0]):
+        return _gpu.swap_rows(_row_order(piv, sum(t.shape[0] for t in column)), column)
     stacked = np.concatenate(column)
     for r, p in enumerate(piv):
         if p != r:
@@ -242,14 +267,27 @@ def _swap_rows(piv: np.ndarray, *column: np.ndarray) -> None:
         start += tile.shape[0]
 
 
+def _row_order(piv: Any, n: int) -> np.ndarray:
+    """The order ``piv``'s row swaps (LAPACK's, one after the other) put ``n`` rows in."""
+    order = np.arange(n)
+    for r, p in enumerate(to_host(piv).tolist()):
+        if p != r:
+            order[[r, p]] = order[[p, r]]
+    return order
+
+
 def _trsm_left_unit_lower(lkk: np.ndarray, tile: np.ndarray) -> None:
     """tile := inv(L) @ tile (L unit lower); transposed: tile^T := tile^T @ inv(L^T), and
     L^T is the upper triangle of lkk.T."""
+    if is_device_array(tile):
+        return _gpu.trsm_left_unit_lower(lkk, tile)
     _blas.trsm("R", "U", "N", "U", 1.0, lkk.T, tile.T)
 
 
 def _gemm_sub(a: np.ndarray, b: np.ndarray, tile: np.ndarray) -> None:
     """tile -= a @ b; transposed: tile^T -= b^T @ a^T."""
+    if is_device_array(tile):
+        return _gpu.gemm_sub(a, b, tile)
     _blas.gemm("N", "N", -1.0, b.T, a.T, 1.0, tile.T)
 
 
@@ -258,7 +296,7 @@ def _permutation(sizes: tuple[int, ...], *pivots: np.ndarray) -> np.ndarray:
     perm = np.arange(sum(sizes))
     start = 0
     for size, piv in zip(sizes, pivots, strict=True):
-        for r, p in enumerate(piv):
+        for r, p in enumerate(to_host(piv).tolist()):
             if p != r:
                 perm[[start + r, start + p]] = perm[[start + p, start + r]]
         start += size
@@ -266,12 +304,13 @@ def _permutation(sizes: tuple[int, ...], *pivots: np.ndarray) -> np.ndarray:
 
 
 def _permutation_block(perm: np.ndarray, rows: slice, cols: slice, dtype: Any) -> np.ndarray:
-    """Block (rows, cols) of ``p`` (``p[perm[i], i] == 1``)."""
-    block = np.zeros((rows.stop - rows.start, cols.stop - cols.start), dtype=dtype)
-    for c in range(cols.start, cols.stop):
-        r = perm[c]
-        if rows.start <= r < rows.stop:
-            block[r - rows.start, c - cols.start] = 1
+    """Block (rows, cols) of ``p`` (``p[perm[i], i] == 1``), on the GPU where ``perm``
+    was given to a GPU task (which receives it as a cupy array)."""
+    xp = array_module(perm)
+    block = xp.zeros((rows.stop - rows.start, cols.stop - cols.start), dtype=dtype)
+    where = perm[cols]
+    inside = (where >= rows.start) & (where < rows.stop)
+    block[where[inside] - rows.start, xp.arange(cols.stop - cols.start)[inside]] = 1
     return block
 
 
@@ -290,7 +329,7 @@ def solve(a: Any, b: Any, assume_a: str = "gen") -> DArray:
         raise ValueError(f"solve: a is {a.shape} and b is {b.shape}; b must have {a.shape[0]} rows")
     dtype = np.linalg.solve(np.eye(1, dtype=a.dtype), np.ones((1,) * b.ndim, dtype=b.dtype)).dtype
     tiles = _Tiles(a, dtype)
-    home = Scope(frozenset([tiles.column_worker[0]]))
+    home = tiles.column_scope[0]
     columns = (slice(0, b.shape[1]),) if b.ndim == 2 else ()
     rhs = [mutable(_rhs_tile, region_of(b, (tiles.slices[i], *columns)), dtype, scope=home)
            for i in range(tiles.n)]
@@ -332,25 +371,31 @@ def solve(a: Any, b: Any, assume_a: str = "gen") -> DArray:
 
 def _rhs_tile(block: np.ndarray, dtype: Any) -> np.ndarray:
     """A tile of the right-hand side, always a matrix (one column for a vector)."""
-    return np.array(block, dtype=dtype, copy=True).reshape(len(block), -1)
+    return array_module(block).array(block, dtype=dtype, copy=True).reshape(len(block), -1)
 
 
 def _rhs_block(tile: np.ndarray, ndim: int) -> np.ndarray:
-    return np.array(tile.ravel() if ndim == 1 else tile, copy=True)
+    return array_module(tile).array(tile.ravel() if ndim == 1 else tile, copy=True)
+
+
+def _solver(tile: Any) -> Any:
+    """Where ``solve_triangular`` is for ``tile``: scipy.linalg, or cupyx.scipy.linalg."""
+    return _gpu.triangular() if is_device_array(tile) else _lapack()
 
 
 def _trsm_lower(lkk: np.ndarray, tile: np.ndarray, unit: bool) -> None:
-    tile[...] = _lapack().solve_triangular(lkk, tile, lower=True, unit_diagonal=unit)
+    tile[...] = _solver(tile).solve_triangular(lkk, tile, lower=True, unit_diagonal=unit)
 
 
 def _trsm_lower_h(lkk: np.ndarray, tile: np.ndarray) -> None:
-    tile[...] = _lapack().solve_triangular(lkk, tile, lower=True, trans="C")
+    tile[...] = _solver(tile).solve_triangular(lkk, tile, lower=True, trans="C")
 
 
 def _trsm_upper(ukk: np.ndarray, tile: np.ndarray) -> None:
-    if np.any(np.diag(ukk) == 0):
+    xp = array_module(ukk)
+    if xp.any(xp.diag(ukk) == 0):
         raise np.linalg.LinAlgError("Singular matrix")
-    tile[...] = _lapack().solve_triangular(ukk, tile, lower=False)
+    tile[...] = _solver(tile).solve_triangular(ukk, tile, lower=False)
 
 
 def _gemm_h_sub(lki: np.ndarray, yk: np.ndarray, tile: np.ndarray) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..gpu.arrays import array_module
 from . import grid
 from .core import DArray, block_task, broadcast_region, operation
 from .creation import distribute
@@ -109,7 +110,8 @@ def _batch_chunks(batch: tuple[int, ...], a: DArray, b: DArray) -> Chunks:
 def _panel_product(dtype: Any, n: int, *panels: np.ndarray) -> np.ndarray:
     """The sum over k of ``a_k @ b_k``: ``panels`` holds the n pieces of a's row panel,
     then the n of b's column panel."""
-    out = np.matmul(panels[0], panels[n], dtype=dtype)
+    xp = array_module(*panels)
+    out = xp.matmul(panels[0], panels[n], dtype=dtype)
     for k in range(1, n):
-        out += np.matmul(panels[k], panels[n + k], dtype=dtype)
+        out += xp.matmul(panels[k], panels[n + k], dtype=dtype)
     return out

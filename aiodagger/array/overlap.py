@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from ..gpu.arrays import array_module
 from . import grid
-from .core import DArray, block_task, operation
+from .core import DArray, block_task, join_grid, operation
 
 __all__ = ["BOUNDARIES", "map_overlap"]
 
@@ -192,28 +193,29 @@ def _cut(a: DArray, index: tuple[int, ...], local: tuple[slice, ...], cuts: dict
 
 
 def _take(block: np.ndarray, local: tuple[slice, ...]) -> np.ndarray:
-    return np.array(block[local])  # a copy: only the halo is kept and sent, not the block
+    return array_module(block).array(block[local])  # a copy: only the halo is kept and sent, not the block
 
 
 def _apply(fn: Callable[..., Any], kwargs: dict[str, Any], layout: tuple[int, ...], specs: list[Any],
            fill: Any, dtype: Any, trims: tuple[tuple[int, int], ...], *pieces: np.ndarray) -> np.ndarray:
     """The extended block put together from ``pieces`` (flipped, repeated, or constant
     as ``specs`` say), ``fn`` applied, and the halo trimmed off."""
+    xp = array_module(*pieces)  # numpy, or cupy for blocks on a GPU
     given = iter(pieces)
-    nested = np.empty(layout, dtype=object)
-    for i, (ops, shape) in enumerate(specs):
+    parts = []
+    for ops, shape in specs:
         if ops is None:
-            nested.flat[i] = np.full(shape, fill, dtype=dtype)
+            parts.append(xp.full(shape, fill, dtype=dtype))
             continue
         piece = next(given)
         for axis, (kind, count) in enumerate(ops):
             if kind == "flip":
-                piece = np.flip(piece, axis)
+                piece = xp.flip(piece, axis)
             elif kind == "repeat":
-                piece = np.repeat(piece, count, axis=axis)
-        nested.flat[i] = piece
-    extended = np.block(nested.tolist()) if layout else nested[()]
-    out = np.asarray(fn(extended, **kwargs))
+                piece = xp.repeat(piece, count, axis=axis)
+        parts.append(piece)
+    extended = join_grid(layout, parts) if layout else parts[0]
+    out = xp.asarray(fn(extended, **kwargs))
     if out.shape != extended.shape:
         raise ValueError(f"map_overlap({getattr(fn, '__name__', fn)!r}): fn must keep the shape of the extended "
                          f"block; it returned shape {out.shape} for {extended.shape}")

@@ -7,7 +7,8 @@ sum of squared deviations) for ``var`` and ``std``, combined with Chan et al.'s 
 update so no pass over the data is repeated; (values, global indices) for ``argmax``
 and ``argmin``, ties going to the smallest index as numpy's do. The result dtype and
 numpy's own errors (an axis out of range, an empty ``min``) come from numpy, on a
-one-element stand-in, before any task is spawned.
+one-element stand-in, before any task is spawned. The tasks take their array module
+from the blocks: numpy, or cupy for blocks on a GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.array_utils import normalize_axis_tuple
 
+from ..gpu.arrays import array_module
 from . import grid
 from .core import DArray, block_task, operation
 
@@ -26,7 +28,7 @@ __all__ = ["SPLIT_EVERY", "arg_reduce", "reduce"]
 # blocks is four levels deep.
 SPLIT_EVERY = 8
 
-_SIMPLE: dict[str, Any] = {"sum": np.sum, "prod": np.prod, "min": np.min, "max": np.max, "any": np.any, "all": np.all}
+_SIMPLE = frozenset(["sum", "prod", "min", "max", "any", "all"])  # xp.<kind> reduces and combines
 
 
 def _stand_in(arr: DArray, axes: tuple[int, ...]) -> np.ndarray:
@@ -94,30 +96,33 @@ def _tree(arr: DArray, axes: tuple[int, ...], keepdims: bool, dtype: Any, name: 
 
 # -- what the tasks run ------------------------------------------------------------------
 def _partial(kind: str, block: np.ndarray, axes: tuple[int, ...], acc: Any) -> Any:
+    xp = array_module(block)
     if kind in _SIMPLE:
         if kind in ("sum", "prod"):
-            return _SIMPLE[kind](block, axis=axes, keepdims=True, dtype=acc)
-        return _SIMPLE[kind](block, axis=axes, keepdims=True)
+            return getattr(xp, kind)(block, axis=axes, keepdims=True, dtype=acc)
+        return getattr(xp, kind)(block, axis=axes, keepdims=True)
     count = int(np.prod([block.shape[a] for a in axes], dtype=np.int64))
-    total = np.sum(block, axis=axes, keepdims=True, dtype=acc)
+    total = xp.sum(block, axis=axes, keepdims=True, dtype=acc)
     if kind == "mean":
         return total, count
     mean = total / count if count else total
-    deviations = np.abs(block - mean) ** 2 if np.iscomplexobj(block) else (block - mean) ** 2
-    return count, mean, np.sum(deviations, axis=axes, keepdims=True, dtype=mean.dtype)
+    deviations = xp.abs(block - mean) ** 2 if xp.iscomplexobj(block) else (block - mean) ** 2
+    return count, mean, xp.sum(deviations, axis=axes, keepdims=True, dtype=mean.dtype)
 
 
 def _combine(kind: str, *parts: Any) -> Any:
     if kind in _SIMPLE:
-        return _SIMPLE[kind](np.stack(parts), axis=0)
+        xp = array_module(*parts)
+        return getattr(xp, kind)(xp.stack(parts), axis=0)
     if kind == "mean":
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
     count, mean, m2 = parts[0]
+    xp = array_module(mean)
     for n_b, mean_b, m2_b in parts[1:]:
         total = count + n_b
         if total:
             delta = mean_b - mean
-            sq = np.abs(delta) ** 2 if np.iscomplexobj(delta) else delta ** 2
+            sq = xp.abs(delta) ** 2 if xp.iscomplexobj(delta) else delta ** 2
             m2 = m2 + m2_b + sq * (count * n_b / total)
             mean = mean + delta * (n_b / total)
         count = total
@@ -134,40 +139,43 @@ def _finish(kind: str, axes: tuple[int, ...], keepdims: bool, dtype: Any, ddof: 
             count, _, m2 = part
             value = m2 / max(count - ddof, 0)
             if kind == "std":
-                value = np.sqrt(value)
-    value = np.asarray(value).astype(dtype, copy=False)
+                value = array_module(value).sqrt(value)
+    xp = array_module(value)
+    value = xp.asarray(value).astype(dtype, copy=False)
     return value if keepdims else value.squeeze(axis=axes)
 
 
 def _arg_partial(kind: str, block: np.ndarray, axis: int | None, origin: tuple[int, ...],
                  shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    pick = np.argmax if kind == "argmax" else np.argmin
+    xp = array_module(block)
+    pick = xp.argmax if kind == "argmax" else xp.argmin
     if axis is None:
         local = int(pick(block))
         where = np.unravel_index(local, block.shape)
         flat = np.ravel_multi_index(tuple(o + w for o, w in zip(origin, where, strict=True)), shape)
         ones = (1,) * block.ndim
-        return np.full(ones, block[where], dtype=block.dtype), np.full(ones, flat, dtype=np.intp)
+        return xp.asarray(block[where]).reshape(ones).copy(), xp.full(ones, flat, dtype=np.intp)
     local = pick(block, axis=axis, keepdims=True)
-    return np.take_along_axis(block, local, axis=axis), local + origin[axis]
+    return xp.take_along_axis(block, local, axis=axis), local + origin[axis]
 
 
 def _arg_combine(kind: str, axis: int | None, *parts: tuple[np.ndarray, np.ndarray]) -> Any:
-    values = np.stack([p[0] for p in parts])
-    index = np.stack([p[1] for p in parts])
+    xp = array_module(*(p[0] for p in parts))
+    values = xp.stack([p[0] for p in parts])
+    index = xp.stack([p[1] for p in parts])
     if axis is not None:  # the parts go along the axis in order: the first best wins ties
-        pick = np.argmax if kind == "argmax" else np.argmin
-        chosen = np.expand_dims(pick(values, axis=0), 0)
-        return (np.take_along_axis(values, chosen, axis=0)[0], np.take_along_axis(index, chosen, axis=0)[0])
+        pick = xp.argmax if kind == "argmax" else xp.argmin
+        chosen = xp.expand_dims(pick(values, axis=0), 0)
+        return (xp.take_along_axis(values, chosen, axis=0)[0], xp.take_along_axis(index, chosen, axis=0)[0])
     # axis None: block order is not flat order, so ties go to the smallest flat index
     flat_values, flat_index = values.reshape(len(parts)), index.reshape(len(parts))
-    nan = np.isnan(flat_values) if flat_values.dtype.kind in "fc" else np.zeros(len(parts), bool)
+    nan = xp.isnan(flat_values) if flat_values.dtype.kind in "fc" else xp.zeros(len(parts), bool)
     if nan.any():
         best = nan
     else:
         target = flat_values.max() if kind == "argmax" else flat_values.min()
         best = flat_values == target
-    i = int(np.flatnonzero(best)[np.argmin(flat_index[best])])
+    i = int(xp.flatnonzero(best)[xp.argmin(flat_index[best])])
     return values[i], index[i]
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import grid
-from .core import DArray, block_task, operation
+from .core import DArray, block_task, new_block, on_gpu, operation
 from .rechunk import rechunk_to
 
 __all__ = ["reshape"]
@@ -40,7 +40,7 @@ def reshape(arr: DArray, shape: Any, order: str = "C") -> DArray:
         return arr
     if arr.size == 0:
         blocks = np.empty((1,) * len(shape), dtype=object)
-        blocks[(0,) * len(shape)] = block_task(np.zeros, shape, arr.dtype, name="reshape")
+        blocks[(0,) * len(shape)] = block_task(new_block, "zeros", shape, arr.dtype, on_gpu(), name="reshape")
         return DArray(blocks, tuple((n,) for n in shape), arr.dtype)
 
     in_chunks: list[tuple[int, ...]] = [(1,)] * arr.ndim
@@ -69,8 +69,12 @@ def reshape(arr: DArray, shape: Any, order: str = "C") -> DArray:
         for out_axis, in_axis in leads.items():
             source[in_axis] = index[out_axis]
         block_shape = tuple(c[i] for c, i in zip(chunks, index, strict=True))
-        blocks[index] = block_task(np.reshape, arr._blocks[tuple(source)], block_shape, name="reshape")
+        blocks[index] = block_task(_reshape_block, arr._blocks[tuple(source)], block_shape, name="reshape")
     return DArray(blocks, chunks, arr.dtype)
+
+
+def _reshape_block(block: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return block.reshape(shape)
 
 
 def _groups(before: tuple[int, ...], after: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..gpu.arrays import array_module
 from . import grid
 from .core import DArray, block_task, operation
 
@@ -74,7 +75,7 @@ def _plan(arr: DArray, key: Any) -> list[Any]:
 def _cut(block: np.ndarray, key: tuple[Any, ...]) -> np.ndarray:
     # A copy, not a view: a view would keep the whole input block alive in the worker's
     # memory while being counted at the size of the cut.
-    return np.array(block[key])
+    return array_module(block).array(block[key])
 
 
 def _expand(key: Any, shape: tuple[int, ...]) -> list[Any]:
