@@ -50,7 +50,8 @@ def mutable(fn: Callable[..., Any], /, *args: Any, scope: Scope | None = None, *
     worker = workers[next(_round_robin) % len(workers)]
     key = new_key("mutable")
     name = getattr(fn, "__qualname__", type(fn).__name__)
-    opts = current_options().merged({"name": f"mutable {name}", "scope": Scope(frozenset([worker]))})
+    # Pinned to the worker; a GPU the scope asks for still holds there (tiles on a GPU).
+    opts = current_options().merged({"name": f"mutable {name}", "scope": (scope or ANY_SCOPE).on_worker(worker)})
     creator = sched.spawn(opts, functools.partial(make, fn, key, worker), args, kwargs)
     return Mutable(sched, key, name, {worker: creator})
 

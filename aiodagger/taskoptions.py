@@ -74,6 +74,12 @@ class Scope:
     def is_any(self) -> bool:
         return self.workers is None and self.thread is None and self.gpu is None and self.process is None
 
+    def on_worker(self, worker: int) -> Scope:
+        """This scope narrowed to ``worker``: what it asks of the processor (a GPU, a
+        thread) still holds there. A bare ``Scope({worker})`` put a block or a mutable
+        meant for a GPU on one of the worker's CPU threads."""
+        return Scope(frozenset([worker]), self.thread, self.gpu, self.process)
+
     def admits_gpus(self, devices: Collection[int]) -> bool:
         """Whether a worker with GPU processors on ``devices`` has one this scope takes
         (any worker does, for a scope that does not ask for a GPU)."""

@@ -514,3 +514,20 @@ async def test_fake_gpu_count_beyond_the_devices_fails_the_start(fake_cupy, monk
         with pytest.raises(dagger.NoProcessorError):
             await asyncio.wait_for(dagger.options(scope=dagger.scope(gpu=0)).spawn(_double, 1), 30)
         assert not any(p.startswith("GPUProc") for w in c.workers for p in w.processors)
+
+
+def _made_where():
+    cupy = __import__("cupy")
+    return {"on_gpu_stream": cupy.cuda.get_current_stream() is not cupy.cuda.Stream.null}
+
+
+def _read(m):
+    return m["on_gpu_stream"]
+
+
+async def test_fake_gpu_mutable_made_under_a_gpu_scope_is_made_on_the_gpu(fake_cupy):
+    async with dagger.Cluster(threads=1):
+        on_gpu = dagger.mutable(_made_where, scope=dagger.scope(gpu=0))
+        on_cpu = dagger.mutable(_made_where)
+        assert await asyncio.wait_for(dagger.spawn(_read, on_gpu), 30) is True
+        assert await asyncio.wait_for(dagger.spawn(_read, on_cpu), 30) is False

@@ -53,10 +53,8 @@ def _scheduler() -> Any:
 
 
 def pin(scope: Scope, worker: int) -> Scope:
-    """``scope`` narrowed to ``worker``: what it asks of the processor (a GPU, a thread)
-    still holds there. A bare ``Scope({worker})`` put a block meant for a GPU on one of
-    the worker's CPU threads."""
-    return Scope(frozenset([worker]), scope.thread, scope.gpu, scope.process)
+    """``scope`` narrowed to ``worker`` (:meth:`Scope.on_worker`)."""
+    return scope.on_worker(worker)
 
 
 def on_gpu() -> bool:
