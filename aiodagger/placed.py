@@ -25,7 +25,7 @@ from .task import DTask
 from .taskoptions import Scope
 
 __all__ = ["Mutable", "Placed", "Ref", "Shard", "bind", "call_dereferenced", "call_dereferenced_async",
-           "create", "create_async", "lend", "new_key", "take_back"]
+           "create", "create_async", "here", "lend", "new_key", "take_back"]
 
 # This process's objects, by key: mutables and shard pieces made here, and the objects a
 # datadeps region inside a task lends to the tasks it runs on this worker.
@@ -191,6 +191,11 @@ def bind(sched: Any, task: DTask[Any], handles: list[Placed]) -> None:
     task._opts = opts.with_after(tuple(c for h in handles for c in h._creators.values()))
     task._fn = functools.partial(
         call_dereferenced_async if task._kind == "async" else call_dereferenced, task._fn)
+
+
+def here(value: Any) -> Any:
+    """The object a Ref or handle stands for if it lives in this process, else None."""
+    return _TABLE.get(value.key) if isinstance(value, (Ref, Placed)) else None
 
 
 def _deref(value: Any) -> Any:

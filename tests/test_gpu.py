@@ -531,3 +531,25 @@ async def test_fake_gpu_mutable_made_under_a_gpu_scope_is_made_on_the_gpu(fake_c
         on_cpu = dagger.mutable(_made_where)
         assert await asyncio.wait_for(dagger.spawn(_read, on_gpu), 30) is True
         assert await asyncio.wait_for(dagger.spawn(_read, on_cpu), 30) is False
+
+
+def _zeros_here():
+    cupy = __import__("cupy")
+    return cupy.asarray(__import__("numpy").zeros(3))
+
+
+def _current_device(m):
+    cupy = __import__("cupy")
+    m += 1  # in place: must be the mutable's own array, on its own device
+    return cupy.cuda.Device().id, m.device.id
+
+
+async def test_fake_gpu_any_gpu_task_runs_where_its_device_input_lives(fake_cupy, monkeypatch):
+    monkeypatch.setenv("FAKECUPY_DEVICES", "2")
+    async with dagger.Cluster(threads=1):
+        tile = dagger.mutable(_zeros_here, scope=dagger.scope(gpu=1))
+        anygpu = dagger.options(scope=dagger.scope(gpu=True))
+        for _ in range(4):
+            assert await asyncio.wait_for(anygpu.spawn(_current_device, tile), 30) == (1, 1)
+        t = dagger.options(scope=dagger.scope(gpu=1)).spawn(lambda m: m.tolist(), tile)
+        assert await asyncio.wait_for(t, 30) == [4.0, 4.0, 4.0]  # every change made in place

@@ -12,9 +12,9 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
-from .arrays import cupy_module
+from .arrays import cupy_module, device_of, map_arrays
 
-__all__ = ["GpuSpec", "check_spec", "choose", "gpus_argument", "missing_reason", "parse_kind", "pick_gpu", "visible"]
+__all__ = ["GpuSpec", "check_spec", "choose", "gpus_argument", "missing_reason", "input_device", "parse_kind", "pick_gpu", "visible"]
 
 # What Cluster(gpus=...) takes, checked: "auto", a count, or device numbers.
 GpuSpec = str | int | tuple[int, ...]
@@ -106,12 +106,41 @@ def _why(seen: list[int]) -> str:
     return f" ({why})" if why else ""
 
 
-def pick_gpu(procs: dict[int, Any], wanted: bool | int | None) -> Any:
-    """The processor a GPU task goes to: device ``wanted``'s, or for ``gpu=True`` the one
-    with the fewest tasks running."""
+def pick_gpu(procs: dict[int, Any], wanted: bool | int | None, args: Any = (), kwargs: Any = None) -> Any:
+    """The processor a GPU task goes to: device ``wanted``'s; for ``gpu=True`` the device
+    its device inputs live on (``args``/``kwargs``: a mutable tile must be changed where
+    it is, not in a copy on another device), else the one with the fewest tasks running."""
     if type(wanted) is int:
         return procs[wanted]
+    if len(procs) > 1:
+        where = input_device(args, kwargs or {})
+        if where in procs:
+            return procs[where]
     return min(procs.values(), key=lambda p: p.running)
+
+
+def input_device(args: Any, kwargs: dict[str, Any]) -> int | None:
+    """The device of the first device array among a task's arguments (as values, as
+    finished DTasks' values, or as mutables' objects here), or None."""
+    from ..placed import Placed, Ref, here
+    from ..task import DTask
+
+    found: list[int] = []
+
+    def look(value: Any) -> Any:
+        if found:
+            return value
+        if isinstance(value, DTask):  # its value, if here
+            value = value._value
+        if isinstance(value, (Ref, Placed)):  # a mutable's object, if here
+            value = here(value)
+        device = device_of(value)
+        if device is not None:
+            found.append(device)
+        return value
+
+    map_arrays(tuple(args), kwargs, look)
+    return found[0] if found else None
 
 
 def parse_kind(kind: str) -> tuple[str, int | None]:

@@ -159,7 +159,7 @@ class LocalWorker:
         if task._kind == "async":
             self.async_proc.submit(task)
         elif task._kind[0] == "g":
-            pick_gpu(self.gpu_procs(), task._opts.scope.gpu).submit(task)
+            pick_gpu(self.gpu_procs(), task._opts.scope.gpu, task._args or (), task._kwargs).submit(task)
         else:
             self.thread_proc.submit(task)
 

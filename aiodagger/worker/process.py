@@ -795,7 +795,7 @@ class WorkerProcess:
         except (ValueError, NoProcessorError) as exc:
             self.complete(task, task._attempts, False, exc, 0.0, 0.0, None)
             return
-        pick_gpu(self.gpu_procs, device if device is not None else True).submit(task)
+        pick_gpu(self.gpu_procs, device if device is not None else True, task._args or (), task._kwargs).submit(task)
 
     def _submit(self, task: DTask[Any]) -> None:
         if task._opts.priority:
