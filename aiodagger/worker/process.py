@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import socket
+import sys
 import threading
 import types
 from collections.abc import Sequence
@@ -223,7 +224,7 @@ class WorkerProcess:
             self._record(P.Finished(task.id, attempt, "cancelled", 0, start, seconds, 0, []))
             self._drop_held(task)
             return
-        if ok and is_device_array(value):
+        if ok and "cupy" in sys.modules and is_device_array(value):
             # Stays on its device; pickled (to host) only if a reader elsewhere asks.
             size = device_nbytes(value)
             self.store.put(task.id, value, nbytes=size)
