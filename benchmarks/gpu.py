@@ -165,7 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--markdown", default=None, help="append the table to this file")
+    parser.add_argument("--quick", action="store_true",
+                        help="every size divided by 64: a check that the card runs, not a measurement")
     args = parser.parse_args(argv)
+    if args.quick:
+        global SMALL_TASKS, OVERLAP_TASKS, OVERLAP_BYTES, SPILL_BYTES
+        SMALL_TASKS, OVERLAP_TASKS = SMALL_TASKS // 64, OVERLAP_TASKS // 8
+        OVERLAP_BYTES, SPILL_BYTES = OVERLAP_BYTES // 64, SPILL_BYTES // 64
     from aiodagger.gpu.discovery import missing_reason
 
     why = missing_reason()
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         rows["ov-pool"].append(asyncio.run(_overlap(4)))
         rows["ov-one"].append(asyncio.run(_overlap(1)))
         rows["spill"].append(asyncio.run(_spill()))
-        rows["lat"].append(asyncio.run(_await_latency()))
+        rows["lat"].append(asyncio.run(_await_latency(5 if args.quick else 50)))
     med = {k: statistics.median(v) for k, v in rows.items()}
     table = "\n".join([
         "| GPU card | figure (median of rounds) |",

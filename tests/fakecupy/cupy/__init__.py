@@ -45,7 +45,8 @@ class ndarray(numpy.ndarray):
     device = _Dev(0)
 
     def __array_finalize__(self, obj) -> None:
-        self.device = getattr(obj, "device", None) or _Dev(_current_device())
+        device = getattr(obj, "device", None)  # numpy's own arrays say "cpu"
+        self.device = device if isinstance(device, _Dev) else _Dev(_current_device())
 
     def get(self) -> numpy.ndarray:
         return numpy.asarray(self).view(numpy.ndarray).copy()
@@ -207,3 +208,26 @@ class Event:
 
 cuda = SimpleNamespace(Device=Device, Stream=Stream, Event=Event, runtime=_Runtime, memory=_Memory,
                        get_current_stream=get_current_stream)
+
+
+class RawKernel:
+    """A kernel compiled from source: here it does nothing when launched."""
+
+    def __init__(self, code: str, name: str) -> None:
+        self.name = name
+
+    def __call__(self, grid, block, args) -> None:
+        pass
+
+
+def __getattr__(name: str):
+    """The rest of numpy's namespace, with arrays it returns made device arrays."""
+    attr = getattr(numpy, name)
+    if callable(attr) and not isinstance(attr, type):
+        def on_device(*args, **kwargs):
+            out = attr(*args, **kwargs)
+            if isinstance(out, numpy.ndarray) and not isinstance(out, ndarray):
+                out = out.view(ndarray)
+            return out
+        return on_device
+    return attr
