@@ -14,6 +14,9 @@ keeps its file: evicting it again costs no write. When memory cannot be brought 
 once in the log and in :meth:`~ChunkStore.stats`, and admits work anyway, because a
 deadlock is worse than memory over its limit.
 
+Values on a GPU (cupy arrays) are a tier above RAM, counted per device apart from it,
+and moved to RAM under their own limit: see :mod:`.device`.
+
 Chunks are treated as immutable: a value changed in place must be ``put`` again,
 which drops its file. Every method is called from the loop the store started on.
 """
@@ -37,6 +40,7 @@ import psutil
 from ..comm import framing
 from ..errors import SerializationError
 from . import process, spilldir, spillfile
+from .device import DeviceMemory, DeviceTier, parse_device_limit
 from .pressure import Pressure
 from .sizes import parse_memory_limit, sizeof
 from .spillfile import SpillCorruptedError
@@ -75,6 +79,10 @@ class StoreState(enum.Enum):
 class _Entry:
     __slots__ = ("key", "value", "nbytes", "path", "file_bytes", "pins", "writing", "hot",
                  "loading", "unspillable", "live")
+    # Class attributes, not slots: a host chunk costs no more to make than before there
+    # were device chunks (_DeviceEntry has the slots).
+    device: int | None = None
+    stream: Any = None
 
     def __init__(self, key: Hashable, value: Any, nbytes: int) -> None:
         self.key = key
@@ -83,11 +91,22 @@ class _Entry:
         self.path: Path | None = None  # the spill file, while there is one
         self.file_bytes = 0
         self.pins = 0
-        self.writing = False  # a write of its file is in flight
+        self.writing = False  # a write of its file (or its move to host) is in flight
         self.hot = False  # read while its write was in flight: keep it in RAM afterwards
         self.loading: asyncio.Future[Any] | None = None
-        self.unspillable = False  # pickling it failed once
+        self.unspillable = False  # pickling (or moving to host) failed once
         self.live = True  # False once deleted or replaced
+
+
+class _DeviceEntry(_Entry):
+    """A chunk put as a device value; ``device`` is None once its value moved to host."""
+
+    __slots__ = ("device", "stream")
+
+    def __init__(self, key: Hashable, value: Any, nbytes: int, device: int, stream: Any) -> None:
+        super().__init__(key, value, nbytes)
+        self.device = device
+        self.stream = stream  # the stream that made the value: its move is ordered on it
 
 
 class ChunkStore:
@@ -98,14 +117,23 @@ class ChunkStore:
     ``async with ChunkStore(...) as store`` or call :meth:`start` and :meth:`close`.
     ``monitor_interval`` is how often the process's RSS is sampled (None: count the
     chunks only).
+
+    ``device_limit`` is the bytes each GPU may hold in device values (an int, or a
+    string with a unit); above it the least recently used move to RAM. None: they are
+    counted, and move only when :meth:`free_device` asks. ``device_tier`` says which
+    values are device values and copies them (cupy's arrays by default; a test passes
+    its own).
     """
 
     def __init__(self, memory_limit: int | float | str | None,
                  spill_dir: str | os.PathLike[str] | None = None,
                  spill_fraction: float = 0.6, pause_fraction: float = 0.8,
-                 worker_name: str = "w0", monitor_interval: float | None = 0.2) -> None:
+                 worker_name: str = "w0", monitor_interval: float | None = 0.2,
+                 device_limit: int | str | None = None,
+                 device_tier: DeviceTier | None = None) -> None:
         if monitor_interval is not None and not monitor_interval > 0:
             raise ValueError(f"monitor_interval={monitor_interval!r}: seconds > 0, or None")
+        self.device_limit = parse_device_limit(device_limit)
         self.memory_limit = parse_memory_limit(memory_limit)
         self.worker_name = worker_name
         self.directory = spilldir.path_for(spill_dir, worker_name)
@@ -141,6 +169,10 @@ class ChunkStore:
         # worker keeps beside the store for that value (its shared segment) goes with it.
         self.on_drop: Callable[[Hashable], None] | None = None
         self._trimming = False
+        self._devices = DeviceMemory(device_tier or DeviceTier(), self.device_limit,
+                                     worker_name, self._moved_to_host)
+        # Bound once: put() asks every value, and most are not device values.
+        self._device_of = self._devices.tier.device_of
 
         self._executor: ThreadPoolExecutor | None = None
         self._owner_lock: int | None = None  # held while the spill directory is ours
@@ -208,6 +240,7 @@ class ChunkStore:
                 task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks)
+        await self._devices.close()  # moves to host in flight end in RAM, cleared below
         while self._io:  # loads and removals in flight
             await asyncio.wait(list(self._io))
         self._entries.clear()
@@ -229,14 +262,22 @@ class ChunkStore:
 
     # -- chunks --------------------------------------------------------------------
 
-    def put(self, key: Hashable, value: Any, nbytes: int | None = None, spillable: bool = True) -> None:
+    def put(self, key: Hashable, value: Any, nbytes: int | None = None, spillable: bool = True,
+            stream: Any = None) -> None:
         """Store ``value`` under ``key`` (replacing any chunk there), counted as ``nbytes``.
 
-        ``nbytes`` defaults to ``sizeof(value)``. Never blocks: a worker calls
+        ``nbytes`` defaults to ``sizeof(value)``, or to its device bytes for a device
+        value, which counts toward its device and not RAM. Never blocks: a worker calls
         :meth:`wait_admitted` *before* running the task that produces the value.
-        ``spillable=False`` keeps it in RAM for good (what keeps a mutable alive).
+        ``spillable=False`` keeps it where it is for good (what keeps a mutable alive).
+        ``stream`` is the stream that made a device value: its move to host is ordered
+        after that work (ignored for other values).
         """
         self._check_running("put")
+        device = self._device_of(value)
+        if device is not None:
+            self._put_device(key, value, device, nbytes, spillable, stream)
+            return
         if nbytes is None:
             nbytes = sizeof(value)
         if key in self._entries:
@@ -250,6 +291,17 @@ class ChunkStore:
         self._used += nbytes
         self._in_memory += 1
         self._update()
+
+    def _put_device(self, key: Hashable, value: Any, device: int, nbytes: int | None,
+                    spillable: bool, stream: Any) -> None:
+        if nbytes is None:
+            nbytes = self._devices.tier.nbytes(value)
+        if key in self._entries:
+            self.delete(key)
+        entry = _DeviceEntry(key, value, nbytes, device, stream)
+        entry.unspillable = not spillable
+        self._entries[key] = entry
+        self._devices.add(entry)  # RAM is unchanged: no _update()
 
     async def get(self, key: Hashable) -> Any:
         """The chunk's value, read back from disk if it was spilled (KeyError if absent).
@@ -291,13 +343,14 @@ class ChunkStore:
         ``old`` under ``key``, if ``old`` is what is held there and in RAM; no other
         change. False if not."""
         entry = self._entries.get(key)
-        if entry is None or entry.value is not old:
-            return False
+        if entry is None or entry.value is not old or entry.device is not None:
+            return False  # a device value has no equal elsewhere in host memory
         entry.value = new
         return True
 
     def peek_in_memory(self, key: Hashable, default: Any = None) -> Any:
-        """The value if it is in RAM now, else ``default``; no I/O and no LRU touch."""
+        """The value if it is in RAM (or on a device) now, else ``default``; no I/O and
+        no LRU touch."""
         entry = self._entries.get(key)
         if entry is None or entry.value is _MISSING:
             return default
@@ -314,7 +367,12 @@ class ChunkStore:
             # Tasks that pinned it unpin by key when they end: those unpins are its, not
             # those of a chunk put under the same key meanwhile (a recomputed value).
             self._orphan_pins[key] = self._orphan_pins.get(key, 0) + entry.pins
-        if entry.value is not _MISSING:
+        if entry.device is not None:
+            self._devices.remove(entry)
+            if self.on_drop is not None:
+                self.on_drop(key)
+            entry.value = _MISSING
+        elif entry.value is not _MISSING:
             self._evictable.pop(key, None)
             self._drop_value(entry)
         if entry.path is not None and not entry.writing:  # a write in flight removes its own file
@@ -332,7 +390,8 @@ class ChunkStore:
         return list(self._entries)
 
     def pin(self, key: Hashable) -> None:
-        """Keep ``key`` in RAM (once it is there) until as many :meth:`unpin` calls."""
+        """Keep ``key`` in RAM (once it is there), or on its device, until as many
+        :meth:`unpin` calls."""
         self._pin(self._entries[key])
 
     def unpin(self, key: Hashable) -> None:
@@ -402,6 +461,16 @@ class ChunkStore:
         return self._spilled_bytes
 
     @property
+    def device_used(self) -> dict[int, int]:
+        """Bytes of device values on each device (a copy), moves in flight included."""
+        return dict(self._devices.used)
+
+    @property
+    def device_spilled_bytes(self) -> int:
+        """Device bytes moved to host since the start."""
+        return self._devices.moved_bytes
+
+    @property
     def spilled_now(self) -> int:
         """Bytes in spill files now."""
         return self._spilled_now
@@ -453,6 +522,21 @@ class ChunkStore:
         self._check_running("wait_admitted")
         await self._pressure.wait_admitted()
 
+    async def free_device(self, device: int, nbytes: int) -> int:
+        """Move device values of ``device`` to RAM, least recently used first, until
+        ``nbytes`` have left it or nothing movable is left there; the bytes freed.
+
+        For a task that ran out of device memory: free, then retry once. Values pinned
+        by running tasks stay; moves already in flight there count as they end.
+        """
+        self._check_running("free_device")
+        if isinstance(device, bool) or not isinstance(device, int):
+            raise TypeError(f"free_device(device={device!r}, ...): pass the device number, "
+                            f"an int (cupy's array.device.id), not a {type(device).__name__}")
+        if device < 0:
+            raise ValueError(f"free_device(device={device}, ...): device numbers start at 0")
+        return await self._devices.free(device, nbytes)
+
     def stats(self) -> dict[str, Any]:
         """Counters for a worker's status: bytes unless named otherwise."""
         limit, pressure = self.memory_limit, self._pressure
@@ -484,6 +568,20 @@ class ChunkStore:
             "over_limit": 0 if limit is None else max(0, self.memory - limit),
             "unspillable": self._unspillable,
             "spill_dir": str(self.directory),
+            **self._device_stats(),
+        }
+
+    def _device_stats(self) -> dict[str, Any]:
+        devices = self._devices
+        return {
+            "device_limit": self.device_limit,
+            "device_used": dict(devices.used),  # device number -> bytes
+            "device_chunks": devices.chunks,
+            "device_moving": devices.moving_bytes(),
+            "device_spilled_bytes": devices.moved_bytes,
+            "device_moves": devices.moves,
+            "device_move_errors": devices.move_errors,
+            "device_last_error": None if devices.last_error is None else repr(devices.last_error),
         }
 
     def __repr__(self) -> str:
@@ -516,6 +614,8 @@ class ChunkStore:
     def _touch(self, entry: _Entry) -> None:
         if entry.key in self._evictable:
             self._evictable.move_to_end(entry.key)
+        elif entry.device is not None:
+            self._devices.touch(entry)
         elif entry.writing:
             entry.hot = True
 
@@ -523,7 +623,10 @@ class ChunkStore:
         entry.pins += 1
         if entry.pins == 1 and entry.live:
             self._pinned += 1
-            self._evictable.pop(entry.key, None)
+            if entry.device is None:
+                self._evictable.pop(entry.key, None)
+            else:
+                self._devices.unqueue(entry)
 
     def _unpin(self, entry: _Entry) -> None:
         if entry.pins == 0:
@@ -537,9 +640,21 @@ class ChunkStore:
     def _make_evictable(self, entry: _Entry, oldest: bool = False) -> None:
         if (entry.live and entry.value is not _MISSING and not entry.pins
                 and not entry.writing and not entry.unspillable):
+            if entry.device is not None:
+                self._devices.queue(entry)
+                return
             self._evictable[entry.key] = entry
             if oldest:
                 self._evictable.move_to_end(entry.key, last=False)
+
+    def _moved_to_host(self, entry: _Entry, value: Any, nbytes: int) -> None:
+        """The host copy of a device value takes its place: a chunk of the RAM tier now."""
+        entry.value, entry.nbytes = value, nbytes
+        self._used += nbytes
+        self._in_memory += 1
+        # The least recently used on its device: by the same rule, the first to leave RAM.
+        self._make_evictable(entry, oldest=True)
+        self._update()
 
     def _drop_value(self, entry: _Entry) -> None:
         if self.on_drop is not None:
