@@ -34,6 +34,7 @@ from .comm.server import check_listen
 from .comm.tls import worker_contexts
 from .gpu.discovery import check_spec
 from .memory import parse_memory_limit
+from .memory.device import parse_device_limit
 from .scheduler.core import Scheduler
 from .worker.aio import HURRY_GRACE
 from .worker.local import LocalWorker, WorkerInfo
@@ -102,6 +103,7 @@ class Cluster:
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
         tls_ca: str | os.PathLike[str] | None = None,
+        gpu_memory_limit: Any = None,
     ) -> None:
         if isinstance(processes, bool) or not isinstance(processes, int) or processes < 0:
             raise TypeError(f"Cluster(processes=...) takes an int >= 0, got {processes!r}")
@@ -124,6 +126,9 @@ class Cluster:
         self.spill_dir = None if spill_dir is None else os.fspath(spill_dir)
         # Checked here; the devices are found by each worker in its own process.
         self.gpus = check_spec(gpus)
+        # Device memory each worker's results may hold per GPU before the oldest move to
+        # host ("16GiB"); None: no limit, results move only when a task runs out of memory.
+        self.gpu_memory_limit = parse_device_limit(gpu_memory_limit)
         cpus = os.cpu_count() or 1
         self.threads = threads or cpus
         self.processes = processes
@@ -218,7 +223,8 @@ class Cluster:
         self._local = LocalWorker(sched, self.threads, task_context, self._init_pool_thread,
                                   memory_limit=own_limit, spill_dir=self.spill_dir,
                                   # with processes=N, worker 0 runs only what names it
-                                  gpus=self.gpus if not self.processes else 0)
+                                  gpus=self.gpus if not self.processes else 0,
+                                  gpu_memory_limit=self.gpu_memory_limit)
         sched.attach_local(self._local)
         self._sched = sched
         self._closed_event = asyncio.Event()
@@ -255,7 +261,7 @@ class Cluster:
             threads=self._worker_threads, heartbeat_interval=self._heartbeat[0],
             heartbeat_timeout=self._heartbeat[1], memory_limit=self.memory_limit,
             spill_dir=self.spill_dir, shutdown_timeout=self.shutdown_timeout, max_frame=self.max_frame,
-            worker_tls=self._worker_tls, gpus=self.gpus)
+            worker_tls=self._worker_tls, gpus=self.gpus, gpu_memory_limit=self.gpu_memory_limit)
         await self._launcher.start(self.processes)
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:

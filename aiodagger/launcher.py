@@ -56,7 +56,8 @@ class WorkerLauncher:
                  threads: int, heartbeat_interval: float, heartbeat_timeout: float,
                  memory_limit: int | None = None, spill_dir: str | None = None,
                  shutdown_timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME,
-                 worker_tls: dict[str, str] | None = None, gpus: GpuSpec = "auto") -> None:
+                 worker_tls: dict[str, str] | None = None, gpus: GpuSpec = "auto",
+                 gpu_memory_limit: int | None = None) -> None:
         if listen is not None:
             check_listen(listen, token)
         self.sched = sched
@@ -69,6 +70,7 @@ class WorkerLauncher:
         self.spill_dir = spill_dir
         self.max_frame = max_frame
         self.gpus = gpus
+        self.gpu_memory_limit = gpu_memory_limit
         self.worker_tls = worker_tls or {}  # "--tls-cert": path...: paths, never key material
         self.dist = WorkerRegistry(sched, heartbeat_interval, heartbeat_timeout)
         self._internal: Listener | None = None
@@ -130,6 +132,8 @@ class WorkerLauncher:
         if self.spill_dir is not None:
             extra += ["--spill-dir", self.spill_dir]
         extra += ["--gpus", gpus_argument(self.gpus)]
+        if self.gpu_memory_limit is not None:
+            extra += ["--gpu-memory-limit", str(self.gpu_memory_limit)]
         for _ in range(n):
             name = f"proc-{next(self._serial)}"
             token_fd = self._token_pipe()

@@ -553,3 +553,71 @@ async def test_fake_gpu_any_gpu_task_runs_where_its_device_input_lives(fake_cupy
             assert await asyncio.wait_for(anygpu.spawn(_current_device, tile), 30) == (1, 1)
         t = dagger.options(scope=dagger.scope(gpu=1)).spawn(lambda m: m.tolist(), tile)
         assert await asyncio.wait_for(t, 30) == [4.0, 4.0, 4.0]  # every change made in place
+
+
+def _device_ones(n):
+    cupy = __import__("cupy")
+    return cupy.asarray(__import__("numpy").ones(n))
+
+
+async def test_fake_gpu_results_past_the_device_limit_move_to_host(fake_cupy):
+    async with dagger.Cluster(processes=1, threads=1, gpu_memory_limit=20_000) as c:
+        gpu = dagger.options(scope=dagger.scope(gpu=0))
+        kept = [gpu.spawn(_device_ones, 1000) for _ in range(6)]  # 8,000 bytes each
+        await asyncio.wait_for(dagger.wait(kept), 30)
+        (wid,) = [w.id for w in c.workers if w.id != 0]
+        deadline = time.monotonic() + 20
+        while True:
+            stats = (await c.worker_stats())[wid]
+            if stats["device_spilled_bytes"] >= 4 * 8000 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert stats["device_used"] in ({0: 16000}, {"0": 16000}) and stats["device_spilled_bytes"] == 32000
+        sums = await asyncio.wait_for(dagger.gather(*[dagger.spawn(_host_sum, t) for t in kept]), 30)
+        assert sums == [("ndarray", 1000.0)] * 6  # moved or not, every value is whole
+
+
+async def test_fake_gpu_out_of_memory_moves_stored_results_to_host_first(fake_cupy):
+    import numpy as np
+
+    async with dagger.Cluster(threads=1, memory_limit="1GiB") as c:
+        gpu = dagger.options(scope=dagger.scope(gpu=0))
+        kept = [gpu.spawn(_device_ones, 1000) for _ in range(3)]
+        await asyncio.wait_for(dagger.wait(kept), 30)
+        store = c._local.store
+        assert store.device_used == {0: 24000} and store.device_spilled_bytes == 0
+        fake_cupy.FAKE.oom_next = 1
+        assert (await asyncio.wait_for(gpu.spawn(_double, np.ones(2)), 30)).tolist() == [2.0, 2.0]
+        # what the allocation asked for (16 bytes) is freed: the oldest result moves
+        assert store.device_spilled_bytes == 8000 and store.device_used == {0: 16000}
+        assert [float((await t).sum()) for t in kept] == [1000.0] * 3
+
+
+@pytest.mark.timeout(300)
+def test_the_gpu_card_runs_on_the_stand_in():
+    """benchmarks/gpu.py end to end (its figures mean nothing here: the work is numpy's)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([FAKE_DIR, str(root)])}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--rounds", "1", "--quick"], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    for card in ("G1 small kernels, stream pool", "one shared stream", "G2 copy/compute",
+                 "G3 device → host spill", "G4 await latency"):
+        assert card in out.stdout
+
+
+def test_the_gpu_card_says_why_without_a_device():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if devices.missing_reason() is None:
+        pytest.skip("this machine has a GPU")
+    root = Path(__file__).parent.parent
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu"], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "needs a CUDA device" in out.stderr

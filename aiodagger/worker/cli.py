@@ -62,6 +62,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", default="auto",
                         help="GPU processors: 'auto' (every CUDA device this worker sees; none without "
                              "cupy), a count N (the first N), or device numbers as a list, '[0,2]'")
+    parser.add_argument("--gpu-memory-limit", default=None,
+                        help='device memory results may hold per GPU before the oldest move to host, '
+                             'e.g. "16GiB" (default: no limit; they move when a task runs out of memory)')
     parser.add_argument("--data-host", help="the address this worker's data server listens on, "
                                             "where peers fetch inputs (default 0.0.0.0)")
 
@@ -173,6 +176,14 @@ def run_worker(args: argparse.Namespace) -> int:
     process.tune_heap(retain)
     keep_warm_buffers(retain)
     gpus = _gpus(args.gpus)
+    gpu_memory_limit = None
+    if args.gpu_memory_limit is not None:
+        from ..memory.device import parse_device_limit
+
+        try:
+            gpu_memory_limit = parse_device_limit(args.gpu_memory_limit)
+        except (TypeError, ValueError) as exc:
+            raise SystemExit(f"aiodagger worker: --gpu-memory-limit: {exc}") from None
     worker = WorkerProcess(
         args.scheduler, token, threads=args.threads,
         name=args.name or f"{os.uname().nodename}-{os.getpid()}",
@@ -182,7 +193,7 @@ def run_worker(args: argparse.Namespace) -> int:
         ssl_scheduler=None if args.subprocess else client_ssl,
         heartbeat_timeout=args.heartbeat_timeout, memory_limit=memory_limit, spill_dir=args.spill_dir,
         shutdown_timeout=args.shutdown_timeout, max_frame=max_frame, data_host=args.data_host,
-        gpus=gpus,
+        gpus=gpus, gpu_memory_limit=gpu_memory_limit,
     )
 
     def on_signal(sig: signal.Signals) -> None:

@@ -16,6 +16,7 @@ import contextvars
 import logging
 import os
 import socket
+import sys
 import types
 import weakref
 from collections import deque
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._bridge import Wakeup
 from ..gpu.discovery import GpuSpec, choose, missing_reason, pick_gpu
+from ..gpu.streams import readiness
 from ..interfaces import WorkerStatus
 from ..memory import ChunkStore, SpillCorruptedError, admit
 from ..placed import Ref
@@ -66,7 +68,7 @@ class LocalWorker:
 
     def __init__(self, owner: LocalWorkerOwner, nthreads: int, task_context: contextvars.Context,
                  thread_init: Callable[[], None], memory_limit: int | None = None,
-                 spill_dir: str | None = None, gpus: GpuSpec = 0) -> None:
+                 spill_dir: str | None = None, gpus: GpuSpec = 0, gpu_memory_limit: int | None = None) -> None:
         self._owner = owner
         self.loop = owner.loop
         self.memory_limit = memory_limit
@@ -79,6 +81,7 @@ class LocalWorker:
         self._reports_to = reports_to
         self._task_context = task_context
         self._gpu_spec = gpus
+        self._gpu_memory_limit = gpu_memory_limit
         # Made at the first GPU-scoped task or GPU question, not at start: finding
         # devices imports cupy and starts CUDA, which a CPU-only program never needs.
         self._gpu_procs: dict[int, GPUProc] | None = None
@@ -98,7 +101,8 @@ class LocalWorker:
     async def start_store(self) -> None:
         """Open the store (with a memory limit); before the first task."""
         if self.memory_limit is not None and self.store is None:
-            store = ChunkStore(self.memory_limit, self.spill_dir, worker_name="w0")
+            store = ChunkStore(self.memory_limit, self.spill_dir, worker_name="w0",
+                               device_limit=self._gpu_memory_limit)
             await store.start()
             self.store = store
 
@@ -142,7 +146,7 @@ class LocalWorker:
             if devices:
                 from ..gpu.proc import GPUProc
 
-                free = self.store.free_device if self.store is not None and hasattr(self.store, "free_device") else None
+                free = self.store.free_device if self.store is not None else None
                 for d in devices:
                     procs[d] = GPUProc(self.id, d, self._reports_to, self._task_context, free_device=free)
             self._gpu_procs = procs
@@ -240,7 +244,11 @@ class LocalWorker:
     def _keep(self, task: DTask[Any], value: Any) -> Any:
         """Put a result in the store; its DTask holds REMOTE (and keeps its lineage)."""
         assert self.store is not None
-        self.store.put(task.id, value, spillable=type(value) is not Ref)
+        stream = None
+        if "cupy" in sys.modules:  # a device value moves to host after the work that made it
+            made = readiness.of(value)
+            stream = made.stream if made is not None else None
+        self.store.put(task.id, value, spillable=type(value) is not Ref, stream=stream)
         if task._where is NOWHERE:
             task._where = set()
         task._where.add(self.id)

@@ -39,6 +39,7 @@ from ..comm.server import Listener, parse_address
 from ..errors import FrameTooLargeError, NoProcessorError, ProtocolError, TaskCancelledError
 from ..gpu.arrays import device_nbytes, is_device_array
 from ..gpu.discovery import parse_kind, pick_gpu
+from ..gpu.streams import readiness
 from ..memory import ChunkStore, SpillCorruptedError, admit, shared
 from ..placed import Ref
 from ..task import CANCELLED, PENDING, RUNNING, Chunk, DTask
@@ -83,7 +84,8 @@ class WorkerProcess:
                  heartbeat_interval: float = 1.0, heartbeat_timeout: float = 10.0,
                  memory_limit: int | None = None, spill_dir: str | None = None,
                  shutdown_timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME,
-                 data_host: str | None = None, gpus: list[int] | None = None) -> None:
+                 data_host: str | None = None, gpus: list[int] | None = None,
+                 gpu_memory_limit: int | None = None) -> None:
         self.scheduler_host, self.scheduler_port = parse_address(scheduler)
         # Where the data server listens: a remote worker for peers anywhere; a subprocess
         # worker on loopback, unless its cluster takes remote workers (they fetch from it).
@@ -102,6 +104,7 @@ class WorkerProcess:
         self.memory_limit = memory_limit
         self.spill_dir = spill_dir
         self.gpus = list(gpus or [])  # devices found by the CLI, in this process
+        self.gpu_memory_limit = gpu_memory_limit
         self.gpu_procs: dict[int, Any] = {}
         self.worker_id = -1
         self._early_runs: list[tuple[P.Run, list[Any]]] = []  # read before the id was taken
@@ -174,7 +177,8 @@ class WorkerProcess:
         return self._stopping
 
     def _new_store(self) -> ChunkStore:
-        store = ChunkStore(self.memory_limit, self.spill_dir, worker_name=self.name)
+        store = ChunkStore(self.memory_limit, self.spill_dir, worker_name=self.name,
+                           device_limit=self.gpu_memory_limit)
         store.on_drop = self._segments.drop
         return store
 
@@ -225,9 +229,12 @@ class WorkerProcess:
             self._drop_held(task)
             return
         if ok and "cupy" in sys.modules and is_device_array(value):
-            # Stays on its device; pickled (to host) only if a reader elsewhere asks.
+            # Stays on its device (a tier of the store, moved to host past the device
+            # limit, after the work on the stream that made it); pickled, to host, only
+            # if a reader elsewhere asks.
             size = device_nbytes(value)
-            self.store.put(task.id, value, nbytes=size)
+            made = readiness.of(value)
+            self.store.put(task.id, value, stream=made.stream if made is not None else None)
             self._record(P.Finished(task.id, attempt, "ok", size, start, seconds, 0, []))
             if task._dependents is not None:
                 self._finished_here(task, value)
@@ -442,8 +449,8 @@ class WorkerProcess:
         if self.gpus:
             from ..gpu.proc import GPUProc
 
-            free = getattr(self.store, "free_device", None)
-            self.gpu_procs = {d: GPUProc(0, d, self, task_context, free_device=free) for d in self.gpus}
+            self.gpu_procs = {d: GPUProc(0, d, self, task_context, free_device=self.store.free_device)
+                              for d in self.gpus}
         self.thread_proc.start()
         await self.store.start()
         self._listener = Listener(self._serve_peer, self.token, ssl=self.ssl_server,
