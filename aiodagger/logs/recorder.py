@@ -73,7 +73,7 @@ def _attach(cluster: Cluster) -> None:
             log = _logs[sched] = EventLog()
         if log not in sched.instruments:
             # Copy on write: the loop iterates the list it read, so any thread may swap it.
-            sched.instruments = [*sched.instruments, log]
+            sched.attach(log)
 
 
 def enable_logging() -> None:
@@ -96,8 +96,7 @@ def disable_logging() -> None:
         if _attach in on_cluster_start:
             on_cluster_start.remove(_attach)
         for sched, log in list(_logs.items()):
-            if log in sched.instruments:
-                sched.instruments = [i for i in sched.instruments if i is not log]
+            sched.detach(log)
 
 
 def logging_enabled() -> bool:

@@ -104,6 +104,26 @@ class Scheduler:
         self.local = local
         self._stored = local.keeps_results
 
+    def attach(self, instrument: Instrument) -> None:
+        """Add an observer of this scheduler's events (on its loop thread). Worker
+        processes start sending their events while any observer is attached."""
+        if instrument not in self.instruments:
+            self.instruments = [*self.instruments, instrument]  # a new list: iterations in flight keep theirs
+            self._listening_changed()
+
+    def detach(self, instrument: Instrument) -> None:
+        if instrument in self.instruments:
+            self.instruments = [i for i in self.instruments if i is not instrument]
+            self._listening_changed()
+
+    def _listening_changed(self) -> None:
+        # attach() may be called from any thread; workers are told on the loop
+        self.loop.call_soon_threadsafe(self._tell_workers)
+
+    def _tell_workers(self) -> None:
+        if self.dist is not None:
+            self.dist.listen(bool(self.instruments))
+
     @property
     def timed(self) -> bool:
         """Whether observers want runs timed (coroutines are timed only then)."""
