@@ -194,6 +194,7 @@ class WorkerRegistry:
     def __init__(self, sched: Scheduler, heartbeat_interval: float = 1.0,
                  heartbeat_timeout: float = 10.0) -> None:
         self.sched = sched
+        self.listening = False  # worker processes send their events (see listen())
         self.workers: dict[int, RemoteWorker] = {}
         # True while the cluster keeps worker processes of its own (processes=N): tasks
         # that do not name worker 0 wait for one rather than run in the caller's process.
@@ -1047,3 +1048,8 @@ class WorkerRegistry:
 
     def describe(self) -> list[str]:
         return [w.describe() for w in self.workers.values()]
+
+    # -- observers -------------------------------------------------------------------------
+    def listen(self, on: bool) -> None:
+        """Whether worker processes send their events (an observer is attached)."""
+        self.listening = on
