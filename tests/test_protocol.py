@@ -34,8 +34,13 @@ from aiodagger.comm.protocol import (
     FunctionDef,
     Functions,
     Get,
+    Events,
     Heartbeat,
     Holder,
+    Listen,
+    MoveEvent,
+    RunEvent,
+    StoreEvent,
     Holding,
     Item,
     Items,
@@ -99,6 +104,12 @@ SAMPLES: list[tuple[object, list[bytes]]] = [
     (Register("w", 1, "h", 1, ADDR6, None), []),
     (Register("w", 1, "h", 1, ADDR, None, [3, -4, 2**40]), []),
     (Register("w", 1, "h", 1, ADDR, None, [], [0, 3]), []),
+    (Register("w", 1, "h", 1, ADDR, None, [], [], 12345.678), []),
+    (Listen(True), []),
+    (Listen(False), []),
+    (Events([RunEvent(7, 0, "aiodagger-w1-thread-0")], [MoveEvent(8, 1 << 20, 2, 1.5, 1.75)],
+            [StoreEvent(9, 4096, "spilled", 2.0, 2.5), StoreEvent(-3, 0, "loaded", 3.0, 3.0)]), []),
+    (Events([], [], []), []),
     (Registered(0), []),
     (Blocked(0), []),
     (Blocked(3), []),
@@ -165,7 +176,7 @@ SAMPLES: list[tuple[object, list[bytes]]] = [
 ]
 
 RECORD_TYPES = {Holder, Dep, FunctionDef, ValueDef, RunTask, Missing, Finished, Memory, Item, Oversized, Shared,
-                SpawnTask}
+                SpawnTask, RunEvent, MoveEvent, StoreEvent}
 
 
 def sample_id(sample) -> str:
@@ -350,15 +361,23 @@ MALFORMED = [
     ("Get keys bool", {"op": "get", "a": [[1, True], ""]}, 0, r"malformed Get: field keys is bool"),
     ("Registered bool", {"op": "registered", "a": [False]}, 0,
      r"malformed Registered: field worker_id is bool"),
-    ("Register.memory_limit bool", {"op": "register", "a": ["w", 1, "h", 1, ADDR, False, [], []]}, 0,
+    ("Register.memory_limit bool", {"op": "register", "a": ["w", 1, "h", 1, ADDR, False, [], [], 0.0]}, 0,
      r"malformed Register: field memory_limit is bool"),
-    ("Register.memory_limit str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, "16G", [], []]}, 0,
+    ("Register.memory_limit str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, "16G", [], [], 0.0]}, 0,
      r"malformed Register: field memory_limit is str"),
     ("Blocked negative", {"op": "blocked", "a": [-1]}, 0, r"malformed Blocked: -1 threads"),
-    ("Register.holds str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, None, ["7"], []]}, 0,
+    ("Register.holds str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, None, ["7"], [], 0.0]}, 0,
      r"malformed Register: field holds"),
-    ("Register.gpus str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, None, [], ["0"]]}, 0,
+    ("Register.gpus str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, None, [], ["0"], 0.0]}, 0,
      r"malformed Register: field gpus"),
+    ("Register.clock nan", {"op": "register", "a": ["w", 1, "h", 1, ADDR, None, [], [], float("nan")]}, 0,
+     r"malformed Register: clock nan"),
+    ("MoveEvent inverted", {"op": "events", "a": [[], [[1, 10, 2, 5.0, 4.0]], []]}, 0,
+     r"malformed MoveEvent: from 5.0 to 4.0"),
+    ("StoreEvent kind", {"op": "events", "a": [[], [], [[1, 10, "burnt", 1.0, 2.0]]]}, 0,
+     r"malformed StoreEvent: unknown kind 'burnt'"),
+    ("RunEvent thread int", {"op": "events", "a": [[[1, 0, 5]], [], []]}, 0,
+     r"malformed RunEvent: field thread"),
     # negative counts
     ("RunTask.nparts -1", *run(with_field(RUN_TASK, 5, -1)), r"RunTask: field nparts is int -1"),
     ("Finished.nparts -1", *done(with_field(FINISHED, 6, -1)), r"Finished: field nparts is int -1"),
@@ -514,9 +533,9 @@ def test_deeply_nested_field_is_a_protocol_error(op):
 def test_valid_edge_values_are_taken():
     """The edges of each type are valid: nil memory limit, zero counts, an int for a float
     (a worker's thread count is the exception: at least one)."""
-    assert wire_decode({"op": "register", "a": ["", 0, "", 1, "", None, [], []]}).memory_limit is None
+    assert wire_decode({"op": "register", "a": ["", 0, "", 1, "", None, [], [], 0.0]}).memory_limit is None
     with pytest.raises(ProtocolError, match="threads >= 1"):
-        wire_decode({"op": "register", "a": ["", 0, "", 0, "", None, [], []]})
+        wire_decode({"op": "register", "a": ["", 0, "", 0, "", None, [], [], 0.0]})
     msg = wire_decode({"op": "done", "a": [[[0, 0, "ok", 0, 0, 0, 0, []]], MEMORY]})
     assert msg.results[0].start == 0 and type(msg.results[0]) is Finished
     task = wire_decode({"op": "run", "a": [[[5, "f", b"h", "thread", 0, 2, [], True, False, [], True, [], 0]]]}, 2)

@@ -21,7 +21,14 @@ rule broken is a ProtocolError.
 op                 direction             fields (records in CamelCase)
 =================  ====================  ==============================================
 ``register``       worker -> scheduler   name, pid, host, threads, address,
-                   (request)             memory_limit; reply ``Registered(worker_id)``
+                   (request)             memory_limit, holds, gpus, clock (its
+                                         perf_counter as it sent this); reply
+                                         ``Registered(worker_id)``
+``listen``         scheduler -> worker   on: send ``events`` (an observer is attached)
+``events``         worker -> scheduler   runs [RunEvent(key, attempt, thread)], moves
+                                         [MoveEvent(key, nbytes, source, start, stop)],
+                                         stores [StoreEvent(key, nbytes, how, start,
+                                         stop)]; times on the worker's clock
 ``heartbeat``      both ways             stats (a map; empty from the scheduler); a
                                          worker answers each of the scheduler's
 ``functions``      scheduler -> worker   defs [FunctionDef(hash)], one buffer each (the
@@ -391,7 +398,7 @@ class Registered(NamedTuple):
     worker_id: int
 
 
-@message("register", STR, INT, STR, INT, STR, OPT_INT, IDS, IDS, reply=Registered)
+@message("register", STR, INT, STR, INT, STR, OPT_INT, IDS, IDS, FLOAT, reply=Registered)
 class Register(NamedTuple):
     name: str
     pid: int
@@ -404,6 +411,52 @@ class Register(NamedTuple):
     holds: list[int] = []
     # The devices of its GPU processors (none without cupy or a CUDA device).
     gpus: list[int] = []
+    # Its perf_counter() as it sent this: the scheduler's estimate of its clock's offset.
+    clock: float = 0.0
+
+
+@message("listen", BOOL)
+class Listen(NamedTuple):
+    """Whether to send ``events``: an observer of the scheduler's events is attached."""
+    on: bool
+
+
+@record(INT, INT, STR)
+class RunEvent(NamedTuple):
+    """The thread a run of task ``key`` used."""
+    key: int
+    attempt: int
+    thread: str
+
+
+@record(INT, COUNT, INT, FLOAT, FLOAT)
+class MoveEvent(NamedTuple):
+    """Value ``key`` came here from worker ``source``."""
+    key: int
+    nbytes: int
+    source: int
+    start: float
+    stop: float
+
+
+STORE_HOWS = frozenset(("spilled", "loaded", "sent"))
+
+
+@record(INT, COUNT, STR, FLOAT, FLOAT)
+class StoreEvent(NamedTuple):
+    """The store moved chunk ``key``: ``how`` is "spilled", "loaded" or "sent" (from its file)."""
+    key: int
+    nbytes: int
+    how: str
+    start: float
+    stop: float
+
+
+@message("events", [RunEvent], [MoveEvent], [StoreEvent])
+class Events(NamedTuple):
+    runs: list[RunEvent]
+    moves: list[MoveEvent]
+    stores: list[StoreEvent]
 
 
 @message("heartbeat", MAP)
@@ -643,6 +696,17 @@ def _check_values(msg: Any) -> None:
         raise ProtocolError(f"malformed Blocked: {msg.threads} threads")
     elif type(msg) is Register and msg.threads < 1:
         raise ProtocolError(f"malformed Register: a worker needs threads >= 1, got {msg.threads}")
+    elif type(msg) is Register and not -_INF < msg.clock < _INF:
+        raise ProtocolError(f"malformed Register: clock {msg.clock!r} (times are finite)")
+    elif type(msg) is Events:
+        # Observers draw these: a NaN or an inverted span would draw nonsense for good.
+        spans: list[MoveEvent | StoreEvent] = [*msg.moves, *msg.stores]
+        for span in spans:
+            if not -_INF < span.start <= span.stop < _INF:
+                raise ProtocolError(f"malformed {type(span).__name__}: from {span.start!r} to {span.stop!r}")
+        for stored in msg.stores:
+            if stored.how not in STORE_HOWS:
+                raise ProtocolError(f"malformed StoreEvent: unknown kind {stored.how!r}")
 
 
 def decode_record(cls: type, raw: Any) -> Any:

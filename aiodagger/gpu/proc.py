@@ -70,6 +70,7 @@ class GPUProc:
             streams = int(os.environ.get("AIODAGGER_GPU_STREAMS", DEFAULT_STREAMS))
         self.streams = StreamPool(new_stream, streams)
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix=f"aiodagger-gpu{device}")
+        self.thread = f"GPU {device}"  # the lane observers draw its runs on
         self.running = 0
         self.retried = 0  # tasks run again after running out of device memory
 

@@ -168,6 +168,9 @@ class ChunkStore:
         # Called with a key whose value leaves RAM (deleted, replaced or spilled): what a
         # worker keeps beside the store for that value (its shared segment) goes with it.
         self.on_drop: Callable[[Hashable], None] | None = None
+        # Observers: on_event(how, key, nbytes, start, stop) for each chunk "spilled",
+        # "loaded" back or "sent" from its file (perf_counter times); None: nobody asks.
+        self.on_event: Callable[[str, Hashable, int, float, float], None] | None = None
         self._trimming = False
         self._devices = DeviceMemory(device_tier or DeviceTier(), self.device_limit,
                                      worker_name, self._moved_to_host)
@@ -333,9 +336,12 @@ class ChunkStore:
         if entry.value is not _MISSING or entry.loading is not None:
             return None  # in RAM, or on its way there: no second read
         # Its buffers are the caller's once handed over: not counted after the read.
+        start = time.perf_counter()
         parts = await self._read_file(entry, spillfile.read_parts)
         self._update()
         self._sent_from_disk += 1
+        if self.on_event is not None:
+            self.on_event("sent", entry.key, entry.file_bytes, start, time.perf_counter())
         return parts
 
     def swap(self, key: Hashable, old: Any, new: Any) -> bool:
@@ -779,10 +785,16 @@ class ChunkStore:
             self._file_seq += 1
             jobs.append((self.directory / f"{self._file_seq}.spill", entry.value))
         results: list[int | Exception | None]
+        start = time.perf_counter()
         try:
             results = await self._run_io(spillfile.dump_many, jobs)
         except Exception as exc:  # MemoryError in the thread, say: a failed write all the same
             results = [exc, *[None] * (len(jobs) - 1)]
+        if self.on_event is not None:
+            stop = time.perf_counter()
+            for entry, result in zip(batch, results, strict=True):
+                if isinstance(result, int):
+                    self.on_event("spilled", entry.key, result, start, stop)
         self._writing -= len(batch)
         self._writing_bytes -= sum(entry.nbytes for entry in batch)
         # Put back what was not written in LRU order, oldest first.
@@ -831,10 +843,13 @@ class ChunkStore:
                        "there, chunks stay in memory", self.worker_name, self.directory, exc)
 
     async def _load(self, entry: _Entry) -> Any:
+        start = time.perf_counter()
         try:
             value = await self._read_file(entry, spillfile.load)
         finally:
             entry.loading = None
+        if self.on_event is not None:
+            self.on_event("loaded", entry.key, entry.file_bytes, start, time.perf_counter())
         self._loads += 1
         if entry.live and entry.value is _MISSING:
             entry.value = value

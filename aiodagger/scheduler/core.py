@@ -18,6 +18,7 @@ import os
 import threading
 import types
 from collections import deque
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from .._args import DEPS, LEAF_TYPES, STREAM, find_dependencies
@@ -118,11 +119,23 @@ class Scheduler:
 
     def _listening_changed(self) -> None:
         # attach() may be called from any thread; workers are told on the loop
-        self.loop.call_soon_threadsafe(self._tell_workers)
+        if threading.get_ident() == self.loop_thread_id:
+            self._tell_workers()
+        elif not self.loop.is_closed():  # closed: no worker left to tell
+            call_soon_quietly(self.loop, self._tell_workers)
 
     def _tell_workers(self) -> None:
+        listening = bool(self.instruments)
         if self.dist is not None:
-            self.dist.listen(bool(self.instruments))
+            self.dist.listen(listening)
+        store = getattr(self.local, "store", None)
+        if store is not None:
+            store.on_event = self._stored_here if listening else None
+
+    def _stored_here(self, how: str, key: Any, nbytes: int, start: float, stop: float) -> None:
+        if type(key) is int:
+            for instrument in self.instruments:
+                instrument.chunk_stored(0, key, nbytes, how, start, stop)
 
     @property
     def timed(self) -> bool:
@@ -370,6 +383,10 @@ class Scheduler:
 
     def _make_ready(self, task: DTask[Any], freed: bool = False) -> None:
         dist = self.dist
+        if self.instruments:
+            now = perf_counter()
+            for instrument in self.instruments:
+                instrument.task_ready(task, now)
         if task._kind == "async" and (dist is None or not self._goes_remote(task)) and (
                 not self._stored or not task._resolve):
             # Coroutines have no capacity to wait for: start them at once.
@@ -377,6 +394,8 @@ class Scheduler:
             if task._opts.timeout is not None:
                 self._arm_timeout(task)
             self._local_worker.async_proc.submit(task)
+            if self.instruments:
+                self.dispatched(task, 0)
             return
         task._state = READY
         # Within a priority, tasks that finished tasks made ready, and tasks spawned inside
@@ -438,6 +457,8 @@ class Scheduler:
             if task._opts.timeout is not None:
                 self._arm_timeout(task)
             proc.submit(task)
+            if self.instruments:
+                self.dispatched(task, 0)
 
     def _flush_distributed(self, task: DTask[Any]) -> bool:
         """Place the heap's top task in a cluster with other workers; False: no room now."""
@@ -474,6 +495,8 @@ class Scheduler:
             task._est = self.runtimes.get(task._fnkey)
             self._arm_timeout(task)
             proc.submit(task)
+            if self.instruments:
+                self.dispatched(task, 0)
             return True
         candidates = dist.candidates(task)
         if not candidates and dist.expects_workers and not dist.workers and dist.gave_up is None:
@@ -542,6 +565,20 @@ class Scheduler:
     def starting(self, task: DTask[Any]) -> None:
         """Worker 0 has ``task``'s inputs in place and runs it now: its timeout starts."""
         self._arm_timeout(task)
+        if self.instruments:
+            self.dispatched(task, 0)
+
+    def dispatched(self, task: DTask[Any], worker: int) -> None:
+        """Tell observers ``task`` went to ``worker`` (called only when there are some)."""
+        now = perf_counter()
+        for instrument in self.instruments:
+            instrument.task_dispatched(task, worker, now)
+
+    def _retried(self, task: DTask[Any], reason: str) -> None:
+        if self.instruments:
+            now = perf_counter()
+            for instrument in self.instruments:
+                instrument.task_retried(task, reason, now)
 
     def input_lost(self, task: DTask[Any], dep: DTask[Any]) -> None:
         """Worker 0 could not read ``dep``'s stored result for ``task``: compute it again."""
@@ -584,7 +621,10 @@ class Scheduler:
             # Coroutines overlap on the loop: their wall time says nothing of their cost.
             self.runtimes.observe(task._fnkey, seconds)
         if self.instruments and start:
+            thread = getattr(proc, "thread", "") if proc.worker_id == 0 else ""
             for instrument in self.instruments:
+                if thread:
+                    instrument.task_thread(task, 0, thread)
                 instrument.task_ran(task, proc.worker_id, repr(proc), start, start + seconds, ok)
         if task._cancelled or task._attempts != attempt or task._state is FINISHED or task._state is FAILED:
             return  # cancelled, timed out, or a stale attempt: nobody waits for this run
@@ -620,6 +660,7 @@ class Scheduler:
         if task._attempts < task._opts.retries:
             task._attempts += 1
             logger.info("retrying %s (attempt %d) after %r", task._describe(), task._attempts + 1, exc)
+            self._retried(task, f"{type(exc).__name__}: {exc}")
             task._state = PENDING
             self._disarm_timeout(task)
             self._make_ready(task)
@@ -783,6 +824,7 @@ class Scheduler:
             task._attempts += 1
             logger.info("retrying %s (attempt %d): worker %d was lost", task._describe(),
                         task._attempts + 1, wid)
+            self._retried(task, f"worker {wid} was lost ({reason})")
             task._state = PENDING
             self._disarm_timeout(task)
             self._make_ready(task)

@@ -28,8 +28,10 @@ import functools
 import ipaddress
 import itertools
 import logging
+import socket
 import weakref
 from collections.abc import Sequence
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
@@ -83,6 +85,10 @@ class ProcView:
         return f"AsyncProc(worker={self.worker_id})"
 
 
+# This machine's name, as workers on it report theirs (Register.host).
+_THIS_HOST = socket.gethostname()
+
+
 class RemoteWorker:
     """The scheduler's view of one worker process."""
 
@@ -101,6 +107,11 @@ class RemoteWorker:
         self.threads = info.threads  # >= 1: checked when the message was decoded
         self.memory_limit = info.memory_limit
         self.gpus = list(info.gpus)  # its GPU processors' devices
+        # Its clock less ours, to put its events' times on this process's clock: none on
+        # this machine (perf_counter is CLOCK_MONOTONIC, one clock for all processes),
+        # else from its registration's send time (off by the one-way latency).
+        self.clock_offset = 0.0 if info.host == _THIS_HOST else info.clock - perf_counter()
+        self.paused = False
         self.status = WorkerStatus.RUNNING
         self.last_seen = 0.0
         self.bytes_seen = 0  # what its connection had received at the last watch
@@ -262,6 +273,7 @@ class WorkerRegistry:
             P.Done: functools.partial(self._on_done, worker),
             P.Holding: functools.partial(self._on_holding, worker),
             P.Heartbeat: functools.partial(self._on_heartbeat, worker),
+            P.Events: functools.partial(self._on_events, worker),
             P.Blocked: functools.partial(self._on_blocked, worker),
             P.Spawn: functools.partial(self._on_spawn, worker),
             P.Forget: self._on_forget,
@@ -282,6 +294,13 @@ class WorkerRegistry:
         self.workers[worker.id] = worker
         endpoint.handlers = self._handlers(worker)
         logger.info("worker %d joined: %s", worker.id, worker.describe())
+        if self.listening:
+            worker.send_quietly(P.Listen(True))
+        instruments = self.sched.instruments
+        if instruments:
+            now = perf_counter()
+            for i in instruments:
+                i.worker_joined(worker.id, worker.name, worker.address, worker.processors(), now)
         if msg.holds:
             self._adopt(worker, msg.holds)
         asyncio.ensure_future(self._notify_registered())
@@ -317,6 +336,35 @@ class WorkerRegistry:
             worker.memory = P.decode_record(P.Memory, [stats.get(name) for name in _MEMORY_STATS])
         except P.ProtocolError:
             pass  # counters missing, or not counts: its completions still carry them
+        instruments = self.sched.instruments
+        if instruments:
+            now = perf_counter()
+            paused = stats.get("paused") is True
+            memory = worker.memory
+            for i in instruments:
+                if paused != worker.paused:
+                    i.worker_paused(worker.id, paused, now)
+                i.memory_sampled(worker.id, memory.used, worker.memory_limit, memory.spilled_bytes, now)
+            worker.paused = paused
+
+    def _on_events(self, worker: RemoteWorker, msg: P.Events, buffers: list[Any]) -> None:
+        """What a worker process saw, for observers (sent only while they listen)."""
+        instruments = self.sched.instruments
+        if not instruments:
+            return
+        offset = worker.clock_offset
+        for run in msg.runs:
+            task = worker.running.get(run.key)
+            if task is not None and task._attempts == run.attempt:
+                for i in instruments:
+                    i.task_thread(task, worker.id, run.thread)
+        for move in msg.moves:
+            for i in instruments:
+                i.data_moved(move.key, move.nbytes, move.source, worker.id, move.start - offset,
+                             move.stop - offset)
+        for s in msg.stores:
+            for i in instruments:
+                i.chunk_stored(worker.id, s.key, s.nbytes, s.how, s.start - offset, s.stop - offset)
 
     def _on_blocked(self, worker: RemoteWorker, msg: P.Blocked, buffers: list[Any]) -> None:
         more = msg.threads > worker.blocked
@@ -490,6 +538,8 @@ class WorkerRegistry:
         worker.running[task.id] = task
         task._handle = worker
         self._dirty.add(worker)
+        if self.sched.instruments:
+            self.sched.dispatched(task, worker.id)
         if not self._send_wakeup.pending:
             self._send_wakeup.request()
         if task._dependents is not None:
@@ -705,10 +755,10 @@ class WorkerRegistry:
                     except Exception as exc:  # noqa: BLE001 - e.g. its class is not importable here
                         logger.warning("the result of %s cannot be loaded in this process (%s); it "
                                        "stays on worker %d", task._describe(), exc, worker.id)
-                sched.complete(task, rec.attempt, True, value, rec.start, rec.seconds, proc)
+                sched.complete(task, rec.attempt, True, value, rec.start - worker.clock_offset, rec.seconds, proc)
             elif status == "error":
-                sched.complete(task, rec.attempt, False, _load_error(parts[0], task), rec.start,
-                               rec.seconds, proc)
+                sched.complete(task, rec.attempt, False, _load_error(parts[0], task),
+                               rec.start - worker.clock_offset, rec.seconds, proc)
             elif status == "missing":
                 sched.dependencies_lost(task, [self._missing(worker, m) for m in rec.missing])
             elif status == "dropped" and held:
@@ -913,6 +963,7 @@ class WorkerRegistry:
         missing: list[Any] = []
         shm = P.shm_key()
         while keys:  # a reply carries what fits in one frame, and names the rest "later"
+            start = perf_counter()
             reply, buffers = await worker.endpoint.request(P.Get(keys, shm))
             unmapped = await self._map_shared(reply.shared, by_key)
             if unmapped:  # released meanwhile, or not this machine's /dev/shm after all
@@ -929,11 +980,23 @@ class WorkerRegistry:
                 obj = by_key.get(item.key)
                 if obj is not None and obj._value is REMOTE:
                     obj._value = P.loads(parts[0], parts[1:])
+            if self.sched.instruments:
+                self._fetched(worker, reply, buffers, start)
             missing.extend(by_key[k] for k in reply.missing if k in by_key)
             if len(reply.later) >= len(keys):
                 raise P.ProtocolError(f"worker {worker.id} answered a get with nothing but 'later'")
             keys = reply.later
         return missing
+
+    def _fetched(self, worker: RemoteWorker, reply: P.Items, buffers: list[Any], start: float) -> None:
+        """Tell observers what one reply of ``worker`` brought to this process."""
+        stop = perf_counter()
+        moved = [(seg.key, seg.size) for seg in reply.shared]
+        for item, parts in P.split_parts(reply.items, buffers):
+            moved.append((item.key, sum(memoryview(p).nbytes for p in parts)))
+        for key, nbytes in moved:
+            for i in self.sched.instruments:
+                i.data_moved(key, nbytes, worker.id, 0, start, stop)
 
     async def _map_shared(self, segments: list[P.Shared], by_key: dict[int, Any]) -> list[int]:
         """Load the values a holder put in shared segments; return the keys of those that
@@ -983,6 +1046,7 @@ class WorkerRegistry:
             return
         worker.status = WorkerStatus.LOST
         logger.warning("worker %d (%s) lost: %s", worker.id, worker.address, reason)
+        self._left(worker, reason, lost=True)
         running = list(worker.running.values())
         worker.running.clear()
         for key in [k for k, (_, wid) in self.nested.items() if wid == worker.id]:
@@ -1035,6 +1099,7 @@ class WorkerRegistry:
             await asyncio.sleep(0)  # let their "holding" notes arrive first
         self.workers.pop(worker.id, None)
         worker.status = WorkerStatus.CLOSING
+        self._left(worker, "retired", lost=False)
         worker.send_quietly(P.Shutdown())
 
     async def close(self) -> None:
@@ -1052,4 +1117,14 @@ class WorkerRegistry:
     # -- observers -------------------------------------------------------------------------
     def listen(self, on: bool) -> None:
         """Whether worker processes send their events (an observer is attached)."""
-        self.listening = on
+        if on != self.listening:
+            self.listening = on
+            for worker in self.workers.values():
+                worker.send_quietly(P.Listen(on))
+
+    def _left(self, worker: RemoteWorker, reason: str, lost: bool) -> None:
+        instruments = self.sched.instruments
+        if instruments:
+            now = perf_counter()
+            for i in instruments:
+                i.worker_left(worker.id, reason, lost, now)

@@ -35,6 +35,7 @@ class AsyncProc:
     """The loop of one worker, as a processor for ``async def`` tasks."""
 
     kind = "async"
+    thread = "event loop"  # where every run goes, for observers
 
     def __init__(self, worker_id: int, owner: ProcessorOwner, context: contextvars.Context) -> None:
         self.worker_id = worker_id

@@ -24,6 +24,7 @@ import sys
 import threading
 import types
 from collections.abc import Sequence
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
@@ -106,6 +107,10 @@ class WorkerProcess:
         self.gpus = list(gpus or [])  # devices found by the CLI, in this process
         self.gpu_memory_limit = gpu_memory_limit
         self.gpu_procs: dict[int, Any] = {}
+        # Events for the scheduler's observers, batched, collected only while it asks
+        # (P.Listen): with nobody listening a worker pays one truth test per event.
+        self.listening = False
+        self._events: tuple[list[P.RunEvent], list[P.MoveEvent], list[P.StoreEvent]] = ([], [], [])
         self.worker_id = -1
         self._early_runs: list[tuple[P.Run, list[Any]]] = []  # read before the id was taken
         # Results and inputs by key (task id, or -chunk id), spilled to disk past the
@@ -216,6 +221,8 @@ class WorkerProcess:
             self.async_proc.submit(task, value)  # a sync function returned a coroutine
             return
         self._forget_running(task)
+        if self.listening and proc is not None:
+            self._events[0].append(P.RunEvent(task.id, attempt, getattr(proc, "thread", repr(proc))))
         task._fn = task._args = task._kwargs = None
         if self.held:
             self.held.pop(task.id, None)  # a held task a pool thread ran as a continuation
@@ -423,12 +430,33 @@ class WorkerProcess:
         if endpoint is None or endpoint.closed:
             return
         try:
+            if self.listening:
+                self._send_events(endpoint)  # before the results: a run's thread, then its end
             for msg, buffers in frames:
                 endpoint.send_nowait(msg, buffers)
             if holding:
                 endpoint.send_nowait(P.Holding(holding))
         except ConnectionError:
             pass
+
+    # -- events for observers --------------------------------------------------------------
+    def _on_listen(self, msg: P.Listen, buffers: list[Any]) -> None:
+        self.listening = msg.on
+        self.timed = msg.on  # coroutine runs get their times too
+        self.store.on_event = self._stored if msg.on else None
+        if not msg.on:
+            self._events = ([], [], [])
+
+    def _stored(self, how: str, key: Any, nbytes: int, start: float, stop: float) -> None:
+        if type(key) is int:
+            self._events[2].append(P.StoreEvent(key, nbytes, how, start, stop))
+            self._schedule_flush()
+
+    def _send_events(self, endpoint: Any) -> None:
+        runs, moves, stores = self._events
+        if runs or moves or stores:
+            self._events = ([], [], [])
+            endpoint.send_nowait(P.Events(runs, moves, stores))
 
     # -- lifecycle -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -515,6 +543,7 @@ class WorkerProcess:
             P.Replicate: self._replicate,
             P.Shutdown: self._on_shutdown,
             P.Heartbeat: self._on_heartbeat,
+            P.Listen: self._on_listen,
             P.StreamItems: self._on_stream,
             P.StreamEnd: self._on_stream,
             P.StreamCredit: self._on_stream,
@@ -539,7 +568,7 @@ class WorkerProcess:
             reply, _ = await endpoint.request(P.Register(
                 self.name, os.getpid(), socket.gethostname(), self.threads,
                 f"tcp://{host}:{self._listener.port}", self.memory_limit,
-                [k for k in self.store.keys() if type(k) is int], self.gpus),
+                [k for k in self.store.keys() if type(k) is int], self.gpus, perf_counter()),
                 timeout=30)
             self.worker_id = reply.worker_id
             early, self._early_runs = self._early_runs, []
@@ -875,6 +904,7 @@ class WorkerProcess:
         """Try the holders in turn; return the ids of those that answered without it."""
         without = []
         for holder in holders:
+            start = perf_counter()
             try:
                 peer = await self._peer(holder.address)
                 reply, buffers = await self._ask(peer, P.Get([key], self._shm_key))
@@ -883,6 +913,8 @@ class WorkerProcess:
                     if value is not _NOT_MAPPED:
                         self.store.put(key, value)
                         self._holding.append(key)
+                        if self.listening:
+                            self._moved(key, reply.shared[0].size, holder.worker, start)
                         return []
                     reply, buffers = await self._ask(peer, P.Get([key]))  # over the socket
             except (ConnectionError, OSError, TimeoutError, ProtocolError) as exc:
@@ -894,6 +926,9 @@ class WorkerProcess:
             if reply.items:
                 self.store.put(key, P.loads(buffers[0], buffers[1:]))
                 self._holding.append(key)
+                if self.listening:
+                    self._moved(key, sum(len(b) if type(b) is bytes else memoryview(b).nbytes for b in buffers),
+                                holder.worker, start)
                 return []
             if reply.oversized:
                 what = f"the result of task id {key}" if key > 0 else f"chunk id {-key}"
@@ -902,6 +937,10 @@ class WorkerProcess:
                     reply.oversized[0].size, peer.comm.limit)
             without.append(holder.worker)
         return without
+
+    def _moved(self, key: int, nbytes: int, source: int, start: float) -> None:
+        self._events[1].append(P.MoveEvent(key, nbytes, source, start, perf_counter()))
+        self._schedule_flush()
 
     async def _map_shared(self, seg: P.Shared) -> Any:
         """The value in a holder's shared segment, or _NOT_MAPPED if it cannot be mapped

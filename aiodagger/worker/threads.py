@@ -54,7 +54,7 @@ QUEUE_HORIZON_S = 2e-3
 MAX_CONTINUATIONS = 256
 
 # A completion record: (task, attempt, ok, value, start, seconds, dispatched)
-Record = tuple[DTask[Any], int, bool, Any, float, float, bool]
+Record = tuple[DTask[Any], int, bool, Any, float, float, bool, str]
 
 
 def current_pool() -> ThreadProc | None:
@@ -93,6 +93,10 @@ class ThreadProc:
     def __repr__(self) -> str:
         return f"ThreadProc(worker={self.worker_id}, threads={self.nthreads})"
 
+    # The name of the thread of the run being reported (set as each is drained): the
+    # lane observers draw it on.
+    thread = ""
+
     # -- loop side -----------------------------------------------------------------------
     def start(self) -> None:
         self._all_exited = asyncio.Event()
@@ -117,7 +121,7 @@ class ThreadProc:
         done = self._done
         complete = self._owner.complete
         while done:
-            task, attempt, ok, value, start, seconds, dispatched = done.popleft()
+            task, attempt, ok, value, start, seconds, dispatched, self.thread = done.popleft()
             if dispatched:
                 self.queued -= 1
                 self.backlog_s = self.backlog_s - task._est if self.queued else 0.0
@@ -196,10 +200,11 @@ class ThreadProc:
         # so a dependent still counts them among its pending inputs (a two-input chain
         # made every other node wait for the loop until this was taken into account).
         recent: deque[DTask[Any]] = deque(maxlen=4)
+        thread = threading.current_thread().name  # for observers: the lane this run drew on
         while task is not None:
             attempt = task._attempts
             if task._cancelled:
-                self._post((task, attempt, False, None, 0.0, 0.0, dispatched))
+                self._post((task, attempt, False, None, 0.0, 0.0, dispatched, thread))
                 return
             start = perf_counter()
             try:
@@ -214,7 +219,7 @@ class ThreadProc:
                 follow = _claim_continuation(task, waiting, recent)
                 recent.append(task)
                 links += 1
-            self._post((task, attempt, ok, value, start, seconds, dispatched))
+            self._post((task, attempt, ok, value, start, seconds, dispatched, thread))
             dispatched = False
             task = follow
 
