@@ -8,6 +8,7 @@ import json
 import re
 import struct
 import threading
+import warnings
 
 import pytest
 
@@ -157,7 +158,8 @@ async def test_chrome_trace_structure(dagger_cluster, tmp_path):
         for (_s1, e1), (s2, e2) in zip(spans, spans[1:], strict=False):
             assert s2 >= e1 or e2 <= e1, "overlapping slices on one thread"
     meta = {e["args"]["name"] for e in events if e["name"] == "thread_name"}
-    assert any(m.startswith("ThreadProc") for m in meta) and any(m.startswith("AsyncProc") for m in meta)
+    # real threads: the pool's, and the loop's for coroutines
+    assert any(m.startswith("aiodagger-w0-thread") for m in meta) and any(m.startswith("event loop") for m in meta)
 
     # one flow per dependency edge: an "s" on the dependency's slice, an "f" on the dependent's
     by_id = {e["args"]["task"]: e for e in slices}
@@ -216,7 +218,7 @@ async def test_gantt_of_many_overlapping_coroutines_labels_per_processor(dagger_
     await dagger.gather(*[dagger.spawn(nap, 0.05, i) for i in range(60)])
     fig = (await dagger.fetch_logs()).gantt()
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
-    assert labels == ["AsyncProc(worker=0) (60 rows)"]
+    assert labels == ["worker 0: event loop (60 rows)"]
 
 
 # -- DOT ---------------------------------------------------------------------------------
@@ -256,3 +258,112 @@ def test_record_types_are_plain_tuples():
     r = Ran(1, "f", 0, "ThreadProc(worker=0, threads=1)", 1.0, 2.0, True)
     assert s.dependencies == () and r.stop - r.start == 1.0
     assert dagger.Logs([s, r], 0.0).tasks == {1: "f"}
+
+
+# -- from worker processes: threads, moves, spills, memory, summary --------------------------
+def _ones(n):
+    import numpy as np
+
+    return np.ones(n)
+
+
+def _sum_of(a):
+    return float(a.sum())
+
+
+def _fails(x):
+    raise ValueError(f"no {x}")
+
+
+async def test_trace_and_summary_of_a_cluster_with_worker_processes(tmp_path):
+    import time
+
+    async with dagger.Cluster(processes=2, threads=1, memory_limit="48MiB", heartbeat_interval=0.2) as c:
+        dagger.enable_logging()
+        w1, w2 = sorted(w.id for w in c.workers if w.id != 0)
+        on = {w: dagger.options(scope=dagger.scope(worker=w)) for w in (w1, w2)}
+        t0 = time.perf_counter()
+        arrays = [on[w1].spawn(_ones, 2 << 20) for _ in range(4)]  # 16 MiB each: w1 spills
+        sums = [on[w2].spawn(_sum_of, a) for a in arrays]  # each array moves to w2
+        bad = on[w2].spawn(_fails, 1)
+        assert await asyncio.wait_for(dagger.gather(*sums), 60) == [float(2 << 20)] * 4
+        await bad.wait()
+        await asyncio.sleep(0.5)  # a few memory samples
+        t1 = time.perf_counter()
+        logs = await dagger.fetch_logs()
+    origin = logs.origin
+    trace = logs.to_chrome_trace(tmp_path / "trace.json")
+    assert json.loads((tmp_path / "trace.json").read_text()) == trace
+    events = trace["traceEvents"]
+    meta = {(e["name"], e["pid"], e.get("tid")): e["args"] for e in events if e["ph"] == "M"}
+    procs = {pid: a["name"] for (name, pid, _), a in meta.items() if name == "process_name"}
+    assert {f"worker {w1}", f"worker {w2}"} <= set(procs.values())
+    threads = {(pid, tid): a["name"] for (name, pid, tid), a in meta.items() if name == "thread_name"}
+    tasks = [e for e in events if e["ph"] == "X" and e["cat"] == "task"]
+    # every task once, on a real thread of the worker it ran on, within the run's bounds
+    assert sorted(e["args"]["task"] for e in tasks) == sorted(t.id for t in [*arrays, *sums, bad]), [
+        (r.task, r.worker, r.thread, r.ok) for r in logs.runs]
+    for e in tasks:
+        assert threads[(e["pid"], e["tid"])].startswith("aiodagger-w0-thread")  # a worker's pool thread
+        assert procs[e["pid"]] in (f"worker {w1}", f"worker {w2}")
+        assert (t0 - origin) * 1e6 <= e["ts"] <= e["ts"] + e["dur"] <= (t1 - origin) * 1e6
+    ran_on = {e["args"]["task"]: procs[e["pid"]] for e in tasks}
+    assert all(ran_on[a.id] == f"worker {w1}" for a in arrays) and all(ran_on[s.id] == f"worker {w2}" for s in sums)
+    # dependency flows: one per edge, from the array's slice to its sum's
+    flows: dict[int, dict[str, dict]] = {}
+    for e in events:
+        if e["ph"] in ("s", "f"):
+            flows.setdefault(e["id"], {})[e["ph"]] = e
+    by_ts = {(e["pid"], e["tid"], e["ts"]): e for e in events if e["ph"] == "X"}
+    deps = set()
+    moved = set()
+    for flow in flows.values():
+        start, end = by_ts[(flow["s"]["pid"], flow["s"]["tid"], flow["s"]["ts"])], by_ts[
+            (flow["f"]["pid"], flow["f"]["tid"], flow["f"]["ts"])]
+        if flow["s"]["name"] == "dependency":
+            deps.add((start["args"]["task"], end["args"]["task"]))
+        else:  # data: from the run that made the value to its arrival on w2
+            assert flow["s"]["name"] == "data" and end["cat"] == "data"
+            moved.add((start["args"]["task"], end["args"]["key"], procs[end["pid"]]))
+    assert deps == {(a.id, s.id) for a, s in zip(arrays, sums, strict=True)}
+    assert moved == {(a.id, a.id, f"worker {w2}") for a in arrays}
+    data_in = [e for e in events if e["ph"] == "X" and e["cat"] == "data"]
+    assert all(e["args"]["bytes"] >= 16 << 20 and threads[(e["pid"], e["tid"])] == "data in" for e in data_in)
+    # the store's work and memory counters
+    stores = [e for e in events if e["ph"] == "X" and e["cat"] == "store"]
+    assert any(e["name"] == "spilled" and procs[e["pid"]] == f"worker {w1}" for e in stores)
+    counters = [e for e in events if e["ph"] == "C"]
+    assert {procs[e["pid"]] for e in counters} >= {f"worker {w1}", f"worker {w2}"}
+    assert all(set(e["args"]) == {"used", "spilled"} for e in counters)
+    # the summary: per function, most time first
+    rows = logs.summary()
+    by_fn = {r["function"]: r for r in rows}
+    assert by_fn["_ones"]["count"] == 4 and by_fn["_sum_of"]["count"] == 4
+    assert by_fn["_fails"]["count"] == 1 and by_fn["_fails"]["failures"] == 1 and by_fn["_ones"]["failures"] == 0
+    assert all(r["max_s"] >= r["mean_s"] > 0 and abs(r["total_s"] - r["mean_s"] * r["count"]) < 1e-9 for r in rows)
+    assert [r["total_s"] for r in rows] == sorted((r["total_s"] for r in rows), reverse=True)
+    text = str(rows)
+    assert text.splitlines()[0].split() == ["function", "count", "total_s", "mean_s", "max_s", "failures"]
+    assert len(text.splitlines()) == 2 + len(rows) and "_sum_of" in text
+    # the Gantt chart has rows for both workers' threads
+    fig = logs.gantt(tmp_path / "g.png")
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert any(lb.startswith(f"worker {w1}: aiodagger") for lb in labels)
+    assert any(lb.startswith(f"worker {w2}: aiodagger") for lb in labels)
+    assert png_size((tmp_path / "g.png").read_bytes())[0] >= 800
+
+
+async def test_dot_parses(dagger_cluster):
+    import pydot
+
+    dagger.enable_logging()
+    tasks, edges = diamond_and_more()
+    await dagger.wait(tasks)
+    dot = (await dagger.fetch_logs()).to_dot()
+    with warnings.catch_warnings():  # pydot calls pyparsing's old names
+        warnings.simplefilter("ignore", DeprecationWarning)
+        (graph,) = pydot.graph_from_dot_data(dot)
+    nodes = {n.get_name() for n in graph.get_nodes()} - {"node", "edge", "graph"}
+    assert nodes == {f"t{t.id}" for t in tasks}
+    assert {(e.get_source(), e.get_destination()) for e in graph.get_edges()} == {
+        (f"t{a}", f"t{b}") for a, b in edges}

@@ -1,4 +1,4 @@
-"""A Gantt chart of task runs, one row per processor lane, as a PNG (matplotlib).
+"""A Gantt chart of task runs, one row per thread of every worker, as a PNG (matplotlib).
 
 Drawn on a bare ``matplotlib.figure.Figure`` rendered by the Agg canvas: no pyplot, so
 no global backend is chosen and no figure is left registered anywhere. matplotlib is an
@@ -76,14 +76,14 @@ def gantt(logs: Logs, path: str | os.PathLike[str] | IO[bytes] | None, *,
 
 def _label_rows(ax: Axes, lanes: list[Lane]) -> None:
     if len(lanes) <= MAX_ROW_LABELS:
-        ax.set_yticks(range(len(lanes)), [ln.label for ln in lanes],
+        ax.set_yticks(range(len(lanes)), [f"worker {ln.worker}: {ln.label}" for ln in lanes],
                       fontsize="small")
         return
     groups: dict[tuple[int, str], list[int]] = {}
     for i, ln in enumerate(lanes):
         groups.setdefault((ln.worker, ln.processor), []).append(i)
     ax.set_yticks([sum(ix) / len(ix) for ix in groups.values()],
-                  [f"{p} ({len(ix)} rows)" for (_, p), ix in groups.items()], fontsize="small")
+                  [f"worker {w}: {p} ({len(ix)} rows)" for (w, p), ix in groups.items()], fontsize="small")
 
 
 def _palette() -> list[tuple[float, float, float, float]]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .._bridge import call_soon_quietly
 from ..cluster import Cluster, on_cluster_start, running_cluster
 from ..scheduler.events import Instrument
-from .records import Done, Event, Logs, Ran, Spawned
+from .records import Done, Event, Logs, Memory, Moved, Ran, Spawned, Stored, WorkerChange
 
 if TYPE_CHECKING:
     from ..scheduler.core import Scheduler
@@ -41,13 +41,39 @@ class EventLog(Instrument):
     def __init__(self) -> None:
         self.events: list[Event] = []
         self.origin = perf_counter()
+        self._threads: dict[int, str] = {}  # task id -> thread of the run being reported
 
     def task_spawned(self, task: DTask[Any], dependencies: list[DTask[Any]]) -> None:
         self.events.append(Spawned(task.id, task.name, tuple(d.id for d in dependencies), perf_counter()))
 
+    def task_thread(self, task: DTask[Any], worker: int, thread: str) -> None:
+        if len(self._threads) > 65536:  # runs that never reported an end (cancelled)
+            self._threads.clear()
+        self._threads[task.id] = thread
+
     def task_ran(self, task: DTask[Any], worker: int, processor: str, start: float, stop: float,
                  ok: bool) -> None:
-        self.events.append(Ran(task.id, task.name, worker, processor, start, stop, ok))
+        thread = self._threads.pop(task.id, "") if self._threads else ""
+        self.events.append(Ran(task.id, task.name, worker, processor, start, stop, ok, thread))
+
+    def data_moved(self, key: int, nbytes: int, source: int, target: int, start: float, stop: float) -> None:
+        self.events.append(Moved(key, nbytes, source, target, start, stop))
+
+    def chunk_stored(self, worker: int, key: int, nbytes: int, how: str, start: float, stop: float) -> None:
+        self.events.append(Stored(worker, key, nbytes, how, start, stop))
+
+    def memory_sampled(self, worker: int, used: int, limit: int | None, spilled: int, at: float) -> None:
+        self.events.append(Memory(worker, used, limit, spilled, at))
+
+    def worker_joined(self, worker: int, name: str, address: str, processors: tuple[str, ...],
+                      at: float) -> None:
+        self.events.append(WorkerChange(worker, "joined", ", ".join(processors), at))
+
+    def worker_left(self, worker: int, reason: str, lost: bool, at: float) -> None:
+        self.events.append(WorkerChange(worker, "lost" if lost else "left", reason, at))
+
+    def worker_paused(self, worker: int, paused: bool, at: float) -> None:
+        self.events.append(WorkerChange(worker, "paused" if paused else "resumed", "", at))
 
     def task_done(self, task: DTask[Any]) -> None:
         self.events.append(Done(task.id, task.name, task.state, perf_counter()))
@@ -124,6 +150,9 @@ async def fetch_logs(cluster: Cluster | None = None, *, clear: bool = False) -> 
             f"fetch_logs(): nothing was recorded on {cluster!r}. Call dagger.enable_logging() "
             "before spawning the tasks you want to see"
         )
+    if cluster.state == "running" and sched.dist is not None and sched.dist.workers:
+        # A round trip to every worker: what each saw before it answered is here after.
+        await cluster.worker_stats()
     return Logs(await _snapshot_on_loop(cluster, log, clear), log.origin)
 
 

@@ -14,7 +14,7 @@ from typing import IO, TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["Done", "Event", "Logs", "Ran", "Spawned"]
+__all__ = ["Done", "Event", "Logs", "Memory", "Moved", "Ran", "Spawned", "Stored", "Summary", "WorkerChange"]
 
 
 class Spawned(NamedTuple):
@@ -36,6 +36,7 @@ class Ran(NamedTuple):
     start: float
     stop: float
     ok: bool
+    thread: str = ""  # the thread it ran on, where known ("event loop" for coroutines)
 
 
 class Done(NamedTuple):
@@ -47,19 +48,62 @@ class Done(NamedTuple):
     time: float
 
 
-Event = Spawned | Ran | Done
+class Moved(NamedTuple):
+    """Value ``key`` (a task id, or -chunk id) went from worker ``source`` to ``target``."""
+
+    key: int
+    nbytes: int
+    source: int
+    target: int
+    start: float
+    stop: float
+
+
+class Stored(NamedTuple):
+    """Worker ``worker``'s store ``how`` ("spilled", "loaded", "sent") chunk ``key``."""
+
+    worker: int
+    key: int
+    nbytes: int
+    how: str
+    start: float
+    stop: float
+
+
+class Memory(NamedTuple):
+    """A sample of worker ``worker``'s memory: bytes in its store, its limit, bytes spilled."""
+
+    worker: int
+    used: int
+    limit: int | None
+    spilled: int
+    time: float
+
+
+class WorkerChange(NamedTuple):
+    """Worker ``worker`` "joined", "left", was "lost", "paused" or "resumed"."""
+
+    worker: int
+    what: str
+    detail: str  # its processors (joined), why (left, lost)
+    time: float
+
+
+Event = Spawned | Ran | Done | Moved | Stored | Memory | WorkerChange
+_TASK_EVENTS = (Spawned, Ran, Done)
 
 
 class Lane(NamedTuple):
-    """A row of a timeline: one processor's runs that never overlap one another."""
+    """A row of a timeline: runs on one thread of a worker (its processor where the
+    thread is not known), split into rows where they overlap (coroutines on a loop)."""
 
     worker: int
-    processor: str
-    row: int  # 0, 1, ... within the processor
+    processor: str  # the thread's name, else the processor's
+    row: int  # 0, 1, ... within the thread
 
     @property
     def label(self) -> str:
-        return f"{self.processor} #{self.row + 1}"
+        return self.processor if self.row == 0 else f"{self.processor} #{self.row + 1}"
 
 
 class Logs:
@@ -92,14 +136,44 @@ class Logs:
         """Task id -> name, for every task seen, in the order first seen."""
         out: dict[int, str] = {}
         for e in self.events:
-            if e.task not in out:
-                out[e.task] = e.name
+            if type(e) in _TASK_EVENTS and e.task not in out:  # type: ignore[union-attr]
+                out[e.task] = e.name  # type: ignore[union-attr]
         return out
 
     @property
     def states(self) -> dict[int, str]:
         """Task id -> final state, for the tasks that are done."""
         return {e.task: e.state for e in self.events if type(e) is Done}
+
+    @property
+    def moves(self) -> list[Moved]:
+        return [e for e in self.events if type(e) is Moved]
+
+    @property
+    def stored(self) -> list[Stored]:
+        return [e for e in self.events if type(e) is Stored]
+
+    @property
+    def memory(self) -> list[Memory]:
+        return [e for e in self.events if type(e) is Memory]
+
+    @property
+    def workers(self) -> list[WorkerChange]:
+        return [e for e in self.events if type(e) is WorkerChange]
+
+    def summary(self) -> Summary:
+        """Per function (task name): how many runs, their total, mean and longest
+        seconds, and how many raised; most total time first. Prints as a table; its
+        rows are dicts (``pandas.DataFrame(logs.summary())``)."""
+        by_name: dict[str, list[float]] = {}
+        failures: dict[str, int] = {}
+        for run in self.runs:
+            by_name.setdefault(run.name, []).append(run.stop - run.start)
+            failures[run.name] = failures.get(run.name, 0) + (not run.ok)
+        ordered = sorted(by_name.items(), key=lambda item: -sum(item[1]))
+        return Summary([{"function": name, "count": len(times), "total_s": sum(times),
+                         "mean_s": sum(times) / len(times), "max_s": max(times), "failures": failures[name]}
+                        for name, times in ordered])
 
     @property
     def edges(self) -> list[tuple[int, int]]:
@@ -120,13 +194,13 @@ class Logs:
         busy: dict[tuple[int, str], list[tuple[float, int]]] = {}
         free: dict[tuple[int, str], list[int]] = {}
         for run in sorted(self.runs, key=lambda r: (r.start, r.stop)):
-            key = (run.worker, run.processor)
+            key = (run.worker, run.thread or run.processor)  # a thread's runs never overlap
             rows, idle = busy.setdefault(key, []), free.setdefault(key, [])
             while rows and rows[0][0] <= run.start:
                 heapq.heappush(idle, heapq.heappop(rows)[1])
             row = heapq.heappop(idle) if idle else len(rows)
             heapq.heappush(rows, (run.stop, row))
-            placed.append((Lane(run.worker, run.processor, row), run))
+            placed.append((Lane(run.worker, run.thread or run.processor, row), run))
         return placed
 
     # -- exports ---------------------------------------------------------------------------
@@ -158,3 +232,24 @@ class Logs:
         from .dot import to_dot
 
         return to_dot(self)
+
+
+class Summary(list[dict[str, Any]]):
+    """:meth:`Logs.summary`'s rows, printed as a table."""
+
+    COLUMNS = (("function", "{}"), ("count", "{:,}"), ("total_s", "{:.4f}"), ("mean_s", "{:.6f}"),
+               ("max_s", "{:.6f}"), ("failures", "{:,}"))
+
+    def __str__(self) -> str:
+        cells = [[name for name, _ in self.COLUMNS]]
+        cells += [[fmt.format(row[name]) for name, fmt in self.COLUMNS] for row in self]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(self.COLUMNS))]
+        lines = []
+        for n, r in enumerate(cells):
+            lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+            if n == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return str(self)

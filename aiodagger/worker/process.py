@@ -711,6 +711,11 @@ class WorkerProcess:
         self.store.put(msg.key, P.loads(buffers[0], buffers[1:]))
 
     def _on_stats(self, msg: P.Stats, buffers: list[Any]) -> tuple[P.StatsReply, Sequence[Any]]:
+        if self.listening and self.endpoint is not None:
+            try:
+                self._send_events(self.endpoint)  # ahead of the reply: fetch_logs waits for it
+            except ConnectionError:
+                pass
         return P.StatsReply(self._stats()), ()
 
     def _on_shutdown(self, msg: P.Shutdown, buffers: list[Any]) -> None:
@@ -1056,12 +1061,19 @@ class WorkerProcess:
             if shareable and nbytes - len(payload) >= shared.MIN_BYTES:
                 try:
                     path, seg_size = await self._share(key, held, payload, list(parts))
-                except KeyError:  # released while it was being written
-                    missing.append(key)
-                    continue
+                except KeyError:
+                    if key not in self.store:  # released while it was being written
+                        missing.append(key)
+                        continue
+                    # Spilled meanwhile (its segment goes as its RAM copy does, under a
+                    # limit): the parts in hand go over the socket. Answering "missing"
+                    # made the scheduler compute a value again that was on disk here.
                 except (OSError, ValueError, SpillCorruptedError) as exc:
-                    # /dev/shm full, say: this one goes over the socket
-                    logger.warning("worker %s: no shared segment for %d (%s)", self.name, key, exc)
+                    # /dev/shm full, say: this one goes over the socket. A segment removed
+                    # as its value was spilled, just after it was written, is no news.
+                    gone = isinstance(exc, FileNotFoundError) and key in self.store
+                    logger.log(logging.INFO if gone else logging.WARNING,
+                               "worker %s: no shared segment for %d (%s)", self.name, key, exc)
                 else:
                     segments.append(P.Shared(key, path, seg_size))
                     self._share_eagerly = self.memory_limit is None
