@@ -124,6 +124,18 @@ class AiodaggerPeer(Peer):
         tasks = [d.spawn(inc, i) for i in range(w.n)]
         return list(await d.gather(*tasks))
 
+    async def w1_log(self, w: Workload) -> Timed:
+        d = self._dagger
+        d.enable_logging()
+        try:
+            t0 = time.perf_counter()
+            out = list(await d.gather(*[d.spawn(inc, i) for i in range(w.n)]))
+            seconds = time.perf_counter() - t0
+        finally:
+            d.disable_logging()
+        await d.fetch_logs(clear=True)  # the next repeat starts from an empty log
+        return Timed(out, seconds)
+
     async def w2(self, w: Workload) -> int:
         d = self._dagger
         t = d.spawn(inc, 0)
