@@ -375,7 +375,10 @@ class Cluster:
         self._state = ClusterState.CLOSING
         if self._dashboard is not None:  # first: it reads the workers that close below
             dashboard, self._dashboard = self._dashboard, None
-            await dashboard.stop()
+            try:
+                await dashboard.stop()
+            except Exception:  # the workers must still be stopped
+                logger.exception("stopping the dashboard failed")
         cancelled = self._sched.close()
         if cancelled:
             logger.info("cluster closing: cancelled %d unfinished task(s)", cancelled)
