@@ -32,6 +32,7 @@ from ._loopthread import LoopThread
 from .comm.framing import DEFAULT_MAX_FRAME, check_max_frame
 from .comm.server import check_listen
 from .comm.tls import worker_contexts
+from .dashboard import Bind, missing_requirements, parse_dashboard
 from .gpu.discovery import check_spec
 from .memory import parse_memory_limit
 from .memory.device import parse_device_limit
@@ -40,6 +41,7 @@ from .worker.aio import HURRY_GRACE
 from .worker.local import LocalWorker, WorkerInfo
 
 if TYPE_CHECKING:
+    from .dashboard.server import Dashboard
     from .launcher import WorkerLauncher
 
 __all__ = ["Cluster", "WorkerInfo", "current_cluster", "on_cluster_start", "running_cluster"]
@@ -83,6 +85,11 @@ class Cluster:
     from them) and a certificate valid for 127.0.0.1 with its key (to serve them). The
     subprocess workers reach the cluster itself over loopback, in the clear; ``ssl=``
     is the context of the ``listen=`` address.
+
+    ``dashboard="127.0.0.1:8787"`` serves a live page of the workers, the task stream,
+    progress per function, the recent graph and errors, and Prometheus metrics at
+    ``/metrics``, on this cluster's loop (port 0: any free port; ``cluster.dashboard_url``
+    says where). A non-loopback address needs ``token=``, which the page then asks for.
     """
 
     def __init__(
@@ -95,6 +102,7 @@ class Cluster:
         listen: str | None = None,
         token: str | None = None,
         ssl: Any = None,
+        dashboard: str | None = None,
         *,
         shutdown_timeout: float = 10.0,
         heartbeat_interval: float = 1.0,
@@ -141,6 +149,9 @@ class Cluster:
         self._launcher: WorkerLauncher | None = None
         if listen is not None:  # check the address and token now, not at start
             check_listen(listen, token)
+        self._dashboard_bind = None if dashboard is None else _check_dashboard(
+            dashboard, token, f"Cluster(dashboard={dashboard!r})")
+        self._dashboard: Dashboard | None = None
         self._state = ClusterState.NEW
         self._sched: Scheduler | None = None
         self._local: LocalWorker | None = None
@@ -187,6 +198,12 @@ class Cluster:
     def address(self) -> str | None:
         """Where remote workers connect (``listen=``), e.g. ``tcp://10.0.0.5:8786``."""
         return self._launcher.address if self._launcher is not None else None
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """The dashboard page's address once started (None without ``dashboard=``); off
+        loopback it carries ``?token=``, so treat it as the token itself."""
+        return self._dashboard.url if self._dashboard is not None else None
 
     @property
     def token(self) -> str | None:
@@ -240,6 +257,7 @@ class Cluster:
         self._start_on(asyncio.get_running_loop(), threading.get_ident())
         try:
             await self._start_workers()
+            await self._start_dashboard()
         except BaseException:
             await self.close()
             raise
@@ -263,6 +281,16 @@ class Cluster:
             spill_dir=self.spill_dir, shutdown_timeout=self.shutdown_timeout, max_frame=self.max_frame,
             worker_tls=self._worker_tls, gpus=self.gpus, gpu_memory_limit=self.gpu_memory_limit)
         await self._launcher.start(self.processes)
+
+    async def _start_dashboard(self) -> None:
+        if self._dashboard_bind is None:
+            return
+        # Imported here: aiohttp and prometheus-client load only for a dashboard.
+        from .dashboard.server import Dashboard
+
+        dashboard = Dashboard(self, self._dashboard_bind)
+        await dashboard.start()
+        self._dashboard = dashboard
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         try:
@@ -303,6 +331,7 @@ class Cluster:
             self._start_on(loop_thread.loop, loop_thread.thread_id)
             try:
                 await self._start_workers()
+                await self._start_dashboard()
             except BaseException:
                 await self.close()
                 raise
@@ -344,6 +373,12 @@ class Cluster:
             await self._closed_event.wait()
             return
         self._state = ClusterState.CLOSING
+        if self._dashboard is not None:  # first: it reads the workers that close below
+            dashboard, self._dashboard = self._dashboard, None
+            try:
+                await dashboard.stop()
+            except Exception:  # the workers must still be stopped
+                logger.exception("stopping the dashboard failed")
         cancelled = self._sched.close()
         if cancelled:
             logger.info("cluster closing: cancelled %d unfinished task(s)", cancelled)
@@ -394,6 +429,14 @@ def _check_worker_tls(cert: Any, key: Any, ca: Any) -> dict[str, str]:
     return given
 
 
+def _check_dashboard(spec: Any, token: str | None, option: str) -> Bind:
+    bind = parse_dashboard(spec, token, option)
+    missing = missing_requirements(option)
+    if missing is not None:
+        raise ImportError(missing)
+    return bind
+
+
 def _chosen_cluster() -> Cluster | None:
     """The context's cluster, else the calling pool thread's, else the last entered one."""
     cluster = _current.get()
@@ -432,6 +475,9 @@ def _default_cluster() -> Cluster:
     with _default_lock:
         if _default is None or _default._state is not ClusterState.RUNNING:
             cluster = Cluster()
+            spec = os.environ.get("AIODAGGER_DASHBOARD")
+            if spec:  # a dashboard for scripts that never make a Cluster themselves
+                cluster._dashboard_bind = _check_dashboard(spec, None, f"AIODAGGER_DASHBOARD={spec!r}")
             cluster._start_background()
             _default = cluster
             if not _atexit_registered:
