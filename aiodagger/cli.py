@@ -1,4 +1,4 @@
-"""The ``aiodagger`` command line: ``aiodagger demo``."""
+"""The ``aiodagger`` command line: ``aiodagger demo``, ``aiodagger worker``, ``aiodagger scheduler``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     from .worker.cli import add_worker_arguments
 
     add_worker_arguments(worker)
+    scheduler = sub.add_parser("scheduler", help="run a cluster for workers to join: aiodagger scheduler "
+                                                 "--listen tcp://0.0.0.0:8786 --token-file F")
+    from .schedcli import add_scheduler_arguments
+
+    add_scheduler_arguments(scheduler)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -48,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         from .worker.cli import run_worker
 
         return run_worker(args)
+    if args.command == "scheduler":
+        from .schedcli import run_scheduler
+
+        return run_scheduler(args)
     return 2  # pragma: no cover - argparse requires a command
 
 

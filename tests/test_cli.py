@@ -25,3 +25,86 @@ def test_demo_rejects_bad_sizes():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "multiple of --block" in proc.stderr
+
+
+def _lines(proc):
+    """A queue that gets ``proc``'s stdout lines as they come (None at its end)."""
+    import queue
+    import threading
+
+    lines = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def _wait_for_line(lines, prefix, timeout=30):
+    import queue
+
+    while True:
+        try:
+            line = lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no {prefix!r} line within {timeout} s") from None
+        assert line is not None, f"the process ended before printing {prefix!r}"
+        if line.startswith(prefix):
+            return line[len(prefix):].strip()
+
+
+def test_scheduler_command_takes_workers_and_serves_its_dashboard(tmp_path):
+    import json
+    import os
+    import secrets
+    import signal
+    import time
+    import urllib.request
+
+    token = tmp_path / "token.txt"
+    token.write_text(secrets.token_urlsafe(32))
+    env = {k: v for k, v in os.environ.items() if k != "AIODAGGER_TOKEN"}
+    sched = subprocess.Popen([sys.executable, "-m", "aiodagger", "scheduler", "--listen", "tcp://127.0.0.1:0",
+                              "--token-file", str(token), "--dashboard", "127.0.0.1:0"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    worker = None
+    try:
+        lines = _lines(sched)
+        address = _wait_for_line(lines, "aiodagger scheduler: workers join at ")
+        url = _wait_for_line(lines, "aiodagger scheduler: dashboard at ")
+        assert address.startswith("tcp://127.0.0.1:") and url.startswith("http://127.0.0.1:")
+        worker = subprocess.Popen([sys.executable, "-m", "aiodagger", "worker", address, "--token-file", str(token),
+                                   "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, env=env)
+        deadline = time.monotonic() + 30
+        while True:  # the worker shows up on the dashboard
+            with urllib.request.urlopen(url.rstrip("/") + "/api/state", timeout=10) as r:
+                state = json.load(r)
+            ids = [w["id"] for w in state["workers"]]
+            if len(ids) == 2:
+                break
+            assert time.monotonic() < deadline, state
+            time.sleep(0.2)
+        sched.send_signal(signal.SIGTERM)
+        assert sched.wait(timeout=30) == 0, sched.stderr.read()
+    finally:
+        for proc in (worker, sched):
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=10)
+                for pipe in (proc.stdout, proc.stderr):
+                    if pipe is not None:
+                        pipe.close()
+
+
+def test_scheduler_command_needs_a_token():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "AIODAGGER_TOKEN"}
+    proc = subprocess.run([sys.executable, "-m", "aiodagger", "scheduler", "--listen", "tcp://127.0.0.1:0"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 1 and "no token; pass --token-file FILE" in proc.stderr
