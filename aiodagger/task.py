@@ -290,11 +290,15 @@ class DTask(Generic[R]):
     def add_done_callback(self, fn: Callable[[DTask[R]], object], *,
                           context: contextvars.Context | None = None) -> None:
         """Call ``fn(task)`` when done, through ``call_soon`` on the caller's running loop
-        (or the cluster's loop when called outside any loop), as asyncio futures do."""
+        (in its trio run's thread, from trio; on the cluster's loop when called outside
+        any), as asyncio futures do."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            loop = self._sched.loop
+            try:
+                loop = foreign_loop()
+            except RuntimeError:
+                loop = self._sched.loop
         self._on_done(_UserCallback(fn, loop, context))
 
     def remove_done_callback(self, fn: Callable[[DTask[R]], object]) -> int:

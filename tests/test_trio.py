@@ -153,6 +153,22 @@ def test_a_wait_abandoned_by_a_run_that_ended_is_harmless():
     assert t.fetch(timeout=10) == "late"
 
 
+def test_done_callbacks_run_in_the_trio_thread():
+    async def main():
+        seen = trio.Event()
+        threads = []
+
+        def callback(t):
+            threads.append(threading.get_ident())
+            seen.set()  # a trio object: only safe to touch from the run's thread
+
+        dagger.spawn(inc, 1).add_done_callback(callback)
+        await seen.wait()
+        return threads
+
+    assert run_trio(main) == [threading.get_ident()]
+
+
 def test_wait_as_completed_and_progress():
     async def main():
         fast, slow = dagger.spawn(inc, 1), dagger.spawn(asyncio.sleep, 0.2, "slow")
