@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar, overload
 from ._asynclib import caller_loop, foreign_loop, wait_for
 from ._bridge import run_on_loop_awaitable
 from ._callables import spawn_callable_error
+from ._context import spawn_collector_var
 from .cluster import current_cluster
 from .errors import NoProcessorError
 from .task import FINISHED, REMOTE, Chunk, DTask
@@ -22,6 +23,8 @@ __all__ = ["Options", "as_completed", "fetch", "gather", "options", "put", "spaw
            "tochunk", "wait"]
 
 R = TypeVar("R")
+
+_spawn_collector = spawn_collector_var.get
 
 ReturnWhen = Literal["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION"]
 ALL_COMPLETED: ReturnWhen = "ALL_COMPLETED"
@@ -49,7 +52,11 @@ def spawn_with_options(opts: TaskOptions, fn: Any, args: tuple[Any, ...], kwargs
         err = spawn_callable_error(fn)
         if err is not None:
             raise err
-    return current_cluster()._scheduler.spawn(opts, fn, args, kwargs)
+    task = current_cluster()._scheduler.spawn(opts, fn, args, kwargs)
+    collector = _spawn_collector()
+    if collector is not None:  # inside a request that aiodagger.web watches
+        collector.add(task)
+    return task
 
 
 def fetch(task: DTask[R] | Chunk[R], timeout: float | None = None) -> R:
