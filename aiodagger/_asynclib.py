@@ -17,12 +17,13 @@ installed; without it, no library but asyncio can be running.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-__all__ = ["caller_loop", "foreign_loop", "is_cancellation", "run_in_thread", "uncancellable",
-           "wait_for"]
+__all__ = ["await_future", "caller_loop", "foreign_loop", "is_cancellation", "run_in_thread",
+           "uncancellable", "wait_for"]
 
 T = TypeVar("T")
 
@@ -100,3 +101,16 @@ async def run_in_thread(fn: Callable[[], T]) -> T:
     from ._trio import run_in_thread
 
     return await run_in_thread(fn)
+
+
+def await_future(cfut: concurrent.futures.Future[T]) -> Awaitable[T]:
+    """A future of another thread, as an awaitable for the caller's asyncio loop or trio
+    run; cancelling the wait cancels ``cfut``."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        foreign_loop()  # trio's, or an error that says what to do instead
+        from ._trio import await_future
+
+        return await_future(cfut)
+    return asyncio.wrap_future(cfut)

@@ -104,9 +104,9 @@ def run_on_loop_awaitable(coro: Coroutine[Any, Any, Any], loop: asyncio.Abstract
         except RuntimeError:
             coro.close()
             raise
-        from ._trio import await_on_loop
+        from ._trio import await_future
 
-        return await_on_loop(coro, loop)
+        return await_future(asyncio.run_coroutine_threadsafe(coro, loop))
     if running is loop:
         return coro
     return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))

@@ -14,12 +14,12 @@ import asyncio
 import concurrent.futures
 import contextvars
 import logging
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Generator
 from typing import Any, TypeVar, cast
 
 import trio
 
-__all__ = ["TrioFuture", "TrioLoop", "await_on_loop", "run_in_thread", "running_loop"]
+__all__ = ["TrioFuture", "TrioLoop", "await_future", "run_in_thread", "running_loop"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,11 +131,11 @@ def running_loop() -> asyncio.AbstractEventLoop:
     return cast(asyncio.AbstractEventLoop, loop)
 
 
-async def await_on_loop(coro: Coroutine[Any, Any, T], loop: asyncio.AbstractEventLoop) -> T:
-    """Run ``coro`` on the asyncio ``loop`` (another thread's) and await it from trio.
+async def await_future(cfut: concurrent.futures.Future[T]) -> T:
+    """Await a future of another thread (of the cluster's loop, say) from trio.
 
-    Cancelling the wait cancels ``coro``, as cancelling an ``asyncio.wrap_future``
-    of it does.
+    Cancelling the wait cancels ``cfut``, as cancelling an ``asyncio.wrap_future`` of
+    it does: a coroutine that ``run_coroutine_threadsafe`` runs is cancelled with it.
     """
     here = running_loop()
     done = TrioFuture()
@@ -146,7 +146,6 @@ async def await_on_loop(coro: Coroutine[Any, Any, T], loop: asyncio.AbstractEven
         except RuntimeError:
             pass  # the trio run has ended: nobody waits
 
-    cfut = asyncio.run_coroutine_threadsafe(coro, loop)
     cfut.add_done_callback(finished)
     try:
         await done

@@ -346,6 +346,9 @@ class Cluster:
         on Ctrl-C or cancellation gives them HURRY_GRACE only, and subprocess workers
         are signalled to stop at once: who interrupts waits for no task.
         """
+        if self._loop_thread is not None and _no_asyncio_loop():  # trio's: see __aenter__
+            await run_in_thread(self._close_background)
+            return
         await self._close(hurry=False)
 
     async def _close(self, hurry: bool) -> None:
@@ -387,6 +390,14 @@ class Cluster:
             await self._start_workers()
             return
         await self._launcher.scale(n)
+
+
+def _no_asyncio_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return True
+    return False
 
 
 def _interrupted(exc: BaseException | None) -> bool:

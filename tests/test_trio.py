@@ -210,6 +210,29 @@ def test_values_held_by_a_worker_process_come_to_trio():
     run_trio(main)
 
 
+def test_streams_logs_files_and_close(tmp_path):
+    def numbers():
+        yield from range(5)
+
+    async def main():
+        async with dagger.Cluster(threads=2) as cluster:
+            dagger.enable_logging()
+            try:
+                stream = dagger.spawn_streaming(numbers)
+                assert [v async for v in stream] == [0, 1, 2, 3, 4]
+                logs = await dagger.fetch_logs()
+                assert logs.tasks[stream.id].endswith("numbers")
+            finally:
+                dagger.disable_logging()
+            here = await dagger.tofile({"a": 1}, tmp_path / "here.pkl")
+            there = await dagger.tofile(dagger.spawn(inc, 1), tmp_path / "there.pkl")
+            assert await dagger.spawn(lambda a, b: (a, b), here, there) == ({"a": 1}, 2)
+            await cluster.close()
+            assert cluster.state == "closed"
+
+    run_trio(main)
+
+
 # -- TaskGroup in trio ----------------------------------------------------------------------
 
 
