@@ -6,7 +6,7 @@
   the callback runs cost one ``call_soon_threadsafe`` (a queue drained in one go).
 * :func:`block_until_done`, :func:`run_on_loop_blocking`, :func:`run_on_loop_awaitable`
   - waiting for a task, or running a coroutine on the cluster's loop, from another
-  thread or another loop.
+  thread or another loop (a trio run's too).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from ._asynclib import foreign_loop
 from ._context import pool_thread
 
 if TYPE_CHECKING:
@@ -94,8 +95,19 @@ def block_until_done(task: DTask[Any], timeout: float | None, loop_thread_id: in
 
 
 def run_on_loop_awaitable(coro: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop) -> Awaitable[Any]:
-    """``coro`` run on ``loop``, as an awaitable for the caller's own loop."""
-    if asyncio.get_running_loop() is loop:
+    """``coro`` run on ``loop``, as an awaitable for the caller's own loop (or trio run)."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        try:
+            foreign_loop()
+        except RuntimeError:
+            coro.close()
+            raise
+        from ._trio import await_future
+
+        return await_future(asyncio.run_coroutine_threadsafe(coro, loop))
+    if running is loop:
         return coro
     return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
 

@@ -1,4 +1,5 @@
-"""Which cluster a ``spawn`` uses, as context: shared by clusters and worker processes.
+"""Which cluster a ``spawn`` uses, and what else follows it, as context: shared by
+clusters and worker processes.
 
 Kept apart from ``cluster.py`` so that a worker process can set it without importing
 the client side.
@@ -11,7 +12,7 @@ import enum
 import threading
 from typing import Any
 
-__all__ = ["ClusterState", "current_cluster_var", "pool_thread"]
+__all__ = ["ClusterState", "current_cluster_var", "pool_thread", "spawn_collector_var"]
 
 
 class ClusterState(enum.Enum):
@@ -28,3 +29,7 @@ current_cluster_var: contextvars.ContextVar[Any] = contextvars.ContextVar("aioda
 # ``pool_thread.cluster``: the cluster whose pool thread is calling; ``pool_thread.pool``:
 # that thread's pool (a ThreadProc), which a blocking fetch() tells it is waiting.
 pool_thread = threading.local()
+# Whatever collects the tasks spawned in this context (``aiodagger.web.RequestTasks``:
+# a web request's, to cancel them when its client goes away); None nearly always.
+spawn_collector_var: contextvars.ContextVar[Any] = contextvars.ContextVar("aiodagger_spawn_collector",
+                                                                          default=None)

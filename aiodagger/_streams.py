@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ._asynclib import foreign_loop
 from ._bridge import call_soon_quietly
 from ._context import current_cluster_var, pool_thread
 from .errors import TaskCancelledError
@@ -531,7 +532,10 @@ class AsyncReader(_ReaderBase):
                 raise StopAsyncIteration from None
             if value is not _EMPTY:
                 return value
-            loop = asyncio.get_running_loop()
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # a trio run's (aiodagger/_asynclib.py)
+                loop = foreign_loop()
             fut = loop.create_future()
             assert self._port is not None
             wake: Callable[[], Any] = functools.partial(_set_future, fut)

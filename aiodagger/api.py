@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from types import FunctionType
 from typing import Any, Literal, TypeVar, overload
 
+from ._asynclib import caller_loop, foreign_loop, wait_for
 from ._bridge import run_on_loop_awaitable
 from ._callables import spawn_callable_error
+from ._context import spawn_collector_var
 from .cluster import current_cluster
 from .errors import NoProcessorError
 from .task import FINISHED, REMOTE, Chunk, DTask
@@ -21,6 +23,8 @@ __all__ = ["Options", "as_completed", "fetch", "gather", "options", "put", "spaw
            "tochunk", "wait"]
 
 R = TypeVar("R")
+
+_spawn_collector = spawn_collector_var.get
 
 ReturnWhen = Literal["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION"]
 ALL_COMPLETED: ReturnWhen = "ALL_COMPLETED"
@@ -48,7 +52,11 @@ def spawn_with_options(opts: TaskOptions, fn: Any, args: tuple[Any, ...], kwargs
         err = spawn_callable_error(fn)
         if err is not None:
             raise err
-    return current_cluster()._scheduler.spawn(opts, fn, args, kwargs)
+    task = current_cluster()._scheduler.spawn(opts, fn, args, kwargs)
+    collector = _spawn_collector()
+    if collector is not None:  # inside a request that aiodagger.web watches
+        collector.add(task)
+    return task
 
 
 def fetch(task: DTask[R] | Chunk[R], timeout: float | None = None) -> R:
@@ -79,7 +87,10 @@ async def gather(*tasks: DTask[Any], return_exceptions: bool = False) -> list[An
     # between the count and the registration, and registering still delivers it.
     waiting = [t for t in items if not t.done()]
     if waiting:
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = foreign_loop()
         fut: asyncio.Future[DTask[Any] | None] = loop.create_future()
         count = [len(waiting)]
 
@@ -142,7 +153,7 @@ async def wait(
         return len(done) == len(items)
 
     if not satisfied():
-        loop = asyncio.get_running_loop()
+        loop = caller_loop()
         fut: asyncio.Future[None] = loop.create_future()
         # Every task gets a waiter, done ones included (theirs is delivered at once):
         # counting only the unfinished ones would race with the cluster's thread.
@@ -160,7 +171,7 @@ async def wait(
         for t in items:
             t._on_done_in(loop, on_done)
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            await wait_for(fut, timeout, shield=True)
         except TimeoutError:
             pass
     done = {t for t in items if t.done()}
@@ -192,7 +203,7 @@ class as_completed:  # noqa: N801 - used like a function: `async for t in as_com
 
     async def __anext__(self) -> DTask[Any]:
         if self._loop is None:
-            self._loop = asyncio.get_running_loop()
+            self._loop = caller_loop()
             if self._timeout is not None:
                 self._deadline = self._loop.time() + self._timeout
             for t in self._tasks:
@@ -203,7 +214,7 @@ class as_completed:  # noqa: N801 - used like a function: `async for t in as_com
             self._wakeup = self._loop.create_future()
             remaining = None if self._deadline is None else self._deadline - self._loop.time()
             try:
-                await asyncio.wait_for(self._wakeup, remaining)
+                await wait_for(self._wakeup, remaining)
             except TimeoutError:
                 raise TimeoutError(f"as_completed(): {self._left} task(s) not done within {self._timeout} s") from None
         self._left -= 1

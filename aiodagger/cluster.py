@@ -7,7 +7,8 @@ only when there are such workers).
 
 ``async with Cluster()`` binds to the running loop; plain ``with Cluster()`` (and the
 default cluster that the first ``spawn`` outside any cluster starts) run on a private
-uvloop thread, so synchronous scripts can spawn and ``fetch``.
+uvloop thread, so synchronous scripts can spawn and ``fetch``. So does ``async with
+Cluster()`` in trio code, whose thread has no asyncio loop to bind to.
 
 Which cluster a ``spawn`` uses: the one entered in the current context (a ContextVar,
 so it follows asyncio tasks), else the one whose pool thread is calling, else the most
@@ -27,6 +28,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ._asynclib import is_cancellation, run_in_thread
+from ._bridge import run_on_loop_awaitable
 from ._context import ClusterState, current_cluster_var, pool_thread
 from ._loopthread import LoopThread
 from .comm.framing import DEFAULT_MAX_FRAME, check_max_frame
@@ -188,10 +191,7 @@ class Cluster:
         if self._launcher is None:
             return local
         dist = self._launcher.dist
-        if asyncio.get_running_loop() is self.loop:
-            await dist.poll_stats()
-        else:
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(dist.poll_stats(), self.loop))
+        await run_on_loop_awaitable(dist.poll_stats(), self.loop)
         return {**local, **{w.id: dict(w.stats) for w in dist.workers.values()}}
 
     @property
@@ -254,7 +254,16 @@ class Cluster:
         _pool_thread.cluster = self
 
     async def __aenter__(self) -> Cluster:
-        self._start_on(asyncio.get_running_loop(), threading.get_ident())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            # Trio's thread cannot host the asyncio loop the cluster runs on: it gets a
+            # thread of its own, as with `with Cluster()`, started from a worker thread
+            # so that the trio run goes on meanwhile.
+            await run_in_thread(self._start_background)
+            self._enter()
+            return self
+        self._start_on(loop, threading.get_ident())
         try:
             await self._start_workers()
             await self._start_dashboard()
@@ -293,8 +302,12 @@ class Cluster:
         self._dashboard = dashboard
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        hurry = _interrupted(exc)
         try:
-            await self._close(hurry=_interrupted(exc))
+            if self._loop_thread is not None:  # entered from trio: see __aenter__
+                await run_in_thread(lambda: self._close_background(hurry))
+            else:
+                await self._close(hurry)
         finally:
             self._leave()
 
@@ -362,6 +375,9 @@ class Cluster:
         on Ctrl-C or cancellation gives them HURRY_GRACE only, and subprocess workers
         are signalled to stop at once: who interrupts waits for no task.
         """
+        if self._loop_thread is not None and _no_asyncio_loop():  # trio's: see __aenter__
+            await run_in_thread(self._close_background)
+            return
         await self._close(hurry=False)
 
     async def _close(self, hurry: bool) -> None:
@@ -411,9 +427,17 @@ class Cluster:
         await self._launcher.scale(n)
 
 
+def _no_asyncio_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return True
+    return False
+
+
 def _interrupted(exc: BaseException | None) -> bool:
-    """Ctrl-C, or the cancellation that ``asyncio.run`` makes of it."""
-    return isinstance(exc, KeyboardInterrupt | asyncio.CancelledError)
+    """Ctrl-C, or the cancellation that ``asyncio.run`` makes of it (or trio's)."""
+    return isinstance(exc, KeyboardInterrupt) or is_cancellation(exc)
 
 
 def _check_worker_tls(cert: Any, key: Any, ca: Any) -> dict[str, str]:

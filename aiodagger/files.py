@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import inspect
 import io
 import os
@@ -36,6 +37,7 @@ import secrets
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from ._asynclib import run_in_thread
 from ._callables import classify
 from .errors import SerializationError
 from .task import FINISHED, REMOTE, Chunk, DTask
@@ -294,7 +296,12 @@ def tofile(x: Any, path: str | os.PathLike[str], save: Saver | None = None, *,
 
 
 async def _tofile_here(x: Any, file: File, save: Saver | None) -> File:
-    await _awrite_file(x, file._path, save)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio's run (aiodagger/_asynclib.py): the writer on its worker thread
+        await run_in_thread(functools.partial(write_file, x, file._path, save))
+    else:
+        await _awrite_file(x, file._path, save)
     return file
 
 

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Generator, Iterable
 from typing import Any
 
+from ._asynclib import caller_loop
 from .task import FINISHED, DTask
 
 __all__ = ["progress"]
@@ -82,7 +83,7 @@ class progress:  # noqa: N801 - used like a function: `await dagger.progress(ts)
 
     # -- the waiters ---------------------------------------------------------------------
     def _start(self) -> asyncio.AbstractEventLoop:
-        loop = self._loop = asyncio.get_running_loop()
+        loop = self._loop = caller_loop()
         if self._want_bar:
             self._bar = _make_bar(len(self._unique), self._desc)
         for t in self._unique:
@@ -108,7 +109,7 @@ class progress:  # noqa: N801 - used like a function: `await dagger.progress(ts)
 
     async def __anext__(self) -> DTask[Any]:
         loop = self._loop or self._start()
-        if asyncio.get_running_loop() is not loop:
+        if caller_loop() is not loop:
             raise RuntimeError(
                 "this dagger.progress() object was started on another event loop; "
                 "make a new one here (tasks themselves can be awaited from any loop)"

@@ -47,6 +47,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from ._context import spawn_collector_var
 from ._streams import AsyncReader, Reader, Stream, produce_async, produce_sync
 from .taskoptions import current_options
 
@@ -79,6 +80,9 @@ def spawn_streaming(fn: Callable[..., Any], /, *args: Any, buffer: int = 16, **k
                            "supported: spawn the stream where the cluster runs and pass it to the "
                            "tasks that read it")
     stream: Stream = spawn(current_options(), producer, fn, args, kwargs, buffer)
+    collector = spawn_collector_var.get()
+    if collector is not None:  # inside a request that aiodagger.web watches
+        collector.add(stream)
     return stream
 
 

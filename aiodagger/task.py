@@ -13,6 +13,10 @@ A DTask is an awaitable, deliberately *not* an asyncio Future: asyncio's helpers
 their own, so a timeout or cancellation there cancels the wrapper and never the DTask,
 which may be shared by other awaiters. ``t.cancel()`` is the one way to cancel a task.
 ``dagger.wait`` / ``dagger.as_completed`` hand back the DTasks themselves.
+
+A DTask is awaitable from trio code too (anyio's trio backend included): the waiter
+then wakes the trio task through its run's token (aiodagger/_trio.py). The rule is the
+same there: a cancel scope that ends an ``await t`` ends the wait, not the task.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import contextvars
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from ._asynclib import caller_loop, foreign_loop
 from ._bridge import call_soon_quietly
 from .errors import TaskCancelledError
 
@@ -212,7 +217,10 @@ class DTask(Generic[R]):
 
     def __await__(self) -> Generator[Any, None, R]:
         if not self.done():
-            loop = asyncio.get_running_loop()
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # trio's run, or no loop at all (which says what to do)
+                loop = foreign_loop()
             fut = loop.create_future()
             self._on_done_in(loop, lambda _t: _set_future(fut))
             # Cancelling the awaiting coroutine cancels `fut`, never the task: the task
@@ -225,7 +233,7 @@ class DTask(Generic[R]):
     async def wait(self) -> None:
         """Wait until the task is done, whatever its outcome, without taking its value."""
         if not self.done():
-            loop = asyncio.get_running_loop()
+            loop = caller_loop()
             fut = loop.create_future()
             self._on_done_in(loop, lambda _t: _set_future(fut))
             await fut
@@ -282,11 +290,15 @@ class DTask(Generic[R]):
     def add_done_callback(self, fn: Callable[[DTask[R]], object], *,
                           context: contextvars.Context | None = None) -> None:
         """Call ``fn(task)`` when done, through ``call_soon`` on the caller's running loop
-        (or the cluster's loop when called outside any loop), as asyncio futures do."""
+        (in its trio run's thread, from trio; on the cluster's loop when called outside
+        any), as asyncio futures do."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            loop = self._sched.loop
+            try:
+                loop = foreign_loop()
+            except RuntimeError:
+                loop = self._sched.loop
         self._on_done(_UserCallback(fn, loop, context))
 
     def remove_done_callback(self, fn: Callable[[DTask[R]], object]) -> int:

@@ -1,4 +1,9 @@
-"""TaskGroup: structured concurrency over DTasks, shaped like ``asyncio.TaskGroup``."""
+"""TaskGroup: structured concurrency over DTasks, shaped like ``asyncio.TaskGroup``.
+
+It works in trio code as well (anyio's trio backend too), where it is the one way to
+have a failure, or the block's cancel scope, cancel the DTasks themselves: a nursery
+that cancels tasks awaiting DTasks ends their waits only (aiodagger/task.py).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+from ._asynclib import caller_loop, is_cancellation, uncancellable
 from .api import spawn_with_options
 from .errors import TaskCancelledError, UpstreamError
 from .task import FAILED, DTask
@@ -36,7 +42,7 @@ class TaskGroup:
     async def __aenter__(self) -> TaskGroup:
         if self._loop is not None:
             raise RuntimeError("a TaskGroup can be entered once")
-        self._loop = asyncio.get_running_loop()
+        self._loop = caller_loop()
         return self
 
     def spawn(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> DTask[Any]:
@@ -70,17 +76,22 @@ class TaskGroup:
         assert self._loop is not None
         if exc is not None:
             self._abort()
-        cancelled_while_waiting: asyncio.CancelledError | None = None
+        cancelled_while_waiting: BaseException | None = None
         while self._left:
             self._all_done = self._loop.create_future()
             try:
-                await self._all_done
-            except asyncio.CancelledError as err:
+                if cancelled_while_waiting is None:
+                    await self._all_done
+                else:
+                    await uncancellable(self._all_done)
+            except BaseException as err:
+                if not is_cancellation(err):
+                    raise
                 cancelled_while_waiting = err
                 self._abort()  # then go on waiting: the tasks unwind first
         self._exited = True
         errors = self._errors()
-        if exc is not None and not isinstance(exc, asyncio.CancelledError):
+        if exc is not None and not is_cancellation(exc):
             errors.insert(0, exc)
         if cancelled_while_waiting is not None and not errors:
             raise cancelled_while_waiting

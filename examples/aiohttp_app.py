@@ -14,7 +14,8 @@ instead (tests do). ``AIODAGGER_PROCESSES`` sets its number of subprocess worker
 
 A client that disconnects gets its tasks cancelled: the server runs with
 ``handler_cancellation=True`` (as ``main()`` below and aiohttp's ``TestServer`` do), so
-its handler is cancelled, and the handler's ``finally`` cancels the tasks.
+its handler is cancelled, and ``aiodagger.web.aiohttp_middleware()`` cancels the tasks
+that the request spawned and left unfinished.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import json
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from aiohttp import web
 
 import aiodagger as dagger
+from aiodagger.web import aiohttp_middleware
 
 PROCESSES = int(os.environ.get("AIODAGGER_PROCESSES", "0"))
 
@@ -61,12 +64,6 @@ class Stats:
             self.requests_in_flight -= 1
             self.requests_done += 1
 
-    def cancel(self, tasks: list[dagger.DTask[int]]) -> None:
-        """Cancel what is left of ``tasks`` (nothing, when the request completed)."""
-        for t in tasks:
-            t.cancel()  # also cancels its not-yet-started dependents; False if done
-        self.tasks_cancelled += sum(t.cancelled() for t in tasks)
-
 
 CLUSTER = web.AppKey("cluster", dagger.Cluster)
 STATS = web.AppKey("stats", Stats)
@@ -91,11 +88,8 @@ async def squares(request: web.Request) -> web.Response:
     n, delay = int(request.match_info["n"]), query_float(request, "delay", 0.0)
     stats = request.app[STATS]
     with stats.request():
-        parts, total = spawn_squares(n, delay, stagger=False)
-        try:
-            return web.json_response({"n": n, "sum": await total})
-        finally:
-            stats.cancel([*parts, total])  # the client left (this handler was cancelled), or an error
+        _, total = spawn_squares(n, delay, stagger=False)
+        return web.json_response({"n": n, "sum": await total})
 
 
 def sse(event: str, data: object) -> bytes:
@@ -115,16 +109,13 @@ async def progress(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     with stats.request():
         parts, total = spawn_squares(n, delay, stagger=True)
-        try:
-            await response.write(sse("start", {"tasks": n}))
-            done = 0
-            async for t in dagger.progress(parts, bar=False):
-                done += 1
-                await response.write(sse("progress", {"done": done, "of": n, "task": t.name,
-                                                      "value": t.result()}))
-            await response.write(sse("result", {"sum": await total}))
-        finally:
-            stats.cancel([*parts, total])
+        await response.write(sse("start", {"tasks": n}))
+        done = 0
+        async for t in dagger.progress(parts, bar=False):
+            done += 1
+            await response.write(sse("progress", {"done": done, "of": n, "task": t.name,
+                                                  "value": t.result()}))
+        await response.write(sse("result", {"sum": await total}))
     await response.write_eof()
     return response
 
@@ -149,9 +140,15 @@ async def run_cluster(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+def count_cancelled(request: web.Request, cancelled: list[dagger.DTask[Any]]) -> None:
+    request.app[STATS].tasks_cancelled += len(cancelled)
+
+
 def make_app(cluster: dagger.Cluster | None = None) -> web.Application:
     """The application; it starts a cluster of its own unless given one."""
-    app = web.Application()
+    # The tasks a request spawns are cancelled when its handler ends: cancelled because
+    # the client left, or an error.
+    app = web.Application(middlewares=[aiohttp_middleware(on_cancel=count_cancelled)])
     app[STATS] = Stats()
     if cluster is None:
         app.cleanup_ctx.append(run_cluster)

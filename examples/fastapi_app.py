@@ -10,7 +10,9 @@
 The cluster starts in the app's lifespan, on the server's own event loop (asyncio or
 uvloop), and closes at shutdown. ``AIODAGGER_PROCESSES`` sets its number of subprocess
 workers (default 0: every task runs in this process, coroutines on the loop and sync
-functions on a thread pool). A client that disconnects gets its tasks cancelled.
+functions on a thread pool). A client that disconnects gets its tasks cancelled:
+``aiodagger.web.CancelOnDisconnect`` ties the tasks spawned while a request is handled
+to that request.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 
 import aiodagger as dagger
+from aiodagger.web import CancelOnDisconnect
 
 PROCESSES = int(os.environ.get("AIODAGGER_PROCESSES", "0"))
 
@@ -67,34 +71,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
 
 
+def count_cancelled(scope: MutableMapping[str, Any], cancelled: list[dagger.DTask[Any]]) -> None:
+    stats: Stats = scope["app"].state.stats
+    stats.tasks_cancelled += len(cancelled)
+
+
 app = FastAPI(title="aiodagger example", lifespan=lifespan)
-
-
-@contextlib.asynccontextmanager
-async def cancelled_on_disconnect(request: Request, tasks: list[dagger.DTask[int]]) -> AsyncIterator[None]:
-    """Cancel ``tasks`` when the client disconnects, and whenever the block is left early.
-
-    The ASGI server answers ``receive()`` with ``http.disconnect`` once the client has
-    gone, so a watcher waiting on it learns of a disconnect at once, even while the
-    handler is awaiting its tasks.
-    """
-    def cancel() -> None:
-        for t in tasks:
-            t.cancel()  # also cancels its not-yet-started dependents; False if done
-
-    async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        cancel()
-
-    watcher = asyncio.create_task(watch())
-    try:
-        yield
-    finally:
-        watcher.cancel()
-        cancel()  # an error, or the server shutting down: leave no work behind
-        stats: Stats = request.app.state.stats
-        stats.tasks_cancelled += sum(t.cancelled() for t in tasks)
+# The tasks a request spawns are cancelled when its client disconnects (and whatever of
+# them is left when it is done: an error, or the server shutting down).
+app.add_middleware(CancelOnDisconnect, on_cancel=count_cancelled)
 
 
 def spawn_squares(n: int, delay: float, stagger: bool) -> tuple[list[dagger.DTask[int]], dagger.DTask[int]]:
@@ -107,12 +92,11 @@ async def squares(n: int, request: Request, delay: float = 0.0) -> Response:
     """The sum of squares of 0..n-1, each square a task, as JSON."""
     stats: Stats = request.app.state.stats
     with stats.request():
-        parts, total = spawn_squares(n, delay, stagger=False)
-        async with cancelled_on_disconnect(request, [*parts, total]):
-            try:
-                value = await total
-            except dagger.TaskCancelledError:
-                return Response(status_code=499)  # the client has gone; nobody reads this
+        _, total = spawn_squares(n, delay, stagger=False)
+        try:
+            value = await total
+        except dagger.TaskCancelledError:
+            return Response(status_code=499)  # the client has gone; nobody reads this
         return Response(json.dumps({"n": n, "sum": value}), media_type="application/json")
 
 
@@ -131,18 +115,17 @@ async def progress(n: int, request: Request, delay: float = 0.05) -> StreamingRe
     async def events() -> AsyncIterator[str]:
         with stats.request():
             parts, total = spawn_squares(n, delay, stagger=True)
-            async with cancelled_on_disconnect(request, [*parts, total]):
-                yield sse("start", {"tasks": n})
-                done = 0
-                async for t in dagger.progress(parts, bar=False):
-                    if t.cancelled():
-                        return  # the client has gone
-                    done += 1
-                    yield sse("progress", {"done": done, "of": n, "task": t.name, "value": t.result()})
-                try:
-                    yield sse("result", {"sum": await total})
-                except dagger.TaskCancelledError:
-                    return
+            yield sse("start", {"tasks": n})
+            done = 0
+            async for t in dagger.progress(parts, bar=False):
+                if t.cancelled():
+                    return  # the client has gone
+                done += 1
+                yield sse("progress", {"done": done, "of": n, "task": t.name, "value": t.result()})
+            try:
+                yield sse("result", {"sum": await total})
+            except dagger.TaskCancelledError:
+                return
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})

@@ -50,3 +50,22 @@ def test_a_worker_process_does_not_load_the_cluster_side():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_web_helpers_live_apart_and_load_no_framework():
+    """``aiodagger.web`` is imported by name, never by ``import aiodagger``, and
+    importing it loads no web framework (nor anyio, nor trio)."""
+    import subprocess
+    import sys
+
+    import aiodagger.web
+
+    assert sorted(aiodagger.web.__all__) == ["CancelOnDisconnect", "RequestTasks", "aiohttp_middleware"]
+    assert not set(aiodagger.web.__all__) & set(aiodagger.__all__)
+    code = ("import sys, aiodagger; assert 'aiodagger.web' not in sys.modules; "
+            "aiodagger.spawn(int, 1).fetch(10); import aiodagger.web; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('fastapi', 'starlette', 'aiohttp', 'anyio', 'trio', 'sniffio')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout

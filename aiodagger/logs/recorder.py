@@ -12,13 +12,13 @@ close, so ``fetch_logs(cluster)`` still reads it.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import threading
 import weakref
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from .._asynclib import await_future
 from .._bridge import call_soon_quietly
 from ..cluster import Cluster, on_cluster_start, running_cluster
 from ..scheduler.events import Instrument
@@ -168,4 +168,4 @@ async def _snapshot_on_loop(cluster: Cluster, log: EventLog, clear: bool) -> lis
 
     if not call_soon_quietly(sched.loop, take):  # the loop closed: nothing appends any more
         return log.snapshot(clear)
-    return await asyncio.wrap_future(result)
+    return await await_future(result)
