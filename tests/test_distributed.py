@@ -141,7 +141,6 @@ async def test_scopes_across_processes_and_no_processor_error(procs):
 
 
 async def test_kill_9_mid_task_with_and_without_retries(procs, tmp_path):
-    victim = procs.workers[1]
     marker = tmp_path / "started"
     # retries=1: the task is retried on the surviving worker
     t = dagger.options(retries=1, scope=dagger.scope(workers=[1, 2])).spawn(slow_pid, 1.0, str(marker))
@@ -154,13 +153,13 @@ async def test_kill_9_mid_task_with_and_without_retries(procs, tmp_path):
     marker.unlink()
     u = dagger.spawn(slow_pid, 5.0, str(marker))
     await _wait_for(marker.exists)
-    os.kill(int(marker.read_text()), signal.SIGKILL)
+    killed = int(marker.read_text())
+    os.kill(killed, signal.SIGKILL)
     with pytest.raises(dagger.WorkerLostError, match="lost"):
         await asyncio.wait_for(u, 20)
-    assert victim.pid in (ran_on, survivor) or True
-    # the cluster keeps working, in replacement worker processes, never in this one
+    # the cluster keeps working, in live worker processes, never in this one
     assert await asyncio.wait_for(dagger.spawn(inc, 1), 30) == 2
-    assert await asyncio.wait_for(dagger.spawn(pid), 30) not in (os.getpid(), ran_on, survivor)
+    assert await asyncio.wait_for(dagger.spawn(pid), 30) not in (os.getpid(), ran_on, killed)
 
 
 async def test_result_whose_only_copy_died_is_recomputed(procs):

@@ -64,3 +64,4 @@ def test_runtime_table_is_bounded():
     for i in range(RuntimeEstimates._MAX_ENTRIES + 10):
         est.observe(("key", i), 0.1)
     assert len(est._table) <= RuntimeEstimates._MAX_ENTRIES
+

@@ -509,7 +509,15 @@ class Scheduler:
             if self.instruments:
                 self.dispatched(task, 0)
             return True
-        candidates = dist.candidates(task)
+        if task._opts.scope is ANY_SCOPE and dist.fast_placement:
+            worker = dist.place_any(task)
+            if worker is not None:
+                return self._dispatch_to(task, worker)
+            candidates = dist.candidates(task)  # no room, or no worker at all: which is it
+            if candidates:
+                return False
+        else:
+            candidates = dist.candidates(task)
         if not candidates and dist.expects_workers and not dist.workers and dist.gave_up is None:
             return False  # every worker process is gone and one is being started: wait
         if not candidates:
@@ -523,10 +531,15 @@ class Scheduler:
         worker = dist.place(task, candidates)
         if worker is None:
             return False
+        return self._dispatch_to(task, worker)
+
+    def _dispatch_to(self, task: DTask[Any], worker: Any) -> bool:
+        """Send the heap's top task to ``worker`` (another process)."""
+        assert self.dist is not None
         heapq.heappop(self._ready)
         task._state = RUNNING
         try:
-            dist.dispatch(task, worker)
+            self.dist.dispatch(task, worker)
         except (SerializationError, FrameTooLargeError) as exc:
             self._fail(task, exc, annotate=False)
             return True

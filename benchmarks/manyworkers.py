@@ -1,0 +1,140 @@
+"""S-W: the scheduler's cost per task as the number of workers grows, up to 1,000.
+
+    python -m benchmarks.manyworkers [--workers 2,10,100,1000] [--tasks 20000] [--rounds 3]
+
+The scheduler is a real one (a ``dagger.Cluster(listen=...)`` in this process); the
+workers are simulated in one other process: each is a real connection that does the
+handshake, registers as a worker with one thread, and answers every task it is sent
+at once with its result (an inline ``None``) over the real protocol, doing no work.
+So the figure is what the scheduler spends per task, placement included, as the
+worker count grows: CPU seconds of this process (every thread of it) over the tasks,
+while ``--tasks`` independent tasks are spawned and gathered. Goal: within 2x from 2
+to 1,000 workers (placement must not scan every worker for every task).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import os
+import pickle
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+RESULT = pickle.dumps(None, protocol=5)
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+# -- the simulated workers (in their own process) ---------------------------------------------
+async def _simulate(address: str, token: str, n: int) -> None:
+    from aiodagger.comm import handshake
+    from aiodagger.comm import protocol as P
+    from aiodagger.comm.framing import open_comm
+    from aiodagger.comm.server import parse_address
+
+    # Every connection derives the same key from the same salt (the cluster's listener
+    # has one): derived once here, not a thousand times.
+    handshake._derive = functools.cache(handshake._derive)  # type: ignore[assignment]
+    host, port = parse_address(address)
+    endpoints = []
+
+    def handlers(box: list[Any]) -> dict[type, Any]:
+        def run(msg: P.Run, buffers: list[Any]) -> None:
+            done = [P.Finished(t.key, t.attempt, "ok", len(RESULT), 0.0, 0.0, 1, []) for t in msg.tasks]
+            try:
+                box[0].send_nowait(P.Done(done, P.Memory(0, 0, 0, 0)), [RESULT] * len(done))
+            except ConnectionError:
+                pass
+
+        def heartbeat(msg: P.Heartbeat, buffers: list[Any]) -> None:
+            try:
+                box[0].send_nowait(P.Heartbeat({}))
+            except ConnectionError:
+                pass
+
+        def ignore(msg: Any, buffers: list[Any]) -> None:
+            pass
+
+        def stats(msg: P.Stats, buffers: list[Any]) -> tuple[P.StatsReply, list[Any]]:
+            return P.StatsReply({}), []
+
+        return {P.Run: run, P.Heartbeat: heartbeat, P.Stats: stats, P.Functions: ignore, P.Values: ignore,
+                P.Release: ignore, P.Cancel: ignore, P.Listen: ignore, P.Shutdown: ignore}
+
+    for i in range(n):
+        comm = await open_comm(host, port)
+        await handshake.client_handshake(comm, token, {"role": "worker"})
+        box: list[Any] = []
+        endpoint = P.Endpoint(comm, handlers(box))
+        box.append(endpoint)
+        endpoints.append((endpoint, asyncio.ensure_future(endpoint.serve())))
+        await endpoint.request(P.Register(f"sim-{i}", os.getpid(), socket.gethostname(), 1,
+                                          "tcp://127.0.0.1:9", None, [], [], time.perf_counter()),
+                               timeout=30)
+    await asyncio.gather(*[serving for _, serving in endpoints], return_exceptions=True)
+
+
+# -- the scheduler's side ----------------------------------------------------------------------
+async def _measure(workers: int, tasks: int) -> tuple[float, float]:
+    """(scheduler CPU µs per task, tasks per second) with ``workers`` simulated workers."""
+    import aiodagger as dagger
+
+    token = secrets.token_urlsafe(32)
+    async with dagger.Cluster(listen="tcp://127.0.0.1:0", token=token, threads=1,
+                              heartbeat_interval=5.0, heartbeat_timeout=60.0) as cluster:
+        env = {**os.environ, "AIODAGGER_SIM_TOKEN": token}
+        sim = subprocess.Popen([sys.executable, "-m", "benchmarks.manyworkers", "--simulate",
+                                str(cluster.address), str(workers)], env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while len(cluster.workers) < workers + 1:
+                if sim.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"only {len(cluster.workers) - 1} of {workers} simulated workers joined")
+                await asyncio.sleep(0.05)
+            await dagger.gather(*[dagger.spawn(inc, i) for i in range(min(tasks, 2000))])  # warm
+            cpu, wall = time.process_time(), time.perf_counter()
+            await dagger.gather(*[dagger.spawn(inc, i) for i in range(tasks)])
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        finally:
+            sim.kill()
+            sim.wait()
+    return cpu / tasks * 1e6, tasks / wall
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.manyworkers")
+    parser.add_argument("--workers", default="2,10,100,1000")
+    parser.add_argument("--tasks", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--simulate", nargs=2, metavar=("ADDRESS", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.simulate:
+        asyncio.run(_simulate(args.simulate[0], os.environ["AIODAGGER_SIM_TOKEN"], int(args.simulate[1])))
+        return 0
+    counts = [int(n) for n in args.workers.split(",")]
+    rows = {n: [] for n in counts}
+    for _ in range(args.rounds):
+        for n in counts:
+            rows[n].append(asyncio.run(_measure(n, args.tasks)))
+    base = None
+    print("| simulated workers | scheduler CPU µs/task (median) | tasks/s (median) | cost vs the fewest |")
+    print("|---:|---:|---:|---:|")
+    for n in counts:
+        cpu = statistics.median(r[0] for r in rows[n])
+        rate = statistics.median(r[1] for r in rows[n])
+        base = base or cpu
+        print(f"| {n:,} | {cpu:.1f} | {rate:,.0f} | {cpu / base:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
