@@ -1,6 +1,7 @@
 """S-W: the scheduler's cost per task as the number of workers grows, up to 1,000.
 
     python -m benchmarks.manyworkers [--workers 2,10,100,1000] [--tasks 20000] [--rounds 3]
+    python -m benchmarks.manyworkers --real 64     # 64 real worker processes: W4 and a tree
 
 The scheduler is a real one (a ``dagger.Cluster(listen=...)`` in this process); the
 workers are simulated in one other process: each is a real connection that does the
@@ -10,6 +11,10 @@ So the figure is what the scheduler spends per task, placement included, as the
 worker count grows: CPU seconds of this process (every thread of it) over the tasks,
 while ``--tasks`` independent tasks are spawned and gathered. Goal: within 2x from 2
 to 1,000 workers (placement must not scan every worker for every task).
+
+``--real N`` starts N real worker processes on this machine (one thread each) instead,
+and times W4 (5,000 tiny tasks, spawned then gathered) and a tree reduction (10,000
+leaves summed 100 at a time, as benchmarks/graphscale.py's graphs are) on them.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ async def _simulate(address: str, token: str, n: int) -> None:
 
     # Every connection derives the same key from the same salt (the cluster's listener
     # has one): derived once here, not a thousand times.
-    handshake._derive = functools.cache(handshake._derive)  # type: ignore[assignment]
+    handshake._derive = functools.cache(handshake._derive)
     host, port = parse_address(address)
     endpoints = []
 
@@ -110,18 +115,50 @@ async def _measure(workers: int, tasks: int) -> tuple[float, float]:
     return cpu / tasks * 1e6, tasks / wall
 
 
+def _tree(leaves: list[int]) -> int:
+    return sum(leaves)
+
+
+async def _real(n: int, rounds: int) -> None:
+    import aiodagger as dagger
+
+    start = time.perf_counter()
+    async with dagger.Cluster(processes=n, threads=1) as cluster:
+        started = time.perf_counter() - start
+        assert len(cluster.workers) == n + 1
+        w4, tree = [], []
+        for _ in range(rounds + 1):  # the first round warms up
+            t0 = time.perf_counter()
+            out = await dagger.gather(*[dagger.spawn(inc, i) for i in range(5000)])
+            w4.append(5000 / (time.perf_counter() - t0))
+            assert out == [i + 1 for i in range(5000)]
+            t0 = time.perf_counter()
+            level: list[Any] = [dagger.spawn(inc, i) for i in range(10_000)]
+            while len(level) > 1:
+                level = [dagger.spawn(_tree, level[i:i + 100]) for i in range(0, len(level), 100)]
+            total = await level[0]
+            tree.append(10_100 / (time.perf_counter() - t0))  # leaves + inner tasks
+            assert total == sum(range(1, 10_001))
+    print(f"{n} real worker processes (started in {started:.1f} s): W4 {statistics.median(w4[1:]):,.0f} "
+          f"tasks/s, tree reduction {statistics.median(tree[1:]):,.0f} tasks/s (medians of {rounds})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.manyworkers")
     parser.add_argument("--workers", default="2,10,100,1000")
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--real", type=int, default=0, help="N real worker processes instead (W4 and a tree)")
     parser.add_argument("--simulate", nargs=2, metavar=("ADDRESS", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.real:
+        asyncio.run(_real(args.real, args.rounds))
+        return 0
     if args.simulate:
         asyncio.run(_simulate(args.simulate[0], os.environ["AIODAGGER_SIM_TOKEN"], int(args.simulate[1])))
         return 0
     counts = [int(n) for n in args.workers.split(",")]
-    rows = {n: [] for n in counts}
+    rows: dict[int, list[tuple[float, float]]] = {n: [] for n in counts}
     for _ in range(args.rounds):
         for n in counts:
             rows[n].append(asyncio.run(_measure(n, args.tasks)))
