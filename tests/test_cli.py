@@ -108,3 +108,38 @@ def test_scheduler_command_needs_a_token():
     proc = subprocess.run([sys.executable, "-m", "aiodagger", "scheduler", "--listen", "tcp://127.0.0.1:0"],
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 1 and "no token; pass --token-file FILE" in proc.stderr
+
+
+async def test_worker_reads_its_token_from_stdin_and_lives_on():
+    """``--token-fd 0``: the token on stdin (as an SSH launcher writes it), which the
+    worker closes once read. Its next socket took descriptor 0, and libuv aborted the
+    worker (exit 134) the moment that socket closed."""
+    import asyncio
+    import os
+    import secrets
+
+    import aiodagger as dagger
+
+    token = secrets.token_urlsafe(32)
+    env = {k: v for k, v in os.environ.items() if k != "AIODAGGER_TOKEN"}
+    async with dagger.Cluster(listen="tcp://127.0.0.1:0", token=token, threads=1) as cluster:
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "aiodagger", "worker", cluster.address, "--token-fd", "0", "--threads", "1",
+            stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+        try:
+            worker.stdin.write(token.encode())
+            worker.stdin.close()
+            deadline = asyncio.get_running_loop().time() + 30
+            while len(cluster.workers) < 2:
+                assert asyncio.get_running_loop().time() < deadline, "the worker did not join"
+                await asyncio.sleep(0.05)
+            (wid,) = [w.id for w in cluster.workers if w.id != 0]
+            for _ in range(3):  # fetches open and close connections to its data server
+                t = dagger.options(scope=dagger.scope(worker=wid)).spawn(os.getpid)
+                assert await asyncio.wait_for(t, 30) == worker.pid
+        finally:
+            if worker.returncode is None:
+                worker.terminate()
+            _, err = await asyncio.wait_for(worker.communicate(), 30)
+    assert worker.returncode in (0, -15), err.decode()
+    assert b"Assertion" not in err

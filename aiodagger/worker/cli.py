@@ -80,6 +80,13 @@ def _read_token(args: argparse.Namespace) -> str:
                 token = f.read(_TOKEN_READ_LIMIT).strip()
         except OSError as exc:
             raise SystemExit(f"aiodagger worker: cannot read the token from --token-fd: {exc}") from None
+        if args.token_fd <= 2:
+            # stdin (say) read and closed: the next socket would take its number, and
+            # libuv aborts the process when it closes a socket numbered 0-2 (uvloop).
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != args.token_fd:
+                os.dup2(null, args.token_fd)
+                os.close(null)
     elif args.token_file:
         try:
             with open(args.token_file, encoding="utf-8") as f:
