@@ -1,14 +1,14 @@
 """One ``aiodagger worker`` on another machine, started in an SSH session.
 
 The remote command is ``echo $$; exec [env VAR=...] PYTHON -m aiodagger worker ADDRESS
---token-fd 3 ... 3<&0 </dev/null``: the shell prints its pid, which ``exec`` hands to
-the worker, so that it can be killed by pid should the server ignore the session's
-signals. The token is written to the session's standard input and the input closed;
-the worker reads it from descriptor 3, a copy of that input, to the end and closes it.
-It is never on a command line, which ``ps`` shows to every user there, nor in the
-environment. (Not ``--token-fd 0``: the worker closes the descriptor it read, and the
-next socket it opened would be descriptor 0, which libuv, under uvloop, refuses to
-close: the worker aborted.)
+... --token-fd 3 3<&0 </dev/null``. The shell prints its pid, which ``exec`` hands to
+the worker: signals go to that process group with ``kill``, because sshd refuses a
+session's own signal requests when the user is root. The token is written to the
+session's standard input, and the input closed; the worker reads it to the end from
+descriptor 3, a copy of that input, and closes it. It is never on a command line, which
+``ps`` shows to every user there, nor in the environment. (Not ``--token-fd 0``: the
+worker closes the descriptor it read, its next socket became descriptor 0, and libuv,
+under uvloop, aborted the worker when it closed that socket.)
 
 The worker's output is read as it comes, never left to fill the channel (a worker
 blocked writing a log line stops working), logged, and its last lines kept for the
@@ -142,9 +142,17 @@ class RemoteProcess:
             await asyncio.wait([self.closed], timeout=timeout)
         return self.closed.done()
 
-    def _signal(self, name: str) -> None:
+    async def _signal(self, name: str) -> None:
+        """SIG``name`` to the worker and whatever it started: to its process group, by the
+        pid the shell printed (the session leader's, kept by ``exec``); else through the
+        session (sshd refuses that for root, whose session it serves from its privileged
+        process: "session signalling requires privilege separation")."""
+        if self.pid is not None:
+            code, _ = await self.host.run(f"kill -s {name} -- -{self.pid}")
+            if code == 0:
+                return
         try:
-            self._process.send_signal(name)  # sshd sends it to the session's process group
+            self._process.send_signal(name)
         except OSError:  # the channel has closed: nothing left to signal
             pass
 
@@ -156,14 +164,12 @@ class RemoteProcess:
                 if wait_first and self.returncode != 0:  # asked to leave, it failed on its way
                     logger.warning("worker %s on %s %s", self.name, self.host.label, self.why())
                 return
-            self._signal("TERM")
+            await self._signal("TERM")
             if await self.wait(TERM_GRACE):
                 return
             logger.warning("worker %s on %s (pid %s) did not exit on SIGTERM; killing it",
                            self.name, self.host.label, self.pid)
-            self._signal("KILL")
-            if self.pid is not None:  # for servers that ignore the session's signals
-                await self.host.run(f"kill -KILL {self.pid}")
+            await self._signal("KILL")
             if not await self.wait(KILL_GRACE):
                 logger.error("worker %s on %s (pid %s) could not be stopped", self.name,
                              self.host.label, self.pid)
