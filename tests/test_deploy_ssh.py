@@ -334,8 +334,7 @@ def test_silent_server_times_out_naming_the_host(hosts):
 
 
 def test_refused_key_and_unknown_host_key(hosts):
-    other = _key(hosts.dir / "not_authorized")
-    del other
+    _key(hosts.dir / "not_authorized")  # a key the servers were never told of
     _fails(hosts, DeployConnectionError, hosts.entries[0], "refused to log in", "authorized_keys",
            connect_options={**hosts.options, "client_keys": [str(hosts.dir / "not_authorized")]})
     (hosts.dir / "empty_known_hosts").write_text("")
