@@ -13,7 +13,11 @@ raises derives from :class:`DaggerError`::
     ├── SerializationError   a function or argument cannot be sent to a worker (also a TypeError)
     ├── FrameTooLargeError   a value is larger than the frames a connection carries (max_frame)
     ├── ProtocolError        a peer sent something that is not a valid frame
-    └── AuthenticationError  a peer failed the handshake
+    ├── AuthenticationError  a peer failed the handshake
+    └── DeployError          workers could not be started on a host (aiodagger.deploy); .host
+        ├── DeployConnectionError  no SSH session with the host: unreachable, refused,
+        │                          timed out, host key or credentials (also a ConnectionError)
+        └── DeployTimeoutError     a worker started there never joined (also a TimeoutError)
 
 Exceptions cross process boundaries, so every class here survives a pickle
 round-trip, ``__cause__`` and notes included.
@@ -26,6 +30,9 @@ from typing import Any
 __all__ = [
     "AuthenticationError",
     "DaggerError",
+    "DeployConnectionError",
+    "DeployError",
+    "DeployTimeoutError",
     "FrameTooLargeError",
     "NoProcessorError",
     "ProtocolError",
@@ -147,3 +154,22 @@ class ProtocolError(DaggerError):
 
 class AuthenticationError(DaggerError):
     """A peer failed the handshake (wrong token, version or challenge)."""
+
+
+class DeployError(DaggerError):
+    """Workers could not be started on ``host``: the remote command failed (no such
+    interpreter, aiodagger not installed there) or the worker left, saying why (a wrong
+    token); the message carries what it wrote to its standard error."""
+
+    def __init__(self, message: str, host: str = "") -> None:
+        super().__init__(message)
+        self.host = host
+
+
+class DeployConnectionError(DeployError, ConnectionError):
+    """No SSH session with ``host``: unreachable, refused, timed out, or its host key or
+    the credentials were not accepted."""
+
+
+class DeployTimeoutError(DeployError, TimeoutError):
+    """A worker started on ``host`` did not join the cluster in time."""

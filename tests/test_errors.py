@@ -85,6 +85,9 @@ ALL_ERRORS = [
     errors.FrameTooLargeError.of("the result of task 'f' (id 3)", 5 << 20, 1 << 20),
     errors.ProtocolError("garbage"),
     errors.AuthenticationError("wrong token"),
+    errors.DeployError("no module named aiodagger", host="node1"),
+    errors.DeployConnectionError("connection refused", host="node1"),
+    errors.DeployTimeoutError("never joined", host="node1"),
 ]
 
 
@@ -121,3 +124,5 @@ async def test_upstream_error_from_live_task_pickles_origin_as_ref(cluster):
 def test_builtin_bases():
     assert issubclass(errors.TaskTimeoutError, TimeoutError)
     assert issubclass(errors.SerializationError, TypeError)
+    assert issubclass(errors.DeployConnectionError, ConnectionError)
+    assert issubclass(errors.DeployTimeoutError, TimeoutError)

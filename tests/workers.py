@@ -115,6 +115,11 @@ def pid_of(_dep=None) -> int:
     return os.getpid()
 
 
+def where(_dep=None) -> tuple[int, str]:
+    """This process's pid and its network namespace: which of the test hosts it runs on."""
+    return os.getpid(), os.readlink("/proc/self/ns/net")
+
+
 def block(size: int, seed: int) -> tuple[int, bytes]:
     """A result larger than what travels inline with a completion, so it stays where it is made."""
     return os.getpid(), bytes([seed % 256]) * size
