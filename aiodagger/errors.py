@@ -13,7 +13,9 @@ raises derives from :class:`DaggerError`::
     ├── SerializationError   a function or argument cannot be sent to a worker (also a TypeError)
     ├── FrameTooLargeError   a value is larger than the frames a connection carries (max_frame)
     ├── ProtocolError        a peer sent something that is not a valid frame
-    └── AuthenticationError  a peer failed the handshake
+    ├── AuthenticationError  a peer failed the handshake
+    └── DeployError          a deployment could not start workers (sbatch failed, a job ended)
+        └── JobStartTimeoutError  submitted jobs' workers did not join in time (also a TimeoutError)
 
 Exceptions cross process boundaries, so every class here survives a pickle
 round-trip, ``__cause__`` and notes included.
@@ -26,7 +28,9 @@ from typing import Any
 __all__ = [
     "AuthenticationError",
     "DaggerError",
+    "DeployError",
     "FrameTooLargeError",
+    "JobStartTimeoutError",
     "NoProcessorError",
     "ProtocolError",
     "SerializationError",
@@ -147,3 +151,21 @@ class ProtocolError(DaggerError):
 
 class AuthenticationError(DaggerError):
     """A peer failed the handshake (wrong token, version or challenge)."""
+
+
+class DeployError(DaggerError):
+    """Workers could not be started where a deployment puts them: a command it runs
+    (``sbatch``, say) is missing or failed, or a job ended before its workers joined.
+    The message carries what the command said."""
+
+
+class JobStartTimeoutError(DeployError, TimeoutError):
+    """Submitted jobs' workers did not join the cluster in time.
+
+    ``jobs`` maps each such job's id to its state as Slurm gave it, e.g.
+    ``{"17": "PENDING (PartitionDown)"}``; the jobs have been cancelled.
+    """
+
+    def __init__(self, message: str, jobs: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.jobs = dict(jobs or {})

@@ -85,6 +85,8 @@ ALL_ERRORS = [
     errors.FrameTooLargeError.of("the result of task 'f' (id 3)", 5 << 20, 1 << 20),
     errors.ProtocolError("garbage"),
     errors.AuthenticationError("wrong token"),
+    errors.DeployError("sbatch failed"),
+    errors.JobStartTimeoutError("job 17 did not start", {"17": "PENDING (PartitionDown)"}),
 ]
 
 
@@ -121,3 +123,5 @@ async def test_upstream_error_from_live_task_pickles_origin_as_ref(cluster):
 def test_builtin_bases():
     assert issubclass(errors.TaskTimeoutError, TimeoutError)
     assert issubclass(errors.SerializationError, TypeError)
+    assert issubclass(errors.JobStartTimeoutError, TimeoutError)
+    assert issubclass(errors.JobStartTimeoutError, errors.DeployError)
