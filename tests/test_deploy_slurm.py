@@ -103,6 +103,10 @@ def test_bad_arguments_say_what_to_write():
         SlurmCluster(cores=0)
     with pytest.raises(ValueError, match="job_start_timeout"):
         SlurmCluster(job_start_timeout=0)
+    with pytest.raises(TypeError, match="each job's memory"):
+        SlurmCluster(memory=0.5)  # a fraction of this machine's memory means nothing to a job
+    with pytest.raises(ValueError, match=r"SlurmCluster\(memory='lots'\)"):
+        SlurmCluster(memory="lots")
 
 
 async def test_adapt_and_scale_check_their_arguments(tmp_path):

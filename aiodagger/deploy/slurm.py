@@ -20,6 +20,7 @@ path on the compute nodes, as home directories on a batch cluster are.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
@@ -27,7 +28,6 @@ import secrets
 import socket
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,11 +64,11 @@ _OWN_OPTIONS = {
 }
 
 
-@dataclass
+@dataclasses.dataclass
 class _Job:
     id: str
     submitted: float  # loop time
-    joined: set[str] = field(default_factory=set)  # names of its workers that joined
+    joined: set[str] = dataclasses.field(default_factory=set)  # names of its workers that joined
     slow_start_logged: bool = False
 
 
@@ -123,24 +123,13 @@ class SlurmCluster(Cluster):
         for option, instead in _OWN_OPTIONS.items():
             if option in cluster_options:
                 raise TypeError(f"SlurmCluster({option}=...) is not a Cluster option here: {instead}")
-        _positive(cores, "cores")
-        _positive(processes, "processes")
-        if cores < processes:
-            raise ValueError(f"SlurmCluster(cores={cores}, processes={processes}): each of a job's "
-                             "workers needs a core at least; ask for more cores or fewer processes")
+        spec = _job_spec(python=python, queue=queue, account=account, cores=cores, memory=memory,
+                         walltime=walltime, processes=processes, job_name=job_name,
+                         log_directory=log_directory, job_extra=job_extra, prologue=job_script_prologue)
         if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 0:
             raise ValueError(f"SlurmCluster(n_workers=...) takes a number of workers >= 0, got {n_workers!r}")
-        memory_bytes = parse_memory_limit(memory)
-        if memory_bytes is None:
-            raise ValueError(f"SlurmCluster(memory=...) takes each job's memory, e.g. '4GiB', got {memory!r}")
         if job_start_timeout is not None and not job_start_timeout > 0:
             raise ValueError(f"SlurmCluster(job_start_timeout=...) takes seconds > 0 or None, got {job_start_timeout!r}")
-        for what, text in [("queue", queue), ("account", account), ("walltime", walltime),
-                           ("job_name", job_name), ("python", python),
-                           *(("job_extra", line) for line in job_extra),
-                           *(("job_script_prologue", line) for line in job_script_prologue)]:
-            if text is not None and (not isinstance(text, str) or "\n" in text or "\r" in text):
-                raise ValueError(f"SlurmCluster({what}=...) takes one line of text, got {text!r}")
         bind = listen_host or "0.0.0.0"
         host = f"[{bind}]" if ":" in bind else bind
         super().__init__(listen=f"tcp://{host}:{port}", token=token or new_token(), gpus=0,
@@ -148,15 +137,10 @@ class SlurmCluster(Cluster):
         # Where the jobs' workers reach this process: where it listens, or, listening on
         # every interface, this machine's name as the compute nodes resolve it.
         self._contact = bind if bind not in ("0.0.0.0", "::") else socket.gethostname()
-        self._spec = slurm.JobSpec(
-            python=python, queue=queue, account=account, cores=cores, memory=memory_bytes,
-            walltime=walltime, processes=processes, job_name=job_name,
-            log_directory=None if log_directory is None else os.path.abspath(os.fspath(log_directory)),
-            job_extra=tuple(job_extra), prologue=tuple(job_script_prologue),
-            # The cluster's timeouts are theirs too, as for its subprocess workers.
-            worker_args=("--heartbeat-timeout", str(self._heartbeat[1]),
-                         "--shutdown-timeout", str(self.shutdown_timeout),
-                         "--max-frame", str(self.max_frame), *worker_extra_args))
+        # The cluster's timeouts are its workers' too, as for its subprocess workers.
+        self._spec = dataclasses.replace(spec, worker_args=(
+            "--heartbeat-timeout", str(self._heartbeat[1]), "--shutdown-timeout", str(self.shutdown_timeout),
+            "--max-frame", str(self.max_frame), *worker_extra_args))
         self.n_workers = n_workers
         self.job_start_timeout = job_start_timeout
         self._token_dir = Path(token_dir) if token_dir is not None else Path.home() / ".aiodagger"
@@ -490,9 +474,36 @@ class SlurmCluster(Cluster):
                 + "\n".join(lines))
 
 
-def _positive(value: object, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"SlurmCluster({what}=...) takes an int >= 1, got {value!r}")
+def _job_spec(*, python: str, queue: str | None, account: str | None, cores: int, memory: str | int,
+              walltime: str, processes: int, job_name: str, log_directory: str | os.PathLike[str] | None,
+              job_extra: Sequence[str], prologue: Sequence[str]) -> slurm.JobSpec:
+    """SlurmCluster's job arguments, checked: a wrong one fails the call, not each job."""
+    for what, value in (("cores", cores), ("processes", processes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"SlurmCluster({what}=...) takes an int >= 1, got {value!r}")
+    if cores < processes:
+        raise ValueError(f"SlurmCluster(cores={cores}, processes={processes}): each of a job's "
+                         "workers needs a core at least; ask for more cores or fewer processes")
+    # A float would be a fraction of *this* machine's memory: not the jobs' business.
+    if isinstance(memory, bool) or not isinstance(memory, int | str):
+        raise TypeError(f"SlurmCluster(memory=...) takes each job's memory as '16GiB' or bytes, got {memory!r}")
+    try:
+        memory_bytes = parse_memory_limit(memory)
+    except ValueError as exc:
+        raise ValueError(f"SlurmCluster(memory={memory!r}): {exc}") from None
+    assert memory_bytes is not None
+    # Each line goes into the job script: a line break would start a command there.
+    for what, text in [("queue", queue), ("account", account), ("walltime", walltime),
+                       ("job_name", job_name), ("python", python),
+                       *(("job_extra", line) for line in job_extra),
+                       *(("job_script_prologue", line) for line in prologue)]:
+        if text is not None and (not isinstance(text, str) or "\n" in text or "\r" in text):
+            raise ValueError(f"SlurmCluster({what}=...) takes one line of text, got {text!r}")
+    return slurm.JobSpec(
+        python=python, queue=queue, account=account, cores=cores, memory=memory_bytes,
+        walltime=walltime, processes=processes, job_name=job_name,
+        log_directory=None if log_directory is None else os.path.abspath(os.fspath(log_directory)),
+        job_extra=tuple(job_extra), prologue=tuple(prologue), worker_args=())
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
