@@ -16,6 +16,7 @@ skips the test, saying which and why.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -61,10 +62,25 @@ def missing() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free now, below the kernel's range for ephemeral ports, so
+    that no connection made meanwhile (the tests' clusters make many) takes one."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    held: list[socket.socket] = []
+    try:
+        while len(held) < n:
+            s = socket.socket()
+            try:
+                s.bind(("0.0.0.0", random.randrange(max(1024, low - 12000), low)))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def _memory_mib() -> int:
@@ -79,11 +95,12 @@ def write_conf(directory: Path, node: str, munge_socket: Path) -> Path:
     for sub in ("state", "spool"):
         (directory / sub).mkdir()
     conf = directory / "slurm.conf"
+    ctld_port, slurmd_port = _free_ports(2)
     conf.write_text(f"""\
 ClusterName=aiodagger-test
 SlurmctldHost={node}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -153,7 +170,8 @@ def single_node(directory: Path, timeout: float = 60.0) -> Iterator[Slurm]:
         start("munged", "munged", "--foreground", "--force", f"--key-file={key}",
               f"--socket={sock}", f"--pid-file={munge}/munged.pid", f"--seed-file={munge}/seed",
               f"--log-file={logs}/munged.log")
-        _wait_for(lambda: sock.exists(), procs["munged"], 10.0) or gave_up("munged", "did not start")
+        if not _wait_for(sock.exists, procs, 10.0):
+            gave_up("munged", "did not start")
         start("slurmctld", "slurmctld", "-D", "-f", str(conf))
         start("slurmd", "slurmd", "-D", "-N", node, "-f", str(conf))
         slurm = Slurm(conf, node, logs)
@@ -163,12 +181,11 @@ def single_node(directory: Path, timeout: float = 60.0) -> Iterator[Slurm]:
                                   capture_output=True, text=True, env=env, timeout=30)
             return proc.stdout.strip() == "idle"
 
-        for name in ("slurmctld", "slurmd"):
-            if procs[name].poll() is not None:
-                gave_up(name, f"exited ({procs[name].returncode})")
-        if not _wait_for(idle, None, timeout):
+        if not _wait_for(idle, procs, timeout):
             dead = [n for n, p in procs.items() if p.poll() is not None]
-            gave_up(dead[0] if dead else "slurmd", f"left the node not idle after {timeout:g} s")
+            if dead:
+                gave_up(dead[0], f"exited (status {procs[dead[0]].returncode})")
+            gave_up("slurmd", f"left the node not idle after {timeout:g} s")
         old = os.environ.get("SLURM_CONF")
         os.environ["SLURM_CONF"] = str(conf)
         try:
@@ -191,12 +208,13 @@ def single_node(directory: Path, timeout: float = 60.0) -> Iterator[Slurm]:
                 proc.wait(5)
 
 
-def _wait_for(ready, proc: subprocess.Popen[bytes] | None, timeout: float) -> bool:
+def _wait_for(ready, procs: dict[str, subprocess.Popen[bytes]], timeout: float) -> bool:
+    """Whether ``ready()`` came true in time, with every daemon still running."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs.values()):
+            return False
         if ready():
             return True
-        if proc is not None and proc.poll() is not None:
-            return False
         time.sleep(0.2)
     return False
