@@ -267,7 +267,8 @@ async def test_a_job_that_fails_says_so_with_its_output(queue, opts):
     async with SlurmCluster(python="/nonexistent/python3", **opts) as c:
         with pytest.raises(DeployError, match=r"ended before their workers joined") as info:
             await c.scale(1)
-        assert "/nonexistent/python3" in str(info.value)  # the job's output, quoted
+        assert "FAILED (NonZeroExitCode)" in str(info.value)
+        assert "/nonexistent/python3: No such file" in str(info.value)  # its output, quoted
         assert c.job_ids == []
 
 
