@@ -18,6 +18,7 @@ raises derives from :class:`DaggerError`::
         ├── DeployConnectionError  no SSH session with the host: unreachable, refused,
         │                          timed out, host key or credentials (also a ConnectionError)
         └── DeployTimeoutError     a worker started there never joined (also a TimeoutError)
+            └── JobStartTimeoutError  submitted batch jobs' workers did not join in time
 
 Exceptions cross process boundaries, so every class here survives a pickle
 round-trip, ``__cause__`` and notes included.
@@ -34,6 +35,7 @@ __all__ = [
     "DeployError",
     "DeployTimeoutError",
     "FrameTooLargeError",
+    "JobStartTimeoutError",
     "NoProcessorError",
     "ProtocolError",
     "SerializationError",
@@ -157,9 +159,10 @@ class AuthenticationError(DaggerError):
 
 
 class DeployError(DaggerError):
-    """Workers could not be started on ``host``: the remote command failed (no such
-    interpreter, aiodagger not installed there) or the worker left, saying why (a wrong
-    token); the message carries what it wrote to its standard error."""
+    """Workers could not be started where a deployment puts them: on ``host`` over SSH
+    (no such interpreter, aiodagger not installed there, a worker that left saying why:
+    a wrong token), or by a batch system (``sbatch`` missing or failing, a job that ended
+    before its workers joined). The message carries what the command or worker said."""
 
     def __init__(self, message: str, host: str = "") -> None:
         super().__init__(message)
@@ -173,3 +176,15 @@ class DeployConnectionError(DeployError, ConnectionError):
 
 class DeployTimeoutError(DeployError, TimeoutError):
     """A worker started on ``host`` did not join the cluster in time."""
+
+
+class JobStartTimeoutError(DeployTimeoutError):
+    """Submitted batch jobs' workers did not join the cluster in time.
+
+    ``jobs`` maps each such job's id to its state as Slurm gave it, e.g.
+    ``{"17": "PENDING (PartitionDown)"}``; the jobs have been cancelled.
+    """
+
+    def __init__(self, message: str, jobs: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.jobs = dict(jobs or {})

@@ -88,6 +88,7 @@ ALL_ERRORS = [
     errors.DeployError("no module named aiodagger", host="node1"),
     errors.DeployConnectionError("connection refused", host="node1"),
     errors.DeployTimeoutError("never joined", host="node1"),
+    errors.JobStartTimeoutError("job 17 did not start", {"17": "PENDING (PartitionDown)"}),
 ]
 
 
@@ -126,3 +127,5 @@ def test_builtin_bases():
     assert issubclass(errors.SerializationError, TypeError)
     assert issubclass(errors.DeployConnectionError, ConnectionError)
     assert issubclass(errors.DeployTimeoutError, TimeoutError)
+    assert issubclass(errors.JobStartTimeoutError, TimeoutError)
+    assert issubclass(errors.JobStartTimeoutError, errors.DeployError)

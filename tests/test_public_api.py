@@ -16,8 +16,8 @@ def test_all_is_exactly_the_contract():
         "In", "InOut", "Out", "datadeps", "mutable", "shard", "tofile", "array", "spawn_streaming",
         # GPUs: dagger.gpu.synchronize, dagger.gpu.devices
         "gpu",
-        # what aiodagger.deploy raises when a host cannot run its workers
-        "DeployError", "DeployConnectionError", "DeployTimeoutError",
+        # aiodagger.deploy's errors (the clusters themselves are aiodagger.deploy.*)
+        "DeployError", "DeployConnectionError", "DeployTimeoutError", "JobStartTimeoutError",
     ])
     for name in aiodagger.__all__:
         assert hasattr(aiodagger, name), name
