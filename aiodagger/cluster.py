@@ -44,6 +44,7 @@ from .worker.aio import HURRY_GRACE
 from .worker.local import LocalWorker, WorkerInfo
 
 if TYPE_CHECKING:
+    from .adapt import Adaptive
     from .dashboard.server import Dashboard
     from .launcher import WorkerLauncher
 
@@ -150,6 +151,7 @@ class Cluster:
         self._heartbeat = (heartbeat_interval, heartbeat_timeout)
         self._worker_threads = threads or max(1, cpus // max(processes, 1))
         self._launcher: WorkerLauncher | None = None
+        self._adaptive: Adaptive | None = None  # adapt()'s, while it runs
         if listen is not None:  # check the address and token now, not at start
             check_listen(listen, token)
         self._dashboard_bind = None if dashboard is None else _check_dashboard(
@@ -389,6 +391,8 @@ class Cluster:
             await self._closed_event.wait()
             return
         self._state = ClusterState.CLOSING
+        if self._adaptive is not None:  # it would start workers while they stop
+            await self._adaptive.wait_stopped(HURRY_GRACE if hurry else self.shutdown_timeout)
         if self._dashboard is not None:  # first: it reads the workers that close below
             dashboard, self._dashboard = self._dashboard, None
             try:
@@ -418,6 +422,8 @@ class Cluster:
             raise ValueError(f"scale() takes a number of subprocess workers >= 0, got {n!r}")
         if self._state is not ClusterState.RUNNING:
             raise RuntimeError(f"scale() needs a running cluster; this one is {self.state}")
+        if self._adaptive is not None:  # asked for a number: no longer adapting
+            self._adaptive.stop()
         if self._launcher is None:
             if n == 0:
                 return
@@ -425,6 +431,56 @@ class Cluster:
             await self._start_workers()
             return
         await self._launcher.scale(n)
+
+
+    # -- adapt(): as many subprocess workers as the work in flight needs (aiodagger.adapt) --
+    def adapt(self, *, minimum: int = 0, maximum: int, interval: float = 1.0,
+              wait_count: int = 3) -> Adaptive:
+        """Start and retire subprocess workers as the work asks: a worker per
+        ``threads`` tasks spawned and not done, within ``[minimum, maximum]``, checked
+        every ``interval`` seconds; idle workers retire (handing over the results only
+        they hold) after ``wait_count`` checks in a row asked for fewer. Returns the
+        :class:`~aiodagger.adapt.Adaptive`, whose ``stop()`` ends it (as ``close()``
+        does); another ``adapt()`` replaces it. Callable from any thread."""
+        from .adapt import Adaptive
+
+        if self._state is not ClusterState.RUNNING:
+            raise RuntimeError(f"adapt() needs a running cluster; this one is {self.state}")
+        adaptive = Adaptive(self, self.loop, minimum=minimum, maximum=maximum, interval=interval,
+                            wait_count=wait_count)
+        previous, self._adaptive = self._adaptive, adaptive
+
+        def begin() -> None:
+            if previous is not None:
+                previous.stop()
+            adaptive.start()
+
+        if threading.get_ident() == self._scheduler.loop_thread_id:
+            begin()
+        else:
+            self.loop.call_soon_threadsafe(begin)
+        return adaptive
+
+    @property
+    def requested_workers(self) -> int:
+        """Subprocess workers running or starting (for adapt())."""
+        return len(self._launcher.subprocess_workers()) if self._launcher is not None else 0
+
+    @property
+    def threads_per_worker(self) -> int:
+        return self._worker_threads
+
+    async def refresh(self) -> None:
+        """Nothing to bring up to date: the launcher knows its processes (for adapt())."""
+
+    async def adapt_to(self, n: int) -> None:
+        """Start subprocess workers up to ``n``, or retire the idlest down to it (adapt())."""
+        if self._launcher is None:
+            if n > 0:
+                self.processes = n
+                await self._start_workers()
+            return
+        await self._launcher.scale(n, idle_first=True)
 
 
 def _no_asyncio_loop() -> bool:

@@ -220,13 +220,17 @@ class WorkerLauncher:
     def subprocess_workers(self) -> list[RemoteWorker]:
         return [w for w in self.dist.workers.values() if w.name in self._procs]
 
-    async def scale(self, n: int) -> None:
+    async def scale(self, n: int, idle_first: bool = False) -> None:
+        """Start or retire subprocess workers until there are ``n``; ``idle_first``:
+        retire those running the fewest tasks (adapt()), else the newest."""
         current = self.subprocess_workers()
         self.dist.expects_workers = n > 0
         if n > 0:
             self.dist.gave_up = None
         if n > len(current):
             await self._start_processes(n - len(current))
+        if idle_first:
+            current.sort(key=lambda w: -len(w.running))  # the busiest stay
         for worker in current[n:]:
             self._leaving.add(worker.name)
             await self.dist.retire(worker)

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from aiodagger.deploy._adapt import Adaptive
+from aiodagger.adapt import Adaptive
 
 
 class Workers:

@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 from .._bridge import run_on_loop_awaitable
 from .._context import ClusterState
+from ..adapt import Adaptive
 from ..cluster import Cluster
 from ..comm.handshake import new_token
 from ..errors import DeployError, JobStartTimeoutError
 from ..memory import parse_memory_limit
 from . import _slurmjobs as slurm
-from ._adapt import Adaptive
 
 if TYPE_CHECKING:
     from ..scheduler.registry import RemoteWorker

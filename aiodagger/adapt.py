@@ -1,7 +1,8 @@
 """``cluster.adapt(minimum=, maximum=)``: as many workers as the work in flight needs.
 
 Any cluster that can start and retire workers adapts by offering what :class:`Scalable`
-lists. Every ``interval`` the adaptive loop asks for one worker per ``threads`` tasks in
+lists: ``dagger.Cluster`` its subprocess workers, ``aiodagger.deploy.SlurmCluster`` its
+batch jobs. Every ``interval`` the adaptive loop asks for one worker per ``threads`` tasks in
 flight (spawned and not done), within ``[minimum, maximum]``: more at once, fewer only
 after ``wait_count`` intervals in a row have asked for fewer, so that a graph's gap
 between two waves of tasks does not cost a worker's start (a batch job's queue wait,
