@@ -453,13 +453,17 @@ class Cluster:
         def begin() -> None:
             if previous is not None:
                 previous.stop()
-            adaptive.start()
+            self._adapting_changed()
+            adaptive.start(on_done=self._adapting_changed)
 
         if threading.get_ident() == self._scheduler.loop_thread_id:
             begin()
         else:
             self.loop.call_soon_threadsafe(begin)
         return adaptive
+
+    def _adapting_changed(self) -> None:
+        """adapt() began or ended (a subclass may let tasks wait for workers meanwhile)."""
 
     @property
     def requested_workers(self) -> int:

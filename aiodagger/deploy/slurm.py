@@ -284,23 +284,10 @@ class SlurmCluster(Cluster):
         the :class:`Adaptive`, whose ``stop()`` ends this; ``scale()`` ends it too.
         Callable from any thread.
         """
-        if self._state is not ClusterState.RUNNING:
-            raise RuntimeError(f"adapt() needs a running cluster; this one is {self.state}")
-        adaptive = Adaptive(self, self.loop, minimum=minimum, maximum=maximum, interval=interval,
-                            wait_count=wait_count)
-        previous, self._adaptive = self._adaptive, adaptive
+        return super().adapt(minimum=minimum, maximum=maximum, interval=interval, wait_count=wait_count)
 
-        def begin() -> None:
-            if previous is not None:
-                previous.stop()
-            self._expect()
-            adaptive.start(on_done=self._expect)
-
-        if _on_loop(self.loop):
-            begin()
-        else:
-            self.loop.call_soon_threadsafe(begin)
-        return adaptive
+    def _adapting_changed(self) -> None:
+        self._expect()
 
     async def refresh(self) -> None:
         """Forget the jobs that ended (walltime, a node failure, scancel by hand); for
