@@ -245,3 +245,17 @@ def test_the_owner_lock_is_held_while_segments_live():
         assert segments.directory.exists()
     finally:
         segments.close()
+
+
+async def test_first_offers_of_two_values_at_once_share_one_directory():
+    """Two readers asking a fresh holder for two values at once: the directory is made
+    once (the second making of it failed, and with it the read)."""
+    segments = shared.Segments("two-at-once")
+    try:
+        payload, buffers = serialize.dumps(np.ones(1024))
+        made = await asyncio.gather(*(segments.offer(k, payload, list(buffers)) for k in range(1, 6)))
+        assert len({os.path.dirname(path) for path, _ in made}) == 1 and len(made) == 5
+        for path, _ in made:
+            assert np.array_equal(shared.load(path), np.ones(1024))
+    finally:
+        segments.close()

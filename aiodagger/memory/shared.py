@@ -112,6 +112,10 @@ class Segments:
         self._made: dict[Hashable, tuple[str, int]] = {}  # key -> (path, size)
         self._making: dict[int, asyncio.Future[tuple[str, int]]] = {}
         self._doomed: set[Hashable] = set()  # released while being written
+        # The directory being made: two first offers at once (two readers asking for two
+        # values) both made it, and the second's claim failed ("another ChunkStore in
+        # this process already spills to ..."): the read failed, the value was computed again.
+        self._opening: asyncio.Future[None] | None = None
         self.bytes = 0  # in /dev/shm now
         self.closed = False
 
@@ -139,7 +143,13 @@ class Segments:
         self._making[key] = fut
         try:
             if self.directory is None:
-                await loop.run_in_executor(None, self._open)
+                if self._opening is None:
+                    self._opening = loop.run_in_executor(None, self._open)
+                try:
+                    await asyncio.shield(self._opening)
+                except Exception:
+                    self._opening = None  # the next offer tries again
+                    raise
             assert self.directory is not None
             path = str(self.directory / f"v{key}")
             size = await loop.run_in_executor(None, spillfile.write_parts, path, payload, buffers, _FLAGS)
@@ -180,6 +190,7 @@ class Segments:
     def close(self) -> None:
         """Remove every segment and the directory (at the worker's stop)."""
         self.closed = True
+        self._opening = None
         self._made.clear()
         self.bytes = 0
         if self.directory is not None:
