@@ -465,13 +465,15 @@ class WorkerRegistry:
         looking at every worker: the next two workers with room in a ring, the less
         loaded of them (two random choices balance nearly as well as the least loaded of
         all), and, for a task whose inputs live on workers, those workers too, priced by
-        the cost model as :meth:`place` does. With 1,000 workers, :meth:`place` cost
-        the scheduler 10x its per-task time at 2 (benchmarks/manyworkers.py)."""
+        the cost model as :meth:`place` does. A worker that just reported results is
+        the first choice, once per report, so a busy cluster does not go round the ring
+        to find the one with room. With 1,000 workers, :meth:`place` cost the scheduler
+        10x its per-task time at 2 (benchmarks/manyworkers.py)."""
         kind = "async" if task._kind == "async" else "thread"
-        first = self._next_with_room(kind)
+        first = self._freed_with_room(kind) or self._next_with_room(kind)
         if first is None:
             return None
-        second = self._next_with_room(kind)
+        second = self._ring_step(kind)
         room = [first] if second is None or second is first else [first, second]
         held: dict[int, int] | None = None
         for dep in task._deps or ():
@@ -489,13 +491,27 @@ class WorkerRegistry:
         cands = [Candidate(w.id, w.backlog_s / w.threads) for w in room]
         return room[choose_processor(cands, self.sched.runtimes.get(task._fnkey), held, self.bandwidth)]
 
-    def _next_with_room(self, kind: str) -> RemoteWorker | None:
+    def _freed_with_room(self, kind: str) -> RemoteWorker | None:
+        """A worker that reported results lately and has room (each report, one look)."""
         freed = self._freed
         while freed:
-            w = freed[0]
+            w = freed.popleft()
             if w.status is WorkerStatus.RUNNING and w.has_room(kind) and self.workers.get(w.id) is w:
-                return w  # kept in front while it has room
-            freed.popleft()
+                return w
+        return None
+
+    def _ring_step(self, kind: str) -> RemoteWorker | None:
+        """The ring's next worker if it has room: the second choice, one look only (a
+        full lap would scan every worker of a busy cluster for each task)."""
+        ring = self._ring
+        if not ring or self._ring_members != self._members:
+            return self._next_with_room(kind)
+        cursor = self._cursor + 1 if self._cursor + 1 < len(ring) else 0
+        self._cursor = cursor
+        w = ring[cursor]
+        return w if w.status is WorkerStatus.RUNNING and w.has_room(kind) else None
+
+    def _next_with_room(self, kind: str) -> RemoteWorker | None:
         if self._ring_members != self._members:
             self._ring = list(self.workers.values())
             self._ring_members = self._members
