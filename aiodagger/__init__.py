@@ -33,7 +33,7 @@ from .taskoptions import MISSING, Scope, scope
 if TYPE_CHECKING:
     from . import array, gpu
     from .access import In, InOut, Out
-    from .api import Options, as_completed, fetch, gather, options, put, spawn, tochunk, wait
+    from .api import Options, admit, as_completed, fetch, gather, options, put, spawn, tochunk, wait
     from .cluster import Cluster, WorkerInfo
     from .files import File, tofile
     from .logs import Logs, disable_logging, enable_logging, fetch_logs
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 # cluster, the scheduler or the logs: importing them there cost each worker's start
 # (W0) the compilation and import of about a third of the package.
 _LAZY = {
-    "Options": "api", "as_completed": "api", "fetch": "api", "gather": "api",
+    "Options": "api", "admit": "api", "as_completed": "api", "fetch": "api", "gather": "api",
     "options": "api", "put": "api", "spawn": "api", "tochunk": "api", "wait": "api",
     "Cluster": "cluster", "WorkerInfo": "cluster",
     "File": "files", "tofile": "files",
@@ -104,6 +104,7 @@ __all__ = [
     "WorkerInfo",
     "WorkerLostError",
     "__version__",
+    "admit",
     "array",
     "as_completed",
     "datadeps",

@@ -19,7 +19,7 @@ from .errors import NoProcessorError
 from .task import FINISHED, REMOTE, Chunk, DTask
 from .taskoptions import Scope, TaskOptions, current_options, current_options_var, validate_options
 
-__all__ = ["Options", "as_completed", "fetch", "gather", "options", "put", "spawn", "spawn_with_options",
+__all__ = ["ADMIT_LIMIT", "Options", "admit", "as_completed", "fetch", "gather", "options", "put", "spawn", "spawn_with_options",
            "tochunk", "wait"]
 
 R = TypeVar("R")
@@ -219,6 +219,25 @@ class as_completed:  # noqa: N801 - used like a function: `async for t in as_com
                 raise TimeoutError(f"as_completed(): {self._left} task(s) not done within {self._timeout} s") from None
         self._left -= 1
         return self._finished.popleft()
+
+
+# dagger.admit()'s bound when none is given: tasks spawned and not done.
+ADMIT_LIMIT = 10_000
+
+
+async def admit(limit: int = ADMIT_LIMIT) -> None:
+    """Wait until the current cluster holds fewer than ``limit`` tasks in flight (spawned
+    and not done), then return: call it before spawning from a producer that could
+    outrun the cluster (a web handler taking work in, a stream's source), so that a
+    burst slows the intake instead of growing memory without bound. Returns at once
+    while there is room; a waiting producer resumes once the count is back under 90 %
+    of ``limit``."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"admit(limit=...) takes a number of tasks >= 1, got {limit!r}")
+    sched = current_cluster()._scheduler
+    if sched.live_count < limit:  # the common case: no trip to the cluster's loop
+        return
+    await run_on_loop_awaitable(sched.admitted(limit), sched.loop)
 
 
 async def put(obj: R, scope: Scope | None = None) -> Chunk[R]:

@@ -16,6 +16,8 @@ def test_all_is_exactly_the_contract():
         "In", "InOut", "Out", "datadeps", "mutable", "shard", "tofile", "array", "spawn_streaming",
         # GPUs: dagger.gpu.synchronize, dagger.gpu.devices
         "gpu",
+        # a producer's brake: dagger.admit() waits while the cluster holds too much work
+        "admit",
         # aiodagger.deploy's errors (the clusters themselves are aiodagger.deploy.*)
         "DeployError", "DeployConnectionError", "DeployTimeoutError", "JobStartTimeoutError",
     ])

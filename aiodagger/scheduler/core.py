@@ -96,6 +96,10 @@ class Scheduler:
         self._inbox: deque[DTask[Any]] = deque()
         self._inbox_wakeup = Wakeup(loop, self._drain_inbox)
         self._live: set[DTask[Any]] = set()  # registered and not done
+        # Producers waiting in dagger.admit() for the tasks in flight to come down to
+        # their mark: (mark, future), woken from _release; _resume is the highest mark.
+        self._admitting: list[tuple[int, asyncio.Future[None]]] = []
+        self._resume = -1
         # How many there are, when that doubles or halves past 65,536: the collector's
         # full passes are spaced out while a large graph is held (see gcspacing).
         self._graph = GraphSize()
@@ -818,6 +822,8 @@ class Scheduler:
         live.discard(task)
         if len(live) < self._graph.down:
             self._graph.crossed(len(live))
+        if len(live) <= self._resume:
+            self._admit(len(live))
         task._handle = None
         if task._value is not REMOTE:
             task._fn = task._args = task._kwargs = task._deps = None
@@ -829,6 +835,35 @@ class Scheduler:
         if task._timer is not None:
             task._timer.cancel()
             task._timer = None
+
+    # -- admission (dagger.admit) ---------------------------------------------------------
+    async def admitted(self, limit: int) -> None:
+        """Return once fewer than ``limit`` tasks are in flight (on the loop). A waiter
+        resumes at 90 % of its limit, not at the limit: woken one task below it, a burst
+        of producers would take turns one task at a time."""
+        if len(self._live) < limit:
+            return
+        mark = limit - max(1, limit // 10)
+        fut = self.loop.create_future()
+        self._admitting.append((mark, fut))
+        self._resume = max(self._resume, mark)
+        try:
+            await fut
+        finally:
+            if fut.cancelled() or not fut.done():  # the producer gave up: forget it
+                self._admitting = [(m, f) for m, f in self._admitting if f is not fut]
+                self._resume = max((m for m, _ in self._admitting), default=-1)
+
+    def _admit(self, live: int) -> None:
+        waiting = []
+        for mark, fut in self._admitting:
+            if live <= mark:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                waiting.append((mark, fut))
+        self._admitting = waiting
+        self._resume = max((m for m, _ in waiting), default=-1)
 
     # -- workers in other processes --------------------------------------------------------
     def fail_unsent(self, task: DTask[Any], exc: BaseException) -> None:
@@ -919,6 +954,7 @@ class Scheduler:
     def close(self) -> int:
         """Refuse new spawns and cancel every unfinished task; return how many."""
         self.closed = True
+        self._admit(-1)  # producers waiting for room: the spawn they go on to says it is closed
         self._drain_inbox()
         live = list(self._live)
         for task in live:
