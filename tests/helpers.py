@@ -36,3 +36,11 @@ def block_on(event: threading.Event, timeout: float = 10.0) -> str:
 def sleep_then(seconds: float, value):
     time.sleep(seconds)
     return value
+
+
+async def eventually(check, timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll ``check()`` on the loop until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 
 import pytest
 
 import aiodagger as dagger
+from tests.helpers import eventually as until
 from tests.helpers import inc, sleep_then
 
 pytestmark = pytest.mark.timeout(120)
@@ -18,13 +18,6 @@ pytestmark = pytest.mark.timeout(120)
 
 def subprocess_workers(cluster):
     return [w for w in cluster.workers if w.id != 0]
-
-
-async def until(check, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 async def test_adapt_starts_workers_for_work_and_retires_them_when_idle():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiodagger as dagger
 from aiodagger.scheduler.events import Instrument
-from tests.helpers import ainc, boom, inc
+from tests.helpers import ainc, boom, eventually, inc
 
 
 class Recorder(Instrument):
@@ -75,10 +75,7 @@ def _total(a):
 
 
 async def _until(check, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting for events"
-        await asyncio.sleep(0.02)
+    await eventually(check, timeout, "events")
 
 
 async def test_worker_processes_report_threads_moves_spills_and_lifecycle():
