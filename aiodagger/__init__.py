@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 from .errors import (
     AuthenticationError,
+    ConnectError,
     DaggerError,
     DeployConnectionError,
     DeployError,
@@ -20,6 +21,7 @@ from .errors import (
     JobStartTimeoutError,
     NoProcessorError,
     ProtocolError,
+    SchedulerLostError,
     SerializationError,
     TaskCancelledError,
     TaskTimeoutError,
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from . import array, gpu
     from .access import In, InOut, Out
     from .api import Options, admit, as_completed, fetch, gather, options, put, spawn, tochunk, wait
+    from .client import connect
     from .cluster import Cluster, WorkerInfo
     from .files import File, tofile
     from .logs import Logs, disable_logging, enable_logging, fetch_logs
@@ -48,7 +51,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "Options": "api", "admit": "api", "as_completed": "api", "fetch": "api", "gather": "api",
     "options": "api", "put": "api", "spawn": "api", "tochunk": "api", "wait": "api",
-    "Cluster": "cluster", "WorkerInfo": "cluster",
+    "Cluster": "cluster", "WorkerInfo": "cluster", "connect": "client",
     "File": "files", "tofile": "files",
     "Logs": "logs", "disable_logging": "logs", "enable_logging": "logs", "fetch_logs": "logs",
     "Stream": "streaming", "spawn_streaming": "streaming",
@@ -79,6 +82,7 @@ __all__ = [
     "AuthenticationError",
     "Chunk",
     "Cluster",
+    "ConnectError",
     "DTask",
     "DaggerError",
     "DeployConnectionError",
@@ -94,6 +98,7 @@ __all__ = [
     "Options",
     "Out",
     "ProtocolError",
+    "SchedulerLostError",
     "Scope",
     "SerializationError",
     "Stream",
@@ -107,6 +112,7 @@ __all__ = [
     "admit",
     "array",
     "as_completed",
+    "connect",
     "datadeps",
     "disable_logging",
     "enable_logging",

@@ -249,9 +249,15 @@ async def put(obj: R, scope: Scope | None = None) -> Chunk[R]:
     """
     cluster = current_cluster()
     sched = cluster._scheduler
+    if not hasattr(sched, "local"):  # a client or a worker's task: the scheduler keeps it
+        if scope is not None:
+            raise ValueError("put(..., scope=...) places copies on chosen workers, which only "
+                             "the program that runs the cluster can do: put() without a scope")
+        chunk: Chunk[R] = await run_on_loop_awaitable(sched.put(obj), sched.loop)  # type: ignore[attr-defined]
+        return chunk
     local = sched.local
     assert local is not None
-    chunk: Chunk[R] = Chunk(obj, local.id, next(_chunk_ids), sched)
+    chunk = Chunk(obj, local.id, next(_chunk_ids), sched)
     if scope is None:
         return chunk
     dist = sched.dist

@@ -30,6 +30,7 @@ from typing import Any
 
 __all__ = [
     "AuthenticationError",
+    "ConnectError",
     "DaggerError",
     "DeployConnectionError",
     "DeployError",
@@ -38,6 +39,7 @@ __all__ = [
     "JobStartTimeoutError",
     "NoProcessorError",
     "ProtocolError",
+    "SchedulerLostError",
     "SerializationError",
     "TaskCancelledError",
     "TaskRef",
@@ -156,6 +158,18 @@ class ProtocolError(DaggerError):
 
 class AuthenticationError(DaggerError):
     """A peer failed the handshake (wrong token, version or challenge)."""
+
+
+class ConnectError(DaggerError, ConnectionError):
+    """``dagger.connect`` could not attach to a scheduler: nothing listens at the
+    address, or what answers there is not an aiodagger scheduler (it does not speak the
+    handshake, or does not take clients). A wrong token is an AuthenticationError."""
+
+
+class SchedulerLostError(DaggerError, ConnectionError):
+    """A connected client lost its scheduler: its tasks still pending there are lost to
+    it (the scheduler released them). The client reconnects by itself; what it spawns
+    after that runs again."""
 
 
 class DeployError(DaggerError):

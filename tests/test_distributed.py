@@ -292,7 +292,7 @@ async def test_a_spawned_task_whose_value_is_gone_is_reported_failed():
     registry.workers[1] = worker
     task = DTask(Owner(), 5, "made", None, (), {}, dagger.options().resolve())
     task._state, task._value, task._where = FINISHED, REMOTE, {7}  # worker 7 is gone
-    registry._report(1, task)
+    registry.spawned.report(worker, task)
     await asyncio.sleep(0.01)
     ((msg, buffers),) = sent
     assert msg.status == "failed" and len(buffers) == 1

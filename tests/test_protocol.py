@@ -22,6 +22,8 @@ from aiodagger.comm.framing import MAX_BUFFERS, PREFIX, FrameParser, encode_fram
 from aiodagger.comm.handshake import client_handshake, new_token
 from aiodagger.comm.protocol import (
     Ack,
+    Answer,
+    Attach,
     Batch,
     Blocked,
     Cancel,
@@ -32,6 +34,7 @@ from aiodagger.comm.protocol import (
     Events,
     Finished,
     Forget,
+    Found,
     FunctionDef,
     Functions,
     Get,
@@ -41,10 +44,12 @@ from aiodagger.comm.protocol import (
     Item,
     Items,
     Listen,
+    Lookup,
     Memory,
     Missing,
     MoveEvent,
     Oversized,
+    Publish,
     Put,
     Register,
     Registered,
@@ -163,6 +168,14 @@ SAMPLES: list[tuple[object, list[bytes]]] = [
     (TaskDone(2, "cancelled", [], "cancelled by the caller"), []),
     (Forget([SPAWNED]), []),
     (CancelSpawned([]), []),
+    (Attach(NAME, 4242, "höst.example"), []),
+    (Publish("results/2026", 2**40 + 1), []),
+    (Publish("gone", 0), []),
+    (Answer(""), []),
+    (Answer("'x' is already published"), []),
+    (Lookup("results/2026"), []),
+    (Found(-(2**40 + 3), []), []),
+    (Found(0, ["a", "b"]), []),
     (StreamOpen(SPAWNED), []),
     (StreamCredit(7, 0), []),
     (StreamCredit(7, BIG), []),
@@ -292,7 +305,8 @@ def test_reply_decodes_as_the_type_its_request_expects(reply):
 def test_requests_name_their_reply_types():
     """Each request says what its reply decodes as; one-way messages have none."""
     replies = {cls: cls.REPLY for cls in message_types().values() if cls.REPLY is not None}
-    assert replies == {Register: Registered, Get: Items, Stats: StatsReply, Replicate: Ack}
+    assert replies == {Register: Registered, Get: Items, Stats: StatsReply, Replicate: Ack,
+                       Attach: Registered, Publish: Answer, Lookup: Found}
 
 
 def test_split_parts_gives_each_record_its_own_buffers():

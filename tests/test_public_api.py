@@ -20,6 +20,8 @@ def test_all_is_exactly_the_contract():
         "admit",
         # aiodagger.deploy's errors (the clusters themselves are aiodagger.deploy.*)
         "DeployError", "DeployConnectionError", "DeployTimeoutError", "JobStartTimeoutError",
+        # shared clusters: dagger.connect(...) attaches this process as a client
+        "connect", "ConnectError", "SchedulerLostError",
     ])
     for name in aiodagger.__all__:
         assert hasattr(aiodagger, name), name

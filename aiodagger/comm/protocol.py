@@ -51,7 +51,10 @@ op                 direction             fields (records in CamelCase)
 ``holding``        worker -> scheduler   keys this worker fetched or was handed, and holds
 ``cancel``         scheduler -> worker   ids of tasks to cancel
 ``release``        scheduler -> worker   keys whose results nobody needs any more
-``put``            scheduler -> worker   key; the value's pickle and buffers
+``put``            scheduler -> worker   key; the value's pickle and buffers. Also
+                   client -> scheduler   a connected client's ``put()``: the chunk
+                                         (key: minus its id, in the client's range) is
+                                         kept by the scheduler while the client lives
 ``get``            any -> worker         ids, shm; reply ``Items(items [Item(key,
                    (request)             nparts)], missing, later, oversized
                                          [Oversized(key, size)], shared [Shared(key,
@@ -73,7 +76,8 @@ op                 direction             fields (records in CamelCase)
 ``task-done``      scheduler -> worker   key, status (finished | failed | cancelled),
                                          holders [Holder], reason: a spawned task ended;
                                          parts: its value or its error, if sent
-``forget``         worker -> scheduler   ids of spawned tasks the worker dropped
+``forget``         worker -> scheduler   ids of spawned tasks the worker dropped (and
+                                         keys of chunks a client put and dropped)
 ``cancel-spawned`` worker -> scheduler   ids of spawned tasks to cancel
 ``stream-open``    worker -> scheduler   stream: a streaming task's producer started
                                          here; its credit is sent here from now on
@@ -89,11 +93,26 @@ op                 direction             fields (records in CamelCase)
 ``stream-end``     scheduler -> worker   stream, status (finished | error), to: the
                                          stream ended for readers ``to``; an error
                                          carries one part, the exception
+``attach``         client -> scheduler   name, pid, host: a process connecting as a
+                   (request)             client (``dagger.connect``), never given tasks
+                                         to run; it sends ``spawn``, ``put``,
+                                         ``forget``, ``cancel-spawned``, ``heartbeat``,
+                                         ``publish`` and ``lookup``, and gets
+                                         ``task-done``; reply ``Registered(client id)``
+``publish``        client -> scheduler   name, key (0: unpublish): keep the task or
+                   (request)             chunk ``key`` of this client under ``name``
+                                         past the client's life; reply ``Answer(error)``
+                                         ("" when done)
+``lookup``         client -> scheduler   name; reply ``Found(key, names)``: the key of
+                   (request)             what is published as ``name`` (0 if nothing,
+                                         with the names that are), reported on from now
+                                         on with ``task-done`` as if spawned by it
 =================  ====================  ==============================================
 
 Keys: a task's key is its id, a chunk's is minus its id. Tasks spawned on worker N
 have ids above ``N * ID_SPACE`` and below ``(N + 1) * ID_SPACE``, each larger than the
-one before: a ``spawn`` that breaks this is a ProtocolError (two tasks with one id
+one before; a client takes ids the same way, with the id ``attach`` gave it. A
+``spawn`` that breaks this is a ProtocolError (two tasks with one id
 would share every entry the scheduler keeps by id).
 
 A batch of records for one peer (tasks placed in one loop iteration, completions of
@@ -127,9 +146,9 @@ from .serialize import (
 )
 
 __all__ = [
-    "Ack", "Batch", "Cancel", "CancelSpawned", "Dep", "Done", "Endpoint", "Finished",
-    "Blocked", "Forget", "FunctionDef", "Functions", "Get", "Heartbeat", "Holder", "Holding",
-    "ID_SPACE", "Item", "Items", "Memory", "Missing", "Oversized", "Put", "Register", "Registered",
+    "Ack", "Answer", "Attach", "Batch", "Cancel", "CancelSpawned", "Dep", "Done", "Endpoint", "Finished",
+    "Blocked", "Forget", "Found", "FunctionDef", "Functions", "Get", "Heartbeat", "Holder", "Holding",
+    "ID_SPACE", "Item", "Items", "Lookup", "Memory", "Missing", "Oversized", "Publish", "Put", "Register", "Registered",
     "Release", "Replicate",
     "Run", "RunTask", "Shutdown", "Spawn", "SpawnTask", "Stats", "StatsReply", "StreamAck",
     "StreamCredit", "StreamEnd", "StreamItems", "StreamOpen", "TaskDone", "ValueDef", "Values", "decode", "decode_record", "encode", "message_types", "split_parts",
@@ -579,6 +598,36 @@ class Forget(NamedTuple):
 @message("cancel-spawned", IDS)
 class CancelSpawned(NamedTuple):
     ids: list[int]
+
+
+# -- clients (dagger.connect): processes that spawn on a shared cluster ------------------
+@message("attach", STR, INT, STR, reply=Registered)
+class Attach(NamedTuple):
+    name: str
+    pid: int
+    host: str
+
+
+@message("answer", STR)
+class Answer(NamedTuple):
+    error: str  # "" when the request was done
+
+
+@message("publish", STR, INT, reply=Answer)
+class Publish(NamedTuple):
+    name: str
+    key: int  # 0: unpublish ``name``
+
+
+@message("found", INT, [STR])
+class Found(NamedTuple):
+    key: int  # 0: nothing is published under that name
+    names: list[str]  # the published names, when nothing was found
+
+
+@message("lookup", STR, reply=Found)
+class Lookup(NamedTuple):
+    name: str
 
 
 # -- streams (aiodagger/streaming.py): values of a streaming task, batched, with credit --

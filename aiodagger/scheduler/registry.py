@@ -44,6 +44,7 @@ from ..interfaces import WorkerStatus
 from ..task import FINISHED, NOWHERE, PENDING, REMOTE, RUNNING, Chunk, DTask
 from ..taskoptions import ANY_SCOPE
 from .placement import DEFAULT_BANDWIDTH, Candidate, choose_processor
+from .spawned import ClientConn, Spawned
 
 if TYPE_CHECKING:
     from .core import Scheduler
@@ -138,6 +139,7 @@ class RemoteWorker:
         # overtake the "values" frame carrying its input.
         self.sending = asyncio.Lock()
         self.last_spawned = wid * P.ID_SPACE  # ids of tasks it spawns lie above this
+        self.spawned: dict[int, Any] = {}  # what its tasks spawned, by key (Spawned)
         self.thread_view = ProcView("thread", wid, self.threads)
         self.async_view = ProcView("async", wid)
 
@@ -185,7 +187,7 @@ def _reach_host(endpoint: P.Endpoint) -> str | None:
     return str(sock[0])
 
 
-def _address_for(holder: RemoteWorker, to: RemoteWorker) -> str:
+def _address_for(holder: RemoteWorker, to: RemoteWorker | ClientConn) -> str:
     """``holder``'s data server as ``to`` reaches it: a worker of this machine listens on
     every interface when the cluster takes remote workers, but says 127.0.0.1."""
     if to.reach_host is None or not holder.address.startswith("tcp://127."):
@@ -242,10 +244,11 @@ class WorkerRegistry:
         # made two references and a registry entry per result, 4 % of W4's profile.
         self._refs: dict[int, weakref.ref[Any]] = {}
         self._handles: dict[weakref.ref[Any], tuple[int, set[int]]] = {}
-        # Tasks spawned by tasks running in workers: id -> (task, spawning worker id),
-        # kept until that worker drops its handle.
-        self.nested: dict[int, tuple[DTask[Any], int]] = {}
-        self._nested_fns: dict[bytes, Any] = {}
+        # Connected clients (dagger.connect), by id: ids from the workers' counter, so
+        # that the ranges of ids they spawn under never meet.
+        self.clients: dict[int, ClientConn] = {}
+        # What workers' tasks and clients spawn, put and publish.
+        self.spawned = Spawned(self)
 
     @property
     def received_bytes(self) -> int:
@@ -259,9 +262,10 @@ class WorkerRegistry:
     async def handle_connection(self, comm: P.Comm, info: dict[str, Any]) -> None:
         """The listener's handler for one authenticated connection from a worker."""
         endpoint = P.Endpoint(comm)
-        holder: list[RemoteWorker] = []
-        # Until it registers, a connection may only register.
-        endpoint.handlers = {P.Register: functools.partial(self._register, endpoint, holder)}
+        holder: list[Any] = []
+        # Until it registers (a worker) or attaches (a client), it may do nothing else.
+        endpoint.handlers = {P.Register: functools.partial(self._register, endpoint, holder),
+                             P.Attach: functools.partial(self._attach, endpoint, holder)}
         self.endpoints.add(endpoint)
         reason = "connection closed"
         try:
@@ -276,6 +280,8 @@ class WorkerRegistry:
             self.bytes_received += endpoint.bytes_received
             if holder and holder[0].id in self.workers:
                 self.lost(holder[0], reason)
+            elif holder and isinstance(holder[0], ClientConn) and holder[0].id in self.clients:
+                self._detach(holder[0], reason)
 
     def _handlers(self, worker: RemoteWorker) -> dict[type, Any]:
         """What a registered worker may send, and who handles it."""
@@ -285,9 +291,7 @@ class WorkerRegistry:
             P.Heartbeat: functools.partial(self._on_heartbeat, worker),
             P.Events: functools.partial(self._on_events, worker),
             P.Blocked: functools.partial(self._on_blocked, worker),
-            P.Spawn: functools.partial(self._on_spawn, worker),
-            P.Forget: self._on_forget,
-            P.CancelSpawned: self._on_cancel_spawned,
+            **self.spawned.handlers(worker),
             P.StreamOpen: functools.partial(self._on_stream, worker),
             P.StreamItems: functools.partial(self._on_stream, worker),
             P.StreamAck: functools.partial(self._on_stream, worker),
@@ -336,6 +340,36 @@ class WorkerRegistry:
         if unwanted:
             worker.send_quietly(P.Release(unwanted))
 
+    def _attach(self, endpoint: P.Endpoint, holder: list[Any], msg: P.Attach,
+                buffers: list[Any]) -> tuple[P.Registered, Sequence[Any]]:
+        """A client (``dagger.connect``): it spawns and puts, and is never placed on."""
+        client = ClientConn(next(self._ids), endpoint, msg, _reach_host(endpoint))
+        client.last_seen = self.sched.loop.time()
+        holder.append(client)
+        self.clients[client.id] = client
+        endpoint.handlers = {**self.spawned.handlers(client),
+                             P.Heartbeat: functools.partial(self._on_client_heartbeat, client)}
+        logger.info("client %d attached: %s", client.id, client.describe())
+        return P.Registered(client.id), ()
+
+    def _on_client_heartbeat(self, client: ClientConn, msg: P.Heartbeat, buffers: list[Any]) -> None:
+        client.last_seen = self.sched.loop.time()
+        try:
+            client.endpoint.send_nowait(P.Heartbeat({}))  # the client's sign of our life
+        except ConnectionError:
+            pass
+
+    def _detach(self, client: ClientConn, reason: str) -> None:
+        """A client went away: what it spawned or put is dropped unless published."""
+        del self.clients[client.id]
+        logger.info("client %d detached (%s), releasing %d task(s) and chunk(s)",
+                    client.id, reason, len(client.spawned))
+        client.spawned.clear()
+
+    def connected(self, spawner: Any) -> bool:
+        """Whether the worker or client ``spawner`` is still connected."""
+        return self.workers.get(spawner.id) is spawner or self.clients.get(spawner.id) is spawner
+
     async def _notify_registered(self) -> None:
         async with self._registered:
             self._registered.notify_all()
@@ -383,16 +417,6 @@ class WorkerRegistry:
         if more:
             self.sched.request_flush()
 
-    def _on_forget(self, msg: P.Forget, buffers: list[Any]) -> None:
-        for key in msg.ids:
-            self.nested.pop(key, None)
-
-    def _on_cancel_spawned(self, msg: P.CancelSpawned, buffers: list[Any]) -> None:
-        for key in msg.ids:
-            entry = self.nested.get(key)
-            if entry is not None:
-                self.sched.cancel(entry[0])
-
     async def poll_stats(self, timeout: float = 10.0) -> None:
         """Ask every worker for its counters now (instead of waiting for a heartbeat)."""
         async def one(worker: RemoteWorker) -> None:
@@ -429,6 +453,13 @@ class WorkerRegistry:
                     self.lost(worker, f"not a byte from it for {self.heartbeat_timeout:g} s")
                     continue
                 worker.send_quietly(P.Heartbeat({}))
+            for client in list(self.clients.values()):
+                # A client sends heartbeats of its own, and is answered (see _attach).
+                received = client.endpoint.bytes_received
+                if received != client.bytes_seen:
+                    client.bytes_seen, client.last_seen = received, now
+                elif now - client.last_seen > self.heartbeat_timeout:
+                    client.endpoint.comm.abort()  # its connection's end detaches it
 
     # -- placement and dispatch ------------------------------------------------------------
     def candidates(self, task: DTask[Any]) -> list[RemoteWorker]:
@@ -550,7 +581,7 @@ class WorkerRegistry:
                 return dep
         return None
 
-    def _holders(self, obj: Any, to: RemoteWorker) -> list[P.Holder]:
+    def _holders(self, obj: Any, to: RemoteWorker | ClientConn) -> list[P.Holder]:
         """Where ``to`` fetches ``obj`` from."""
         workers = self.workers
         return [P.Holder(wid, _address_for(workers[wid], to)) for wid in obj._where if wid in workers]
@@ -905,85 +936,6 @@ class WorkerRegistry:
             # and nothing else would free it. Each W5 repeat in four left 256 MiB so.
             worker.send_quietly(P.Release(orphans))
 
-    # -- tasks spawned inside workers --------------------------------------------------------
-    def _on_spawn(self, worker: RemoteWorker, msg: P.Spawn, buffers: list[Any]) -> None:
-        self._check_spawned_ids(worker, msg)
-        for rec, parts in P.split_parts(msg.tasks, buffers):
-            try:
-                fn = self._nested_fns.get(rec.fn_hash)
-                if fn is None:
-                    fn = self._nested_fns[rec.fn_hash] = cloudpickle.loads(parts[0])
-                opts = cloudpickle.loads(parts[1])
-                if opts.after:  # keys of tasks spawned there, as the worker sent them
-                    opts = opts.merged({"after": tuple(self._nested_task(k) for k in opts.after)})
-                args, kwargs = P.loads_args(parts[2], parts[3:], self._nested_task if rec.refs else None)
-                task = self.sched.spawn(opts, fn, args, kwargs, key=rec.key)
-            except Exception as exc:  # noqa: BLE001 - reported to the task's handle
-                self._report_failure(worker, rec.key, exc)
-                continue
-            self.nested[rec.key] = (task, worker.id)
-            task._on_done(functools.partial(self._report, worker.id))
-
-    @staticmethod
-    def _check_spawned_ids(worker: RemoteWorker, msg: P.Spawn) -> None:
-        """Each id new and in the worker's own range, or the whole message is refused:
-        a task sharing its id with another would share its entries in ``running``, in
-        the references kept by key, and wedge the ready heap that orders by id."""
-        last = worker.last_spawned
-        end = (worker.id + 1) * P.ID_SPACE
-        for rec in msg.tasks:
-            if not last < rec.key < end:
-                raise P.ProtocolError(
-                    f"worker {worker.id} spawned a task with id {rec.key}: its tasks take ids "
-                    f"below {end}, each larger than the one before ({last})")
-            last = rec.key
-        worker.last_spawned = last
-
-    def _nested_task(self, key: int) -> DTask[Any]:
-        entry = self.nested.get(key)
-        if entry is None:
-            raise LookupError(f"task {key} is not known here (any more)")
-        return entry[0]
-
-    def _report(self, wid: int, task: DTask[Any]) -> None:
-        worker = self.workers.get(wid)
-        if worker is None:
-            return
-        buffers: list[Any] = []
-        holders: list[P.Holder] = []
-        if task._cancelled:
-            status = "cancelled"
-        elif task._state == FINISHED and (task._value is not REMOTE or self._holders(task, worker)):
-            status = "finished"
-            if task._value is REMOTE:
-                holders = self._holders(task, worker)
-            else:
-                payload, parts = P.dumps(task._value)
-                buffers = [payload, *parts]
-                size = len(payload) + sum(p.nbytes for p in parts)
-                if size > worker.max_frame:
-                    status, buffers = "failed", [P.dumps_error(FrameTooLargeError.of(
-                        f"the result of {task._describe()}, held by the scheduler,", size,
-                        worker.max_frame))]
-        else:
-            status = "failed"
-            exc = task._exc
-            if exc is None:  # finished, but every copy of its value is gone
-                exc = WorkerLostError(f"the result of {task._describe()} was lost with its worker")
-            buffers = [P.dumps_error(exc)]
-        asyncio.ensure_future(self._send_quietly(worker, P.TaskDone(task.id, status, holders, ""), buffers))
-
-    def _report_failure(self, worker: RemoteWorker, key: int, exc: BaseException) -> None:
-        exc.add_note("aiodagger: a task spawned inside a worker could not be loaded by the scheduler")
-        asyncio.ensure_future(self._send_quietly(
-            worker, P.TaskDone(key, "failed", [], ""), [P.dumps_error(exc)]))
-
-    async def _send_quietly(self, worker: RemoteWorker, msg: Any, buffers: list[Any]) -> None:
-        try:
-            await worker.endpoint.send(msg, buffers)
-        except ConnectionError:
-            pass
-
     def _release_later(self, key: int, where: set[int]) -> None:
         self._releases.append((key, where))
         if not self._release_wakeup.pending:
@@ -1135,8 +1087,7 @@ class WorkerRegistry:
         self._left(worker, reason, lost=True)
         running = list(worker.running.values())
         worker.running.clear()
-        for key in [k for k, (_, wid) in self.nested.items() if wid == worker.id]:
-            del self.nested[key]  # nobody there waits for these any more
+        worker.spawned.clear()  # nobody there waits for these any more
         for key in worker.holds:
             obj = self.object(key)
             if obj is not None:

@@ -29,7 +29,7 @@ from .._bridge import (
 from .._context import ClusterState
 from ..comm import protocol as P
 from ..errors import FrameTooLargeError, TaskCancelledError
-from ..task import CANCELLED, FAILED, FINISHED, REMOTE, DTask
+from ..task import CANCELLED, FAILED, FINISHED, REMOTE, Chunk, DTask
 from ..taskoptions import TaskOptions
 
 if TYPE_CHECKING:
@@ -55,6 +55,9 @@ class SchedulerClient:
         self._lock = threading.Lock()  # spawns come from pool threads and the loop
         self._wakeup = Wakeup(self.loop, self._flush)
         self.handles: weakref.WeakValueDictionary[int, DTask[Any]] = weakref.WeakValueDictionary()
+        # Chunks put here and still held, with their key (box[0]): a client puts them
+        # again after a reconnection, since the scheduler dropped them with the old one.
+        self._chunks: weakref.WeakKeyDictionary[Chunk[Any], list[int]] = weakref.WeakKeyDictionary()
 
     @property
     def home_worker(self) -> int:
@@ -74,7 +77,7 @@ class SchedulerClient:
     # -- spawning (any thread of the worker) ------------------------------------------------
     def spawn(self, opts: TaskOptions, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DTask[Any]:
         if self.worker.worker_id < 0:
-            raise RuntimeError("this worker is not connected to a cluster right now")
+            raise self._disconnected()
         name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
         deps, refs = find_dependencies(args, kwargs)
         found = bool(refs)  # no Stream here: one cannot be pickled into a worker process
@@ -113,7 +116,45 @@ class SchedulerClient:
         except ConnectionError:
             for msg, _ in frames:
                 for rec in msg.tasks:
-                    self._settle_cancelled(rec.key, "the worker lost its scheduler connection")
+                    self._settle_lost(rec.key)
+
+    def _disconnected(self) -> Exception:
+        return RuntimeError("this worker is not connected to a cluster right now")
+
+    def _settle_lost(self, key: int) -> None:
+        """A task spawned here whose spawn or report was lost with the scheduler."""
+        self._settle_cancelled(key, "the worker lost its scheduler connection")
+
+    # -- put (the scheduler keeps the value while this process holds the chunk) ---------
+    async def put(self, obj: Any) -> Chunk[Any]:
+        """Hand ``obj`` to the scheduler once; the chunk keeps it here too."""
+        chunk: Chunk[Any] = Chunk(obj, 0, 0, self)
+        box = [0]
+        self._send_put(chunk, box)
+        self._chunks[chunk] = box
+        weakref.finalize(chunk, self._forget_chunk, box)
+        return chunk
+
+    def _send_put(self, chunk: Chunk[Any], box: list[int]) -> None:
+        """Take the chunk's key and send it, after the spawns batched before it (the
+        scheduler takes keys in increasing order only)."""
+        endpoint = self.worker.endpoint
+        if endpoint is None or self.worker.worker_id < 0:
+            raise self._disconnected()
+        payload, parts = P.dumps(chunk._value)
+        size = len(payload) + sum(p.nbytes for p in parts)
+        if size > (limit := self.worker._scheduler_limit()):
+            raise FrameTooLargeError.of("the value put()", size, limit)
+        with self._lock:
+            key = self.worker.worker_id * P.ID_SPACE + next(self._ids)
+            frames = self._spawns.take()
+            for msg, buffers in frames:
+                endpoint.send_nowait(msg, buffers)
+            endpoint.send_nowait(P.Put(-key), [payload, *parts])
+        chunk.id = box[0] = key
+
+    def _forget_chunk(self, box: list[int]) -> None:
+        call_soon_quietly(self.loop, self._send_quietly, P.Forget([-box[0]]))
 
     def _forget(self, key: int) -> None:
         call_soon_quietly(self.loop, self._send_quietly, P.Forget([key]))
