@@ -119,6 +119,11 @@ class ClientCluster:
         return self._session.worker_id >= 0
 
     @property
+    def tasks_in_flight(self) -> int:
+        """Tasks this client spawned that are not done yet."""
+        return self._sched.live_count if self._sched is not None else 0
+
+    @property
     def _scheduler(self) -> ConnectedScheduler:
         if self._sched is None:
             raise RuntimeError("this client is not connected: use `async with dagger.connect(...)`")

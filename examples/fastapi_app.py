@@ -13,6 +13,18 @@ workers (default 0: every task runs in this process, coroutines on the loop and 
 functions on a thread pool). A client that disconnects gets its tasks cancelled:
 ``aiodagger.web.CancelOnDisconnect`` ties the tasks spawned while a request is handled
 to that request.
+
+Several server processes share one cluster instead of starting one each: run a
+scheduler, and point the app at it with ``AIODAGGER_SCHEDULER`` (each uvicorn worker
+process then attaches with ``dagger.connect``, in its lifespan)::
+
+    python -c "import secrets; print(secrets.token_urlsafe(32))" > token
+    python -m aiodagger scheduler --listen tcp://127.0.0.1:8786 --token-file token --processes 4 &
+    AIODAGGER_SCHEDULER=tcp://127.0.0.1:8786 AIODAGGER_TOKEN_FILE=token \
+        uvicorn examples.fastapi_app:app --workers 4
+
+The scheduler imports the task functions by name, as its workers do: start it where
+``examples.fastapi_app`` imports (``python -m`` from the repository root does).
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import aiodagger as dagger
 from aiodagger.web import CancelOnDisconnect
 
 PROCESSES = int(os.environ.get("AIODAGGER_PROCESSES", "0"))
+SCHEDULER = os.environ.get("AIODAGGER_SCHEDULER")  # a shared cluster: dagger.connect()
 
 
 # -- the work: plain functions, at module level so that subprocess workers can import them
@@ -65,7 +78,8 @@ class Stats:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    async with dagger.Cluster(processes=PROCESSES) as cluster:
+    cluster_here = dagger.connect(SCHEDULER) if SCHEDULER else dagger.Cluster(processes=PROCESSES)
+    async with cluster_here as cluster:
         app.state.cluster = cluster
         app.state.stats = Stats()
         yield
@@ -133,12 +147,14 @@ async def progress(n: int, request: Request, delay: float = 0.05) -> StreamingRe
 
 @app.get("/status")
 async def status(request: Request) -> dict[str, object]:
-    cluster: dagger.Cluster = request.app.state.cluster
+    cluster = request.app.state.cluster
     loop = asyncio.get_running_loop()
     return {
-        "tasks_in_flight": cluster.tasks_in_flight,
-        "workers": len(cluster.workers),
+        "tasks_in_flight": cluster.tasks_in_flight,  # a shared cluster's: this process's
+        "workers": len(cluster.workers) if not SCHEDULER else None,
         "processes": PROCESSES,
+        "shared_cluster": SCHEDULER,
+        "pid": os.getpid(),
         "loop": f"{type(loop).__module__}.{type(loop).__qualname__}",
         **asdict(request.app.state.stats),
     }

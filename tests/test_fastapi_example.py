@@ -26,16 +26,17 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp: pathlib.Path, processes: int = 0) -> None:
+    def __init__(self, tmp: pathlib.Path, processes: int = 0, env: dict[str, str] | None = None,
+                 extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.stderr_path = tmp / "uvicorn.err"
         self._stderr = open(self.stderr_path, "w")  # a file, not a pipe: it can never fill up
-        env = {**os.environ, "AIODAGGER_PROCESSES": str(processes), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "AIODAGGER_PROCESSES": str(processes), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-W", "error", "-m", "uvicorn", "examples.fastapi_app:app",
              "--host", "127.0.0.1", "--port", str(self.port), "--loop", "uvloop",
-             "--log-level", "warning", "--timeout-graceful-shutdown", "10"],
+             "--log-level", "warning", "--timeout-graceful-shutdown", "10", *extra],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=self._stderr,
         )
 
@@ -202,3 +203,48 @@ def test_sigterm_with_requests_in_flight(tmp_path):
             srv.proc.kill()
             srv.proc.wait(10)
         srv._stderr.close()
+
+
+def test_four_server_processes_share_one_cluster(tmp_path):
+    """`uvicorn --workers 4` against one `aiodagger scheduler`: each server process is a
+    client of the same cluster, and every request is answered right."""
+    from tests.test_connect import TOKEN, end, start_scheduler
+
+    sched, address = start_scheduler(tmp_path, processes=2, extra=("--dashboard", "127.0.0.1:0"))
+    srv = Server(tmp_path, env={"AIODAGGER_SCHEDULER": address, "AIODAGGER_TOKEN": TOKEN},
+                 extra=("--workers", "4"))
+    try:
+        srv.wait_ready(60)
+
+        async def main():
+            # A connection per request, so that the kernel spreads them over the four.
+            limits = httpx.Limits(max_connections=CONCURRENT + 10, max_keepalive_connections=0)
+            async with httpx.AsyncClient(base_url=srv.url, timeout=30.0, limits=limits) as client:
+                ns = [1 + i % 30 for i in range(4 * CONCURRENT)]
+                responses = await asyncio.wait_for(asyncio.gather(
+                    *[client.get(f"/squares/{n}", params={"delay": 0.2}) for n in ns]), 120)
+                for n, r in zip(ns, responses, strict=True):
+                    assert r.status_code == 200, r.text
+                    assert r.json() == {"n": n, "sum": sum(i * i for i in range(n))}
+                seen = {}
+                deadline = time.monotonic() + 30
+                while len(seen) < 4:  # every server process answers, attached to the cluster
+                    st = (await client.get("/status")).json()
+                    seen[st["pid"]] = st
+                    assert time.monotonic() < deadline, seen
+                return seen
+
+        seen = asyncio.run(main())
+        assert all(st["shared_cluster"] == address for st in seen.values())
+        assert sum(st["requests_done"] for st in seen.values()) >= 4 * CONCURRENT
+        assert srv.stop(signal.SIGINT) == 0
+        # uvicorn's supervisor (0.54) never closes its listening socket; with -W error it
+        # says so at exit, with any app (a bare ASGI callable too): that, and only that
+        unclosed = f"socket.socket fd=3, family=2, type=1, proto=0, laddr=('127.0.0.1', {srv.port})>"
+        assert [line for line in srv.stderr().splitlines() if not line.endswith(unclosed)] == []
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait(10)
+        srv._stderr.close()
+        end(sched)
