@@ -40,6 +40,7 @@ from .gpu.discovery import check_spec
 from .memory import parse_memory_limit
 from .memory.device import parse_device_limit
 from .scheduler.core import Scheduler
+from .taskoptions import check_resources
 from .worker.aio import HURRY_GRACE
 from .worker.local import LocalWorker, WorkerInfo
 
@@ -116,6 +117,7 @@ class Cluster:
         tls_key: str | os.PathLike[str] | None = None,
         tls_ca: str | os.PathLike[str] | None = None,
         gpu_memory_limit: Any = None,
+        resources: dict[str, float] | None = None,
     ) -> None:
         if isinstance(processes, bool) or not isinstance(processes, int) or processes < 0:
             raise TypeError(f"Cluster(processes=...) takes an int >= 0, got {processes!r}")
@@ -141,6 +143,8 @@ class Cluster:
         # Device memory each worker's results may hold per GPU before the oldest move to
         # host ("16GiB"); None: no limit, results move only when a task runs out of memory.
         self.gpu_memory_limit = parse_device_limit(gpu_memory_limit)
+        # Amounts of named resources each worker has (worker 0 without processes=).
+        self.resources = None if resources is None else check_resources(resources, "Cluster(resources=...)")
         cpus = os.cpu_count() or 1
         self.threads = threads or cpus
         self.processes = processes
@@ -243,7 +247,8 @@ class Cluster:
                                   memory_limit=own_limit, spill_dir=self.spill_dir,
                                   # with processes=N, worker 0 runs only what names it
                                   gpus=self.gpus if not self.processes else 0,
-                                  gpu_memory_limit=self.gpu_memory_limit)
+                                  gpu_memory_limit=self.gpu_memory_limit,
+                                  resources=self.resources if not self.processes else None)
         sched.attach_local(self._local)
         self._sched = sched
         self._closed_event = asyncio.Event()
@@ -290,7 +295,8 @@ class Cluster:
             threads=self._worker_threads, heartbeat_interval=self._heartbeat[0],
             heartbeat_timeout=self._heartbeat[1], memory_limit=self.memory_limit,
             spill_dir=self.spill_dir, shutdown_timeout=self.shutdown_timeout, max_frame=self.max_frame,
-            worker_tls=self._worker_tls, gpus=self.gpus, gpu_memory_limit=self.gpu_memory_limit)
+            worker_tls=self._worker_tls, gpus=self.gpus, gpu_memory_limit=self.gpu_memory_limit,
+            resources=self.resources)
         await self._launcher.start(self.processes)
 
     async def _start_dashboard(self) -> None:

@@ -116,6 +116,7 @@ class ThreadProcessor(Protocol):
 
     kind: str
     worker_id: int
+    nthreads: int
 
     def has_room(self) -> bool:
         """Whether it takes another task now (else tasks wait in the scheduler's heap)."""
@@ -141,6 +142,7 @@ class LocalWorkerPort(Protocol):
     """Worker 0 (the cluster's own process) as the scheduler sees it."""
 
     id: int
+    resources: dict[str, float]  # declared amounts (Cluster(resources=) without processes=)
 
     @property
     def thread_proc(self) -> ThreadProcessor: ...

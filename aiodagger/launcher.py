@@ -57,7 +57,7 @@ class WorkerLauncher:
                  memory_limit: int | None = None, spill_dir: str | None = None,
                  shutdown_timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME,
                  worker_tls: dict[str, str] | None = None, gpus: GpuSpec = "auto",
-                 gpu_memory_limit: int | None = None) -> None:
+                 gpu_memory_limit: int | None = None, resources: dict[str, float] | None = None) -> None:
         if listen is not None:
             check_listen(listen, token)
         self.sched = sched
@@ -71,8 +71,10 @@ class WorkerLauncher:
         self.max_frame = max_frame
         self.gpus = gpus
         self.gpu_memory_limit = gpu_memory_limit
+        self.resources = dict(resources or {})  # each worker started here declares these
         self.worker_tls = worker_tls or {}  # "--tls-cert": path...: paths, never key material
         self.dist = WorkerRegistry(sched, heartbeat_interval, heartbeat_timeout)
+        self.dist.accepts_remote = listen is not None
         self._internal: Listener | None = None
         self._public: Listener | None = None
         self._procs: dict[str, asyncio.subprocess.Process] = {}
@@ -134,6 +136,8 @@ class WorkerLauncher:
         extra += ["--gpus", gpus_argument(self.gpus)]
         if self.gpu_memory_limit is not None:
             extra += ["--gpu-memory-limit", str(self.gpu_memory_limit)]
+        if self.resources:
+            extra += ["--resources", ",".join(f"{k}={v!r}" for k, v in self.resources.items())]
         for _ in range(n):
             name = f"proc-{next(self._serial)}"
             token_fd = self._token_pipe()

@@ -30,6 +30,8 @@ def add_scheduler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="threads per local worker process")
     parser.add_argument("--memory-limit", default=None, help='memory limit of each local worker, e.g. "8GiB"')
     parser.add_argument("--spill-dir", default=None, help="where local workers spill (default: the temp dir)")
+    parser.add_argument("--resources", default=None,
+                        help='amounts of named resources each local worker has, e.g. "db=4,GPU=1"')
     parser.add_argument("--dashboard", default=None, help="serve the dashboard at HOST:PORT (port 0: any free one)")
 
 
@@ -51,6 +53,17 @@ def _token(args: argparse.Namespace) -> str:
     return token
 
 
+def _resources(args: argparse.Namespace) -> dict[str, float] | None:
+    if not args.resources:
+        return None
+    from .worker.cli import parse_resources
+
+    try:
+        return parse_resources(args.resources)
+    except SystemExit as exc:
+        raise SystemExit(str(exc).replace("aiodagger worker", "aiodagger scheduler")) from None
+
+
 def run_scheduler(args: argparse.Namespace) -> int:
     from ._loopthread import new_event_loop
     from .cluster import Cluster
@@ -60,7 +73,7 @@ def run_scheduler(args: argparse.Namespace) -> int:
     try:
         cluster = Cluster(processes=args.processes, threads=args.threads, memory_limit=args.memory_limit,
                           spill_dir=args.spill_dir, listen=args.listen, token=_token(args),
-                          dashboard=args.dashboard)
+                          dashboard=args.dashboard, resources=_resources(args))
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"aiodagger scheduler: {exc}") from None
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import difflib
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -171,7 +171,8 @@ def _check_int(name: str, value: Any) -> int:
 class TaskOptions:
     """The resolved options of one task (immutable; shared by tasks spawned alike)."""
 
-    __slots__ = ("after", "checkpoint", "name", "priority", "restore", "retries", "scope", "timeout")
+    __slots__ = ("after", "checkpoint", "name", "needs", "occupancy", "priority", "resources",
+                 "restore", "retries", "scope", "timeout")
 
     def __init__(
         self,
@@ -183,6 +184,8 @@ class TaskOptions:
         checkpoint: Callable[[DTask[Any], Any], None] | None = None,
         restore: Callable[[DTask[Any]], Any] | None = None,
         after: Collection[DTask[Any]] | None = None,
+        resources: Mapping[str, float] | None = None,
+        occupancy: float = 1.0,
     ) -> None:
         self.name = name
         # Tasks to wait for, whose values this one does not receive (Dagger.jl's syncdeps).
@@ -193,9 +196,16 @@ class TaskOptions:
         self.timeout = timeout
         self.checkpoint = checkpoint
         self.restore = restore
+        # Amounts of the workers' declared resources a run holds (Cluster(resources=)).
+        self.resources = dict(resources) if resources else None
+        # The share of a thread a run takes: below 1, a task that mostly waits, of which
+        # a worker runs threads / occupancy at once, each on a thread of its own.
+        self.occupancy = occupancy
+        # What the scheduler books for a run (scheduler/resources.py): None for most tasks.
+        self.needs = _needs(self.resources, occupancy)
 
     def merged(self, overrides: dict[str, Any]) -> TaskOptions:
-        values = {n: getattr(self, n) for n in self.__slots__}
+        values = {n: getattr(self, n) for n in _FIELDS}
         values.update(overrides)
         return TaskOptions(**values)
 
@@ -206,12 +216,29 @@ class TaskOptions:
         new.name, new.scope, new.priority = self.name, self.scope, self.priority
         new.retries, new.timeout = self.retries, self.timeout
         new.checkpoint, new.restore = self.checkpoint, self.restore
+        new.resources, new.occupancy, new.needs = self.resources, self.occupancy, self.needs
         new.after = self.after + after if self.after else after
         return new
 
 
+# The resource a worker's threads are, shared by its tasks of occupancy below 1.
+OCCUPANCY = "occupancy"
+
+
+def _needs(resources: dict[str, float] | None, occupancy: float) -> dict[str, float] | None:
+    if resources is None and occupancy == 1.0:
+        return None
+    needs = dict(resources or {})
+    if occupancy != 1.0:
+        needs[OCCUPANCY] = occupancy
+    return needs
+
+
+_FIELDS = tuple(n for n in TaskOptions.__slots__ if n != "needs")
+
+
 DEFAULT_OPTIONS = TaskOptions()
-OPTION_NAMES = frozenset(TaskOptions.__slots__)
+OPTION_NAMES = frozenset(_FIELDS)
 
 current_options_var: contextvars.ContextVar[TaskOptions] = contextvars.ContextVar(
     "aiodagger_options", default=DEFAULT_OPTIONS
@@ -255,3 +282,27 @@ def _validate_value(key: str, value: Any) -> None:
             raise ValueError(f"option timeout= takes seconds > 0 (or None), got {value!r}")
     elif key in ("checkpoint", "restore") and value is not None and not callable(value):
         raise TypeError(f"option {key}= takes a callable, got {value!r}")
+    elif key == "resources" and value is not None:
+        check_resources(value, "option resources=")
+    elif key == "occupancy" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                 or not 0 < value <= 1):
+        raise ValueError(f"option occupancy= takes the share of a thread a task takes, "
+                         f"0 < occupancy <= 1 (0.25: four such tasks per thread), got {value!r}")
+
+
+_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.:")
+
+
+def check_resources(value: Any, what: str) -> dict[str, float]:
+    """``{"db": 1, "GPU": 0.5}``: names and amounts > 0; ValueError/TypeError otherwise."""
+    if not isinstance(value, Mapping) or not value:
+        raise TypeError(f'{what} takes a dict of resource names to amounts, e.g. {{"db": 1}}, got {value!r}')
+    checked: dict[str, float] = {}
+    for name, amount in value.items():
+        if not isinstance(name, str) or not name or name == OCCUPANCY or not _NAME_OK.issuperset(name):
+            raise ValueError(f"{what}: resource names are non-empty strs of letters, digits, "
+                             f"'_', '-', '.' and ':', other than {OCCUPANCY!r} (use occupancy=), got {name!r}")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0:
+            raise ValueError(f"{what}: the amount of {name!r} must be a number > 0, got {amount!r}")
+        checked[name] = float(amount)
+    return checked

@@ -110,6 +110,7 @@ SAMPLES: list[tuple[object, list[bytes]]] = [
     (Register("w", 1, "h", 1, ADDR, None, [3, -4, 2**40]), []),
     (Register("w", 1, "h", 1, ADDR, None, [], [0, 3]), []),
     (Register("w", 1, "h", 1, ADDR, None, [], [], 12345.678), []),
+    (Register("w", 1, "h", 1, ADDR, None, [], [], 0.0, {"db": 4.0, "GPU": 1}), []),
     (Listen(True), []),
     (Listen(False), []),
     (Events([RunEvent(7, 0, "aiodagger-w1-thread-0")], [MoveEvent(8, 1 << 20, 2, 1.5, 1.75)],
@@ -375,16 +376,18 @@ MALFORMED = [
     ("Get keys bool", {"op": "get", "a": [[1, True], ""]}, 0, r"malformed Get: field keys is bool"),
     ("Registered bool", {"op": "registered", "a": [False]}, 0,
      r"malformed Registered: field worker_id is bool"),
-    ("Register.memory_limit bool", {"op": "register", "a": ["w", 1, "h", 1, ADDR, False, [], [], 0.0]}, 0,
+    ("Register.memory_limit bool", {"op": "register", "a": ["w", 1, "h", 1, ADDR, False, [], [], 0.0, {}]}, 0,
      r"malformed Register: field memory_limit is bool"),
-    ("Register.memory_limit str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, "16G", [], [], 0.0]}, 0,
+    ("Register.memory_limit str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, "16G", [], [], 0.0, {}]}, 0,
      r"malformed Register: field memory_limit is str"),
     ("Blocked negative", {"op": "blocked", "a": [-1]}, 0, r"malformed Blocked: -1 threads"),
-    ("Register.holds str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, None, ["7"], [], 0.0]}, 0,
+    ("Register.holds str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, None, ["7"], [], 0.0, {}]}, 0,
      r"malformed Register: field holds"),
-    ("Register.gpus str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, None, [], ["0"], 0.0]}, 0,
+    ("Register.resources list", {"op": "register", "a": ["w", 1, "h", 1, ADDR, None, [], [], 0.0, []]}, 0,
+     r"malformed Register: field resources is list"),
+    ("Register.gpus str", {"op": "register", "a": ["w", 1, "h", 1, ADDR, None, [], ["0"], 0.0, {}]}, 0,
      r"malformed Register: field gpus"),
-    ("Register.clock nan", {"op": "register", "a": ["w", 1, "h", 1, ADDR, None, [], [], float("nan")]}, 0,
+    ("Register.clock nan", {"op": "register", "a": ["w", 1, "h", 1, ADDR, None, [], [], float("nan"), {}]}, 0,
      r"malformed Register: clock nan"),
     ("MoveEvent inverted", {"op": "events", "a": [[], [[1, 10, 2, 5.0, 4.0]], []]}, 0,
      r"malformed MoveEvent: from 5.0 to 4.0"),
@@ -547,9 +550,9 @@ def test_deeply_nested_field_is_a_protocol_error(op):
 def test_valid_edge_values_are_taken():
     """The edges of each type are valid: nil memory limit, zero counts, an int for a float
     (a worker's thread count is the exception: at least one)."""
-    assert wire_decode({"op": "register", "a": ["", 0, "", 1, "", None, [], [], 0.0]}).memory_limit is None
+    assert wire_decode({"op": "register", "a": ["", 0, "", 1, "", None, [], [], 0.0, {}]}).memory_limit is None
     with pytest.raises(ProtocolError, match="threads >= 1"):
-        wire_decode({"op": "register", "a": ["", 0, "", 0, "", None, [], [], 0.0]})
+        wire_decode({"op": "register", "a": ["", 0, "", 0, "", None, [], [], 0.0, {}]})
     msg = wire_decode({"op": "done", "a": [[[0, 0, "ok", 0, 0, 0, 0, []]], MEMORY]})
     assert msg.results[0].start == 0 and type(msg.results[0]) is Finished
     task = wire_decode({"op": "run", "a": [[[5, "f", b"h", "thread", 0, 2, [], True, False, [], True, [], 0]]]}, 2)

@@ -22,7 +22,8 @@ op                 direction             fields (records in CamelCase)
 =================  ====================  ==============================================
 ``register``       worker -> scheduler   name, pid, host, threads, address,
                    (request)             memory_limit, holds, gpus, clock (its
-                                         perf_counter as it sent this); reply
+                                         perf_counter as it sent this), resources
+                                         (a map of name to amount); reply
                                          ``Registered(worker_id)``
 ``listen``         scheduler -> worker   on: send ``events`` (an observer is attached)
 ``events``         worker -> scheduler   runs [RunEvent(key, attempt, thread)], moves
@@ -417,7 +418,7 @@ class Registered(NamedTuple):
     worker_id: int
 
 
-@message("register", STR, INT, STR, INT, STR, OPT_INT, IDS, IDS, FLOAT, reply=Registered)
+@message("register", STR, INT, STR, INT, STR, OPT_INT, IDS, IDS, FLOAT, MAP, reply=Registered)
 class Register(NamedTuple):
     name: str
     pid: int
@@ -432,6 +433,8 @@ class Register(NamedTuple):
     gpus: list[int] = []
     # Its perf_counter() as it sent this: the scheduler's estimate of its clock's offset.
     clock: float = 0.0
+    # Amounts of named resources it declares ({"db": 4}): tasks asking for them run here.
+    resources: dict[str, float] = {}  # noqa: RUF012 - a NamedTuple default, never mutated
 
 
 @message("listen", BOOL)

@@ -45,6 +45,7 @@ from ..taskoptions import ANY_SCOPE, Scope, TaskOptions
 from .events import Instrument
 from .gcspacing import GraphSize
 from .placement import RuntimeEstimates, function_key
+from .resources import ResourceBook
 
 if TYPE_CHECKING:
     from ..interfaces import LocalWorkerPort
@@ -109,11 +110,14 @@ class Scheduler:
         self._stored = False
         self._admission_waiting = False
         self.stream_hub: StreamHub | None = None  # made when a stream is first spawned or read
+        # Declared resources and occupancy: what runs hold, per worker (resources.py).
+        self.book = ResourceBook()
 
     def attach_local(self, local: LocalWorkerPort) -> None:
         """Drive ``local`` as worker 0 (the cluster calls this once, before any spawn)."""
         self.local = local
         self._stored = local.keeps_results
+        self.book.add_worker(local.id, local.resources, local.thread_proc.nthreads)
 
     def attach(self, instrument: Instrument) -> None:
         """Add an observer of this scheduler's events (on its loop thread). Worker
@@ -162,6 +166,8 @@ class Scheduler:
         if self.closed:
             raise RuntimeError("this cluster is closed; spawn inside `async with dagger.Cluster()`")
         kind = classify(fn)
+        if opts.occupancy != 1.0 and kind == "thread":
+            kind = "thread-light"  # mostly waits: a thread of its own while it runs
         name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
         task = cls(self, next(self._ids) if key is None else key, name, fn, args,
                    kwargs or _NO_KWARGS, opts)
@@ -258,7 +264,7 @@ class Scheduler:
         # Continuations read a finished input straight off its DTask: not possible when
         # inputs live in a ChunkStore (they are loaded and pinned on the loop first).
         task._thread_ok = (task._kind == "thread" and opts.timeout is None and not self._stored
-                           and not self._goes_remote(task))
+                           and opts.needs is None and not self._goes_remote(task))
         self._wait_for(task, task._deps or (), opts.after)
 
     def _wait_for(self, task: DTask[Any], deps: Any, after: tuple[DTask[Any], ...] = ()) -> None:
@@ -403,7 +409,7 @@ class Scheduler:
             for instrument in self.instruments:
                 instrument.task_ready(task, now)
         if task._kind == "async" and (dist is None or not self._goes_remote(task)) and (
-                not self._stored or not task._resolve):
+                not self._stored or not task._resolve) and task._opts.needs is None:
             # Coroutines have no capacity to wait for: start them at once.
             task._state = RUNNING
             if task._opts.timeout is not None:
@@ -450,13 +456,20 @@ class Scheduler:
             if task._cancelled or task._state is not READY:
                 heapq.heappop(ready)
                 continue
+            needs = task._opts.needs
+            if needs is not None and not self._reserve(task, needs):
+                continue  # parked until amounts are free, or failed
             if self.dist is not None and (self.dist.workers or self.dist.expects_workers
                                           or task._resolve):
                 if not self._flush_distributed(task):
+                    if needs is not None:
+                        self.book.give_back(task, task._attempts)
                     break
                 continue
             if self._stored:
                 if not self._flush_stored(task):
+                    if needs is not None:
+                        self.book.give_back(task, task._attempts)
                     break
                 continue
             if task._kind[0] == "g":  # "gpu"/"gpu-async": device work queues on its streams
@@ -464,7 +477,15 @@ class Scheduler:
                 task._state = RUNNING
                 self.local.run(task, [])  # arms its timeout (starting())
                 continue
-            if not proc.has_room():
+            if needs is not None and task._kind == "async":
+                heapq.heappop(ready)
+                task._state = RUNNING
+                self._arm_timeout(task)
+                self.local.async_proc.submit(task)
+                continue
+            if task._kind != "thread-light" and not proc.has_room():
+                if needs is not None:
+                    self.book.give_back(task, task._attempts)
                 break
             heapq.heappop(ready)
             task._state = RUNNING
@@ -503,7 +524,7 @@ class Scheduler:
                 self._local_worker.run(task, [])  # arms its timeout (starting())
                 return True
             proc = self._local_worker.thread_proc
-            if not proc.has_room():
+            if task._kind != "thread-light" and not proc.has_room():
                 return False
             heapq.heappop(self._ready)
             task._state = RUNNING
@@ -513,7 +534,7 @@ class Scheduler:
             if self.instruments:
                 self.dispatched(task, 0)
             return True
-        if task._opts.scope is ANY_SCOPE and dist.fast_placement:
+        if task._opts.scope is ANY_SCOPE and task._opts.needs is None and dist.fast_placement:
             worker = dist.place_any(task)
             if worker is not None:
                 return self._dispatch_to(task, worker)
@@ -524,6 +545,15 @@ class Scheduler:
             candidates = dist.candidates(task)
         if not candidates and dist.expects_workers and not dist.workers and dist.gave_up is None:
             return False  # every worker process is gone and one is being started: wait
+        needs = task._opts.needs
+        if needs is not None and candidates:
+            # only workers with the amounts free now; if none, the task waits off the heap
+            free = [w for w in candidates if self.book.fits(w.id, needs)]
+            if not free:
+                declared = self.book.declared(needs)
+                self._park_or_fail(task, needs, any(w.id in declared for w in candidates))
+                return True
+            candidates = free
         if not candidates:
             heapq.heappop(self._ready)
             why = f" ({dist.gave_up})" if dist.gave_up is not None and not dist.workers else ""
@@ -542,13 +572,57 @@ class Scheduler:
         assert self.dist is not None
         heapq.heappop(self._ready)
         task._state = RUNNING
+        needs = task._opts.needs
+        if needs is not None:
+            self.book.take(task, worker.id, needs)
         try:
             self.dist.dispatch(task, worker)
         except (SerializationError, FrameTooLargeError) as exc:
+            if needs is not None:
+                self.book.give_back(task, task._attempts)
             self._fail(task, exc, annotate=False)
             return True
         self._arm_timeout(task)
         return True
+
+    # -- resources and occupancy (resources.py) -------------------------------------------
+    def _reserve(self, task: DTask[Any], needs: dict[str, float]) -> bool:
+        """Whether the heap's top task may go on to placement now. One for worker 0 takes
+        its amounts there now (given back if it then finds no room); one for other
+        workers is matched to their free amounts at placement. False: parked or failed."""
+        if self._goes_remote(task):
+            return True
+        local = self._local_worker
+        book = self.book
+        if book.fits(local.id, needs):
+            book.take(task, local.id, needs)
+            return True
+        self._park_or_fail(task, needs, local.id in book.declared(needs))
+        return False
+
+    def _park_or_fail(self, task: DTask[Any], needs: dict[str, float], declared: bool) -> None:
+        """Take the heap's top task off it: to wait for amounts that some worker has (or
+        a worker that may join), or failed when none ever will."""
+        heapq.heappop(self._ready)
+        dist = self.dist
+        if declared or (dist is not None and (dist.accepts_remote or (dist.expects_workers and not dist.workers))):
+            self.book.parked.append(task)
+            return
+        self._fail(task, NoProcessorError(
+            f"{task._describe()} needs {needs}, which no worker of this cluster has "
+            f"({self.book.describe()}). Declare them: Cluster(resources={{...}}), or "
+            "`aiodagger worker --resources NAME=AMOUNT,...`"), annotate=False)
+
+    def resources_freed(self) -> None:
+        """Amounts came free (a run ended, a worker joined): parked tasks try again."""
+        parked = self.book.parked
+        if not parked:
+            return
+        self.book.parked = []
+        for task in parked:
+            if not task._cancelled and task._state is READY:
+                heapq.heappush(self._ready, (-task._opts.priority, 1, task.id, task))
+        self.request_flush()
 
     # -- worker 0 with a store of its own -------------------------------------------------
     def _wait_again(self, task: DTask[Any], dep: DTask[Any]) -> None:
@@ -574,7 +648,7 @@ class Scheduler:
                 self._admission_waiting = True
                 asyncio.ensure_future(self._await_admission())
             return False
-        if task._kind != "async" and not local.thread_proc.has_room():
+        if task._kind != "async" and task._kind != "thread-light" and not local.thread_proc.has_room():
             return False
         heapq.heappop(self._ready)
         task._state = RUNNING
@@ -645,6 +719,8 @@ class Scheduler:
     def complete(self, task: DTask[Any], attempt: int, ok: bool, value: Any,
                  start: float, seconds: float, proc: Any) -> None:
         """``proc`` reports one run of ``task`` that began at ``start`` (perf_counter)."""
+        if self.book.held and self.book.give_back(task, attempt):
+            self.resources_freed()
         if seconds and proc.kind == "thread":
             # Coroutines overlap on the loop: their wall time says nothing of their cost.
             self.runtimes.observe(task._fnkey, seconds)
@@ -877,6 +953,8 @@ class Scheduler:
 
     def run_lost(self, task: DTask[Any], wid: int, address: str, reason: str) -> None:
         """``task`` was running on a worker that died."""
+        if self.book.held and self.book.give_back(task, task._attempts):
+            self.resources_freed()
         if task.done():
             return
         if task._attempts < task._opts.retries:

@@ -42,7 +42,7 @@ from ..comm import protocol as P
 from ..errors import DaggerError, FrameTooLargeError, SerializationError, WorkerLostError
 from ..interfaces import WorkerStatus
 from ..task import FINISHED, NOWHERE, PENDING, REMOTE, RUNNING, Chunk, DTask
-from ..taskoptions import ANY_SCOPE
+from ..taskoptions import ANY_SCOPE, check_resources
 from .placement import DEFAULT_BANDWIDTH, Candidate, choose_processor
 from .spawned import ClientConn, Spawned
 
@@ -212,6 +212,9 @@ class WorkerRegistry:
         # True while the cluster keeps worker processes of its own (processes=N): tasks
         # that do not name worker 0 wait for one rather than run in the caller's process.
         self.expects_workers = False
+        # True while workers on other machines may join (listen=): a task needing
+        # resources that no worker has yet waits for one rather than fail.
+        self.accepts_remote = False
         self.gave_up: str | None = None  # why no worker process will be started again
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -302,11 +305,18 @@ class WorkerRegistry:
 
     def _register(self, endpoint: P.Endpoint, holder: list[RemoteWorker], msg: P.Register,
                   buffers: list[Any]) -> tuple[P.Registered, Sequence[Any]]:
+        if msg.resources:
+            try:
+                check_resources(msg.resources, "a worker's resources")
+            except (TypeError, ValueError) as exc:
+                raise P.ProtocolError(f"register: {exc}") from None
         worker = RemoteWorker(next(self._ids), endpoint, msg, endpoint.comm.limit)
         worker.last_seen = self.sched.loop.time()
         holder.append(worker)
         self.workers[worker.id] = worker
         self._members += 1
+        self.sched.book.add_worker(worker.id, msg.resources, worker.threads)
+        self.sched.resources_freed()
         endpoint.handlers = self._handlers(worker)
         logger.info("worker %d joined: %s", worker.id, worker.describe())
         if self.listening:
@@ -472,7 +482,8 @@ class WorkerRegistry:
 
     def place(self, task: DTask[Any], candidates: list[RemoteWorker]) -> RemoteWorker | None:
         """The worker with the lowest estimated finish time that has room, or None."""
-        kind = "async" if task._kind == "async" else "thread"
+        # a task of occupancy below 1 takes no slot: its amount of occupancy decides
+        kind = "async" if task._kind == "async" or task._kind == "thread-light" else "thread"
         room = [w for w in candidates if w.has_room(kind)]
         if not room:
             return None
@@ -647,7 +658,7 @@ class WorkerRegistry:
         task._est = est = self.sched.runtimes.get(task._fnkey)
         if waits:
             worker.ahead.add(task.id)
-        elif task._kind != "async":
+        elif task._kind != "async" and task._kind != "thread-light":
             worker.queued += 1
             worker.backlog_s += est
         worker.running[task.id] = task
@@ -817,14 +828,18 @@ class WorkerRegistry:
 
     def cancel(self, task: DTask[Any], worker: RemoteWorker) -> None:
         if worker.running.pop(task.id, None) is not None:
+            book = self.sched.book
+            if book.held and book.give_back(task, task._attempts):
+                self.sched.resources_freed()
             if task.id in worker.ahead:  # held: it takes no slot (if it runs, nobody waits)
                 worker.ahead.discard(task.id)
-            elif task._kind != "async":  # a thread cannot be stopped: it stays busy until it returns
+            elif task._kind != "async" and task._kind != "thread-light":
+                # a thread cannot be stopped: it stays busy until it returns
                 worker.ending[(task.id, task._attempts)] = task._est
             worker.send_quietly(P.Cancel([task.id]))
 
     def _account_done(self, worker: RemoteWorker, task: DTask[Any]) -> None:
-        if task._kind != "async":
+        if task._kind != "async" and task._kind != "thread-light":
             self._free_slot(worker, task._est)
 
     @staticmethod
@@ -851,6 +866,8 @@ class WorkerRegistry:
             if task is None or task._attempts != rec.attempt:
                 continue  # cancelled, or a record of an attempt that is not the one running
             del worker.running[rec.key]
+            if sched.book.held and sched.book.give_back(task, rec.attempt):
+                sched.resources_freed()
             held = bool(worker.ahead) and rec.key in worker.ahead
             if held:
                 worker.ahead.discard(rec.key)  # it took no slot
@@ -1083,6 +1100,7 @@ class WorkerRegistry:
             return
         self._members += 1
         worker.status = WorkerStatus.LOST
+        self.sched.book.remove_worker(worker.id)
         logger.warning("worker %d (%s) lost: %s", worker.id, worker.address, reason)
         self._left(worker, reason, lost=True)
         running = list(worker.running.values())

@@ -26,6 +26,7 @@ from ..comm.tokens import MAKE_ONE, entropy_bits, weak_token_message
 from ..errors import AuthenticationError
 from ..gpu.discovery import check_spec, choose
 from ..memory import process
+from ..taskoptions import check_resources
 from .process import WorkerProcess
 
 __all__ = ["add_worker_arguments", "main", "run_worker"]
@@ -65,8 +66,29 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-limit", default=None,
                         help='device memory results may hold per GPU before the oldest move to host, '
                              'e.g. "16GiB" (default: no limit; they move when a task runs out of memory)')
+    parser.add_argument("--resources", default=None,
+                        help='amounts of named resources this worker has, e.g. "db=4,GPU=1": tasks '
+                             'with options(resources={"db": 1}) run where there are enough, '
+                             'holding them while they run')
     parser.add_argument("--data-host", help="the address this worker's data server listens on, "
                                             "where peers fetch inputs (default 0.0.0.0)")
+
+
+def parse_resources(text: str | None) -> dict[str, float]:
+    """``--resources "db=4,GPU=1"`` -> {"db": 4.0, "GPU": 1.0}; exits saying what is wrong."""
+    if not text:
+        return {}
+    found: dict[str, float] = {}
+    for item in text.split(","):
+        name, sep, amount = item.strip().partition("=")
+        try:
+            if not sep:
+                raise ValueError(f"{item.strip()!r} is not NAME=AMOUNT")
+            found[name.strip()] = float(amount)
+            check_resources(found, "--resources")
+        except (TypeError, ValueError) as exc:
+            raise SystemExit(f'aiodagger worker: --resources {text!r}: {exc} (write e.g. "db=4,GPU=1")') from None
+    return found
 
 
 def _read_token(args: argparse.Namespace) -> str:
@@ -200,7 +222,7 @@ def run_worker(args: argparse.Namespace) -> int:
         ssl_scheduler=None if args.subprocess else client_ssl,
         heartbeat_timeout=args.heartbeat_timeout, memory_limit=memory_limit, spill_dir=args.spill_dir,
         shutdown_timeout=args.shutdown_timeout, max_frame=max_frame, data_host=args.data_host,
-        gpus=gpus, gpu_memory_limit=gpu_memory_limit,
+        gpus=gpus, gpu_memory_limit=gpu_memory_limit, resources=parse_resources(args.resources),
     )
 
     def on_signal(sig: signal.Signals) -> None:

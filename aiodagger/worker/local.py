@@ -68,11 +68,13 @@ class LocalWorker:
 
     def __init__(self, owner: LocalWorkerOwner, nthreads: int, task_context: contextvars.Context,
                  thread_init: Callable[[], None], memory_limit: int | None = None,
-                 spill_dir: str | None = None, gpus: GpuSpec = 0, gpu_memory_limit: int | None = None) -> None:
+                 spill_dir: str | None = None, gpus: GpuSpec = 0, gpu_memory_limit: int | None = None,
+                 resources: dict[str, float] | None = None) -> None:
         self._owner = owner
         self.loop = owner.loop
         self.memory_limit = memory_limit
         self.spill_dir = spill_dir
+        self.resources = dict(resources or {})  # Cluster(resources=) without processes=
         # With a store, completions pass through complete() below on their way to the
         # scheduler; without one the processors report to the scheduler directly.
         reports_to = self if memory_limit is not None else owner

@@ -86,7 +86,7 @@ class WorkerProcess:
                  memory_limit: int | None = None, spill_dir: str | None = None,
                  shutdown_timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME,
                  data_host: str | None = None, gpus: list[int] | None = None,
-                 gpu_memory_limit: int | None = None) -> None:
+                 gpu_memory_limit: int | None = None, resources: dict[str, float] | None = None) -> None:
         self.scheduler_host, self.scheduler_port = parse_address(scheduler)
         # Where the data server listens: a remote worker for peers anywhere; a subprocess
         # worker on loopback, unless its cluster takes remote workers (they fetch from it).
@@ -105,6 +105,7 @@ class WorkerProcess:
         self.memory_limit = memory_limit
         self.spill_dir = spill_dir
         self.gpus = list(gpus or [])  # devices found by the CLI, in this process
+        self.resources = dict(resources or {})  # declared to the scheduler (--resources)
         self.gpu_memory_limit = gpu_memory_limit
         self.gpu_procs: dict[int, Any] = {}
         # Events for the scheduler's observers, batched, collected only while it asks
@@ -568,7 +569,8 @@ class WorkerProcess:
             reply, _ = await endpoint.request(P.Register(
                 self.name, os.getpid(), socket.gethostname(), self.threads,
                 f"tcp://{host}:{self._listener.port}", self.memory_limit,
-                [k for k in self.store.keys() if type(k) is int], self.gpus, perf_counter()),
+                [k for k in self.store.keys() if type(k) is int], self.gpus, perf_counter(),
+                self.resources),
                 timeout=30)
             self.worker_id = reply.worker_id
             early, self._early_runs = self._early_runs, []

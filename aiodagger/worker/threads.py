@@ -17,7 +17,9 @@ MAX_CONTINUATIONS links, or when a task of higher priority is waiting, so that i
 cannot starve other work.
 
 A pool thread that blocks in ``fetch()`` hands its slot back: another thread is
-started while it waits, and the surplus retires when it is done.
+started while it waits, and the surplus retires when it is done. A task of occupancy
+below 1 (kind "thread-light": it mostly waits) gets a thread of its own the same way;
+the scheduler bounds how many run at once (scheduler/resources.py).
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class ThreadProc:
         self._lock = threading.Lock()
         self._live = 0
         self._blocked = 0
+        self._light = 0  # "thread-light" tasks submitted and not drained: a thread each
         self._serial = 0
         self._threads: set[threading.Thread] = set()
         self._all_exited: asyncio.Event | None = None
@@ -113,6 +116,13 @@ class ThreadProc:
         return not self._queue.empty()
 
     def submit(self, task: DTask[Any]) -> None:
+        if task._kind == "thread-light":
+            with self._lock:
+                self._light += 1
+                if self._live < self.nthreads + self._blocked + self._light:
+                    self._start_thread_locked()
+            self._queue.put(task)
+            return
         self.queued += 1
         self.backlog_s += task._est
         self._queue.put(task)
@@ -123,8 +133,12 @@ class ThreadProc:
         while done:
             task, attempt, ok, value, start, seconds, dispatched, self.thread = done.popleft()
             if dispatched:
-                self.queued -= 1
-                self.backlog_s = self.backlog_s - task._est if self.queued else 0.0
+                if task._kind == "thread-light":
+                    with self._lock:
+                        self._light -= 1
+                else:
+                    self.queued -= 1
+                    self.backlog_s = self.backlog_s - task._est if self.queued else 0.0
             complete(task, attempt, ok, value, start, seconds, self)
         self._owner.request_flush()
 
@@ -175,7 +189,7 @@ class ThreadProc:
                 task = None  # an idle thread must not keep the last task (and its value) alive
                 # A thread started while another was blocked in fetch() retires once
                 # that one is back (unlocked read first: this is the per-task path).
-                if self._live > self.nthreads + self._blocked and self._surplus():
+                if self._live > self.nthreads + self._blocked + self._light and self._surplus():
                     break
         finally:
             with self._lock:
@@ -186,7 +200,7 @@ class ThreadProc:
 
     def _surplus(self) -> bool:
         with self._lock:
-            return self._live > self.nthreads + self._blocked
+            return self._live > self.nthreads + self._blocked + self._light
 
     def _set_exited(self) -> None:
         if self._all_exited is not None:
@@ -233,7 +247,7 @@ class ThreadProc:
         """Hand this thread's slot back while it waits (fetch inside a task)."""
         with self._lock:
             self._blocked += 1
-            if self._live < self.nthreads + self._blocked:
+            if self._live < self.nthreads + self._blocked + self._light:
                 self._start_thread_locked()
         call_soon_quietly(self._loop, self._owner.request_flush)
         try:
