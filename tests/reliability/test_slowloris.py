@@ -6,15 +6,24 @@ through that worker. The listeners cut them short; the tasks must not notice.
 Measured, against the same run without the flood: the tasks' p99 latency at most
 doubles (median of 5 rounds each), the cluster's process grows by at most 16 MiB, and
 every descriptor it took for the flood is given back.
+
+On two shared cores the flood's own work (its process, loopback TCP in the kernel) may
+by itself slow the tasks that much: the same flood aimed at another process (an idle
+`aiodagger scheduler`, whose listeners are the same) measures that, and the tasks may
+then take at most 1.5x what they take under the decoy's flood. Across sessions the
+quiet/flooded ratio ran from 1.5x to 2.75x with the code unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -22,9 +31,9 @@ import pytest
 import aiodagger as dagger
 from aiodagger.comm.handshake import new_token
 from aiodagger.comm.server import parse_address
-from tests.slowloris import Flood
+from tests.slowloris import ROOT, Flood
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(240)
 
 TASKS = 1000
 ATTACKERS = 1000
@@ -69,8 +78,30 @@ def p99(values: list[float]) -> float:
     return sorted(values)[int(0.99 * len(values))]
 
 
-async def test_slow_loris_flood_leaves_the_workload_on_time(no_leaks, seed, descriptors):
+async def decoy(tmp_path: Path) -> tuple[asyncio.subprocess.Process, int]:
+    """An idle `aiodagger scheduler` in a process of its own, and the port it listens on."""
+    token = tmp_path / "decoy-token"
+    token.write_text(new_token())
+    env = {k: v for k, v in os.environ.items() if k != "AIODAGGER_TOKEN"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "aiodagger", "scheduler", "--listen", "tcp://127.0.0.1:0", "--token-file",
+        str(token), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=ROOT, env=env)
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+    return proc, parse_address(line.rsplit(" ", 1)[1].strip())[1]
+
+
+async def test_slow_loris_flood_leaves_the_workload_on_time(no_leaks, seed, descriptors, tmp_path):
     me = psutil.Process()
+    other, other_port = await decoy(tmp_path)
+    try:
+        await run_floods(me, other_port, seed)
+    finally:
+        other.kill()
+        await other.wait()
+
+
+async def run_floods(me: psutil.Process, other_port: int, seed: int) -> None:
     async with dagger.Cluster(processes=1, threads=1, listen="tcp://127.0.0.1:0", token=new_token()) as cluster:
         # The listener the worker joined through: the path of every task below.
         internal = cluster._launcher._internal
@@ -78,7 +109,7 @@ async def test_slow_loris_flood_leaves_the_workload_on_time(no_leaks, seed, desc
         await latencies(200)  # the worker is warm
         gc.collect()
         rss, fds = me.memory_info().rss, me.num_fds()
-        peak, quiet, flooded, reports = rss, [], [], []
+        peak, quiet, flooded, decoyed, reports = rss, [], [], [], []
 
         async def watch_rss() -> None:
             nonlocal peak
@@ -95,14 +126,21 @@ async def test_slow_loris_flood_leaves_the_workload_on_time(no_leaks, seed, desc
                     await asyncio.sleep(SETTLE)
                     flooded.append(p99(await latencies(TASKS)))
                     reports.append((await flood.stop()).strip())
+                async with Flood([other_port, other_port], "--mode", "slow", "--connections", str(ATTACKERS),
+                                 "--drip", "0.5", "--reconnect", str(RECONNECT), "--seed", str(seed + round_)) as flood:
+                    await asyncio.sleep(SETTLE)
+                    decoyed.append(p99(await latencies(TASKS)))
+                    await flood.stop()
         finally:
             watcher.cancel()
         print(f"\np99, quiet: {[f'{x * 1e3:.2f}' for x in quiet]} ms, flooded: "
-              f"{[f'{x * 1e3:.2f}' for x in flooded]} ms; RSS +{(peak - rss) / MiB:.1f} MiB; "
+              f"{[f'{x * 1e3:.2f}' for x in flooded]} ms, the decoy flooded: "
+              f"{[f'{x * 1e3:.2f}' for x in decoyed]} ms; RSS +{(peak - rss) / MiB:.1f} MiB; "
               f"floods: {reports}; internal listener: {internal.accepted} accepted, "
               f"{internal.dropped} dropped, {internal.rejected} rejected")
         assert all(r.startswith("connected") for r in reports) and internal.dropped > 0  # it was there
-        assert statistics.median(flooded) <= 2 * statistics.median(quiet), (quiet, flooded)
+        bound = max(2 * statistics.median(quiet), 1.5 * statistics.median(decoyed))
+        assert statistics.median(flooded) <= bound, (quiet, flooded, decoyed)
         assert peak - rss <= 16 * MiB
         deadline = time.monotonic() + 15
         while (internal.pending or me.num_fds() > fds) and time.monotonic() < deadline:
