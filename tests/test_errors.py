@@ -89,6 +89,8 @@ ALL_ERRORS = [
     errors.DeployConnectionError("connection refused", host="node1"),
     errors.DeployTimeoutError("never joined", host="node1"),
     errors.JobStartTimeoutError("job 17 did not start", {"17": "PENDING (PartitionDown)"}),
+    errors.ConnectError("cannot reach the scheduler at tcp://10.0.0.5:8786"),
+    errors.SchedulerLostError("lost with the connection to the scheduler"),
 ]
 
 
@@ -129,3 +131,5 @@ def test_builtin_bases():
     assert issubclass(errors.DeployTimeoutError, TimeoutError)
     assert issubclass(errors.JobStartTimeoutError, TimeoutError)
     assert issubclass(errors.JobStartTimeoutError, errors.DeployError)
+    assert issubclass(errors.ConnectError, ConnectionError)
+    assert issubclass(errors.SchedulerLostError, ConnectionError)
