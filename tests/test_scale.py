@@ -116,11 +116,26 @@ async def test_full_collections_are_spaced_while_a_large_graph_is_held(policy):
         # set when the count reached START (and read again each time it doubles)
         assert held[2] >= gcspacing.SPACING * gcspacing.START // (default[0] * default[1]) > default[2]
         assert await root > 0
-        # the graph is done: the thresholds are the program's again
-        assert gc.get_threshold() == default
-        root, _ = spawn_tree(1_000)  # a small graph changes nothing
+        # the graph is done: the large graph's spacing is undone, the mid-size one's stays
+        spaced = (*default[:2], max(default[2], gcspacing.MIN_SPACED))
+        assert gc.get_threshold() == spaced
+    assert gc.get_threshold() == default  # the cluster is closed: the program's again
+
+
+async def test_full_collections_are_spaced_apart_once_a_mid_size_graph_was_held(policy):
+    """From SMALL unfinished tasks, at least MIN_SPACED young collections between full
+    ones, until the cluster closes (its next graphs come with no burst of full passes)."""
+    default = policy
+    spaced = (*default[:2], max(default[2], gcspacing.MIN_SPACED))
+    async with dagger.Cluster(threads=2):
+        root, _ = spawn_tree(1_000)
         assert gc.get_threshold() == default
         await root
+        root, _ = spawn_tree(gcspacing.SMALL + 1_000)
+        assert gc.get_threshold() == spaced != default
+        assert await root > 0
+        assert gc.get_threshold() == spaced  # the graph is done: kept for the next one
+    assert gc.get_threshold() == default
 
 
 async def test_thresholds_set_by_the_program_meanwhile_stand(policy):
