@@ -135,6 +135,12 @@ def _dump(pickler_cls: type, obj: Any, chunks: list[Any] | None = None) -> tuple
     return out.getvalue(), collect.views()
 
 
+# Values the C pickler writes whole, never from __main__, with no buffer out of band:
+# pickled in one call, without a Pickler object (0.24 against 1.43 µs for W4's ``(i,)``,
+# where dumps_args was 13 % of the scheduler's process).
+_PLAIN = frozenset((int, float, str, bytes, bool, type(None), complex))
+
+
 def dumps_args(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                has_refs: bool = True) -> tuple[bytes, Buffers, list[Any]]:
     """Pickle a task's arguments: (pickle, buffers, the Chunks referenced).
@@ -143,6 +149,12 @@ def dumps_args(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
     """
     obj = (args, kwargs)
     chunks: list[Any] = []
+    if not has_refs and not kwargs:
+        for value in args:
+            if type(value) not in _PLAIN:
+                break
+        else:
+            return pickle.dumps(obj, 5), [], chunks
     try:
         if not has_refs:
             payload, buffers = dumps(obj)
@@ -214,6 +226,8 @@ def dumps(value: Any) -> tuple[bytes, Buffers]:
     """Pickle a value: (pickle, out-of-band buffers), large buffers uncopied as memoryviews.
 
     The C pickler's one-call path first, cloudpickle for what it cannot do."""
+    if type(value) in _PLAIN:  # a task's small result: no Pickler, no buffers to collect
+        return pickle.dumps(value, 5), []
     collect = _Collector()
     try:
         if "cupy" in sys.modules and (table := host_reducers()) is not None:
