@@ -81,6 +81,17 @@ def total(x) -> float:
     return float(np.sum(x))
 
 
+async def put_then_sum(n: int) -> float:
+    """In a worker process: put a value there, and have another task read it."""
+    chunk = await dagger.put(np.ones(n))
+    return await dagger.spawn(total, chunk)
+
+
+async def test_a_task_in_a_worker_process_can_put(scheduler):
+    async with dagger.connect(scheduler, token=TOKEN):
+        assert await asyncio.wait_for(dagger.spawn(put_then_sum, 1000), 30) == 1000.0
+
+
 async def test_a_client_spawns_awaits_puts_and_gathers_as_on_a_local_cluster(scheduler):
     async with dagger.connect(scheduler, token=TOKEN) as cluster:
         assert cluster.connected and current_cluster() is cluster
