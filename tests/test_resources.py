@@ -173,6 +173,17 @@ async def test_a_task_waits_for_a_worker_with_the_resource_to_join(tmp_path):
         procs.stop_all()
 
 
+async def test_a_retired_workers_amounts_go_with_it():
+    async with dagger.Cluster(processes=2, threads=1, resources={"db": 1}) as cluster:
+        book = cluster._scheduler.book
+        assert len(book.declared({"db": 1})) == 2
+        await cluster.scale(1)
+        assert len(book.declared({"db": 1})) == 1  # the retired one is not waited for
+        with dagger.options(resources={"db": 1}):
+            spans = await dagger.gather(*[dagger.spawn(span, i, 0.05) for i in range(4)])
+        assert list(most_at_once(spans).values()) == [1]
+
+
 def test_bad_resources_are_refused():
     with pytest.raises(ValueError, match="the amount of 'db' must be a number > 0"):
         dagger.options(resources={"db": 0})

@@ -1100,7 +1100,6 @@ class WorkerRegistry:
             return
         self._members += 1
         worker.status = WorkerStatus.LOST
-        self.sched.book.remove_worker(worker.id)
         logger.warning("worker %d (%s) lost: %s", worker.id, worker.address, reason)
         self._left(worker, reason, lost=True)
         running = list(worker.running.values())
@@ -1180,6 +1179,7 @@ class WorkerRegistry:
                 worker.send_quietly(P.Listen(on))
 
     def _left(self, worker: RemoteWorker, reason: str, lost: bool) -> None:
+        self.sched.book.remove_worker(worker.id)  # lost or retired: its amounts go with it
         instruments = self.sched.instruments
         if instruments:
             now = perf_counter()
