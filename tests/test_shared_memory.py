@@ -10,6 +10,7 @@ import fcntl
 import gc
 import os
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,8 @@ async def test_a_large_value_crosses_through_a_segment_that_goes_with_it(two_wor
     assert [p.name for p in segments_of([w1.pid])] == [f"v{a.id}"]
     del a
     gc.collect()
-    await eventually(lambda: not segments_of([w1.pid]))  # released: removed
+    # Released: no reader can name it any more; its pages wait, free, for the next value.
+    await eventually(lambda: [p.name for p in segments_of([w1.pid])] == ["free1"])
 
 
 async def test_once_read_here_large_results_are_shared_as_they_are_made(two_workers):
@@ -221,14 +223,137 @@ def test_a_partial_or_foreign_segment_is_refused(tmp_path):
 
 
 def test_segment_parts_are_aligned_for_numpy(tmp_path):
-    path = tmp_path / "aligned"
-    payload, buffers = serialize.dumps([np.arange(3, dtype=np.int8), np.arange(1000.0)])
-    spillfile.write_parts(path, payload, buffers, spillfile.ALIGNED | spillfile.UNCHECKED)
-    mapped_payload, mapped = spillfile.map_parts(path)
-    assert all(np.frombuffer(b, np.uint8).ctypes.data % 64 == 0 for b in mapped)
-    small, big = serialize.loads(mapped_payload, mapped)
-    assert list(small) == [0, 1, 2] and np.array_equal(big, np.arange(1000.0))
-    assert spillfile.load(path)[1].sum() == np.arange(1000.0).sum()  # read_parts too
+    segments = shared.Segments("aligned")
+    try:
+        payload, buffers = serialize.dumps([np.arange(3, dtype=np.int8), np.arange(MiB // 8.0)])
+        path, _ = asyncio.run(segments.offer(1, payload, list(buffers)))
+        small, big = shared.load(path)
+        assert big.ctypes.data % 64 == 0 and small.ctypes.data % 64 == 0
+        assert list(small) == [0, 1, 2] and np.array_equal(big, np.arange(MiB // 8.0))
+        copy = tmp_path / "v1"
+        spillfile.write_parts(copy, payload, buffers, spillfile.ALIGNED | spillfile.UNCHECKED)
+        assert spillfile.load(copy)[1].sum() == np.arange(MiB // 8.0).sum()  # read_parts too
+    finally:
+        segments.close()
+
+
+def inode(path: str) -> int:
+    return os.stat(path).st_ino
+
+
+async def test_a_released_segment_serves_the_next_value_once_no_view_of_it_lives():
+    """A free segment is written into again only when no reader holds a view of its
+    last value (its shared lock); a reader's kept mapping then shows the new value."""
+    segments = shared.Segments("reuse")
+    try:
+        first, second, third = (serialize.dumps(np.full(BIG, float(i))) for i in (1, 2, 3))
+        path1, size = await segments.offer(1, first[0], list(first[1]))
+        view = shared.load(path1)
+        segments.drop(1)
+        assert not os.path.exists(path1) and segments.free_bytes == size
+        with pytest.raises(FileNotFoundError):  # released: nobody can name it any more
+            shared.load(path1)
+        # A view of value 1 lives: value 2 goes to a fresh file, value 1 stays whole.
+        path2, _ = await segments.offer(2, second[0], list(second[1]))
+        assert float(view[0]) == 1.0 and float(view[-1]) == 1.0
+        assert segments.free_bytes == size  # the busy one waits for a later value
+        address = view.ctypes.data
+        del view
+        gc.collect()
+        # No view of it lives: value 3 goes into value 1's file, and this process's
+        # mapping of it (kept) shows value 3.
+        free_ino = os.stat(segments.directory / "free1").st_ino
+        path3, _ = await segments.offer(3, third[0], list(third[1]))
+        assert inode(path3) == free_ino and segments.free_bytes == 0
+        value = shared.load(path3)
+        assert value.ctypes.data == address  # the kept mapping
+        assert float(value.min()) == float(value.max()) == 3.0
+        assert float(shared.load(path2).max()) == 2.0
+    finally:
+        segments.close()
+
+
+async def test_a_mapping_a_task_wrote_into_is_not_kept():
+    """A reader that wrote into its input has pages of its own in its mapping: they would
+    hide the next value written into that file, so the mapping is let go."""
+    segments = shared.Segments("written")
+    try:
+        first, second = (serialize.dumps(np.full(BIG, float(i))) for i in (1, 2))
+        path1, _ = await segments.offer(1, first[0], list(first[1]))
+        view = shared.load(path1)
+        view[len(view) // 2] = 7.0  # one page of this process's own
+        del view
+        gc.collect()
+        segments.drop(1)
+        path2, _ = await segments.offer(2, second[0], list(second[1]))
+        value = shared.load(path2)
+        assert float(value[len(value) // 2]) == 2.0 and float(value.min()) == 2.0
+    finally:
+        segments.close()
+
+
+async def test_free_segments_are_bounded_expire_and_go_under_pressure(monkeypatch):
+    monkeypatch.setattr(shared, "FREE_SECONDS", 0.3)
+    parts = [serialize.dumps(np.full(BIG, float(i))) for i in range(5)]
+    size = spillfile.size_of(parts[0][0], parts[0][1], spillfile.ALIGNED)
+    segments = shared.Segments("bounded", free_limit=3 * size)
+    try:
+        for i, (payload, buffers) in enumerate(parts):
+            assert (await segments.offer(i, payload, list(buffers)))[1] == size
+        for i in range(5):
+            segments.drop(i)
+        free = sorted(p.name for p in segments.directory.iterdir() if p.name.startswith("free"))
+        assert free == ["free3", "free4", "free5"]  # the oldest went over the bound
+        await eventually(lambda: segments.free_bytes == 0, timeout=10)
+        assert [p.name for p in segments.directory.iterdir() if p.name != spilldir.OWNER] == []
+        await segments.offer(9, *parts[0][:1], list(parts[0][1]))
+        segments.drop(9)
+        assert segments.free_bytes > 0
+        assert shared.drop_idle() > 0 and segments.free_bytes == 0  # memory pressure
+        assert segments.bytes == 0
+    finally:
+        segments.close()
+
+
+def hold(a: np.ndarray) -> int:
+    """Keep ``a`` alive in this worker process; its data's address."""
+    sys.modules["builtins"].__dict__.setdefault("_aiodagger_test_held", []).append(a)
+    return int(a.ctypes.data)
+
+
+def address(a: np.ndarray) -> int:
+    return int(a.ctypes.data)
+
+
+async def test_readers_in_other_processes_pin_and_reuse_segments(two_workers):
+    """Across processes: a reader's live view keeps the holder off that segment; once the
+    reader's views are gone, the next value of that size goes into it and the reader
+    reads it through the mapping it kept."""
+    cluster, (w1, w2) = two_workers
+
+    async def one(fill: float, fn=address) -> tuple[int, float, int]:
+        a = on(w1.id).spawn(make, BIG, fill)
+        where = await asyncio.wait_for(on(w2.id).spawn(fn, a), 30)
+        total_ = await asyncio.wait_for(on(w2.id).spawn(total, a), 30)
+        ino = inode(str(next(p for p in segments_of([w1.pid]) if p.name == f"v{a.id}")))
+        del a
+        gc.collect()
+        await eventually(lambda: all(p.name.startswith("free") for p in segments_of([w1.pid])))
+        return where, total_, ino
+
+    where1, total1, ino1 = await one(1.0)
+    where2, total2, ino2 = await one(2.0)
+    assert (total1, total2) == (BIG * 1.0, BIG * 2.0)
+    assert ino2 == ino1 and where2 == where1  # the same file, through the same mapping
+    held, total3, ino3 = await one(3.0, hold)  # w2 keeps a view of this one
+    where4, total4, ino4 = await one(4.0)
+    assert (total3, total4) == (BIG * 3.0, BIG * 4.0)
+    assert ino4 != ino3  # not written under the live view
+    assert await asyncio.wait_for(on(w2.id).spawn(held_total), 30) == BIG * 3.0
+
+
+def held_total() -> float:
+    return float(sum(a.sum() for a in sys.modules["builtins"].__dict__["_aiodagger_test_held"]))
 
 
 def test_the_owner_lock_is_held_while_segments_live():

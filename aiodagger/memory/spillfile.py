@@ -70,17 +70,20 @@ __all__ = [
     "ALIGNED",
     "UNCHECKED",
     "SpillCorruptedError",
+    "check_parts",
     "checksum",
     "discard",
     "dump",
     "dump_many",
     "load",
-    "map_parts",
     "read",
     "read_parts",
+    "read_layout",
     "read_raw",
+    "size_of",
     "write",
     "write_parts",
+    "write_parts_to",
 ]
 
 ALIGNED = 1
@@ -148,6 +151,21 @@ def write_parts(path: str | os.PathLike[str], payload: Buffer, buffers: Sequence
 
     A failed write removes the partial file before raising.
     """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_CLOEXEC | _O_BINARY, 0o600)
+    try:
+        size = write_parts_to(fd, payload, buffers, flags)
+    except BaseException:
+        os.close(fd)
+        discard(path)
+        raise
+    os.close(fd)
+    return size
+
+
+def write_parts_to(fd: int, payload: Buffer, buffers: Sequence[Buffer], flags: int = 0) -> int:
+    """Write one chunk's parts at ``fd``'s position (an open file's start); return the bytes
+    written. What the file holds past them is left as it is (see ``trailing`` in
+    :func:`read_layout`)."""
     parts = [payload, *buffers]
     head = header(parts, flags)
     pieces: list[Buffer] = [head]
@@ -161,15 +179,14 @@ def write_parts(path: str | os.PathLike[str], payload: Buffer, buffers: Sequence
             pos = offset + memoryview(part).nbytes
     else:
         pieces.extend(parts)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_CLOEXEC | _O_BINARY, 0o600)
-    try:
-        size = _write_all(fd, pieces)
-    except BaseException:
-        os.close(fd)
-        discard(path)
-        raise
-    os.close(fd)
-    return size
+    return _write_all(fd, pieces)
+
+
+def size_of(payload: Buffer, buffers: Sequence[Buffer], flags: int = 0) -> int:
+    """The size of the file that :func:`write_parts` makes of these parts."""
+    lengths = [memoryview(p).nbytes for p in (payload, *buffers)]
+    head_size = _PREFIX.size + len(lengths) * _PART.size + _CHECKSUM.size
+    return _offsets(head_size, lengths, flags)[1]
 
 
 def dump(path: str | os.PathLike[str], obj: Any) -> int:
@@ -211,7 +228,7 @@ def read_parts(path: str | os.PathLike[str]) -> tuple[memoryview, list[memoryvie
     fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | _O_BINARY)
     try:
         size = os.fstat(fd).st_size
-        flags, offsets, lengths, sums = _read_header(fd, size, os.fspath(path))
+        flags, offsets, lengths, sums = read_layout(fd, size, os.fspath(path))
         import numpy as np  # here, not at import: a worker's start-up is measured (W0)
 
         parts = [np.empty(n, dtype=np.uint8).data for n in lengths]
@@ -225,39 +242,13 @@ def read_parts(path: str | os.PathLike[str]) -> tuple[memoryview, list[memoryvie
         _read_all(fd, views, os.fspath(path))
     finally:
         os.close(fd)
-    _check_parts(parts, sums, flags, os.fspath(path))
+    check_parts(parts, sums, flags, os.fspath(path))
     return parts[0], parts[1:]
 
 
-def map_parts(path: str | os.PathLike[str]) -> tuple[memoryview, list[memoryview]]:
-    """The pickle and the buffers stored in ``path``, as views of a private mapping of
-    the file: nothing is copied, and pages are shared with every other mapping of it.
-
-    Private (copy-on-write): a task may write into an array it was given, as it may
-    into one that came over a socket; its writes go to pages of its own and neither
-    the file nor other readers see them. The file may be removed while the views live.
-    Checks as :func:`read_parts` does, but the parts' checksums only if the file has them.
-    """
-    import mmap
-
-    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        flags, offsets, lengths, sums = _read_header(fd, size, os.fspath(path))
-        # Not MAP_POPULATE: on a writable private mapping it faults every page in for
-        # writing, which copies them all (0.11 s for 256 MiB here, against 0.02 s for
-        # the read faults of summing it).
-        mapped = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    finally:
-        os.close(fd)
-    view = memoryview(mapped)
-    parts = [view[offset:offset + n] for offset, n in zip(offsets, lengths, strict=True)]
-    view.release()
-    _check_parts(parts, sums, flags, os.fspath(path))
-    return parts[0], parts[1:]
-
-
-def _check_parts(parts: Sequence[memoryview], sums: Sequence[int], flags: int, path: str) -> None:
+def check_parts(parts: Sequence[memoryview], sums: Sequence[int], flags: int, path: str) -> None:
+    """Raise SpillCorruptedError unless each part matches its checksum (or the file is
+    ``UNCHECKED``)."""
     if flags & UNCHECKED:
         return
     for i, (part, expected) in enumerate(zip(parts, sums, strict=True)):
@@ -288,9 +279,13 @@ async def read_raw(path: str | os.PathLike[str],
     return await asyncio.get_running_loop().run_in_executor(executor, read_parts, path)
 
 
-def _read_header(fd: int, size: int, path: str) -> tuple[int, list[int], list[int], list[int]]:
-    """flags, and each part's offset, length and checksum; the file is left just after
-    the header."""
+def read_layout(fd: int, size: int, path: str, *,
+                trailing: bool = False) -> tuple[int, list[int], list[int], list[int]]:
+    """flags, and each part's offset, length and checksum, from the header of the file
+    open at ``fd`` (``size`` bytes), read from its start; the file is left just after
+    the header. ``trailing``: the file may be longer than its parts (a shared segment
+    used again for a smaller value), else that is an error."""
+    os.lseek(fd, 0, os.SEEK_SET)
     def corrupted(why: str) -> SpillCorruptedError:
         return SpillCorruptedError(f"spill file {path!r}: {why}", path)
 
@@ -314,7 +309,7 @@ def _read_header(fd: int, size: int, path: str) -> tuple[int, list[int], list[in
     entries = list(_PART.iter_unpack(table))
     lengths = [n for n, _ in entries]
     offsets, expected = _offsets(head_size, lengths, flags)
-    if size != expected:
+    if size < expected or (size > expected and not trailing):
         state = "truncated" if size < expected else "trailing bytes"
         raise corrupted(f"{size} bytes where the header announces {expected}: {state}")
     return flags, offsets, lengths, [s for _, s in entries]

@@ -39,7 +39,7 @@ import psutil
 
 from ..comm import framing
 from ..errors import SerializationError
-from . import process, spilldir, spillfile
+from . import process, shared, spilldir, spillfile
 from .device import DeviceMemory, DeviceTier, parse_device_limit
 from .pressure import Pressure
 from .sizes import parse_memory_limit, sizeof
@@ -671,7 +671,9 @@ class ChunkStore:
         self._dropped += entry.nbytes
 
     def _trim(self) -> None:
-        framing.drop_warm_buffers()  # idle receive buffers are the first memory to give back
+        # Idle receive buffers and free shared segments are the first memory to give back.
+        framing.drop_warm_buffers()
+        shared.drop_idle()
         self._dropped = 0
         self._trimming = True
         fut = self._track(self._run_io(process.trim_heap))
