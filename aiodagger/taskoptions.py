@@ -171,7 +171,7 @@ def _check_int(name: str, value: Any) -> int:
 class TaskOptions:
     """The resolved options of one task (immutable; shared by tasks spawned alike)."""
 
-    __slots__ = ("after", "checkpoint", "name", "needs", "occupancy", "priority", "resources",
+    __slots__ = ("after", "checkpoint", "name", "needs", "occupancy", "plain", "priority", "resources",
                  "restore", "retries", "scope", "timeout")
 
     def __init__(
@@ -203,6 +203,10 @@ class TaskOptions:
         self.occupancy = occupancy
         # What the scheduler books for a run (scheduler/resources.py): None for most tasks.
         self.needs = _needs(self.resources, occupancy)
+        # Nothing that changes where or how a task starts: a coroutine task with these
+        # options starts at once on the spawning loop (Scheduler._start_coroutine).
+        self.plain = (scope is ANY_SCOPE and timeout is None and checkpoint is None and restore is None
+                      and not self.after and self.needs is None)
 
     def merged(self, overrides: dict[str, Any]) -> TaskOptions:
         values = {n: getattr(self, n) for n in _FIELDS}
@@ -234,7 +238,7 @@ def _needs(resources: dict[str, float] | None, occupancy: float) -> dict[str, fl
     return needs
 
 
-_FIELDS = tuple(n for n in TaskOptions.__slots__ if n != "needs")
+_FIELDS = tuple(n for n in TaskOptions.__slots__ if n not in ("needs", "plain"))  # derived
 
 
 DEFAULT_OPTIONS = TaskOptions()

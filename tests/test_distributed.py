@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import traceback
 import types
 
@@ -75,6 +76,25 @@ async def test_tasks_run_in_other_pids(procs):
     pids = await dagger.gather(*[dagger.spawn(pid, i) for i in range(20)])
     assert set(pids) <= worker_pids
     assert await on(0).spawn(pid) == os.getpid()  # scoped to worker 0: this process
+
+
+def touch(path, i):
+    with open(path, "a") as f:
+        f.write(f"{i}\n")
+    return i
+
+
+async def test_a_graph_spawned_in_one_go_starts_while_it_is_being_spawned(procs, tmp_path):
+    """The loop's next turn comes after the last spawn; the workers get the first tasks
+    long before (early flush): here a task's file appears while this loop is blocked."""
+    marker = tmp_path / "started"
+    tasks = [dagger.spawn(touch, str(marker), i) for i in range(1000)]
+    deadline = time.monotonic() + 20
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)  # blocks the cluster's loop: only tasks already sent can run
+    started_while_blocked = marker.exists()
+    assert await asyncio.wait_for(dagger.gather(*tasks), 60) == list(range(1000))
+    assert started_while_blocked
 
 
 async def test_dependencies_and_async_tasks_across_workers(procs):

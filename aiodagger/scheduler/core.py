@@ -70,6 +70,9 @@ _NONE_WAITING = float("-inf")
 # drain, and an open dashboard's per-event work made it 237 ms (loop lag is the
 # dashboard's own figure); in slices, the loop answers between them.
 INBOX_SLICE = 2048
+# Ready tasks, in a cluster with worker processes, past which a spawn hands them out at
+# once instead of at the loop's next turn (see _make_ready).
+EARLY_FLUSH = 256
 
 class Scheduler:
     """Owns every task of one cluster, on that cluster's loop.
@@ -108,6 +111,8 @@ class Scheduler:
         self.dist: WorkerRegistry | None = None  # set when the cluster has workers in other processes
         # Worker 0 keeps results in a store of its own (a memory limit): its DTasks hold REMOTE.
         self._stored = False
+        self._async_proc: Any = None  # worker 0's loop, as a processor
+        self._flushing = False
         self._admission_waiting = False
         self.stream_hub: StreamHub | None = None  # made when a stream is first spawned or read
         # Declared resources and occupancy: what runs hold, per worker (resources.py).
@@ -116,6 +121,7 @@ class Scheduler:
     def attach_local(self, local: LocalWorkerPort) -> None:
         """Drive ``local`` as worker 0 (the cluster calls this once, before any spawn)."""
         self.local = local
+        self._async_proc = local.async_proc
         self._stored = local.keeps_results
         self.book.add_worker(local.id, local.resources, local.thread_proc.nthreads)
 
@@ -178,7 +184,11 @@ class Scheduler:
                 break
         else:
             if not kwargs:
-                self._spawn_in_loop_or_inbox(task)
+                if (kind == "async" and opts.plain and self.dist is None and not self.instruments
+                        and threading.get_ident() == self.loop_thread_id):
+                    self._start_coroutine(task)
+                else:
+                    self._spawn_in_loop_or_inbox(task)
                 return task
         if not scan:
             self._spawn_in_loop_or_inbox(task)
@@ -246,6 +256,19 @@ class Scheduler:
             self._inbox_wakeup.request()
 
     # -- graph bookkeeping (loop) --------------------------------------------------------
+    def _start_coroutine(self, task: DTask[Any]) -> None:
+        """_register, _wait_for and _make_ready for what they come to for a coroutine task
+        without inputs or options, spawned on the loop of a cluster without worker
+        processes or observers: it starts at once. W3 (10,000 such tasks) spent 0.3 us a
+        task in the calls and tests this skips (8.0 -> 7.7 us; asyncio's create_task: 4.8)."""
+        live = self._live
+        live.add(task)
+        if len(live) >= self._graph.up:
+            self._graph.crossed(len(live))
+        task._npending = 0
+        task._state = RUNNING
+        self._async_proc.submit(task)
+
     def _register(self, task: DTask[Any]) -> None:
         if task._cancelled:  # cancelled from another thread before it got here
             return
@@ -425,9 +448,15 @@ class Scheduler:
         # children kept their parents waiting for the whole graph, and every worker lost
         # meanwhile took the parents with it until their retries were spent.
         first = freed or task.id > ID_SPACE
-        heapq.heappush(self._ready, (-task._opts.priority, 0 if first else 1, task.id, task))
+        ready = self._ready
+        heapq.heappush(ready, (-task._opts.priority, 0 if first else 1, task.id, task))
         if not self._flush_wakeup.pending:
             self._flush_wakeup.request()
+        elif len(ready) >= EARLY_FLUSH and dist is not None and not self._flushing and dist.workers:
+            # A graph being spawned in one go (the loop's next turn is after the last
+            # task): its first tasks go to the workers now, which run them meanwhile.
+            self._flush()
+            dist.send_now()
 
     def ready_priority(self) -> float:
         """The priority of the best task waiting in the ready heap (-inf if none): a pool
@@ -447,6 +476,13 @@ class Scheduler:
 
     def _flush(self) -> None:
         """Hand ready tasks to the thread pool while it has room, highest priority first."""
+        self._flushing = True
+        try:
+            self._flush_ready()
+        finally:
+            self._flushing = False
+
+    def _flush_ready(self) -> None:
         ready = self._ready
         assert self.local is not None
         proc = self.local.thread_proc

@@ -68,6 +68,9 @@ REMOTE_HORIZON_S = 5e-3
 # it (its records come back in batches). Two of a pool thread's runs of continuations
 # (threads.MAX_CONTINUATIONS) keep a chain going while the next completions travel.
 MAX_AHEAD = 512
+# Frames of this size or less are written at once (send_now): a graph spawned in one
+# go starts on the workers while the rest of it is being spawned.
+SEND_NOW_BYTES = 256 << 10
 
 
 class ProcView:
@@ -774,8 +777,35 @@ class WorkerRegistry:
         dirty, self._dirty = self._dirty, set()
         for worker in dirty:
             frames = worker.function_defs.take() + worker.value_defs.take() + worker.runs.take()
-            if frames:
+            if frames and not self._sent_now(worker, frames):
                 asyncio.ensure_future(self._send_frames(worker, frames))
+
+    def send_now(self) -> None:
+        """Send what was dispatched so far without waiting for the loop's next turn."""
+        self._send()
+
+    @staticmethod
+    def _sent_now(worker: RemoteWorker, frames: list[tuple[Any, list[Any]]]) -> bool:
+        """Write small frames to the transport at once, if nothing is being sent to
+        ``worker`` (frames go out in order); False: send them as usual."""
+        if worker.sending.locked():
+            return False
+        size = 0
+        for _, buffers in frames:
+            for b in buffers:
+                size += len(b) if type(b) is bytes else memoryview(b).nbytes
+        if size > SEND_NOW_BYTES:
+            return False
+        endpoint = worker.endpoint
+        for i, (msg, buffers) in enumerate(frames):
+            try:
+                endpoint.send_nowait(msg, buffers)
+            except ConnectionError:
+                return True  # the connection's loss is noticed (and handled) by its reader
+            except Exception:  # noqa: BLE001 - not encoded, nothing written: the usual way
+                del frames[:i]
+                return False
+        return True
 
     async def _send_frames(self, worker: RemoteWorker, frames: list[tuple[Any, list[Any]]]) -> None:
         try:
