@@ -113,6 +113,7 @@ class Scheduler:
         self._stored = False
         self._async_proc: Any = None  # worker 0's loop, as a processor
         self._flushing = False
+        self._early_at = EARLY_FLUSH  # ready tasks that make a spawn flush (see _make_ready)
         self._admission_waiting = False
         self.stream_hub: StreamHub | None = None  # made when a stream is first spawned or read
         # Declared resources and occupancy: what runs hold, per worker (resources.py).
@@ -452,7 +453,7 @@ class Scheduler:
         heapq.heappush(ready, (-task._opts.priority, 0 if first else 1, task.id, task))
         if not self._flush_wakeup.pending:
             self._flush_wakeup.request()
-        elif len(ready) >= EARLY_FLUSH and dist is not None and not self._flushing and dist.workers:
+        elif len(ready) >= self._early_at and dist is not None and not self._flushing and dist.workers:
             # A graph being spawned in one go (the loop's next turn is after the last
             # task): its first tasks go to the workers now, which run them meanwhile.
             self._flush()
@@ -481,6 +482,10 @@ class Scheduler:
             self._flush_ready()
         finally:
             self._flushing = False
+            # What is left waits for room that only the workers' reports make: flushed
+            # early again after EARLY_FLUSH more, not at every spawn (with 300 busy
+            # workers, each flush looked at every one of them).
+            self._early_at = len(self._ready) + EARLY_FLUSH
 
     def _flush_ready(self) -> None:
         ready = self._ready
@@ -536,10 +541,11 @@ class Scheduler:
         """Place the heap's top task in a cluster with other workers; False: no room now."""
         dist = self.dist
         assert dist is not None
-        lost = _recomputing(task) or dist.lost_dependency(task)
-        if lost is not None:
-            self._wait_again(task, lost)
-            return True
+        if task._deps:  # most tiny tasks have none: two calls fewer each
+            lost = _recomputing(task) or dist.lost_dependency(task)
+            if lost is not None:
+                self._wait_again(task, lost)
+                return True
         if not self._goes_remote(task):
             # worker 0 runs it: bring remote inputs here first
             remote = [d for d in task._deps or () if d._value is REMOTE]

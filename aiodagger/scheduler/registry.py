@@ -784,8 +784,7 @@ class WorkerRegistry:
         """Send what was dispatched so far without waiting for the loop's next turn."""
         self._send()
 
-    @staticmethod
-    def _sent_now(worker: RemoteWorker, frames: list[tuple[Any, list[Any]]]) -> bool:
+    def _sent_now(self, worker: RemoteWorker, frames: list[tuple[Any, list[Any]]]) -> bool:
         """Write small frames to the transport at once, if nothing is being sent to
         ``worker`` (frames go out in order); False: send them as usual."""
         if worker.sending.locked():
@@ -800,8 +799,10 @@ class WorkerRegistry:
         for i, (msg, buffers) in enumerate(frames):
             try:
                 endpoint.send_nowait(msg, buffers)
-            except ConnectionError:
-                return True  # the connection's loss is noticed (and handled) by its reader
+            except ConnectionError as exc:
+                # Handled on the loop's next turn, not inside a spawn that flushed early.
+                self.sched.loop.call_soon(self.lost, worker, str(exc))
+                return True
             except Exception:  # noqa: BLE001 - not encoded, nothing written: the usual way
                 del frames[:i]
                 return False
