@@ -97,6 +97,31 @@ async def test_a_graph_spawned_in_one_go_starts_while_it_is_being_spawned(procs,
     assert started_while_blocked
 
 
+def text(n):
+    return "x" * n
+
+
+def pair(i):
+    return (i, i)
+
+
+async def test_tiny_builtin_results_are_kept_by_the_scheduler_only(procs):
+    """An int or a short str that nothing held on its worker waits for comes back with
+    its record and is not stored there (status "value"): no holder, nothing to release.
+    Tasks that need it, on that worker too, get it from the scheduler. Larger values,
+    and values of other types, stay with their worker as before."""
+    w1, w2 = (w.id for w in procs.workers[1:])
+    small = on(w1).spawn(inc, 41)
+    assert await asyncio.wait_for(small, 30) == 42
+    assert small._where == set()
+    assert await asyncio.wait_for(dagger.gather(on(w1).spawn(inc, small), on(w2).spawn(inc, small)), 30) == [43, 43]
+    big = on(w1).spawn(text, 4096)
+    other = on(w1).spawn(pair, 1)
+    assert await asyncio.wait_for(dagger.gather(big, other), 30) == ["x" * 4096, (1, 1)]
+    assert big._where == {w1} and other._where == {w1}
+    assert await asyncio.wait_for(on(w2).spawn(len, big), 30) == 4096
+
+
 async def test_dependencies_and_async_tasks_across_workers(procs):
     async def aplus(x, y):
         await asyncio.sleep(0)

@@ -139,8 +139,9 @@ SAMPLES: list[tuple[object, list[bytes]]] = [
            Finished(-3, 0, "missing", 0, 1.5, 2, 0, [Missing(-9, [1, 2]), Missing(NEG, [])]),
            Finished(4, 0, "cancelled", 0, 0.0, 0.0, 0, []),
            Finished(6, 2, "dropped", 0, 0.0, 0.0, 0, []),
-           Finished(5, 0, "ok", 24, 1e-9, 1e9, 0, [])],
-          Memory(2**40, BIG, 3, 5)), parts(9, 1, 40)),
+           Finished(5, 0, "ok", 24, 1e-9, 1e9, 0, []),
+           Finished(7, 0, "value", 5, 0.0, 0.0, 1, [])],
+          Memory(2**40, BIG, 3, 5)), parts(9, 1, 40, 5)),
     (Done([], Memory(0, 0, 0, 0)), []),
     (Holding([-1, 2, NEG, BIG]), []),
     (Holding([]), []),
@@ -316,7 +317,7 @@ def test_split_parts_gives_each_record_its_own_buffers():
     header, got = over_the_wire(encode(done), buffers)
     msg = decode(header, len(got))
     split = [(rec.key, [bytes(b) for b in bufs]) for rec, bufs in split_parts(msg.results, got)]
-    assert split == [(1, buffers[0:2]), (2, buffers[2:3]), (-3, []), (4, []), (6, []), (5, [])]
+    assert split == [(1, buffers[0:2]), (2, buffers[2:3]), (-3, []), (4, []), (6, []), (5, []), (7, buffers[3:4])]
     (run, run_buffers), = [s for s in SAMPLES if type(s[0]) is Run and s[0].tasks]
     assert [(t.key, list(b)) for t, b in split_parts(run.tasks, run_buffers)] == [
         (SPAWNED, run_buffers[:3]), (1, run_buffers[3:4]), (2, run_buffers[4:])]
@@ -422,6 +423,8 @@ MALFORMED = [
     ("Item no parts", {"op": "items", "a": [[[1, 0]], [], [], []]}, 0, r"malformed Item"),
     ("Finished error 0 parts", *done(with_field(FINISHED, 2, "error")),
      r"malformed Finished: status 'error' with 0 part"),
+    ("Finished value 0 parts", *done(with_field(FINISHED, 2, "value")),
+     r"malformed Finished: status 'value' with 0 part"),
     ("Finished missing 1 part", *done(with_field(FINISHED, 2, "missing")[:6] + [1, []], nbuffers=1),
      r"malformed Finished: status 'missing' with 1 part"),
     ("Finished cancelled 2 parts",

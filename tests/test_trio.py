@@ -201,9 +201,9 @@ def test_a_cluster_entered_in_trio_runs_beside_it():
 def test_values_held_by_a_worker_process_come_to_trio():
     async def main():
         async with dagger.Cluster(processes=1) as cluster:
-            t = dagger.spawn(inc, 41)
+            t = dagger.spawn(divmod, 85, 2)  # a tuple: kept on worker 1, where it was made
             chunk = await dagger.put(list(range(3)))
-            assert await t == 42 and t._where == {1}  # brought from worker 1
+            assert await t == (42, 1) and t._where == {1}  # brought from worker 1
             assert await dagger.spawn(len, chunk) == 3
             assert 1 in await cluster.worker_stats()
 

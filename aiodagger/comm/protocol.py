@@ -137,6 +137,7 @@ from ..task import ID_SPACE
 from .framing import DEFAULT_MAX_FRAME, MAX_BUFFERS, Comm
 from .serialize import (
     MAX_OUT_OF_BAND,
+    PLAIN_TYPES,
     FunctionCache,
     dumps,
     dumps_args,
@@ -157,7 +158,7 @@ __all__ = [
     # names this machine's /dev/shm in a get, and reading a reply's shared segment
     "load_shared", "shm_key",
     # the one serializer (comm/serialize.py), for the payloads messages carry
-    "BATCH_BYTES", "BATCH_RECORDS", "DEFAULT_MAX_FRAME", "MAX_BUFFERS", "MAX_OUT_OF_BAND", "ProtocolError",
+    "BATCH_BYTES", "BATCH_RECORDS", "DEFAULT_MAX_FRAME", "MAX_BUFFERS", "MAX_OUT_OF_BAND", "PLAIN_TYPES", "ProtocolError",
     "Comm", "FunctionCache", "dumps", "dumps_args", "dumps_error", "loads", "loads_args",
     "loads_error",
 ]
@@ -353,7 +354,7 @@ class Missing(NamedTuple):
     holders: list[int]
 
 
-FINISHED_STATUSES = frozenset(("ok", "error", "missing", "cancelled", "dropped"))
+FINISHED_STATUSES = frozenset(("ok", "value", "error", "missing", "cancelled", "dropped"))
 _INF = float("inf")
 
 
@@ -362,9 +363,10 @@ class Finished(NamedTuple):
     """One run of a task ended on a worker."""
     key: int
     attempt: int
-    status: str            # "ok" (1 + buffers parts if inline), "error" (1 part), "missing",
-                           # "cancelled", "dropped": a held task that did not start, an input
-                           # it waited for having ended here without a result
+    status: str            # "ok" (1 + buffers parts if inline), "value" (1 part: a small
+                           # value of a builtin type that the worker did not keep), "error"
+                           # (1 part), "missing", "cancelled", "dropped": a held task that did
+                           # not start, an input it waited for having ended here without a result
     size: int              # bytes of the result
     start: float           # perf_counter on the worker
     seconds: float
@@ -717,8 +719,8 @@ def _check_values(msg: Any) -> None:
             if not (0.0 <= r.seconds < _INF and -_INF < r.start < _INF):
                 raise ProtocolError(f"malformed Finished: a run that started at {r.start!r} and "
                                     f"took {r.seconds!r} s (times are finite, durations >= 0)")
-            if (r.status == "error" and r.nparts != 1) or (r.status in ("missing", "cancelled", "dropped")
-                                                           and r.nparts):
+            if (r.status in ("error", "value") and r.nparts != 1) or (
+                    r.status in ("missing", "cancelled", "dropped") and r.nparts):
                 raise ProtocolError(f"malformed Finished: status {r.status!r} with {r.nparts} part(s)")
     elif type(msg) is Run:
         for t in msg.tasks:

@@ -139,6 +139,7 @@ def _dump(pickler_cls: type, obj: Any, chunks: list[Any] | None = None) -> tuple
 # pickled in one call, without a Pickler object (0.24 against 1.43 µs for W4's ``(i,)``,
 # where dumps_args was 13 % of the scheduler's process).
 _PLAIN = frozenset((int, float, str, bytes, bool, type(None), complex))
+PLAIN_TYPES = _PLAIN  # values any process can unpickle: builtins only
 
 
 def dumps_args(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any],

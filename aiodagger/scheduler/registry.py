@@ -920,6 +920,15 @@ class WorkerRegistry:
                         logger.warning("the result of %s cannot be loaded in this process (%s); it "
                                        "stays on worker %d", task._describe(), exc, worker.id)
                 sched.complete(task, rec.attempt, True, value, rec.start - worker.clock_offset, rec.seconds, proc)
+            elif status == "value":  # a small builtin value the worker did not keep: here only
+                if task._where:
+                    task._where.clear()
+                task._nbytes = rec.size
+                try:
+                    value, ok = P.loads(parts[0]), True
+                except Exception as exc:  # noqa: BLE001 - builtins only: a damaged record
+                    value, ok = exc, False
+                sched.complete(task, rec.attempt, ok, value, rec.start - worker.clock_offset, rec.seconds, proc)
             elif status == "error":
                 sched.complete(task, rec.attempt, False, _load_error(parts[0], task),
                                rec.start - worker.clock_offset, rec.seconds, proc)

@@ -60,6 +60,13 @@ logger = logging.getLogger(__name__)
 # Results up to this size travel with their completion, so awaiting them (or using
 # them in a task elsewhere) costs no extra round trip. Larger ones stay here.
 INLINE_LIMIT = 64 << 10
+# A result of a builtin type (int, str...) this small, that no task held here waits for,
+# is sent with its record and not kept: the scheduler keeps it (status "value"), and
+# sends it along to a task that needs it (this worker's too). Kept, each cost the
+# scheduler a holder's note and a release, and this worker a store entry and its
+# removal. W4's shape (5,000 tasks returning ints) repeated for 8 s, CPU time per task
+# from psutil: each worker 4.4 -> 3.6-3.9 us, the scheduler's process 10.7 -> 9.3-10.4.
+TINY_RESULT = 1024
 
 
 _PLAIN = TaskOptions()
@@ -256,6 +263,12 @@ class WorkerProcess:
                 ok, value = False, exc
             else:
                 size = len(payload) + sum(b.nbytes for b in buffers)
+                if size <= TINY_RESULT and type(value) in P.PLAIN_TYPES and task._dependents is None:
+                    # Nothing here waits for it and the scheduler keeps it: not stored here,
+                    # so never released either (see TINY_RESULT).
+                    self._record(P.Finished(task.id, attempt, "value", size, start, seconds, 1, []),
+                                 [payload])
+                    return
                 self.store.put(task.id, value, nbytes=size, spillable=type(value) is not Ref)
                 if self._share_eagerly and size >= shared.EAGER_BYTES and type(value) is not Ref:
                     sharing = asyncio.ensure_future(self._share_then_record(
