@@ -27,7 +27,7 @@ from typing import Any
 from ._bridge import run_on_loop_awaitable, run_on_loop_blocking
 from ._context import ClusterState
 from ._loopthread import LoopThread
-from .cluster import _current, _entered, _interrupted
+from .cluster import _entered, _interrupted, enter_current, leave_current
 from .comm import protocol as P
 from .comm.framing import DEFAULT_MAX_FRAME, open_comm
 from .comm.handshake import HANDSHAKE_TIMEOUT, client_handshake
@@ -204,18 +204,10 @@ class ClientCluster:
         self._state = ClusterState.CLOSED
 
     def _enter(self) -> None:
-        self._ctx_tokens.append(_current.set(self))
-        _entered.append(self)  # type: ignore[arg-type]
+        enter_current(self, self._ctx_tokens)
 
     def _leave(self) -> None:
-        if self in _entered:
-            _entered.remove(self)  # type: ignore[arg-type]
-        if self._ctx_tokens:
-            token = self._ctx_tokens.pop()
-            try:
-                _current.reset(token)
-            except ValueError:  # left from another context than the one that entered
-                _current.set(None)
+        leave_current(self, self._ctx_tokens)
 
     # -- sharing between clients ---------------------------------------------------------------
     async def publish(self, name: str, obj: DTask[Any] | Chunk[Any]) -> None:

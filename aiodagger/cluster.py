@@ -37,7 +37,7 @@ from .comm.server import check_listen
 from .comm.tls import worker_contexts
 from .dashboard import Bind, missing_requirements, parse_dashboard
 from .gpu.discovery import check_spec
-from .memory import parse_memory_limit
+from .memory import parse_memory_limit, shared
 from .memory.device import parse_device_limit
 from .scheduler.core import Scheduler
 from .taskoptions import check_resources
@@ -57,6 +57,23 @@ logger = logging.getLogger(__name__)
 _current = current_cluster_var
 _pool_thread = pool_thread
 _entered: list[Cluster] = []
+
+
+def enter_current(cluster: Any, tokens: list[Any]) -> None:
+    """Make ``cluster`` (a Cluster, or a client's) the current one until leave_current."""
+    tokens.append(_current.set(cluster))
+    _entered.append(cluster)
+
+
+def leave_current(cluster: Any, tokens: list[Any]) -> None:
+    if cluster in _entered:
+        _entered.remove(cluster)
+    if tokens:
+        token = tokens.pop()
+        try:
+            _current.reset(token)
+        except ValueError:  # left from another context than the one that entered
+            _current.set(None)
 _default: Cluster | None = None
 _default_lock = threading.Lock()
 _atexit_registered = False
@@ -331,17 +348,10 @@ class Cluster:
             self._leave()
 
     def _enter(self) -> None:
-        self._ctx_tokens.append(_current.set(self))
-        _entered.append(self)
+        enter_current(self, self._ctx_tokens)
 
     def _leave(self) -> None:
-        if self in _entered:
-            _entered.remove(self)
-        token = self._ctx_tokens.pop()
-        try:
-            _current.reset(token)
-        except ValueError:  # exited from another context than the one that entered
-            _current.set(None)
+        leave_current(self, self._ctx_tokens)
 
     def _start_background(self) -> None:
         loop_thread = LoopThread("aiodagger-loop")
@@ -416,6 +426,9 @@ class Cluster:
                 "cluster closed while tasks were still running user code in %s after %.1f s; "
                 "those threads are left to finish on their own", self._local.thread_proc, timeout,
             )
+        # The workers removed their segments: this process's idle mappings of them go
+        # now, not at the next sweep (their pages live as long as a mapping does).
+        shared.drop_gone()
         self._state = ClusterState.CLOSED
         self._closed_event.set()
 

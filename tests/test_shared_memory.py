@@ -315,6 +315,45 @@ async def test_free_segments_are_bounded_expire_and_go_under_pressure(monkeypatc
         segments.close()
 
 
+def shm_mappings(pids: list[int] | None = None) -> list[str]:
+    """This process's mappings of segment files (of these holders' pids, if given)."""
+    found = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 5 and fields[5].startswith("/dev/shm/aiodagger-shm-"):
+                if pids is None or any(fields[5].startswith(f"/dev/shm/aiodagger-shm-{p}-") for p in pids):
+                    found.append(fields[5])
+    return found
+
+
+async def test_the_caller_lets_go_of_its_mappings_when_the_cluster_closes():
+    async with dagger.Cluster(processes=1) as cluster:
+        (w1,) = cluster.workers[1:]
+        a = on(w1.id).spawn(make, BIG, 2.0)
+        assert float((await asyncio.wait_for(a, 30)).sum()) == 2.0 * BIG
+        del a
+        gc.collect()
+        assert shm_mappings([w1.pid])  # kept, idle, for the next value written there
+    assert shm_mappings([w1.pid]) == []  # its file is gone with the worker: so is the mapping
+
+
+async def test_a_process_under_a_memory_limit_keeps_no_idle_mapping():
+    segments = shared.Segments("limited")
+    shared.keep_mappings(False)
+    try:
+        payload, buffers = serialize.dumps(np.full(BIG, 1.0))
+        path, _ = await segments.offer(1, payload, list(buffers))
+        value = shared.load(path)
+        assert float(value.sum()) == BIG and shm_mappings([os.getpid()])
+        del value
+        gc.collect()
+        assert shm_mappings([os.getpid()]) == []  # its RSS would count against the limit
+    finally:
+        shared.keep_mappings(True)
+        segments.close()
+
+
 def hold(a: np.ndarray) -> int:
     """Keep ``a`` alive in this worker process; its data's address."""
     sys.modules["builtins"].__dict__.setdefault("_aiodagger_test_held", []).append(a)

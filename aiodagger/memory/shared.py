@@ -48,8 +48,8 @@ from typing import Any
 from ..comm import serialize
 from . import spilldir, spillfile
 
-__all__ = ["EAGER_BYTES", "ENV", "FREE_BYTES", "FREE_SECONDS", "MIN_BYTES", "SHM_DIR", "Segments", "drop_idle",
-           "host_key", "load", "remove_stale"]
+__all__ = ["EAGER_BYTES", "ENV", "FREE_BYTES", "FREE_SECONDS", "MIN_BYTES", "SHM_DIR", "Segments", "drop_gone",
+           "drop_idle", "host_key", "keep_mappings", "load", "remove_stale"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,20 @@ def load(path: str) -> Any:
     if os.path.isabs(path) is False or not _SEGMENT_RE.match(relative):
         raise ValueError(f"{path!r} is not a shared segment of this machine")
     return _MAPPINGS.load(path)
+
+
+def keep_mappings(keep: bool) -> None:
+    """Whether this process keeps its idle mappings of segments (see _Mappings). A
+    process under a memory limit does not: a kept mapping's pages count in its RSS, which
+    the limit counts, though the memory is the holder's."""
+    _MAPPINGS.keep = keep
+    if not keep:
+        _MAPPINGS.drop_idle()
+
+
+def drop_gone() -> None:
+    """Let go at once of idle mappings whose file is gone (a cluster's workers stopped)."""
+    _MAPPINGS.sweep()
 
 
 def drop_idle() -> int:
@@ -212,6 +226,7 @@ class _Mappings:
         self._lock = threading.RLock()
         self._kept: dict[tuple[int, int], _Mapping] = {}
         self._sweeping: threading.Timer | None = None
+        self.keep = True
 
     def load(self, path: str) -> Any:
         import numpy as np
@@ -268,7 +283,8 @@ class _Mappings:
             if mapping.uses:
                 return
             kept = self._kept.get(mapping.ident) is mapping
-            if not kept or len(self._kept) > KEPT_MAPPINGS or mapping.gone() or mapping.written_here():
+            if (not kept or not self.keep or len(self._kept) > KEPT_MAPPINGS or mapping.gone()
+                    or mapping.written_here()):
                 if kept:
                     del self._kept[mapping.ident]
                 mapping.close()
@@ -277,15 +293,20 @@ class _Mappings:
                 self._sweeping.daemon = True
                 self._sweeping.start()
 
-    def _sweep(self) -> None:
+    def sweep(self) -> None:
         """Let go of idle mappings of files their holders removed (the pages live as long
-        as a mapping does); again later while any is kept."""
+        as a mapping does)."""
         with self._lock:
-            self._sweeping = None
             for ident, mapping in list(self._kept.items()):
                 if not mapping.uses and mapping.gone():
                     del self._kept[ident]
                     mapping.close()
+
+    def _sweep(self) -> None:
+        """sweep(), and again later while any mapping is kept."""
+        with self._lock:
+            self._sweeping = None
+            self.sweep()
             if self._kept:
                 self._sweeping = threading.Timer(SWEEP_SECONDS, self._sweep)
                 self._sweeping.daemon = True

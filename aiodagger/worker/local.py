@@ -28,7 +28,7 @@ from .._bridge import Wakeup
 from ..gpu.discovery import GpuSpec, choose, missing_reason, pick_gpu
 from ..gpu.streams import readiness
 from ..interfaces import WorkerStatus
-from ..memory import ChunkStore, SpillCorruptedError, admit
+from ..memory import ChunkStore, SpillCorruptedError, admit, shared
 from ..placed import Ref
 from ..task import NOWHERE, REMOTE, DTask
 from .aio import AsyncProc
@@ -103,6 +103,7 @@ class LocalWorker:
     async def start_store(self) -> None:
         """Open the store (with a memory limit); before the first task."""
         if self.memory_limit is not None and self.store is None:
+            shared.keep_mappings(False)  # the limit counts this process's RSS
             store = ChunkStore(self.memory_limit, self.spill_dir, worker_name="w0",
                                device_limit=self._gpu_memory_limit)
             await store.start()

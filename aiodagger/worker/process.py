@@ -127,6 +127,8 @@ class WorkerProcess:
         # this machine's /dev/shm to holders we ask ("" : not used).
         self._segments = shared.Segments(
             name, shared.FREE_BYTES if memory_limit is None else min(shared.FREE_BYTES, memory_limit // 8))
+        if memory_limit is not None:
+            shared.keep_mappings(False)  # the limit counts this process's RSS
         self._shm_key = shared.host_key()
         # Set once a reader on this machine took a value through a segment, where there
         # is no memory limit (a segment is RAM the store does not count): from then on,
