@@ -340,6 +340,17 @@ async def test_the_caller_lets_go_of_its_mappings_when_the_cluster_closes():
 
 async def test_a_process_under_a_memory_limit_keeps_no_idle_mapping():
     segments = shared.Segments("limited")
+    async with dagger.Cluster(memory_limit="1GiB"):  # on worker 0, this process
+        payload, buffers = serialize.dumps(np.full(BIG, 1.0))
+        path, _ = await segments.offer(1, payload, list(buffers))
+        value = shared.load(path)
+        del value
+        gc.collect()
+        assert shm_mappings([os.getpid()]) == []
+    value = shared.load(path)  # the limit ended with its cluster
+    del value
+    gc.collect()
+    assert shm_mappings([os.getpid()])
     shared.keep_mappings(False)
     try:
         payload, buffers = serialize.dumps(np.full(BIG, 1.0))

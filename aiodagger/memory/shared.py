@@ -123,12 +123,13 @@ def load(path: str) -> Any:
 
 
 def keep_mappings(keep: bool) -> None:
-    """Whether this process keeps its idle mappings of segments (see _Mappings). A
-    process under a memory limit does not: a kept mapping's pages count in its RSS, which
-    the limit counts, though the memory is the holder's."""
-    _MAPPINGS.keep = keep
-    if not keep:
-        _MAPPINGS.drop_idle()
+    """A memory limit on this process begins (False) or ends (True): while any does, the
+    process keeps no idle mapping of a segment (see _Mappings): a kept mapping's pages
+    count in its RSS, which the limit counts, though the memory is the holder's."""
+    with _MAPPINGS._lock:
+        _MAPPINGS.limits += -1 if keep else 1
+        if not keep:
+            _MAPPINGS.drop_idle()
 
 
 def drop_gone() -> None:
@@ -226,7 +227,7 @@ class _Mappings:
         self._lock = threading.RLock()
         self._kept: dict[tuple[int, int], _Mapping] = {}
         self._sweeping: threading.Timer | None = None
-        self.keep = True
+        self.limits = 0  # memory limits on this process now (keep_mappings)
 
     def load(self, path: str) -> Any:
         import numpy as np
@@ -283,7 +284,7 @@ class _Mappings:
             if mapping.uses:
                 return
             kept = self._kept.get(mapping.ident) is mapping
-            if (not kept or not self.keep or len(self._kept) > KEPT_MAPPINGS or mapping.gone()
+            if (not kept or self.limits or len(self._kept) > KEPT_MAPPINGS or mapping.gone()
                     or mapping.written_here()):
                 if kept:
                     del self._kept[mapping.ident]

@@ -103,11 +103,11 @@ class LocalWorker:
     async def start_store(self) -> None:
         """Open the store (with a memory limit); before the first task."""
         if self.memory_limit is not None and self.store is None:
-            shared.keep_mappings(False)  # the limit counts this process's RSS
             store = ChunkStore(self.memory_limit, self.spill_dir, worker_name="w0",
                                device_limit=self._gpu_memory_limit)
             await store.start()
             self.store = store
+            shared.keep_mappings(False)  # the limit counts this process's RSS, until close
 
     async def close(self, timeout: float) -> bool:
         """Stop both processors, then the store; False if some thread was still in user
@@ -119,7 +119,10 @@ class LocalWorker:
         for gpu in (self._gpu_procs or {}).values():
             clean = await gpu.close(max(0.0, deadline - self.loop.time())) and clean
         if self.store is not None:
-            await self.store.close()
+            try:
+                await self.store.close()
+            finally:
+                shared.keep_mappings(True)  # this limit ends
         self.status = WorkerStatus.CLOSED
         return clean
 
