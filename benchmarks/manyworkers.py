@@ -69,6 +69,14 @@ async def _simulate(address: str, token: str, n: int) -> None:
             except ConnectionError:
                 pass
 
+        def run_plain(msg: P.RunPlain, buffers: list[Any]) -> None:
+            done = [P.Finished(key, attempt, "ok", len(RESULT), 0.0, 0.0, 1, [])
+                    for key, attempt in zip(msg.keys, msg.attempts, strict=True)]
+            try:
+                box[0].send_nowait(P.Done(done, P.Memory(0, 0, 0, 0)), [RESULT] * len(done))
+            except ConnectionError:
+                pass
+
         def heartbeat(msg: P.Heartbeat, buffers: list[Any]) -> None:
             try:
                 box[0].send_nowait(P.Heartbeat({}))
@@ -81,7 +89,7 @@ async def _simulate(address: str, token: str, n: int) -> None:
         def stats(msg: P.Stats, buffers: list[Any]) -> tuple[P.StatsReply, list[Any]]:
             return P.StatsReply({}), []
 
-        return {P.Run: run, P.Heartbeat: heartbeat, P.Stats: stats, P.Functions: ignore, P.Values: ignore,
+        return {P.Run: run, P.RunPlain: run_plain, P.Heartbeat: heartbeat, P.Stats: stats, P.Functions: ignore, P.Values: ignore,
                 P.Release: ignore, P.Cancel: ignore, P.Listen: ignore, P.Shutdown: ignore}
 
     for i in range(n):

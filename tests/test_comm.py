@@ -276,7 +276,7 @@ async def test_server_proves_nothing_before_the_client_has():
         comm = await open_comm("127.0.0.1", listener.port)
         comm.send_nowait(_hello())
         challenge, _ = await asyncio.wait_for(comm.recv(), 5)
-        assert challenge["op"] == "challenge" and challenge["version"] == PROTOCOL_VERSION == 8
+        assert challenge["op"] == "challenge" and challenge["version"] == PROTOCOL_VERSION == 9
         assert set(challenge) == {"op", "version", "nonce", "salt"}
         comm.send_nowait({"op": "auth", "proof": secrets.token_bytes(32)})
         refused, _ = await asyncio.wait_for(comm.recv(), 5)
@@ -366,7 +366,7 @@ async def test_a_client_of_protocol_version_2_is_refused():
         comm = await open_comm("127.0.0.1", listener.port)
         comm.send_nowait(_hello(version=2))
         refused, _ = await asyncio.wait_for(comm.recv(), 5)
-        assert refused["op"] == "refused" and "protocol version 8 required" in refused["reason"]
+        assert refused["op"] == "refused" and "protocol version 9 required" in refused["reason"]
         comm.close()
     finally:
         await listener.close()

@@ -122,6 +122,72 @@ async def test_tiny_builtin_results_are_kept_by_the_scheduler_only(procs):
     assert await asyncio.wait_for(on(w2).spawn(len, big), 30) == 4096
 
 
+def echo(*args, **kwargs):
+    return args[0] if len(args) == 1 and not kwargs else (args, kwargs)
+
+
+def fails(x):
+    raise ValueError(f"no {x}")
+
+
+async def test_tiny_tasks_and_their_small_results_travel_in_columns(procs, monkeypatch):
+    """A thread task without inputs whose arguments are all small builtins goes to its
+    worker in a RunPlain (its columns, all the batch's arguments in one pickle), and a
+    small builtin result comes back in a DoneValues; everything else in the same burst
+    keeps a record of its own. Every value arrives intact either way."""
+    from aiodagger.comm import protocol as P
+
+    sent: dict[type, int] = {}
+    received: dict[type, int] = {}
+    send_nowait, send, decode = P.Endpoint.send_nowait, P.Endpoint.send, P.decode
+
+    def count(msg):
+        n = len(msg.keys) if type(msg) is P.RunPlain else len(msg.tasks) if type(msg) is P.Run else 1
+        sent[type(msg)] = sent.get(type(msg), 0) + n
+
+    def counting_send(self, msg, buffers=()):
+        count(msg)
+        return send_nowait(self, msg, buffers)
+
+    async def counting_send_async(self, msg, buffers=()):
+        count(msg)
+        return await send(self, msg, buffers)
+
+    def counting_decode(header, nbuffers, cls=None):
+        msg = decode(header, nbuffers, cls)
+        n = len(msg.keys) if type(msg) is P.DoneValues else len(msg.results) if type(msg) is P.Done else 1
+        received[type(msg)] = received.get(type(msg), 0) + n
+        return msg
+
+    monkeypatch.setattr(P.Endpoint, "send_nowait", counting_send)
+    monkeypatch.setattr(P.Endpoint, "send", counting_send_async)
+    monkeypatch.setattr(P, "decode", counting_decode)
+    remote = dagger.scope(worker=1)
+    plain_args = [(i,) for i in range(300)] + [
+        (-(2**63),), (2**64 - 1,), (2.5,), (None,), (True,), (1 + 2j,), ("é" * 256,), (b"\x00" * 256,), ()]
+    other_args = [(2**64,), ("x" * 257,), ((1, 2),), ([3],)]
+    plain = [dagger.options(scope=remote).spawn(echo, *a) for a in plain_args]
+    urgent = dagger.options(scope=remote, priority=5).spawn(echo, 7)
+    other = [dagger.options(scope=remote).spawn(echo, *a) for a in other_args]
+    keyword = dagger.options(scope=remote).spawn(echo, 1, k=2)
+    big = dagger.options(scope=remote).spawn(text, 4096)  # a result that stays on its worker
+    failed = dagger.options(scope=remote).spawn(fails, 3)
+    got = await asyncio.wait_for(dagger.gather(*plain, urgent, *other, keyword, big), 60)
+    assert got == [a[0] if len(a) == 1 else ((), {}) for a in plain_args] + [7] + [
+        a[0] for a in other_args] + [((1,), {"k": 2}), "x" * 4096]
+    with pytest.raises(ValueError, match="no 3"):
+        await asyncio.wait_for(failed, 30)
+    in_columns = len(plain) + 1 + 1 + 1  # with the urgent one, the one with a text arg, the failing one
+    assert sent.get(P.RunPlain, 0) == in_columns
+    assert sent.get(P.Run, 0) == len(other) + 1
+    # small results in columns: all the plain ones but the empty call's tuple; the
+    # others' (a 2**64 int, long texts, a tuple, a list, the keyword call's pair) and
+    # the error with records of their own
+    assert received.get(P.DoneValues, 0) == len(plain) - 1 + 1 + 0
+    assert received.get(P.Done, 0) == len(other) + 1 + 1 + 1 + 1
+    assert plain[0]._where == set() and big._where == {1}
+
+
 async def test_dependencies_and_async_tasks_across_workers(procs):
     async def aplus(x, y):
         await asyncio.sleep(0)

@@ -47,6 +47,8 @@ class FakeWorker:
             P.Functions: lambda msg, buffers: None,
             P.Values: lambda msg, buffers: None,
             P.Run: lambda msg, buffers: self.runs.put_nowait(msg),
+            # tiny tasks come in columns: seen here as the records they stand for
+            P.RunPlain: lambda msg, buffers: self.runs.put_nowait(P.plain_as_run(msg, buffers)[0]),
             P.Heartbeat: lambda msg, buffers: None,
             P.Release: lambda msg, buffers: None,
             P.Cancel: lambda msg, buffers: None,
@@ -139,6 +141,27 @@ async def test_a_completion_of_another_attempt_is_not_applied(cluster, fake):
     assert await asyncio.wait_for(task, WAIT) == 42
 
 
+async def test_values_in_columns_finish_their_tasks_or_fail_them_clearly(cluster, fake):
+    """A DoneValues of another attempt is ignored, the right one finishes its task; one
+    whose values do not match its keys fails those tasks saying so, never with a wrong
+    value."""
+    task, record = await placed_on(fake)
+    memory = P.Memory(0, 0, 0, 0)
+    fake.endpoint.send_nowait(P.DoneValues([record.key], [record.attempt + 1], [0.0], [0.0], memory),
+                              [P.dumps_plain([41])])
+    await asyncio.sleep(0.2)
+    assert not task.done()
+    fake.endpoint.send_nowait(P.DoneValues([record.key], [record.attempt], [0.0], [0.5], memory),
+                              [P.dumps_plain([42])])
+    assert await asyncio.wait_for(task, WAIT) == 42
+    task, record = await placed_on(fake)
+    fake.endpoint.send_nowait(P.DoneValues([record.key], [record.attempt], [0.0], [0.0], memory),
+                              [P.dumps_plain([1, 2])])
+    with pytest.raises(ValueError, match="1 values announced, 2 sent"):
+        await asyncio.wait_for(task, WAIT)
+    assert [w.id for w in cluster.workers] == [0, fake.id]
+
+
 async def test_registering_twice_on_one_connection_is_refused(cluster, fake):
     """A second register on a connection is a ProtocolError: one connection, one worker."""
     fake.send_raw({"op": "register", "req": 99,
@@ -192,7 +215,8 @@ async def test_an_input_nobody_can_reach_fails_its_task_after_bounded_tries():
                     P.Memory(0, 0, 0, 0)))
 
         await fake.connect()
-        fake.endpoint.handlers = {**fake.endpoint.handlers, P.Run: answer}
+        fake.endpoint.handlers = {**fake.endpoint.handlers, P.Run: answer,
+                                  P.RunPlain: lambda msg, buffers: answer(*P.plain_as_run(msg, buffers))}
         try:
             source = dagger.options(scope=dagger.scope(worker=fake.id)).spawn(double, 1)
             user = dagger.options(scope=dagger.scope(worker=real)).spawn(_checksum, source)

@@ -44,8 +44,10 @@ __all__ = ["HANDSHAKE_TIMEOUT", "PROTOCOL_VERSION", "ServerKey", "client_handsha
 
 # 2: the messages of comm/protocol.py; 3: the client proves first; 4: RunTask.files;
 # 5: get with the asker's shm key, items with shared segments; RunTask.waits and
-# .priority (tasks sent ahead of their inputs), status "dropped"
-PROTOCOL_VERSION = 8
+# .priority (tasks sent ahead of their inputs), status "dropped"; 6: Register.gpus; 7:
+# attach, publish, lookup (clients); 8: status "value";
+# 9: run-plain and done-values (tiny tasks and their small results, in columns)
+PROTOCOL_VERSION = 9
 # The whole handshake, from the first byte: a peer that has not proved itself by then
 # holds one of the listener's few pending slots for nothing.
 HANDSHAKE_TIMEOUT = 5.0

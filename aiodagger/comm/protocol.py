@@ -49,6 +49,16 @@ op                 direction             fields (records in CamelCase)
                                          size, start, seconds, nparts, missing
                                          [Missing(key, holders)]; memory: Memory(used, spilled_bytes,
                                          spill_errors, running), current as of this batch
+``run-plain``      scheduler -> worker   keys, fns, names, which, attempts, priorities:
+                                         thread tasks without inputs whose arguments
+                                         are small builtins, in columns (task i runs
+                                         ``fns[which[i]]``, named ``names[which[i]]``);
+                                         one part, the pickled list of their argument
+                                         tuples
+``done-values``    worker -> scheduler   keys, attempts, starts, seconds, memory: runs
+                                         that ended with a small builtin value the
+                                         worker did not keep, in columns; one part,
+                                         the pickled list of the values
 ``holding``        worker -> scheduler   keys this worker fetched or was handed, and holds
 ``cancel``         scheduler -> worker   ids of tasks to cancel
 ``release``        scheduler -> worker   keys whose results nobody needs any more
@@ -118,7 +128,9 @@ would share every entry the scheduler keeps by id).
 
 A batch of records for one peer (tasks placed in one loop iteration, completions of
 one iteration) goes through :class:`Batch`, the one place where a batch is split into
-frames that stay within the frame's limits.
+frames that stay within the frame's limits; :class:`PlainRuns` and :class:`PlainValues`
+make the column messages, at most PLAIN_RECORDS tasks and about PLAIN_BYTES of pickled
+values each.
 """
 
 from __future__ import annotations
@@ -142,25 +154,27 @@ from .serialize import (
     dumps,
     dumps_args,
     dumps_error,
+    dumps_plain,
     loads,
     loads_args,
     loads_error,
+    small_size,
 )
 
 __all__ = [
-    "Ack", "Answer", "Attach", "Batch", "Cancel", "CancelSpawned", "Dep", "Done", "Endpoint", "Finished",
+    "Ack", "Answer", "Attach", "Batch", "Cancel", "CancelSpawned", "Dep", "Done", "DoneValues", "Endpoint", "Finished",
     "Blocked", "Forget", "Found", "FunctionDef", "Functions", "Get", "Heartbeat", "Holder", "Holding",
     "ID_SPACE", "Item", "Items", "Lookup", "Memory", "Missing", "Oversized", "Publish", "Put", "Register", "Registered",
     "Release", "Replicate",
-    "Run", "RunTask", "Shutdown", "Spawn", "SpawnTask", "Stats", "StatsReply", "StreamAck",
+    "PLAIN_RECORDS", "PLAIN_BYTES", "PlainRuns", "PlainValues", "plain_as_run", "Run", "RunPlain", "RunTask", "Shutdown", "Spawn", "SpawnTask", "Stats", "StatsReply", "StreamAck",
     "StreamCredit", "StreamEnd", "StreamItems", "StreamOpen", "TaskDone", "ValueDef", "Values", "decode", "decode_record", "encode", "message_types", "split_parts",
     # values that come through /dev/shm instead of a frame (memory/shared.py): what
     # names this machine's /dev/shm in a get, and reading a reply's shared segment
     "load_shared", "shm_key",
     # the one serializer (comm/serialize.py), for the payloads messages carry
     "BATCH_BYTES", "BATCH_RECORDS", "DEFAULT_MAX_FRAME", "MAX_BUFFERS", "MAX_OUT_OF_BAND", "PLAIN_TYPES", "ProtocolError",
-    "Comm", "FunctionCache", "dumps", "dumps_args", "dumps_error", "loads", "loads_args",
-    "loads_error",
+    "Comm", "FunctionCache", "dumps", "dumps_args", "dumps_error", "dumps_plain", "loads", "loads_args",
+    "loads_error", "small_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -517,6 +531,31 @@ class Done(NamedTuple):
     memory: Memory
 
 
+@message("run-plain", IDS, [BYTES], [STR], [COUNT], [COUNT], IDS, buffers=lambda m: 1)
+class RunPlain(NamedTuple):
+    """Thread tasks without inputs whose arguments are small builtins
+    (serialize.small_size), in columns: W4's tiny tasks without a record, a pickle and
+    a buffer each. One buffer: the pickled list of the tasks' argument tuples, in order."""
+    keys: list[int]
+    fns: list[bytes]       # function hashes, one per (function, name) pair of the batch
+    names: list[str]       # the tasks' names, aligned with fns
+    which: list[int]       # for each task, its entry in fns and names
+    attempts: list[int]
+    priorities: list[int]
+
+
+@message("done-values", IDS, [COUNT], [FLOAT], [FLOAT], Memory, buffers=lambda m: 1)
+class DoneValues(NamedTuple):
+    """Runs that ended with a small builtin value (serialize.small_size) that the worker
+    did not keep, in columns; as a Finished of status "value" each. One buffer: the
+    pickled list of the values, in order."""
+    keys: list[int]
+    attempts: list[int]
+    starts: list[float]    # perf_counter on the worker
+    seconds: list[float]
+    memory: Memory
+
+
 @message("holding", IDS)
 class Holding(NamedTuple):
     keys: list[int]
@@ -729,6 +768,22 @@ def _check_values(msg: Any) -> None:
             if t.waits and (t.key in t.waits or not set(t.waits) <= set(t.inputs)):
                 raise ProtocolError(f"malformed RunTask: task {t.key} waits for {t.waits!r}, which are "
                                     f"not all among its inputs {t.inputs!r} (or include itself)")
+    elif type(msg) is RunPlain:
+        n = len(msg.keys)
+        groups = len(msg.fns)
+        if len(msg.which) != n or len(msg.attempts) != n or len(msg.priorities) != n or \
+                len(msg.names) != groups:
+            raise ProtocolError(f"malformed RunPlain: columns of unequal lengths ({n} keys)")
+        if any(i >= groups for i in msg.which):
+            raise ProtocolError(f"malformed RunPlain: a task names a function past the {groups} sent")
+    elif type(msg) is DoneValues:
+        n = len(msg.keys)
+        if len(msg.attempts) != n or len(msg.starts) != n or len(msg.seconds) != n:
+            raise ProtocolError(f"malformed DoneValues: columns of unequal lengths ({n} keys)")
+        for start, seconds in zip(msg.starts, msg.seconds, strict=True):
+            if not (0.0 <= seconds < _INF and -_INF < start < _INF):
+                raise ProtocolError(f"malformed DoneValues: a run that started at {start!r} and "
+                                    f"took {seconds!r} s (times are finite, durations >= 0)")
     elif type(msg) is Spawn:
         for s in msg.tasks:
             if s.nparts < 3:
@@ -834,6 +889,121 @@ class Batch:
             self._seal()
         frames, self._frames = self._frames, []
         return [(self._build(records), buffers) for records, buffers in frames]
+
+
+# A RunPlain or DoneValues message takes at most this many tasks and about this many
+# bytes of pickled arguments or values (serialize.small_size): well inside the smallest
+# frame a connection may take (MIN_MAX_FRAME, 1 MiB), header included.
+PLAIN_RECORDS = 4096
+PLAIN_BYTES = 256 << 10
+
+
+class PlainRuns:
+    """RunPlain messages in the making, for one worker: ``add`` a task, ``take`` the
+    messages with their buffer (the arguments are pickled then, all in one call)."""
+
+    __slots__ = ("_args", "_attempts", "_bytes", "_fns", "_groups", "_keys", "_names",
+                 "_priorities", "_sealed", "_which")
+
+    def __init__(self) -> None:
+        self._sealed: list[tuple[Any, list[Any]]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self._groups: dict[tuple[bytes, str], int] = {}
+        self._fns: list[bytes] = []
+        self._names: list[str] = []
+        self._keys: list[int] = []
+        self._which: list[int] = []
+        self._attempts: list[int] = []
+        self._priorities: list[int] = []
+        self._args: list[tuple[Any, ...]] = []
+        self._bytes = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._keys or self._sealed)
+
+    def add(self, key: int, fn_hash: bytes, name: str, attempt: int, priority: int,
+            args: tuple[Any, ...], size: int) -> None:
+        if self._keys and (len(self._keys) >= PLAIN_RECORDS or self._bytes + size > PLAIN_BYTES):
+            self._seal()
+        group = self._groups.get((fn_hash, name))
+        if group is None:
+            group = self._groups[fn_hash, name] = len(self._fns)
+            self._fns.append(fn_hash)
+            self._names.append(name)
+        self._keys.append(key)
+        self._which.append(group)
+        self._attempts.append(attempt)
+        self._priorities.append(priority)
+        self._args.append(args)
+        self._bytes += size
+
+    def _seal(self) -> None:
+        self._sealed.append((RunPlain(self._keys, self._fns, self._names, self._which,
+                                      self._attempts, self._priorities), [dumps_plain(self._args)]))
+        self._reset()
+
+    def take(self) -> list[tuple[Any, list[Any]]]:
+        if self._keys:
+            self._seal()
+        sealed, self._sealed = self._sealed, []
+        return sealed
+
+
+def plain_as_run(msg: RunPlain, buffers: Sequence[Any]) -> tuple[Run, list[Any]]:
+    """A RunPlain as the Run it stands for, with that Run's buffers (one per task)."""
+    records, parts = [], []
+    for key, which, attempt, priority, args in zip(msg.keys, msg.which, msg.attempts, msg.priorities,
+                                                   loads(buffers[0]), strict=True):
+        records.append(RunTask(key, msg.names[which], msg.fns[which], "thread", attempt, 1, [],
+                               False, False, [], False, [], priority))
+        parts.append(dumps_plain((args, {})))
+    return Run(records), parts
+
+
+class PlainValues:
+    """DoneValues messages in the making, for a worker's scheduler: ``add`` a run's end,
+    ``take`` the messages (the values pickled then, in one call)."""
+
+    __slots__ = ("_attempts", "_bytes", "_keys", "_sealed", "_seconds", "_starts", "_values")
+
+    def __init__(self) -> None:
+        self._sealed: list[tuple[list[int], list[int], list[float], list[float], list[Any]]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self._keys: list[int] = []
+        self._attempts: list[int] = []
+        self._starts: list[float] = []
+        self._seconds: list[float] = []
+        self._values: list[Any] = []
+        self._bytes = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._keys or self._sealed)
+
+    def add(self, key: int, attempt: int, start: float, seconds: float, value: Any, size: int) -> None:
+        if self._keys and (len(self._keys) >= PLAIN_RECORDS or self._bytes + size > PLAIN_BYTES):
+            self._seal()
+        self._keys.append(key)
+        self._attempts.append(attempt)
+        self._starts.append(start)
+        self._seconds.append(seconds)
+        self._values.append(value)
+        self._bytes += size
+
+    def _seal(self) -> None:
+        self._sealed.append((self._keys, self._attempts, self._starts, self._seconds, self._values))
+        self._reset()
+
+    def take(self, memory: Memory) -> list[tuple[Any, list[Any]]]:
+        """The messages so far, each with ``memory``, the worker's counters now."""
+        if self._keys:
+            self._seal()
+        sealed, self._sealed = self._sealed, []
+        return [(DoneValues(keys, attempts, starts, seconds, memory), [dumps_plain(values)])
+                for keys, attempts, starts, seconds, values in sealed]
 
 
 # -- a connection that speaks the protocol ---------------------------------------------

@@ -39,9 +39,11 @@ __all__ = [
     "dumps",
     "dumps_args",
     "dumps_error",
+    "dumps_plain",
     "loads",
     "loads_args",
     "loads_error",
+    "small_size",
     "trust_main",
 ]
 
@@ -140,6 +142,26 @@ def _dump(pickler_cls: type, obj: Any, chunks: list[Any] | None = None) -> tuple
 # where dumps_args was 13 % of the scheduler's process).
 _PLAIN = frozenset((int, float, str, bytes, bool, type(None), complex))
 PLAIN_TYPES = _PLAIN  # values any process can unpickle: builtins only
+# What one value may take to travel in a column batch (protocol.RunPlain, DoneValues):
+# many go in one pickle, so each must be small, and its size is known without pickling.
+SMALL_BYTES = 256
+_FIXED = frozenset((float, bool, type(None), complex))
+
+
+def small_size(value: Any) -> int:
+    """About what ``value`` takes pickled if it is a small builtin (an int of 64 bits or
+    fewer, a float, a str or bytes of SMALL_BYTES or fewer...); -1 if it is not one."""
+    t = type(value)
+    if t is int:
+        return 9 if value.bit_length() <= 64 else -1
+    if t in _FIXED:
+        return 17
+    if t is str or t is bytes:
+        n = len(value)
+        if n > SMALL_BYTES:
+            return -1
+        return (n << 2 if t is str else n) + 5  # a str's UTF-8: up to 4 bytes a character
+    return -1
 
 
 def dumps_args(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -248,6 +270,12 @@ def dumps(value: Any) -> tuple[bytes, Buffers]:
         collect = _Collector()
         payload = cloudpickle.dumps(value, protocol=5, buffer_callback=collect)
     return payload, collect.views()
+
+
+def dumps_plain(values: Any) -> bytes:
+    """Pickle a list of small builtins (see small_size), or of tuples of them: the
+    columns of RunPlain and DoneValues, one call for a whole batch."""
+    return pickle.dumps(values, 5)
 
 
 def loads(payload: Any, buffers: Any = ()) -> Any:

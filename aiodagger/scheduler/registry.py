@@ -71,6 +71,9 @@ MAX_AHEAD = 512
 # Frames of this size or less are written at once (send_now): a graph spawned in one
 # go starts on the workers while the rest of it is being spawned.
 SEND_NOW_BYTES = 256 << 10
+# A task's arguments, pickled, past which it is sent with a record of its own, not in
+# a RunPlain batch (whose arguments are pickled in one call, ~P.PLAIN_BYTES a message).
+PLAIN_TASK_BYTES = 16 << 10
 
 
 class ProcView:
@@ -138,6 +141,7 @@ class RemoteWorker:
         self.function_defs = P.Batch(P.Functions, max_frame)
         self.value_defs = P.Batch(P.Values, max_frame)
         self.runs = P.Batch(P.Run, max_frame)
+        self.plain = P.PlainRuns()
         # One batch's frames go out before the next batch's: a task's "run" must not
         # overtake the "values" frame carrying its input.
         self.sending = asyncio.Lock()
@@ -173,6 +177,10 @@ def _load_error(payload: Any, task: DTask[Any]) -> BaseException:
     except Exception as exc:  # noqa: BLE001 - e.g. the exception's class is not importable here
         return RuntimeError(f"{task._describe()} failed on a worker with an error that cannot be "
                             f"loaded in this process: {exc}")
+
+
+def _brief_len(values: Any) -> str:
+    return str(len(values)) if type(values) is list else f"a {type(values).__name__}"
 
 
 def _load(worker: RemoteWorker) -> float:
@@ -293,6 +301,7 @@ class WorkerRegistry:
         """What a registered worker may send, and who handles it."""
         return {
             P.Done: functools.partial(self._on_done, worker),
+            P.DoneValues: functools.partial(self._on_done_values, worker),
             P.Holding: functools.partial(self._on_holding, worker),
             P.Heartbeat: functools.partial(self._on_heartbeat, worker),
             P.Events: functools.partial(self._on_events, worker),
@@ -607,13 +616,30 @@ class WorkerRegistry:
         (send_ahead), which the worker waits for before it starts the task."""
         assert task._fn is not None and task._args is not None and task._kwargs is not None
         fn_hash, fn_bytes = self.fn_cache.get(task._fn)
+        opts = task._opts
+        if (task._deps is None and waits is None and task._resolve is False and task._kind == "thread"
+                and not task._kwargs and opts.restore is None and opts.checkpoint is None):
+            # Most tiny tasks: their columns in the worker's RunPlain (no record, pickle
+            # or buffer of their own) if every argument is a small builtin.
+            size = 0
+            for value in task._args:
+                n = P.small_size(value)
+                if n < 0:
+                    break
+                size += n
+            else:
+                if size <= PLAIN_TASK_BYTES:
+                    self._define(worker, task, fn_hash, fn_bytes)
+                    worker.plain.add(task.id, fn_hash, task.name, task._attempts, opts.priority,
+                                     task._args, size)
+                    self._dispatched(task, worker, None)
+                    return
         resolve = task._resolve
         if resolve is False or resolve is True:
             refs, files = resolve, False
         else:  # an int of flags: a File is among the arguments
             refs, files = bool(resolve & DEPS), True
         payload, parts, chunks = P.dumps_args(task.name, task._args, task._kwargs, refs)
-        opts = task._opts
         if opts.restore is not None or opts.checkpoint is not None:
             try:
                 sent: list[Any] = [cloudpickle.dumps((opts.restore, opts.checkpoint)), payload, *parts]
@@ -630,12 +656,7 @@ class WorkerRegistry:
             size += len(part) if type(part) is bytes else part.nbytes
         if size > limit:
             raise FrameTooLargeError.of(f"the arguments of {task._describe()}", size, limit)
-        if fn_hash not in worker.functions:
-            if len(fn_bytes) > limit:
-                raise FrameTooLargeError.of(f"the function of {task._describe()}, pickled,",
-                                            len(fn_bytes), limit)
-            worker.functions.add(fn_hash)
-            worker.function_defs.add(P.FunctionDef(fn_hash), (fn_bytes,))
+        self._define(worker, task, fn_hash, fn_bytes)
         deps: list[P.Dep] = []
         inputs: list[int] = []
         if task._deps or chunks:  # most tiny tasks have no inputs: no lists to walk
@@ -658,6 +679,20 @@ class WorkerRegistry:
         worker.runs.add(P.RunTask(task.id, task.name, fn_hash, kind, task._attempts,
                                   len(sent), deps, callbacks, refs, inputs, files, waits or [],
                                   opts.priority), sent)
+        self._dispatched(task, worker, waits)
+
+    @staticmethod
+    def _define(worker: RemoteWorker, task: DTask[Any], fn_hash: bytes, fn_bytes: bytes) -> None:
+        """Send ``task``'s function to ``worker`` ahead of it, once."""
+        if fn_hash not in worker.functions:
+            if len(fn_bytes) > worker.max_frame:
+                raise FrameTooLargeError.of(f"the function of {task._describe()}, pickled,",
+                                            len(fn_bytes), worker.max_frame)
+            worker.functions.add(fn_hash)
+            worker.function_defs.add(P.FunctionDef(fn_hash), (fn_bytes,))
+
+    def _dispatched(self, task: DTask[Any], worker: RemoteWorker, waits: list[int] | None) -> None:
+        """``task``'s run is queued for ``worker``: count it there, and send soon."""
         task._est = est = self.sched.runtimes.get(task._fnkey)
         if waits:
             worker.ahead.add(task.id)
@@ -776,7 +811,8 @@ class WorkerRegistry:
     def _send(self) -> None:
         dirty, self._dirty = self._dirty, set()
         for worker in dirty:
-            frames = worker.function_defs.take() + worker.value_defs.take() + worker.runs.take()
+            frames = (worker.function_defs.take() + worker.value_defs.take() + worker.runs.take()
+                      + worker.plain.take())
             if frames and not self._sent_now(worker, frames):
                 asyncio.ensure_future(self._send_frames(worker, frames))
 
@@ -817,7 +853,9 @@ class WorkerRegistry:
                     except (ConnectionError, FrameTooLargeError):
                         raise
                     except Exception as exc:  # nothing was written: frames are encoded whole first
-                        if type(msg) is not P.Run:
+                        if type(msg) is P.RunPlain:
+                            msg, buffers = P.plain_as_run(msg, buffers)
+                        elif type(msg) is not P.Run:
                             raise
                         await self._send_one_by_one(worker, msg, buffers, exc)
         except ConnectionError as exc:
@@ -888,23 +926,9 @@ class WorkerRegistry:
             nparts = rec.nparts
             parts: Sequence[Any] = buffers[index:index + nparts] if nparts else ()
             index += nparts
-            if worker.ending:
-                est = worker.ending.pop((rec.key, rec.attempt), None)
-                if est is not None:  # a cancelled run is over: its thread is free again
-                    self._free_slot(worker, est)
-                    continue
-            task = worker.running.get(rec.key)
-            if task is None or task._attempts != rec.attempt:
-                continue  # cancelled, or a record of an attempt that is not the one running
-            del worker.running[rec.key]
-            if sched.book.held and sched.book.give_back(task, rec.attempt):
-                sched.resources_freed()
-            held = bool(worker.ahead) and rec.key in worker.ahead
-            if held:
-                worker.ahead.discard(rec.key)  # it took no slot
-            else:
-                self._account_done(worker, task)
-            task._handle = None
+            task, held = self._run_over(worker, rec.key, rec.attempt)
+            if task is None:
+                continue
             proc = worker.async_view if task._kind == "async" else worker.thread_view
             status = rec.status
             if status == "ok":
@@ -951,6 +975,59 @@ class WorkerRegistry:
         if worker.deferred and len(worker.ahead) < MAX_AHEAD:
             self._top_up(worker)
         sched.request_flush()
+
+    def _on_done_values(self, worker: RemoteWorker, msg: P.DoneValues, buffers: list[Any]) -> None:
+        """Runs that ended with a small builtin value, in columns: as Done's "value"
+        records, with one unpickling for all."""
+        sched = self.sched
+        worker.memory = msg.memory
+        self._freed.append(worker)
+        keys = msg.keys
+        try:
+            values = P.loads(buffers[0])
+            if type(values) is not list or len(values) != len(keys):
+                raise ValueError(f"{len(keys)} values announced, {_brief_len(values)} sent")
+            error = None
+        except Exception as exc:  # noqa: BLE001 - builtins only: a damaged message
+            values, error = None, exc
+        offset = worker.clock_offset
+        for i, key in enumerate(keys):
+            attempt = msg.attempts[i]
+            task, _ = self._run_over(worker, key, attempt)
+            if task is None:
+                continue
+            if task._where:
+                task._where.clear()
+            proc = worker.async_view if task._kind == "async" else worker.thread_view
+            ok = values is not None
+            sched.complete(task, attempt, ok, values[i] if values is not None else error,
+                           msg.starts[i] - offset, msg.seconds[i], proc)
+        if worker.deferred and len(worker.ahead) < MAX_AHEAD:
+            self._top_up(worker)
+        sched.request_flush()
+
+    def _run_over(self, worker: RemoteWorker, key: int, attempt: int) -> tuple[DTask[Any] | None, bool]:
+        """A run on ``worker`` ended: its task, if that run is the one that counts, and
+        whether it was held there (sent ahead); its slot and resources are free again."""
+        if worker.ending:
+            est = worker.ending.pop((key, attempt), None)
+            if est is not None:  # a cancelled run is over: its thread is free again
+                self._free_slot(worker, est)
+                return None, False
+        task = worker.running.get(key)
+        if task is None or task._attempts != attempt:
+            return None, False  # cancelled, or a record of an attempt that is not the one running
+        del worker.running[key]
+        book = self.sched.book
+        if book.held and book.give_back(task, attempt):
+            self.sched.resources_freed()
+        held = bool(worker.ahead) and key in worker.ahead
+        if held:
+            worker.ahead.discard(key)  # it took no slot
+        else:
+            self._account_done(worker, task)
+        task._handle = None
+        return task, held
 
     def _unhold(self, task: DTask[Any]) -> None:
         """A task that was held on a worker did not run there: back to waiting for its

@@ -70,6 +70,7 @@ TINY_RESULT = 1024
 
 
 _PLAIN = TaskOptions()
+_NO_KWARGS: dict[str, Any] = {}  # shared by the tasks of RunPlain: none takes keywords
 _NONE_WAITING = float("-inf")
 _streams_lock = threading.Lock()
 
@@ -120,7 +121,7 @@ class WorkerProcess:
         self.listening = False
         self._events: tuple[list[P.RunEvent], list[P.MoveEvent], list[P.StoreEvent]] = ([], [], [])
         self.worker_id = -1
-        self._early_runs: list[tuple[P.Run, list[Any]]] = []  # read before the id was taken
+        self._early_runs: list[tuple[P.Run | P.RunPlain, list[Any]]] = []  # read before the id was taken
         # Results and inputs by key (task id, or -chunk id), spilled to disk past the
         # memory limit. Running tasks pin what they read.
         # Values handed to readers on this machine through /dev/shm, and what names
@@ -162,6 +163,7 @@ class WorkerProcess:
         # FrameTooLargeError that makes the input unobtainable).
         self._fetching: dict[int, asyncio.Future[FrameTooLargeError | None]] = {}
         self._done = P.Batch(self._done_message, max_frame)
+        self._values = P.PlainValues()
         self._holding: list[int] = []
         self._flush_wakeup: Wakeup | None = None  # made with the loop, in run()
         self._stopping = False
@@ -245,6 +247,12 @@ class WorkerProcess:
         if task._cancelled:
             self._record(P.Finished(task.id, attempt, "cancelled", 0, start, seconds, 0, []))
             self._drop_held(task)
+            return
+        if ok and task._dependents is None and (size := P.small_size(value)) >= 0:
+            # A small builtin that nothing here waits for: kept by the scheduler only (see
+            # TINY_RESULT), sent with others in columns, all pickled in one call.
+            self._values.add(task.id, attempt, start, seconds, value, size)
+            self._schedule_flush()
             return
         if ok and "cupy" in sys.modules and is_device_array(value):
             # Stays on its device (a tier of the store, moved to host past the device
@@ -442,6 +450,8 @@ class WorkerProcess:
 
     def _flush_records(self) -> None:
         frames = self._done.take()
+        if self._values:  # after the records: an input's before its dependent's
+            frames += self._values.take(self._memory())
         holding, self._holding = self._holding, []
         endpoint = self.endpoint
         if endpoint is None or endpoint.closed:
@@ -551,6 +561,7 @@ class WorkerProcess:
             P.Functions: self._on_functions,
             P.Values: self._on_values,
             P.Run: self._on_run,
+            P.RunPlain: self._on_run_plain,
             P.Get: functools.partial(self._serve_get, self._scheduler_limit),
             P.Release: self._on_release,
             P.Cancel: self._on_cancel,
@@ -591,7 +602,10 @@ class WorkerProcess:
             self.worker_id = reply.worker_id
             early, self._early_runs = self._early_runs, []
             for msg, buffers in early:
-                self._on_run(msg, buffers)
+                if isinstance(msg, P.Run):
+                    self._on_run(msg, buffers)
+                else:
+                    self._on_run_plain(msg, buffers)
             self._backoff = 0.1
             logger.info("worker %s registered as worker %d", self.name, self.worker_id)
             await serving
@@ -777,12 +791,7 @@ class WorkerProcess:
             task._resolve = (FILES | refs) if files else refs
             self.running[key] = task
             try:
-                fn = self.functions.get(fn_hash)
-                if fn is None:
-                    raise ProtocolError(f"task {key} names a function that was never sent")
-                if type(fn) is _Unloadable:
-                    raise fn.error
-                task._fn = fn
+                task._fn = self._function(fn_hash, key)
                 if callbacks:
                     restore, checkpoint = cloudpickle.loads(parts[0])
                     task._opts = TaskOptions(name=name, restore=restore, checkpoint=checkpoint,
@@ -798,6 +807,61 @@ class WorkerProcess:
                 self._hold(task, parts, deps, inputs, waits)
             else:
                 self._prepare_or_start(task, parts, deps, inputs)
+
+    def _function(self, fn_hash: bytes, key: int) -> Any:
+        """The function ``fn_hash`` names, for task ``key``; raises what loading it raised."""
+        fn = self.functions.get(fn_hash)
+        if fn is None:
+            raise ProtocolError(f"task {key} names a function that was never sent")
+        if type(fn) is _Unloadable:
+            raise fn.error
+        return fn
+
+    def _on_run_plain(self, msg: P.RunPlain, buffers: list[Any]) -> None:
+        """Tasks without inputs, in columns (see _on_run): each starts at once, with the
+        arguments unpickled for all in one call."""
+        if self.worker_id < 0:
+            self._early_runs.append((msg, buffers))
+            return
+        keys = msg.keys
+        try:
+            every_args = P.loads(buffers[0])
+            if type(every_args) is not list or len(every_args) != len(keys):
+                raise ProtocolError(f"a batch of {len(keys)} tasks came with "
+                                    f"{len(every_args) if type(every_args) is list else 'no list of'} "
+                                    "argument tuples")
+            error = None
+        except Exception as exc:  # noqa: BLE001 - failed below, task by task
+            every_args, error = None, exc
+        names = msg.names
+        client = self.client
+        running = self.running
+        paused = self.store.paused
+        for i, key in enumerate(keys):
+            which = msg.which[i]
+            attempt = msg.attempts[i]
+            args = every_args[i] if every_args is not None else ()
+            task: DTask[Any] = DTask(client, key, names[which], None, args, _NO_KWARGS, _PLAIN)
+            task._kind = "thread"
+            task._attempts = attempt
+            running[key] = task
+            try:
+                if error is not None:
+                    raise error
+                if type(args) is not tuple:
+                    raise ProtocolError(f"task {key} came with arguments that are not a tuple")
+                task._fn = self._function(msg.fns[which], key)
+            except Exception as exc:  # noqa: BLE001
+                exc.add_note(f"aiodagger: {task._describe()} could not be loaded on worker {self.worker_id}")
+                self.complete(task, attempt, False, exc, 0.0, 0.0, None)
+                continue
+            if msg.priorities[i]:
+                task._opts = self._with_priority(msg.priorities[i])
+            if paused:  # wait for admission, as a task with a record would
+                task._args = None
+                self._prepare_or_start(task, [P.dumps_plain((args, {}))], [], [])
+            else:
+                self._submit(task)
 
     def _with_priority(self, priority: int) -> TaskOptions:
         opts = self._priorities.get(priority)
