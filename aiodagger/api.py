@@ -17,7 +17,7 @@ from ._context import spawn_collector_var
 from .cluster import current_cluster
 from .errors import NoProcessorError
 from .task import FINISHED, REMOTE, Chunk, DTask
-from .taskoptions import Scope, TaskOptions, current_options, current_options_var, validate_options
+from .taskoptions import Scope, TaskOptions, current_options_var, validate_options
 
 __all__ = ["ADMIT_LIMIT", "Options", "admit", "as_completed", "fetch", "gather", "options", "put", "spawn", "spawn_with_options",
            "tochunk", "wait"]
@@ -25,6 +25,7 @@ __all__ = ["ADMIT_LIMIT", "Options", "admit", "as_completed", "fetch", "gather",
 R = TypeVar("R")
 
 _spawn_collector = spawn_collector_var.get
+_current_options = current_options_var.get  # current_options(), one Python call fewer a spawn
 
 ReturnWhen = Literal["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION"]
 ALL_COMPLETED: ReturnWhen = "ALL_COMPLETED"
@@ -44,7 +45,7 @@ def spawn(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> DTask[Any]:
     function runs on the cluster's loop, a sync function on its thread pool. Options
     from an enclosing ``with dagger.options(...)`` apply.
     """
-    return spawn_with_options(current_options(), fn, args, kwargs)
+    return spawn_with_options(_current_options(), fn, args, kwargs)
 
 
 def spawn_with_options(opts: TaskOptions, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DTask[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -186,6 +187,30 @@ async def test_tiny_tasks_and_their_small_results_travel_in_columns(procs, monke
     assert received.get(P.DoneValues, 0) == len(plain) - 1 + 1 + 0
     assert received.get(P.Done, 0) == len(other) + 1 + 1 + 1 + 1
     assert plain[0]._where == set() and big._where == {1}
+
+
+async def test_tiny_tasks_are_placed_in_runs_and_others_one_by_one(procs, monkeypatch):
+    """A function known to run in microseconds is placed up to TINY_STREAK tasks in a
+    row on one worker; one of unknown run time is placed task by task, spread."""
+    from aiodagger.scheduler.registry import TINY_STREAK
+
+    dist = procs._scheduler.dist
+    placed: list[int] = []
+    dispatch = dist.dispatch
+
+    def recording(task, worker, waits=None):
+        placed.append(worker.id)
+        return dispatch(task, worker, waits)
+
+    monkeypatch.setattr(dist, "dispatch", recording)
+    await asyncio.wait_for(dagger.gather(*[dagger.spawn(inc, i) for i in range(4)]), 30)  # learned
+    placed.clear()
+    await asyncio.wait_for(dagger.gather(*[dagger.spawn(inc, i) for i in range(64)]), 30)
+    runs = [len(list(group)) for _, group in itertools.groupby(placed)]
+    assert max(runs) == TINY_STREAK and sum(runs) == 64, placed
+    placed.clear()
+    await asyncio.wait_for(dagger.gather(*[dagger.spawn(sleep_then, 0.2, i) for i in range(4)]), 30)
+    assert sorted(placed) == [1, 1, 2, 2], placed  # two threads each: one task per thread
 
 
 async def test_dependencies_and_async_tasks_across_workers(procs):

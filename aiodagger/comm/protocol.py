@@ -902,7 +902,7 @@ class PlainRuns:
     """RunPlain messages in the making, for one worker: ``add`` a task, ``take`` the
     messages with their buffer (the arguments are pickled then, all in one call)."""
 
-    __slots__ = ("_args", "_attempts", "_bytes", "_fns", "_groups", "_keys", "_names",
+    __slots__ = ("_args", "_attempts", "_bytes", "_fns", "_groups", "_keys", "_last", "_names",
                  "_priorities", "_sealed", "_which")
 
     def __init__(self) -> None:
@@ -919,6 +919,7 @@ class PlainRuns:
         self._priorities: list[int] = []
         self._args: list[tuple[Any, ...]] = []
         self._bytes = 0
+        self._last = -1  # the group of the task added last: most bursts run one function
 
     def __bool__(self) -> bool:
         return bool(self._keys or self._sealed)
@@ -927,11 +928,14 @@ class PlainRuns:
             args: tuple[Any, ...], size: int) -> None:
         if self._keys and (len(self._keys) >= PLAIN_RECORDS or self._bytes + size > PLAIN_BYTES):
             self._seal()
-        group = self._groups.get((fn_hash, name))
-        if group is None:
-            group = self._groups[fn_hash, name] = len(self._fns)
-            self._fns.append(fn_hash)
-            self._names.append(name)
+        group = self._last
+        if group < 0 or self._fns[group] is not fn_hash or self._names[group] is not name:
+            group = self._groups.get((fn_hash, name), -1)
+            if group < 0:
+                group = self._groups[fn_hash, name] = len(self._fns)
+                self._fns.append(fn_hash)
+                self._names.append(name)
+            self._last = group
         self._keys.append(key)
         self._which.append(group)
         self._attempts.append(attempt)

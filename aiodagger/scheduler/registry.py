@@ -71,6 +71,18 @@ MAX_AHEAD = 512
 # Frames of this size or less are written at once (send_now): a graph spawned in one
 # go starts on the workers while the rest of it is being spawned.
 SEND_NOW_BYTES = 256 << 10
+# WorkerStatus.RUNNING, read once: an enum member's lookup costs ~50 ns, and placement
+# reads it for every task (W4's profile: 1-2 % of the scheduler's process).
+_UP = WorkerStatus.RUNNING
+# Tasks known to run this briefly (and without inputs) are placed in runs of up to
+# TINY_STREAK on the worker place_any chose for the first, while it has room: a pick
+# costs more than such a task's run, and a pool of threads in one process gains nothing
+# from tiny tasks spread wider. Tasks of unknown or longer run times are each placed
+# (a CPU-bound run shares its process's GIL). In W4's shape place_any took 9.7 % of the
+# scheduler's process (py-spy), placing each task alone.
+TINY_TASK_S = 100e-6
+TINY_STREAK = 8
+_I64 = 1 << 63
 # A task's arguments, pickled, past which it is sent with a record of its own, not in
 # a RunPlain batch (whose arguments are pickled in one call, ~P.PLAIN_BYTES a message).
 PLAIN_TASK_BYTES = 16 << 10
@@ -245,6 +257,10 @@ class WorkerRegistry:
         # first, so that a cluster busy everywhere does not go round the whole ring to
         # find the one worker with room.
         self._freed: collections.deque[RemoteWorker] = collections.deque(maxlen=4096)
+        # The worker place_any chose last for a tiny task, and how many more tiny tasks
+        # in a row may go there while it has room (TINY_STREAK).
+        self._streak: RemoteWorker | None = None
+        self._streak_left = 0
         self._dirty: set[RemoteWorker] = set()
         self._send_wakeup = Wakeup(sched.loop, self._send, threadsafe=False)
         self._registered = asyncio.Condition()
@@ -487,9 +503,9 @@ class WorkerRegistry:
     def candidates(self, task: DTask[Any]) -> list[RemoteWorker]:
         scope = task._opts.scope
         if scope is ANY_SCOPE:
-            return [w for w in self.workers.values() if w.status is WorkerStatus.RUNNING]
+            return [w for w in self.workers.values() if w.status is _UP]
         return [w for w in self.workers.values()
-                if w.status is WorkerStatus.RUNNING and scope.admits_worker(w.id, w.pid)
+                if w.status is _UP and scope.admits_worker(w.id, w.pid)
                 and scope.admits_gpus(w.gpus)]
 
     def place(self, task: DTask[Any], candidates: list[RemoteWorker]) -> RemoteWorker | None:
@@ -524,10 +540,25 @@ class WorkerRegistry:
         to find the one with room. With 1,000 workers, :meth:`place` cost the scheduler
         10x its per-task time at 2 (benchmarks/manyworkers.py)."""
         kind = "async" if task._kind == "async" else "thread"
+        tiny = task._deps is None and self.sched.runtimes.get(task._fnkey) < TINY_TASK_S
+        if tiny and self._streak_left:
+            w = self._streak
+            assert w is not None
+            if w.status is _UP and w.has_room(kind) and self._ring_members == self._members:
+                self._streak_left -= 1
+                return w
+            self._streak_left = 0
         first = self._freed_with_room(kind) or self._next_with_room(kind)
         if first is None:
             return None
         second = self._ring_step(kind)
+        if task._deps is None:  # most: nothing to weigh but the two workers' loads
+            if second is not None and second is not first and (
+                    second.backlog_s / second.threads < first.backlog_s / first.threads):
+                first = second
+            if tiny:
+                self._streak, self._streak_left = first, TINY_STREAK - 1
+            return first
         room = [first] if second is None or second is first else [first, second]
         held: dict[int, int] | None = None
         for dep in task._deps or ():
@@ -540,7 +571,7 @@ class WorkerRegistry:
         workers = self.workers
         for wid in held:
             w = workers.get(wid)
-            if w is not None and w.status is WorkerStatus.RUNNING and w not in room and w.has_room(kind):
+            if w is not None and w.status is _UP and w not in room and w.has_room(kind):
                 room.append(w)
         cands = [Candidate(w.id, w.backlog_s / w.threads) for w in room]
         return room[choose_processor(cands, self.sched.runtimes.get(task._fnkey), held, self.bandwidth)]
@@ -550,7 +581,7 @@ class WorkerRegistry:
         freed = self._freed
         while freed:
             w = freed.popleft()
-            if w.status is WorkerStatus.RUNNING and w.has_room(kind) and self.workers.get(w.id) is w:
+            if w.status is _UP and w.has_room(kind) and self.workers.get(w.id) is w:
                 return w
         return None
 
@@ -563,7 +594,7 @@ class WorkerRegistry:
         cursor = self._cursor + 1 if self._cursor + 1 < len(ring) else 0
         self._cursor = cursor
         w = ring[cursor]
-        return w if w.status is WorkerStatus.RUNNING and w.has_room(kind) else None
+        return w if w.status is _UP and w.has_room(kind) else None
 
     def _next_with_room(self, kind: str) -> RemoteWorker | None:
         if self._ring_members != self._members:
@@ -575,7 +606,7 @@ class WorkerRegistry:
         for _ in range(n):  # one lap at most: only a cluster without room goes all the way round
             cursor = cursor + 1 if cursor + 1 < n else 0
             w = ring[cursor]
-            if w.status is WorkerStatus.RUNNING and w.has_room(kind):
+            if w.status is _UP and w.has_room(kind):
                 self._cursor = cursor
                 return w
         self._cursor = cursor
@@ -623,6 +654,9 @@ class WorkerRegistry:
             # or buffer of their own) if every argument is a small builtin.
             size = 0
             for value in task._args:
+                if type(value) is int and -_I64 <= value < _I64:  # most: no call
+                    size += 9
+                    continue
                 n = P.small_size(value)
                 if n < 0:
                     break
@@ -1188,7 +1222,7 @@ class WorkerRegistry:
     def admitted(self, scope: Any) -> list[RemoteWorker]:
         """The running workers ``scope`` admits."""
         return [w for w in self.workers.values()
-                if w.status is WorkerStatus.RUNNING and scope.admits_worker(w.id, w.pid)
+                if w.status is _UP and scope.admits_worker(w.id, w.pid)
                 and scope.admits_gpus(w.gpus)]
 
     async def put(self, chunk: Chunk[Any], targets: list[RemoteWorker]) -> None:
@@ -1245,7 +1279,7 @@ class WorkerRegistry:
         """Let ``worker`` finish what it runs (it takes nothing new), move what only it
         holds to other workers, then let it go."""
         others = [w for w in self.workers.values()
-                  if w is not worker and w.status is WorkerStatus.RUNNING]
+                  if w is not worker and w.status is _UP]
         worker.status = WorkerStatus.RETIRING
         loop = self.sched.loop
         deadline = loop.time() + timeout
