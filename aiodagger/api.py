@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar, overload
 from ._asynclib import caller_loop, foreign_loop, wait_for
 from ._bridge import run_on_loop_awaitable
 from ._callables import spawn_callable_error
-from ._context import spawn_collector_var
+from ._context import ClusterState, current_cluster_var, spawn_collector_var
 from .cluster import current_cluster
 from .errors import NoProcessorError
 from .task import FINISHED, REMOTE, Chunk, DTask
@@ -26,6 +26,8 @@ R = TypeVar("R")
 
 _spawn_collector = spawn_collector_var.get
 _current_options = current_options_var.get  # current_options(), one Python call fewer a spawn
+_context_cluster = current_cluster_var.get
+_RUNNING = ClusterState.RUNNING
 
 ReturnWhen = Literal["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION"]
 ALL_COMPLETED: ReturnWhen = "ALL_COMPLETED"
@@ -53,7 +55,10 @@ def spawn_with_options(opts: TaskOptions, fn: Any, args: tuple[Any, ...], kwargs
         err = spawn_callable_error(fn)
         if err is not None:
             raise err
-    task = current_cluster()._scheduler.spawn(opts, fn, args, kwargs)
+    cluster = _context_cluster()  # current_cluster(), two calls fewer where one is entered
+    if cluster is None or cluster._state is not _RUNNING:
+        cluster = current_cluster()
+    task = cluster._scheduler.spawn(opts, fn, args, kwargs)
     collector = _spawn_collector()
     if collector is not None:  # inside a request that aiodagger.web watches
         collector.add(task)

@@ -204,7 +204,7 @@ class TaskOptions:
         # What the scheduler books for a run (scheduler/resources.py): None for most tasks.
         self.needs = _needs(self.resources, occupancy)
         # Nothing that changes where or how a task starts: a coroutine task with these
-        # options starts at once on the spawning loop (Scheduler._start_coroutine).
+        # options starts at once on the spawning loop (Scheduler.spawn, AsyncProc.start_plain).
         self.plain = (scope is ANY_SCOPE and timeout is None and checkpoint is None and restore is None
                       and not self.after and self.needs is None)
 

@@ -207,7 +207,8 @@ async def test_tiny_tasks_are_placed_in_runs_and_others_one_by_one(procs, monkey
     placed.clear()
     await asyncio.wait_for(dagger.gather(*[dagger.spawn(inc, i) for i in range(64)]), 30)
     runs = [len(list(group)) for _, group in itertools.groupby(placed)]
-    assert max(runs) == TINY_STREAK and sum(runs) == 64, placed
+    # a run ends only where a streak does (two may pick the same worker in a row)
+    assert sum(runs) == 64 and all(r % TINY_STREAK == 0 for r in runs), placed
     placed.clear()
     await asyncio.wait_for(dagger.gather(*[dagger.spawn(sleep_then, 0.2, i) for i in range(4)]), 30)
     assert sorted(placed) == [1, 1, 2, 2], placed  # two threads each: one task per thread

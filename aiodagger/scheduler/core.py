@@ -18,6 +18,7 @@ import os
 import threading
 import types
 from collections import deque
+from inspect import CO_ASYNC_GENERATOR, CO_COROUTINE
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,18 @@ from ..errors import (
     WorkerLostError,
 )
 from ..placed import Placed, bind
-from ..task import CANCELLED, FAILED, FINISHED, ID_SPACE, PENDING, READY, REMOTE, RUNNING, DTask
+from ..task import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    ID_SPACE,
+    NO_WAITERS,
+    PENDING,
+    READY,
+    REMOTE,
+    RUNNING,
+    DTask,
+)
 from ..taskoptions import ANY_SCOPE, Scope, TaskOptions
 from .events import Instrument
 from .gcspacing import GraphSize
@@ -112,6 +124,7 @@ class Scheduler:
         # Worker 0 keeps results in a store of its own (a memory limit): its DTasks hold REMOTE.
         self._stored = False
         self._async_proc: Any = None  # worker 0's loop, as a processor
+        self._finished_plain = self.finished_plain  # bound once: passed with every start_plain
         self._flushing = False
         self._early_at = EARLY_FLUSH  # ready tasks that make a spawn flush (see _make_ready)
         self._admission_waiting = False
@@ -172,7 +185,10 @@ class Scheduler:
         Chunk; ``cls``: a subclass of DTask, a Stream)."""
         if self.closed:
             raise RuntimeError("this cluster is closed; spawn inside `async with dagger.Cluster()`")
-        kind = classify(fn)
+        if type(fn) is types.FunctionType and not fn.__code__.co_flags & CO_ASYNC_GENERATOR:
+            kind = "async" if fn.__code__.co_flags & CO_COROUTINE else "thread"  # classify(), inlined
+        else:
+            kind = classify(fn)
         if opts.occupancy != 1.0 and kind == "thread":
             kind = "thread-light"  # mostly waits: a thread of its own while it runs
         name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
@@ -187,7 +203,18 @@ class Scheduler:
             if not kwargs:
                 if opts.plain and not self.instruments and threading.get_ident() == self.loop_thread_id:
                     if kind == "async" and self.dist is None:
-                        self._start_coroutine(task)
+                        # _register, _wait_for and _make_ready for what they come to here:
+                        # the coroutine starts at once (see AsyncProc.start_plain).
+                        live = self._live
+                        live.add(task)
+                        if len(live) >= self._graph.up:
+                            self._graph.crossed(len(live))
+                        task._npending = 0
+                        task._state = RUNNING
+                        if self._stored:  # its result goes to worker 0's store
+                            self._async_proc.submit(task)
+                        else:
+                            self._async_proc.start_plain(task, self._finished_plain)
                     else:
                         self._ready_leaf(task)
                 else:
@@ -259,20 +286,6 @@ class Scheduler:
             self._inbox_wakeup.request()
 
     # -- graph bookkeeping (loop) --------------------------------------------------------
-    def _start_coroutine(self, task: DTask[Any]) -> None:
-        """_register, _wait_for and _make_ready for what they come to for a coroutine task
-        without inputs or options, spawned on the loop of a cluster without worker
-        processes or observers: it starts at once. Spawning W3's 10,000 such tasks took
-        3.63 us a task before, 3.17-3.28 after (asyncio's create_task: 1.7-1.8); the
-        whole of W3's shape 8.0 -> 7.1-7.6 us (medians of 7, taking turns with asyncio)."""
-        live = self._live
-        live.add(task)
-        if len(live) >= self._graph.up:
-            self._graph.crossed(len(live))
-        task._npending = 0
-        task._state = RUNNING
-        self._async_proc.submit(task)
-
     def _ready_leaf(self, task: DTask[Any]) -> None:
         """_register and _wait_for for what they come to for a task without inputs or
         options, spawned on the loop without observers: it is ready at once (W4's
@@ -376,7 +389,7 @@ class Scheduler:
         task._value = None
         if task._where:
             task._where.clear()  # the same set lives on in the release's record
-        task._waiters = []
+        task._waiters = NO_WAITERS
         self._live.add(task)
         self._wait_for(task, task._deps or ())  # a failure there is told to its waiters
         return True
@@ -806,6 +819,16 @@ class Scheduler:
         else:
             # A worker in another process has already said where it raised.
             self._failed_run(task, value, annotate=proc.worker_id == self._local_worker.id)
+
+    def finished_plain(self, task: DTask[Any], value: Any) -> None:
+        """complete() for a coroutine task started by AsyncProc.start_plain that returned
+        ``value``: what complete() comes to for it, unless it was cancelled, observers
+        came meanwhile, or it returned a coroutine."""
+        if (task._cancelled or task._state is not RUNNING or self.instruments
+                or type(value) is types.CoroutineType):
+            self.complete(task, task._attempts, True, value, 0.0, 0.0, self._async_proc)
+            return
+        self._finish(task, value)
 
     def _finish(self, task: DTask[Any], value: Any) -> None:
         task._value = value
