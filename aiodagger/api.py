@@ -111,7 +111,10 @@ async def gather(*tasks: DTask[Any], return_exceptions: bool = False) -> list[An
                 fut.set_result(None)
 
         for t in waiting:
-            t._on_done_in(loop, on_done)
+            if loop is t._sched.loop:  # _on_done_in's first case, one call fewer a task
+                t._on_done(on_done)
+            else:
+                t._on_done_in(loop, on_done)
         failed = await fut
         if failed is not None:
             failed.result()  # raises

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import threading
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -35,7 +34,7 @@ if TYPE_CHECKING:
     from .interfaces import TaskOwner
     from .taskoptions import TaskOptions
 
-__all__ = ["CANCELLED", "DONE_STATES", "FAILED", "FINISHED", "ID_SPACE", "NO_WAITERS", "PENDING", "NOWHERE", "READY",
+__all__ = ["CANCELLED", "DONE_STATES", "FAILED", "FINISHED", "ID_SPACE", "PENDING", "NOWHERE", "READY",
            "REMOTE", "RUNNING", "Chunk", "DTask"]
 
 R = TypeVar("R")
@@ -62,8 +61,6 @@ class _Remote:
 
 REMOTE: Any = _Remote()
 NOWHERE: frozenset[int] = frozenset()
-NO_WAITERS: tuple[()] = ()  # a DTask's _waiters before its first
-_first_waiter = threading.Lock()  # two threads' first waiters: one list, never two
 
 
 def _set_future(fut: asyncio.Future[None]) -> None:
@@ -141,10 +138,7 @@ class DTask(Generic[R]):
         self._tb: Any = None
         self._dependents: list[DTask[Any]] | None = None
         self._npending = -1  # -1 until the scheduler has registered the task
-        # NO_WAITERS until the first waiter comes (most tasks of a burst are awaited
-        # after it is spawned: W3's 10,000 lists were that many more objects for the
-        # cycle collector to walk while they ran); None once they have been told.
-        self._waiters: list[Callable[[DTask[Any]], object]] | tuple[()] | None = NO_WAITERS
+        self._waiters: list[Callable[[DTask[Any]], object]] | None = []
         self._deps: list[DTask[Any]] | None = None
         self._resolve: int = False  # what to replace in the arguments (see _args)
         self._attempts = 0
@@ -259,24 +253,11 @@ class DTask(Generic[R]):
     # -- waiters -------------------------------------------------------------------------
     def _on_done(self, cb: Callable[[DTask[Any]], object]) -> None:
         """Run ``cb(self)`` exactly once when done, on whichever thread completes it."""
-        current = self._waiters
-        if current is None or self.done():
+        waiters = self._waiters
+        if waiters is None or self.done():
             cb(self)
             return
-        waiters: list[Callable[[DTask[Any]], object]]
-        if type(current) is tuple:  # NO_WAITERS: the first one; its list made one thread at a time
-            with _first_waiter:
-                current = self._waiters
-                if type(current) is list:
-                    waiters = current
-                    waiters.append(cb)
-                else:  # still none, or told meanwhile (then done, below)
-                    waiters = [cb]
-                    if current is not None:
-                        self._waiters = waiters
-        else:
-            waiters = current  # type: ignore[assignment]
-            waiters.append(cb)
+        waiters.append(cb)
         if self.done():  # completion may already have emptied the list before our append
             try:
                 waiters.remove(cb)

@@ -46,7 +46,6 @@ from ..task import (
     FAILED,
     FINISHED,
     ID_SPACE,
-    NO_WAITERS,
     PENDING,
     READY,
     REMOTE,
@@ -389,7 +388,7 @@ class Scheduler:
         task._value = None
         if task._where:
             task._where.clear()  # the same set lives on in the release's record
-        task._waiters = NO_WAITERS
+        task._waiters = []
         self._live.add(task)
         self._wait_for(task, task._deps or ())  # a failure there is told to its waiters
         return True
@@ -523,6 +522,7 @@ class Scheduler:
         assert self.local is not None
         proc = self.local.thread_proc
         estimate = self.runtimes.get
+        dist = self.dist
         while ready:
             task = ready[0][3]
             if task._cancelled or task._state is not READY:
@@ -531,8 +531,7 @@ class Scheduler:
             needs = task._opts.needs
             if needs is not None and not self._reserve(task, needs):
                 continue  # parked until amounts are free, or failed
-            if self.dist is not None and (self.dist.workers or self.dist.expects_workers
-                                          or task._resolve):
+            if dist is not None and (dist.workers or dist.expects_workers or task._resolve):
                 if not self._flush_distributed(task):
                     if needs is not None:
                         self.book.give_back(task, task._attempts)
@@ -577,7 +576,9 @@ class Scheduler:
             if lost is not None:
                 self._wait_again(task, lost)
                 return True
-        if not self._goes_remote(task):
+        scope = task._opts.scope
+        if not ((dist.workers or dist.expects_workers)  # _goes_remote(task), inlined
+                and (scope is ANY_SCOPE or not _pins_local(scope))):
             # worker 0 runs it: bring remote inputs here first
             remote = [d for d in task._deps or () if d._value is REMOTE]
             if remote:
@@ -607,7 +608,7 @@ class Scheduler:
             if self.instruments:
                 self.dispatched(task, 0)
             return True
-        if task._opts.scope is ANY_SCOPE and task._opts.needs is None and dist.fast_placement:
+        if scope is ANY_SCOPE and task._opts.needs is None and dist.fast_placement:
             worker = dist.place_any(task)
             if worker is not None:
                 return self._dispatch_to(task, worker)
@@ -821,9 +822,11 @@ class Scheduler:
             self._failed_run(task, value, annotate=proc.worker_id == self._local_worker.id)
 
     def finished_plain(self, task: DTask[Any], value: Any) -> None:
-        """complete() for a coroutine task started by AsyncProc.start_plain that returned
-        ``value``: what complete() comes to for it, unless it was cancelled, observers
-        came meanwhile, or it returned a coroutine."""
+        """complete() for the run that counts of a task without resources that returned
+        ``value`` (a coroutine task started by AsyncProc.start_plain, a thread task's
+        small value from another process, its run time already learned): what
+        complete() comes to for it, unless it was cancelled, observers came meanwhile,
+        or it returned a coroutine."""
         if (task._cancelled or task._state is not RUNNING or self.instruments
                 or type(value) is types.CoroutineType):
             self.complete(task, task._attempts, True, value, 0.0, 0.0, self._async_proc)

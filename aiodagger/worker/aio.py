@@ -60,8 +60,8 @@ class AsyncProc:
         reports its value to ``finished`` (the scheduler's finished_plain), its error
         as submit()'s tasks do. W3's shape (10,000 coroutines spawned, then gathered;
         medians of 15, taking turns with asyncio's create_task): 1.56-1.61x asyncio's
-        time through submit() and complete(), 1.50-1.52x through this (with the lazy
-        waiter lists of DTask and the inlined cluster lookup of spawn)."""
+        time through submit() and complete(), 1.50-1.52x through this (with the inlined
+        cluster lookup of spawn)."""
         self.running += 1
         task._handle = self._loop.create_task(self._run_plain(task, finished), context=self._context)
 
