@@ -16,7 +16,7 @@ from ._callables import spawn_callable_error
 from ._context import ClusterState, current_cluster_var, spawn_collector_var
 from .cluster import current_cluster
 from .errors import NoProcessorError
-from .task import FINISHED, REMOTE, Chunk, DTask
+from .task import DONE_STATES, FINISHED, REMOTE, Chunk, DTask
 from .taskoptions import Scope, TaskOptions, current_options_var, validate_options
 
 __all__ = ["ADMIT_LIMIT", "Options", "admit", "as_completed", "fetch", "gather", "options", "put", "spawn", "spawn_with_options",
@@ -85,13 +85,17 @@ async def gather(*tasks: DTask[Any], return_exceptions: bool = False) -> list[An
     ``return_exceptions`` is true. Cancelling the caller does not cancel the tasks.
     """
     items = _check_tasks(tasks, "gather")
-    if not return_exceptions:
-        for t in items:
-            if t.done() and (t._cancelled or t._state is not FINISHED):
+    # One pass, done() inlined (W3 and W4 gather every task they spawn): a failure
+    # already known raises before anything is registered. Register on exactly the
+    # tasks counted: one may finish on the cluster's thread between the count and the
+    # registration, and registering still delivers it.
+    waiting = []
+    for t in items:
+        if t._cancelled or t._state in DONE_STATES:
+            if not return_exceptions and (t._cancelled or t._state is not FINISHED):
                 t.result()  # raises
-    # Register on exactly the tasks counted: one may finish on the cluster's thread
-    # between the count and the registration, and registering still delivers it.
-    waiting = [t for t in items if not t.done()]
+        else:
+            waiting.append(t)
     if waiting:
         try:
             loop = asyncio.get_running_loop()
@@ -118,6 +122,15 @@ async def gather(*tasks: DTask[Any], return_exceptions: bool = False) -> list[An
         failed = await fut
         if failed is not None:
             failed.result()  # raises
+    if not return_exceptions:  # most: every value here, read without result()'s calls
+        values = []
+        for t in items:
+            value = t._value
+            if value is REMOTE or t._state is not FINISHED or t._cancelled:
+                break
+            values.append(value)
+        else:
+            return values
     await _bring_values(items)
     if return_exceptions:
         return [_outcome(t) for t in items]

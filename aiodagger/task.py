@@ -254,11 +254,12 @@ class DTask(Generic[R]):
     def _on_done(self, cb: Callable[[DTask[Any]], object]) -> None:
         """Run ``cb(self)`` exactly once when done, on whichever thread completes it."""
         waiters = self._waiters
-        if waiters is None or self.done():
+        if waiters is None or self._cancelled or self._state in DONE_STATES:  # done(), inlined
             cb(self)
             return
         waiters.append(cb)
-        if self.done():  # completion may already have emptied the list before our append
+        # Completion may already have emptied the list before the append.
+        if self._cancelled or self._state in DONE_STATES:
             try:
                 waiters.remove(cb)
             except ValueError:

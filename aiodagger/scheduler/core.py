@@ -70,6 +70,7 @@ logger = logging.getLogger(__name__)
 # The keyword arguments of every task spawned without any: one empty dict, not one per
 # task (64 bytes of a pending task's ~700). Never changed in place.
 _NO_KWARGS: dict[str, Any] = {}
+_get_ident = threading.get_ident
 
 # Times a task may find its inputs unobtainable (and have them recomputed) before it fails.
 MAX_INPUT_MISSES = 5
@@ -200,7 +201,7 @@ class Scheduler:
                 break
         else:
             if not kwargs:
-                if opts.plain and not self.instruments and threading.get_ident() == self.loop_thread_id:
+                if opts.plain and not self.instruments and _get_ident() == self.loop_thread_id:
                     if kind == "async" and self.dist is None:
                         # _register, _wait_for and _make_ready for what they come to here:
                         # the coroutine starts at once (see AsyncProc.start_plain).
