@@ -82,7 +82,7 @@ _UP = WorkerStatus.RUNNING
 # scheduler's process (py-spy), placing each task alone.
 TINY_TASK_S = 100e-6
 TINY_STREAK = 8
-_I64 = 1 << 63
+_I64 = 1 << 63  # an int argument within +-_I64 is counted for RunPlain without small_size()
 # A task's arguments, pickled, past which it is sent with a record of its own, not in
 # a RunPlain batch (whose arguments are pickled in one call, ~P.PLAIN_BYTES a message).
 PLAIN_TASK_BYTES = 16 << 10
