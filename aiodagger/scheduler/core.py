@@ -827,7 +827,9 @@ class Scheduler:
         ``value`` (a coroutine task started by AsyncProc.start_plain, a thread task's
         small value from another process, its run time already learned): what
         complete() comes to for it, unless it was cancelled, observers came meanwhile,
-        or it returned a coroutine."""
+        or it returned a coroutine. complete() then hears of it as a run of worker 0's
+        loop without times: observers that came meanwhile do not draw that run, and a
+        cancelled or stale one is dropped there as ever."""
         if (task._cancelled or task._state is not RUNNING or self.instruments
                 or type(value) is types.CoroutineType):
             self.complete(task, task._attempts, True, value, 0.0, 0.0, self._async_proc)

@@ -75,9 +75,7 @@ class AsyncProc:
             self._ended()
             self._owner.complete(task, task._attempts, False, exc, 0.0, 0.0, self)
             return
-        self.running -= 1  # _ended(), inlined
-        if self._idle is not None and self.running == 0 and not self._idle.done():
-            self._idle.set_result(None)
+        self._ended()
         finished(task, value)
 
     def _ended(self) -> None:
