@@ -84,60 +84,68 @@ async def gather(*tasks: DTask[Any], return_exceptions: bool = False) -> list[An
     Like ``asyncio.gather``: the first failure is raised at once unless
     ``return_exceptions`` is true. Cancelling the caller does not cancel the tasks.
     """
-    items = _check_tasks(tasks, "gather")
-    # One pass, done() inlined (W3 and W4 gather every task they spawn): a failure
-    # already known raises before anything is registered. Register on exactly the
-    # tasks counted: one may finish on the cluster's thread between the count and the
-    # registration, and registering still delivers it.
-    waiting = []
-    for t in items:
+    # One pass (W3 and W4 gather every task they spawn): a failure already known raises
+    # at once, and each task not done yet is registered on as it is counted. A task
+    # may finish on the cluster's thread between the count and the registration, and
+    # registering still delivers it; the callbacks of a gather that raised find its
+    # future done and return.
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = foreign_loop()
+    fut: asyncio.Future[DTask[Any] | None] = loop.create_future()
+    left = 0
+
+    def on_done(t: DTask[Any]) -> None:
+        nonlocal left
+        if fut.done():
+            return
+        if not return_exceptions and (t._cancelled or t._state is not FINISHED):
+            fut.set_result(t)  # the first failure, raised below
+            return
+        left -= 1
+        if left == 0:
+            fut.set_result(None)
+
+    for t in tasks:
+        if type(t) is not DTask and not isinstance(t, DTask):
+            fut.cancel()  # the callbacks registered so far find it done
+            _check_tasks((t,), "gather")  # raises
         if t._cancelled or t._state in DONE_STATES:
             if not return_exceptions and (t._cancelled or t._state is not FINISHED):
+                fut.cancel()
                 t.result()  # raises
-        else:
-            waiting.append(t)
-    if waiting:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = foreign_loop()
-        fut: asyncio.Future[DTask[Any] | None] = loop.create_future()
-        count = [len(waiting)]
-
-        def on_done(t: DTask[Any]) -> None:
-            if fut.done():
-                return
-            if not return_exceptions and (t._cancelled or t._state is not FINISHED):
-                fut.set_result(t)  # the first failure, raised below
-                return
-            count[0] -= 1
-            if count[0] == 0:
-                fut.set_result(None)
-
-        for t in waiting:
-            if loop is t._sched.loop:  # _on_done_in's first case, one call fewer a task
-                t._on_done(on_done)
+            continue
+        left += 1
+        if loop is t._sched.loop:
+            # _on_done_here's first case inlined: the task is not done, so on this
+            # thread it cannot finish before the slot is taken.
+            if t._waiter is None and t._waiters is None:
+                t._waiter = on_done
             else:
-                t._on_done_in(loop, on_done)
+                t._on_done_here(on_done)
+        else:
+            t._on_done_in(loop, on_done)
+    if left:
         failed = await fut
         if failed is not None:
             failed.result()  # raises
     if not return_exceptions:  # most: every value here, read without result()'s calls
         values = []
-        for t in items:
+        for t in tasks:
             value = t._value
             if value is REMOTE or t._state is not FINISHED or t._cancelled:
                 break
             values.append(value)
         else:
             return values
-    await _bring_values(items)
+    await _bring_values(tasks)
     if return_exceptions:
-        return [_outcome(t) for t in items]
-    return [t.result() for t in items]
+        return [_outcome(t) for t in tasks]
+    return [t.result() for t in tasks]
 
 
-async def _bring_values(items: list[DTask[Any]]) -> None:
+async def _bring_values(items: Iterable[DTask[Any]]) -> None:
     """Bring the values that live on workers (or in a store) here, in one go per cluster."""
     by_sched: dict[int, list[DTask[Any]]] = {}
     for t in items:

@@ -186,6 +186,63 @@ def test_gather_and_wait_from_another_loop_under_contention():
         asyncio.run(rounds(15))
 
 
+async def test_waiters_of_the_loop_and_of_threads_run_once_in_registration_order(cluster):
+    # The first waiter registered on the cluster's loop takes a slot of its own; the
+    # others, and any from another thread, go to a list made at the first of them.
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Event()
+
+    async def held():
+        await gate.wait()
+        return 7
+
+    t = dagger.spawn(held)
+    order: list[str] = []
+    t._on_done_in(loop, lambda _t: order.append("loop 1"))
+    other = threading.Thread(target=t._on_done, args=(lambda _t: order.append("thread"),))
+    other.start()
+    other.join(10)
+    t._on_done_in(loop, lambda _t: order.append("loop 2"))
+    t.add_done_callback(lambda _t: order.append("callback"))  # through call_soon
+    both = [asyncio.ensure_future(dagger.gather(t, t)), asyncio.ensure_future(dagger.gather(t))]
+    assert order == []
+    gate.set()
+    assert await asyncio.wait_for(t, 10) == 7
+    assert await asyncio.wait_for(asyncio.gather(*both), 10) == [[7, 7], [7]]
+    assert order == ["loop 1", "thread", "loop 2", "callback"]
+    assert t._waiter is None and t._waiters is None  # nothing kept once delivered
+
+    late = dagger.spawn(held)  # the gate is open: it finishes at its first step
+    thread_first: list[str] = []
+    other = threading.Thread(target=late._on_done, args=(lambda _t: thread_first.append("thread"),))
+    other.start()
+    other.join(10)
+    late._on_done_in(loop, lambda _t: thread_first.append("loop"))  # after the list's waiter
+    assert await asyncio.wait_for(late, 10) == 7
+    assert thread_first == ["thread", "loop"]
+
+
+async def test_gather_that_raises_leaves_no_waiter_behind_that_misfires(cluster):
+    gate = asyncio.Event()
+
+    async def held():
+        await gate.wait()
+        return 1
+
+    pending = [dagger.spawn(held) for _ in range(3)]
+    failed = dagger.spawn(boom)
+    with pytest.raises(ValueError):
+        await asyncio.wait_for(failed, 10)
+    # Registered on the pending tasks before it reaches the failure: it raises at once,
+    # and their completions later find its future done.
+    with pytest.raises(ValueError):
+        await asyncio.wait_for(dagger.gather(*pending, failed), 10)
+    with pytest.raises(TypeError, match="takes DTasks"):
+        await dagger.gather(*pending, "not a task")
+    gate.set()
+    assert await asyncio.wait_for(dagger.gather(*pending), 10) == [1, 1, 1]
+
+
 def test_waiters_registered_from_other_threads_run_exactly_once():
     counts: dict[int, int] = {}
     lock = threading.Lock()

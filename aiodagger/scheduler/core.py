@@ -389,7 +389,6 @@ class Scheduler:
         task._value = None
         if task._where:
             task._where.clear()  # the same set lives on in the release's record
-        task._waiters = []
         self._live.add(task)
         self._wait_for(task, task._deps or ())  # a failure there is told to its waiters
         return True

@@ -75,12 +75,19 @@ class AsyncProc:
             self._ended()
             self._owner.complete(task, task._attempts, False, exc, 0.0, 0.0, self)
             return
-        self._ended()
+        self.running -= 1  # _ended(), inlined
+        if self._idle is not None:
+            self._ended_idle()
         finished(task, value)
 
     def _ended(self) -> None:
         self.running -= 1
-        if self._idle is not None and self.running == 0 and not self._idle.done():
+        if self._idle is not None:
+            self._ended_idle()
+
+    def _ended_idle(self) -> None:
+        """Tell close() once the last coroutine has ended."""
+        if self.running == 0 and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
 
     async def _run(self, task: DTask[Any], attempt: int, coro: Coroutine[Any, Any, Any] | None) -> None:
