@@ -284,10 +284,11 @@ class DTask(Generic[R]):
     def _on_done_here(self, cb: Callable[[DTask[Any]], object]) -> None:
         """:meth:`_on_done` for a caller on the owner's loop thread, where completion
         runs. The first such waiter takes the slot, unless the list already holds
-        earlier ones (waiters run in registration order). W3's shape (10,000 coroutines
-        spawned, then gathered; the benchmark runner taking turns with asyncio, five
-        runs each): 1.43-1.50x asyncio's time with a list a task, 1.29-1.39x with the
-        slot (and finished_plain's inlining)."""
+        earlier ones (waiters run in registration order). A list a task was one more
+        allocation and one more object for the collector to visit: W3 (10,000
+        coroutines spawned, then gathered; `benchmarks.run --only W3 --peers
+        aiodagger,asyncio --rounds 3`, five runs each, taking turns) went from
+        1.44-1.55x asyncio's time to 1.36-1.40x with the slot and gather's single pass."""
         if self._cancelled or self._state in DONE_STATES:
             cb(self)
         elif self._waiter is None and self._waiters is None:
