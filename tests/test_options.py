@@ -58,6 +58,31 @@ async def test_higher_priority_runs_first():
     assert order == [5, 5, 3, 1, 0]
 
 
+async def test_ready_tasks_go_by_priority_then_those_an_input_freed_then_spawn_order():
+    # Priority-0 tasks ready at spawn wait in a deque beside the ready heap; the two
+    # must still give one order.
+    order: list[str] = []
+    gate = threading.Event()
+
+    async def one() -> int:
+        return 1
+
+    async with dagger.Cluster(threads=1):
+        blocker = dagger.spawn(lambda: gate.wait(10))
+        await asyncio.sleep(0.05)  # the single thread is now busy
+        tasks = [dagger.spawn(order.append, "0 a"),
+                 dagger.options(priority=-1).spawn(order.append, "-1"),
+                 dagger.options(priority=2).spawn(order.append, "2"),
+                 dagger.spawn(order.append, "0 b")]
+        freed = dagger.spawn(lambda _x: order.append("0 freed"), dagger.spawn(one))
+        tasks += [freed, dagger.spawn(order.append, "0 c"), dagger.options(priority=2).spawn(order.append, "2 b")]
+        await asyncio.sleep(0.05)  # `one` finished on the loop: `freed` is ready too
+        assert order == []
+        gate.set()
+        await asyncio.wait_for(dagger.gather(blocker, *tasks), 10)
+    assert order == ["2", "2 b", "0 freed", "0 a", "0 b", "0 c", "-1"]
+
+
 async def test_retries_on_exception(cluster):
     attempts = []
 
