@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import aiodagger as dagger
+from aiodagger.errors import SerializationError
 from aiodagger.memory.shared import host_key as shm_key
 from tests.helpers import inc, sleep_then
 from tests.test_shared_memory import mapped_from_shm
@@ -189,6 +190,29 @@ async def test_tiny_tasks_and_their_small_results_travel_in_columns(procs, monke
     assert plain[0]._where == set() and big._where == {1}
 
 
+async def test_a_run_of_tiny_tasks_skips_cancelled_ones_and_fails_an_unsendable_one_clearly(procs):
+    """Tiny plain tasks leave the ready deque in runs (WorkerRegistry.dispatch_plain):
+    one cancelled while it waits there is dropped, one whose function cannot be pickled
+    fails saying so, and the rest of the run still goes."""
+
+    def make(v):
+        return lambda: v
+
+    await asyncio.wait_for(dagger.gather(*[dagger.spawn(make(i)) for i in range(8)]), 30)  # learned: tiny
+    first = [dagger.spawn(make(i)) for i in range(40)]
+    unsendable = dagger.spawn(make(threading.Lock()))
+    rest = [dagger.spawn(make(i)) for i in range(40, 80)]
+    cancelled = [first[5], first[6], rest[0]]
+    for t in cancelled:  # still in the deque: it is flushed at the loop's next turn
+        assert t.state == "ready" and t.cancel()
+    kept = [t for t in first + rest if t not in cancelled]
+    assert await asyncio.wait_for(dagger.gather(*kept), 30) == [
+        i for i in range(80) if i not in (5, 6, 40)]
+    with pytest.raises(SerializationError, match="lock"):
+        await asyncio.wait_for(unsendable, 30)
+    assert all(t.cancelled() for t in cancelled)
+
+
 async def test_tiny_tasks_are_placed_in_runs_and_others_one_by_one(procs, monkeypatch):
     """A function known to run in microseconds is placed up to TINY_STREAK tasks in a
     row on one worker; one of unknown run time is placed task by task, spread."""
@@ -196,13 +220,15 @@ async def test_tiny_tasks_are_placed_in_runs_and_others_one_by_one(procs, monkey
 
     dist = procs._scheduler.dist
     placed: list[int] = []
-    dispatch = dist.dispatch
+    place_any = dist.place_any
 
-    def recording(task, worker, waits=None):
-        placed.append(worker.id)
-        return dispatch(task, worker, waits)
+    def recording(task, est=None):
+        worker = place_any(task, est)
+        if worker is not None:
+            placed.append(worker.id)
+        return worker
 
-    monkeypatch.setattr(dist, "dispatch", recording)
+    monkeypatch.setattr(dist, "place_any", recording)
     await asyncio.wait_for(dagger.gather(*[dagger.spawn(inc, i) for i in range(4)]), 30)  # learned
     placed.clear()
     await asyncio.wait_for(dagger.gather(*[dagger.spawn(inc, i) for i in range(64)]), 30)

@@ -41,7 +41,7 @@ from .._bridge import Wakeup
 from ..comm import protocol as P
 from ..errors import DaggerError, FrameTooLargeError, SerializationError, WorkerLostError
 from ..interfaces import WorkerStatus
-from ..task import FINISHED, NOWHERE, PENDING, REMOTE, RUNNING, Chunk, DTask
+from ..task import FINISHED, NOWHERE, PENDING, READY, REMOTE, RUNNING, Chunk, DTask
 from ..taskoptions import ANY_SCOPE, check_resources
 from .placement import DEFAULT_BANDWIDTH, Candidate, choose_processor
 from .spawned import ClientConn, Spawned
@@ -86,6 +86,21 @@ _I64 = 1 << 63  # an int argument within +-_I64 is counted for RunPlain without 
 # A task's arguments, pickled, past which it is sent with a record of its own, not in
 # a RunPlain batch (whose arguments are pickled in one call, ~P.PLAIN_BYTES a message).
 PLAIN_TASK_BYTES = 16 << 10
+
+
+def _plain_size(args: tuple[Any, ...]) -> int:
+    """The bytes ``args`` take in a RunPlain's columns, or -1 if one of them is not a
+    small builtin (serialize.small_size) or they take more than PLAIN_TASK_BYTES."""
+    size = 0
+    for value in args:
+        if type(value) is int and -_I64 <= value < _I64:  # most: no call
+            size += 9
+            continue
+        n = P.small_size(value)
+        if n < 0:
+            return -1
+        size += n
+    return size if size <= PLAIN_TASK_BYTES else -1
 
 
 class ProcView:
@@ -530,7 +545,7 @@ class WorkerRegistry:
         est = self.sched.runtimes.get(task._fnkey)
         return room[choose_processor(cands, est, held, self.bandwidth)]
 
-    def place_any(self, task: DTask[Any]) -> RemoteWorker | None:
+    def place_any(self, task: DTask[Any], est: float | None = None) -> RemoteWorker | None:
         """Where an unscoped task goes, or None if no worker has room now, without
         looking at every worker: the next two workers with room in a ring, the less
         loaded of them (two random choices balance nearly as well as the least loaded of
@@ -540,7 +555,9 @@ class WorkerRegistry:
         to find the one with room. With 1,000 workers, :meth:`place` cost the scheduler
         10x its per-task time at 2 (benchmarks/manyworkers.py)."""
         kind = "async" if task._kind == "async" else "thread"
-        tiny = task._deps is None and self.sched.runtimes.get(task._fnkey) < TINY_TASK_S
+        if est is None:
+            est = self.sched.runtimes.get(task._fnkey)
+        tiny = task._deps is None and est < TINY_TASK_S
         if tiny and self._streak_left:
             w = self._streak
             assert w is not None
@@ -652,23 +669,14 @@ class WorkerRegistry:
                 and not task._kwargs and opts.restore is None and opts.checkpoint is None):
             # Most tiny tasks: their columns in the worker's RunPlain (no record, pickle
             # or buffer of their own) if every argument is a small builtin.
-            size = 0
-            for value in task._args:
-                if type(value) is int and -_I64 <= value < _I64:  # most: no call
-                    size += 9
-                    continue
-                n = P.small_size(value)
-                if n < 0:
-                    break
-                size += n
-            else:
-                if size <= PLAIN_TASK_BYTES:
-                    if fn_hash not in worker.functions:
-                        self._define(worker, task, fn_hash, fn_bytes)
-                    worker.plain.add(task.id, fn_hash, task.name, task._attempts, opts.priority,
-                                     task._args, size)
-                    self._dispatched(task, worker, None)
-                    return
+            size = _plain_size(task._args)
+            if size >= 0:
+                if fn_hash not in worker.functions:
+                    self._define(worker, task, fn_hash, fn_bytes)
+                worker.plain.add(task.id, fn_hash, task.name, task._attempts, opts.priority,
+                                 task._args, size)
+                self._dispatched(task, worker, None, self.sched.runtimes.get(task._fnkey))
+                return
         resolve = task._resolve
         if resolve is False or resolve is True:
             refs, files = resolve, False
@@ -714,7 +722,67 @@ class WorkerRegistry:
         worker.runs.add(P.RunTask(task.id, task.name, fn_hash, kind, task._attempts,
                                   len(sent), deps, callbacks, refs, inputs, files, waits or [],
                                   opts.priority), sent)
-        self._dispatched(task, worker, waits)
+        self._dispatched(task, worker, waits, self.sched.runtimes.get(task._fnkey))
+
+    def dispatch_plain(self, tasks: collections.deque[DTask[Any]], before: float) -> int:
+        """Send the run of tiny plain tasks at the head of ``tasks`` (the scheduler's
+        deque of ready tasks, all of ids below ``before``) to the workers place_any picks,
+        in their RunPlain columns, as dispatch() would one by one; return how many left
+        the deque. It stops at the first that is not such a task (without options,
+        inputs, keywords or callbacks, a thread task of known run time under
+        TINY_TASK_S, its arguments small builtins), or that has no worker with room:
+        that one goes the usual way. W4 (5,000 ``inc`` tasks on 2 processes): the
+        scheduler's per-task calls from its flush to the column went from seven to two."""
+        sched = self.sched
+        estimate = sched.runtimes.get
+        fns = self.fn_cache
+        dirty = self._dirty
+        taken = 0
+        while tasks:
+            task = tasks[0]
+            if task.id >= before:
+                break
+            if task._cancelled or task._state is not READY:
+                tasks.popleft()
+                taken += 1
+                continue
+            if (task._deps is not None or task._kind != "thread" or task._resolve is not False
+                    or task._kwargs or not task._opts.plain or task._fn is None or task._args is None):
+                break
+            est = estimate(task._fnkey)
+            if est >= TINY_TASK_S:
+                break
+            size = _plain_size(task._args)
+            if size < 0:
+                break
+            try:
+                fn_hash, fn_bytes = fns.get(task._fn)
+            except (SerializationError, FrameTooLargeError):
+                break  # dispatch() fails it, saying why
+            worker = self.place_any(task, est)
+            if worker is None:
+                break
+            if fn_hash not in worker.functions:
+                if len(fn_bytes) > worker.max_frame:
+                    break  # as above
+                self._define(worker, task, fn_hash, fn_bytes)
+            tasks.popleft()
+            taken += 1
+            task._state = RUNNING
+            worker.plain.add(task.id, fn_hash, task.name, task._attempts, task._opts.priority,
+                             task._args, size)
+            # _dispatched, for what it comes to here (no waits, a thread task)
+            task._est = est
+            worker.queued += 1
+            worker.backlog_s += est
+            worker.running[task.id] = task
+            task._handle = worker
+            dirty.add(worker)
+            if task._dependents is not None:
+                self.send_ahead(task, worker)
+        if taken and not self._send_wakeup.pending:
+            self._send_wakeup.request()
+        return taken
 
     @staticmethod
     def _define(worker: RemoteWorker, task: DTask[Any], fn_hash: bytes, fn_bytes: bytes) -> None:
@@ -726,9 +794,11 @@ class WorkerRegistry:
             worker.functions.add(fn_hash)
             worker.function_defs.add(P.FunctionDef(fn_hash), (fn_bytes,))
 
-    def _dispatched(self, task: DTask[Any], worker: RemoteWorker, waits: list[int] | None) -> None:
-        """``task``'s run is queued for ``worker``: count it there, and send soon."""
-        task._est = est = self.sched.runtimes.get(task._fnkey)
+    def _dispatched(self, task: DTask[Any], worker: RemoteWorker, waits: list[int] | None,
+                    est: float) -> None:
+        """``task``'s run is queued for ``worker``: count it there, and send soon
+        (``est``: its run time as the scheduler estimates it)."""
+        task._est = est
         if waits:
             worker.ahead.add(task.id)
         elif task._kind != "async" and task._kind != "thread-light":
