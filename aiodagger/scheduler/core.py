@@ -126,6 +126,9 @@ class Scheduler:
         # How many there are, when that doubles or halves past 65,536: the collector's
         # full passes are spaced out while a large graph is held (see gcspacing).
         self._graph = GraphSize()
+        # Below this many unfinished tasks, _fewer() has work: the larger of the graph
+        # size's lower mark and one past the highest admission mark.
+        self._low = 0
         self.instruments: list[Instrument] = []
         self.dist: WorkerRegistry | None = None  # set when the cluster has workers in other processes
         # Worker 0 keeps results in a store of its own (a memory limit): its DTasks hold REMOTE.
@@ -192,13 +195,14 @@ class Scheduler:
         Chunk; ``cls``: a subclass of DTask, a Stream)."""
         if self.closed:
             raise RuntimeError("this cluster is closed; spawn inside `async with dagger.Cluster()`")
-        if type(fn) is types.FunctionType and not fn.__code__.co_flags & CO_ASYNC_GENERATOR:
-            kind = "async" if fn.__code__.co_flags & CO_COROUTINE else "thread"  # classify(), inlined
+        if type(fn) is types.FunctionType and not (flags := fn.__code__.co_flags) & CO_ASYNC_GENERATOR:
+            kind = "async" if flags & CO_COROUTINE else "thread"  # classify(), inlined
+            name = opts.name or fn.__qualname__
         else:
             kind = classify(fn)
+            name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
         if opts.occupancy != 1.0 and kind == "thread":
             kind = "thread-light"  # mostly waits: a thread of its own while it runs
-        name = opts.name or getattr(fn, "__qualname__", None) or type(fn).__name__
         task = cls(self, next(self._ids) if key is None else key, name, fn, args,
                    kwargs or _NO_KWARGS, opts)
         task._kind = kind
@@ -216,6 +220,7 @@ class Scheduler:
                         live.add(task)
                         if len(live) >= self._graph.up:
                             self._graph.crossed(len(live))
+                            self._set_low()
                         task._npending = 0
                         task._state = RUNNING
                         if self._stored:  # its result goes to worker 0's store
@@ -301,6 +306,7 @@ class Scheduler:
         live.add(task)
         if len(live) >= self._graph.up:
             self._graph.crossed(len(live))
+            self._set_low()
         kind = task._kind
         if kind != "async":
             task._fnkey = function_key(task._fn)
@@ -315,6 +321,7 @@ class Scheduler:
         live.add(task)
         if len(live) >= self._graph.up:
             self._graph.crossed(len(live))
+            self._set_low()
         if task._kind != "async":  # run times are learned for thread tasks only
             task._fnkey = function_key(task._fn)
         if self.instruments:  # before any early exit: observers see every task's edges
@@ -878,7 +885,14 @@ class Scheduler:
     def _finish(self, task: DTask[Any], value: Any) -> None:
         task._value = value
         task._state = FINISHED
-        self._release(task)
+        if value is REMOTE or self.instruments or task._timer is not None:
+            self._release(task)
+        else:  # _release, for what it comes to for most: W3 ran 1.6 % fewer instructions
+            live = self._live
+            live.discard(task)
+            if len(live) < self._low:
+                self._fewer(len(live))
+            task._handle = task._fn = task._args = task._kwargs = task._deps = None
         dependents = task._dependents
         if dependents is not None:
             task._dependents = None
@@ -1025,10 +1039,8 @@ class Scheduler:
         """Drop what a done task no longer needs, so its inputs can be freed."""
         live = self._live
         live.discard(task)
-        if len(live) < self._graph.down:
-            self._graph.crossed(len(live))
-        if len(live) <= self._resume:
-            self._admit(len(live))
+        if len(live) < self._low:
+            self._fewer(len(live))
         task._handle = None
         if task._value is not REMOTE:
             task._fn = task._args = task._kwargs = task._deps = None
@@ -1041,6 +1053,19 @@ class Scheduler:
             task._timer.cancel()
             task._timer = None
 
+    def _fewer(self, live: int) -> None:
+        """The count of unfinished tasks fell below ``_low``: tell the collector's
+        policy (gcspacing) or the producers waiting in dagger.admit() what concerns them."""
+        if live < self._graph.down:
+            self._graph.crossed(live)
+        if live <= self._resume:
+            self._admit(live)
+        self._set_low()
+
+    def _set_low(self) -> None:
+        # One comparison a finished task instead of two.
+        self._low = max(self._graph.down, self._resume + 1)
+
     # -- admission (dagger.admit) ---------------------------------------------------------
     async def admitted(self, limit: int) -> None:
         """Return once fewer than ``limit`` tasks are in flight (on the loop). A waiter
@@ -1052,12 +1077,14 @@ class Scheduler:
         fut = self.loop.create_future()
         self._admitting.append((mark, fut))
         self._resume = max(self._resume, mark)
+        self._set_low()
         try:
             await fut
         finally:
             if fut.cancelled() or not fut.done():  # the producer gave up: forget it
                 self._admitting = [(m, f) for m, f in self._admitting if f is not fut]
                 self._resume = max((m for m, _ in self._admitting), default=-1)
+                self._set_low()
 
     def _admit(self, live: int) -> None:
         waiting = []
@@ -1069,6 +1096,7 @@ class Scheduler:
                 waiting.append((mark, fut))
         self._admitting = waiting
         self._resume = max((m for m, _ in waiting), default=-1)
+        self._set_low()
 
     # -- workers in other processes --------------------------------------------------------
     def fail_unsent(self, task: DTask[Any], exc: BaseException) -> None:

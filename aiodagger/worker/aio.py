@@ -46,13 +46,26 @@ class AsyncProc:
         # set bookkeeping plus current_task() as a measurable share of a task's cost.
         self.running = 0
         self._idle: asyncio.Future[None] | None = None
+        # On asyncio's own loops, create_task() is Task(coro, loop=..., context=...)
+        # behind three Python calls (create_task, _check_closed, _set_task_name) when no
+        # task factory is set: made here directly, W3 (10,000 coroutines spawned, then
+        # gathered) ran 2.6 % fewer instructions a task (66,907 against 68,704, valgrind
+        # --tool=cachegrind). Other loops (uvloop) and a factory set at any time keep it.
+        self._direct = (isinstance(self._loop, asyncio.BaseEventLoop)
+                        and type(self._loop).create_task is asyncio.BaseEventLoop.create_task)
 
     def __repr__(self) -> str:
         return f"AsyncProc(worker={self.worker_id})"
 
     def submit(self, task: DTask[Any], coro: Coroutine[Any, Any, Any] | None = None) -> None:
         self.running += 1
-        task._handle = self._loop.create_task(self._run(task, task._attempts, coro), context=self._context)
+        task._handle = self._task(self._run(task, task._attempts, coro))
+
+    def _task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        loop = self._loop
+        if self._direct and loop._task_factory is None:  # type: ignore[attr-defined]
+            return asyncio.Task(coro, loop=loop, context=self._context)
+        return loop.create_task(coro, context=self._context)
 
     def start_plain(self, task: DTask[Any], finished: Callable[[DTask[Any], Any], None]) -> None:
         """Start a task without inputs, keywords or options, spawned on this loop of a
@@ -63,7 +76,12 @@ class AsyncProc:
         time through submit() and complete(), 1.50-1.52x through this (with the inlined
         cluster lookup of spawn)."""
         self.running += 1
-        task._handle = self._loop.create_task(self._run_plain(task, finished), context=self._context)
+        loop = self._loop
+        coro = self._run_plain(task, finished)
+        if self._direct and loop._task_factory is None:  # type: ignore[attr-defined]  # _task(), inlined
+            task._handle = asyncio.Task(coro, loop=loop, context=self._context)
+        else:
+            task._handle = loop.create_task(coro, context=self._context)
 
     async def _run_plain(self, task: DTask[Any], finished: Callable[[DTask[Any], Any], None]) -> None:
         try:
