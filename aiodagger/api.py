@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar, overload
 from ._asynclib import caller_loop, foreign_loop, wait_for
 from ._bridge import run_on_loop_awaitable
 from ._callables import spawn_callable_error
-from ._context import ClusterState, current_cluster_var, spawn_collector_var
+from ._context import RUNNING, current_cluster_var, spawn_collector_var
 from .cluster import current_cluster
 from .errors import NoProcessorError
 from .task import DONE_STATES, FINISHED, REMOTE, Chunk, DTask
@@ -27,7 +27,6 @@ R = TypeVar("R")
 _spawn_collector = spawn_collector_var.get
 _current_options = current_options_var.get  # current_options(), one Python call fewer a spawn
 _context_cluster = current_cluster_var.get
-_RUNNING = ClusterState.RUNNING
 
 ReturnWhen = Literal["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION"]
 ALL_COMPLETED: ReturnWhen = "ALL_COMPLETED"
@@ -56,7 +55,7 @@ def spawn_with_options(opts: TaskOptions, fn: Any, args: tuple[Any, ...], kwargs
         if err is not None:
             raise err
     cluster = _context_cluster()  # current_cluster(), two calls fewer where one is entered
-    if cluster is None or cluster._state is not _RUNNING:
+    if cluster is None or cluster._state is not RUNNING:
         cluster = current_cluster()
     task = cluster._scheduler.spawn(opts, fn, args, kwargs)
     collector = _spawn_collector()

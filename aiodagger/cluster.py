@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._asynclib import is_cancellation, run_in_thread
 from ._bridge import run_on_loop_awaitable
-from ._context import ClusterState, current_cluster_var, pool_thread
+from ._context import RUNNING, ClusterState, current_cluster_var, pool_thread
 from ._loopthread import LoopThread
 from .comm.framing import DEFAULT_MAX_FRAME, check_max_frame
 from .comm.server import check_listen
@@ -540,21 +540,16 @@ def _check_dashboard(spec: Any, token: str | None, option: str) -> Bind:
     return bind
 
 
-# Read for every spawn: an enum member's lookup costs ~50 ns, 3 of them 6 % of W4's
-# scheduler process in a py-spy profile.
-_RUNNING = ClusterState.RUNNING
-
-
 def _chosen_cluster() -> Cluster | None:
     """The context's cluster, else the calling pool thread's, else the last entered one."""
     cluster = _current.get()
-    if cluster is not None and cluster._state is _RUNNING:
+    if cluster is not None and cluster._state is RUNNING:
         return cluster
     cluster = getattr(_pool_thread, "cluster", None)
-    if cluster is not None and cluster._state is _RUNNING:
+    if cluster is not None and cluster._state is RUNNING:
         return cluster
     for cluster in reversed(_entered):
-        if cluster._state is _RUNNING:
+        if cluster._state is RUNNING:
             return cluster
     return None
 
@@ -573,7 +568,7 @@ def running_cluster() -> Cluster | None:
     if cluster is not None:
         return cluster
     default = _default
-    if default is not None and default._state is _RUNNING:
+    if default is not None and default._state is RUNNING:
         return default
     return None
 
