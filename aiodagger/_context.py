@@ -28,6 +28,7 @@ class ClusterState(enum.Enum):
 # Read once, for every spawn: an enum member's lookup costs ~50 ns, 3 of them 6 % of
 # W4's scheduler process in a py-spy profile.
 RUNNING = ClusterState.RUNNING
+
 # The cluster entered in this context (``async with`` / ``with``), or set for tasks.
 current_cluster_var: contextvars.ContextVar[Any] = contextvars.ContextVar("aiodagger_cluster", default=None)
 # ``pool_thread.cluster``: the cluster whose pool thread is calling; ``pool_thread.pool``:

@@ -108,11 +108,11 @@ async def gather(*tasks: DTask[Any], return_exceptions: bool = False) -> list[An
 
     for t in tasks:
         if type(t) is not DTask and not isinstance(t, DTask):
-            fut.cancel()  # the callbacks registered so far find it done
+            fut.set_result(None)  # the callbacks registered so far find it done
             _check_tasks((t,), "gather")  # raises
         if t._cancelled or t._state in DONE_STATES:
             if not return_exceptions and (t._cancelled or t._state is not FINISHED):
-                fut.cancel()
+                fut.set_result(None)  # (set, not cancelled: a trio run's future has no cancel)
                 t.result()  # raises
             continue
         left += 1

@@ -107,6 +107,21 @@ def test_many_awaiters_in_a_nursery():
     assert results == gathered == list(range(1, 201))
 
 
+def test_gather_raises_a_failure_already_known_and_a_non_task():
+    async def main():
+        failed = dagger.spawn(boom)
+        with pytest.raises(ValueError, match="boom"):
+            await failed
+        pending = dagger.spawn(ainc, 1)
+        with pytest.raises(ValueError, match="boom"):
+            await dagger.gather(pending, failed)
+        with pytest.raises(TypeError, match="takes DTasks"):
+            await dagger.gather(pending, "not a task")
+        return await dagger.gather(pending)
+
+    assert run_trio(main) == [2]
+
+
 def test_a_failure_in_a_nursery_ends_the_other_waits_not_their_tasks():
     async def main():
         slow = dagger.spawn(asyncio.sleep, 0.3, "slow")
