@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import aiodagger as dagger
-from tests.helpers import asleep_forever, block_on, boom, inc, sleep_then
+from tests.helpers import ainc, asleep_forever, block_on, boom, inc, sleep_then
 
 
 async def test_states_through_a_lifetime(cluster):
@@ -113,6 +113,29 @@ async def test_asyncio_gather_wait_and_as_completed_accept_dtasks(cluster):
 
 async def _await(t):
     return await t
+
+
+async def test_a_task_factory_set_on_the_loop_makes_the_coroutine_tasks():
+    # Coroutine tasks skip loop.create_task on asyncio's loops only while no factory is
+    # set; one set while the cluster runs is honoured from then on.
+    loop = asyncio.get_running_loop()
+    made: list[str] = []
+
+    def factory(loop, coro, **kwargs):
+        made.append(coro.__qualname__)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async with dagger.Cluster():
+        assert await asyncio.wait_for(dagger.spawn(ainc, 0), 10) == 1
+        loop.set_task_factory(factory)
+        try:
+            got = await asyncio.wait_for(dagger.gather(*[dagger.spawn(ainc, i) for i in range(5)]), 10)
+            assert got == [1, 2, 3, 4, 5]
+            assert await asyncio.wait_for(dagger.options(timeout=10).spawn(ainc, 9), 10) == 10
+        finally:
+            loop.set_task_factory(None)
+    assert sum(name.endswith("_run_plain") for name in made) == 5, made
+    assert sum(name.endswith("_run") for name in made) == 1, made
 
 
 async def test_add_done_callback_runs_on_callers_loop(cluster):
