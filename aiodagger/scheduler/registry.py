@@ -731,7 +731,7 @@ class WorkerRegistry:
         the deque. It stops at the first that is not such a task (without options,
         inputs, keywords or callbacks, a thread task of known run time under
         TINY_TASK_S, its arguments small builtins), or that has no worker with room:
-        that one goes the usual way. W4 (5,000 ``inc`` tasks on 2 processes): six calls
+        that one goes the usual way. W4 (5,000 ``inc`` tasks on 2 processes): four calls
         a task fewer from the flush to the column, and the scheduler's CPU went from
         4.36-4.58 to 3.95-4.24 µs a task (psutil over 8 s, three runs each, taking turns)."""
         sched = self.sched
